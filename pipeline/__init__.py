@@ -1,0 +1,5 @@
+"""Orchestration: config, datasets, artifact store, stage DAG, Prefect flow, CLI, evaluation.
+
+Kept import-light: worker processes unpickle dataset readers from here without loading
+Prefect.
+"""

@@ -1,0 +1,198 @@
+"""Run configuration: a pydantic v2 schema, YAML files and ``--set a.b=c`` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the key and the
+file. Each stage reads only its own section (its *config slice*); the slice is part of the
+stage's fingerprint, so changing it recomputes that stage and everything downstream.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+SUPERVISIONS = ("box", "scribble", "point", "image", "dfr")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- datasets
+class DemoDataset(Section):
+    """The project's own synthetic dataset (see ``pipeline/demo.py``)."""
+
+    kind: Literal["demo"] = "demo"
+    num_train: PositiveInt = 32
+    num_val: PositiveInt = 12
+    height: Annotated[int, Field(ge=48)] = 120
+    width: Annotated[int, Field(ge=48)] = 160
+    seed: int = 0
+
+
+class MasksDataset(Section):
+    """A folder of images and a folder of GT masks with the same file stems."""
+
+    kind: Literal["masks"] = "masks"
+    root: str
+    images: str = "images"
+    masks: str = "masks"
+    threshold: Annotated[int, Field(ge=1, le=255)] | None = 128
+    class_names: list[str] = ["background", "object"]
+    class_map: dict[int, int] | None = None
+    resize: Literal["error", "image_to_mask"] = "error"
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    split_seed: int = 0
+    weak_dir: str | None = None
+    limit: PositiveInt | None = None
+
+
+class VocDataset(Section):
+    """A VOCdevkit year folder (``.../VOCdevkit/VOC2012``)."""
+
+    kind: Literal["voc"] = "voc"
+    root: str
+    train_split: str = "train"
+    val_split: str = "val"
+    gt_dir: Literal["auto", "SegmentationClassAug", "SegmentationClass", "none"] = "auto"
+    scribbles: str | None = None
+    scribble_width: PositiveInt = 3
+    points: str | None = None
+    limit: PositiveInt | None = None
+
+
+DatasetConfig = Annotated[Union[DemoDataset, MasksDataset, VocDataset], Field(discriminator="kind")]
+
+
+class WeakConfig(Section):
+    """How ``wsss prepare`` (and on-the-fly synthesis) turns GT masks into weak labels."""
+
+    seed: int = 0
+    min_object_area: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.001
+    scribble_coverage: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.03
+    scribble_length: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
+    scribble_background: bool = True
+    background_points: Annotated[int, Field(ge=0)] = 0
+
+
+# --------------------------------------------------------------------------- stages
+class BoxSeedsConfig(Section):
+    """GrabCut seeds from boxes (thesis Eq. 3.2-3.3)."""
+
+    iterations: PositiveInt = 5
+    crop_margin: Annotated[float, Field(ge=0.0)] | None = 0.5
+    min_box_side: Annotated[int, Field(ge=2)] = 4
+
+
+class CrfConfig(Section):
+    """Dense CRF (Kraehenbuehl & Koltun) refinement of a label or probability map."""
+
+    input: Literal["auto", "box_seeds"] = "auto"
+    gaussian_sxy: PositiveFloat = 3.0
+    gaussian_compat: PositiveFloat = 3.0
+    bilateral_sxy: PositiveFloat = 80.0
+    bilateral_srgb: PositiveFloat = 13.0
+    bilateral_compat: PositiveFloat = 10.0
+    iterations: PositiveInt = 10
+    gt_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
+
+
+class Config(Section):
+    """A whole run. Defaults are the built-in demo (box supervision on synthetic data)."""
+
+    run: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "demo"
+    output_root: str = "artifacts"
+    supervision: Literal["box", "scribble", "point", "image", "dfr"] = "box"
+    seed: int = 0
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    workers: Annotated[int, Field(ge=0)] = 0
+    shard_size: PositiveInt = 16
+    engine: Literal["prefect", "local"] = "prefect"
+    task_runner: Literal["thread", "process"] = "thread"
+    dataset: DatasetConfig = Field(default_factory=DemoDataset)
+    weak: WeakConfig = Field(default_factory=WeakConfig)
+    box_seeds: BoxSeedsConfig = Field(default_factory=BoxSeedsConfig)
+    crf: CrfConfig = Field(default_factory=CrfConfig)
+
+    def run_dir(self) -> Path:
+        return Path(self.output_root) / self.run
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The JSON-able config slice of a stage (or ``dataset``/``weak``)."""
+        value = getattr(self, name, None)
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else {}
+
+
+# --------------------------------------------------------------------------- loading
+def _set_dotted(data: dict[str, Any], dotted: str, raw: str, source: str) -> None:
+    keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"{source}: bad override key '{dotted}'")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: cannot set '{dotted}': '{key}' is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, str]]:
+    """``["a.b=1", ...]`` -> ``[("a.b", "1"), ...]``."""
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. crf.iterations=5)")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        parts = [str(p) for p in e["loc"]]
+        if len(parts) > 1 and parts[0] == "dataset" and parts[1] in ("demo", "masks", "voc"):
+            parts.pop(1)  # the discriminator tag pydantic inserts; the key is dataset.<field>
+        loc = ".".join(parts)
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        value = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        lines.append(f"{source}: {loc}: {msg}{value}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>",
+                     overrides: list[str] | None = None) -> Config:
+    data = copy.deepcopy(data or {})
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value, f"{source} (--set {key}={value})")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (``None``: the built-in demo), apply overrides, validate."""
+    if path is None:
+        return config_from_dict({}, "<built-in demo>", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return config_from_dict(data, str(path), overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,389 @@
+"""Dataset readers: ``demo`` (synthetic), ``masks`` (images + GT masks), ``voc`` (VOCdevkit).
+
+Each reader is a small picklable object (paths and options, no open files) with the
+interface of :class:`stages.base.Dataset`. Bad files raise :class:`DataError` naming the
+file and the problem; the pipeline records the item as failed and goes on. A missing root
+or folder raises at construction, before any work starts.
+"""
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from stages.base import IGNORE, Box, DataError, Point, WeakLabels
+
+from . import demo as demo_gen
+from .config import Config, DemoDataset, MasksDataset, VocDataset, WeakConfig
+from .store import fingerprint, read_label_png
+from .weak import clip_boxes, image_rng, synthesize
+
+log = logging.getLogger("wsss.data")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 array; unreadable or truncated files raise :class:`DataError`."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes fully: a truncated file fails here, not later
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(path, f"unreadable or truncated image ({err})") from None
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, SyntaxError) as err:
+        raise DataError(path, f"unreadable image ({err})") from None
+
+
+class _Base(abc.ABC):
+    name: str
+    class_names: list[str]
+
+    def __init__(self, weak: WeakConfig) -> None:
+        self.weak_cfg = weak
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def fingerprint(self) -> str:
+        return fingerprint({"dataset": self.describe()})
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Everything that defines the data (kind, root, options): the root of all fingerprints."""
+
+    def _synthesize(self, image_id: str, semantic: np.ndarray, instance: np.ndarray | None, source: str) -> WeakLabels:
+        w = self.weak_cfg
+        return synthesize(semantic, instance, image_rng(w.seed, image_id), w.min_object_area, w.scribble_coverage,
+                          w.scribble_length, w.scribble_background, w.background_points, source=source)
+
+
+# --------------------------------------------------------------------------- demo
+class DemoData(_Base):
+    """Synthetic images generated on the fly; ids are ``train_0007`` / ``val_0003``."""
+
+    def __init__(self, cfg: DemoDataset, weak: WeakConfig) -> None:
+        super().__init__(weak)
+        self.cfg = cfg
+        self.name = "demo"
+        self.class_names = list(demo_gen.CLASS_NAMES)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "demo", **self.cfg.model_dump(), "weak": self.weak_cfg.model_dump()}
+
+    def ids(self, split: str) -> list[str]:
+        n = {"train": self.cfg.num_train, "val": self.cfg.num_val}.get(split)
+        if n is None:
+            raise DataError("demo", f"unknown split '{split}' (train, val)")
+        return [f"{split}_{i:04d}" for i in range(n)]
+
+    def _gen(self, image_id: str):
+        split, _, idx = image_id.partition("_")
+        if split not in ("train", "val") or not idx.isdigit():
+            raise DataError(f"demo:{image_id}", "not a demo image id")
+        return demo_gen.generate(self.cfg.seed, split, int(idx), self.cfg.height, self.cfg.width)
+
+    def image_path(self, image_id: str) -> str:
+        return f"demo:{image_id}"
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        return self._gen(image_id)[0]
+
+    def load_gt(self, image_id: str) -> np.ndarray:
+        return self._gen(image_id)[1]
+
+    def load_instances(self, image_id: str) -> np.ndarray:
+        return self._gen(image_id)[2]
+
+    def load_weak(self, image_id: str) -> WeakLabels:
+        _, semantic, instance = self._gen(image_id)
+        return self._synthesize(image_id, semantic, instance, f"demo:{image_id}")
+
+
+# --------------------------------------------------------------------------- masks
+class MasksData(_Base):
+    """``root/images/<id>.<ext>`` with ``root/masks/<id>.<ext>``.
+
+    Masks are thresholded (``threshold``, for lossy JPEG masks: value >= threshold -> class 1)
+    or mapped through ``class_map`` (mask value -> class id; unmapped values -> 255).
+    Images whose size differs from their mask stop with an error naming both files, unless
+    ``resize: image_to_mask`` (same aspect ratio required). Weak labels come from
+    ``weak_dir`` (written by ``wsss prepare``) or are synthesized on the fly, identically.
+    """
+
+    def __init__(self, cfg: MasksDataset, weak: WeakConfig) -> None:
+        super().__init__(weak)
+        self.cfg = cfg
+        self.root = Path(cfg.root)
+        self.name = self.root.name
+        self.class_names = list(cfg.class_names)
+        self.image_dir, self.mask_dir = self.root / cfg.images, self.root / cfg.masks
+        for d in (self.root, self.image_dir, self.mask_dir):
+            if not d.is_dir():
+                raise DataError(d, "dataset folder not found")
+        if cfg.weak_dir and not Path(cfg.weak_dir).is_dir():
+            raise DataError(cfg.weak_dir, "weak-label folder not found (make it with `wsss prepare`)")
+        self._images = self._index(self.image_dir)
+        masks = self._index(self.mask_dir)
+        unpaired = sorted(set(self._images) - set(masks))
+        if unpaired:
+            log.warning("%s: %d image(s) without a mask are skipped (e.g. %s)", self.mask_dir, len(unpaired), unpaired[0])
+        self._masks = masks
+        all_ids = sorted(set(self._images) & set(masks))
+        if not all_ids:
+            raise DataError(self.root, f"no image in {cfg.images}/ has a mask in {cfg.masks}/")
+        if cfg.limit:
+            all_ids = all_ids[: cfg.limit]
+        order = np.random.default_rng(cfg.split_seed).permutation(len(all_ids))
+        n_val = int(round(cfg.val_fraction * len(all_ids)))
+        val = {all_ids[k] for k in order[:n_val]}
+        self._splits = {"train": [i for i in all_ids if i not in val], "val": [i for i in all_ids if i in val]}
+        self._weak_cache: dict[str, Any] | None = None
+
+    @staticmethod
+    def _index(folder: Path) -> dict[str, Path]:
+        return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "masks", **self.cfg.model_dump(), "root": str(self.root.resolve()),
+                "weak": self.weak_cfg.model_dump()}
+
+    def ids(self, split: str) -> list[str]:
+        if split not in self._splits:
+            raise DataError(self.root, f"unknown split '{split}' (train, val)")
+        return list(self._splits[split])
+
+    def image_path(self, image_id: str) -> str:
+        return str(self._images[image_id])
+
+    def _mask_raw(self, image_id: str) -> np.ndarray:
+        path = self._masks[image_id]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                keep_indices = self.cfg.class_map is not None and img.mode in ("P", "L")
+                return np.asarray(img if keep_indices else img.convert("L"))
+        except (OSError, SyntaxError) as err:
+            raise DataError(path, f"unreadable or truncated mask ({err})") from None
+
+    def load_gt(self, image_id: str) -> np.ndarray:
+        raw = self._mask_raw(image_id)
+        if self.cfg.class_map is not None:
+            lut = np.full(256, IGNORE, np.uint8)
+            for value, cls in self.cfg.class_map.items():
+                lut[value] = cls
+            return lut[raw]
+        return (raw >= self.cfg.threshold).astype(np.uint8)
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        ipath, mpath = self._images[image_id], self._masks[image_id]
+        image = read_image(ipath)
+        mw, mh = _image_size(mpath)
+        h, w = image.shape[:2]
+        if (w, h) == (mw, mh):
+            return image
+        if abs(w / h - mw / mh) > 0.02 * (mw / mh) + 1.0 / min(mh, h):
+            raise DataError(ipath, f"image is {w}x{h} but its mask {mpath} is {mw}x{mh}, a different aspect ratio")
+        if self.cfg.resize != "image_to_mask":
+            raise DataError(ipath, f"image is {w}x{h} but its mask {mpath} is {mw}x{mh}; set "
+                                   "dataset.resize: image_to_mask to resize images to their masks")
+        return cv2.resize(image, (mw, mh), interpolation=cv2.INTER_AREA)
+
+    def _weak_files(self) -> dict[str, Any]:
+        if self._weak_cache is None:
+            root = Path(self.cfg.weak_dir)
+            self._weak_cache = {name: _read_json(root / f"{name}.json") for name in ("boxes", "points", "tags")}
+        return self._weak_cache
+
+    def load_weak(self, image_id: str) -> WeakLabels:
+        if not self.cfg.weak_dir:
+            gt = self.load_gt(image_id)
+            return self._synthesize(image_id, gt, None, str(self._masks[image_id]))
+        files = self._weak_files()
+        root = Path(self.cfg.weak_dir)
+        if image_id not in files["boxes"]:
+            raise DataError(root / "boxes.json", f"no entry for image '{image_id}'")
+        mw, mh = _image_size(self._masks[image_id])
+        boxes = [Box(*map(int, b[:4]), self._check_cls(int(b[4]), root / "boxes.json")) for b in files["boxes"][image_id]]
+        boxes = clip_boxes(boxes, mw, mh, f"{root / 'boxes.json'} [{image_id}]", log)
+        points = [Point(int(p["x"]), int(p["y"]), self._check_cls(int(p["cls"]), root / "points.json"))
+                  for p in files["points"].get(image_id, [])]
+        spath = root / "scribbles" / f"{image_id}.png"
+        scribbles = read_label_png(spath) if spath.is_file() else None
+        return WeakLabels(tags=list(files["tags"].get(image_id, [])), boxes=boxes, scribbles=scribbles, points=points)
+
+    def _check_cls(self, cls: int, source: Path) -> int:
+        if not 0 <= cls < self.num_classes:
+            raise DataError(source, f"unknown class id {cls} (the dataset has {self.num_classes} classes)")
+        return cls
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except ValueError as err:
+        raise DataError(path, f"malformed JSON ({err})") from None
+
+
+# --------------------------------------------------------------------------- voc
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"]
+# Short and alternative names used by ScribbleSup and other annotation files.
+VOC_ALIASES = {"plane": "aeroplane", "airplane": "aeroplane", "bike": "bicycle", "table": "diningtable",
+               "dining table": "diningtable", "motorcycle": "motorbike", "plant": "pottedplant",
+               "potted plant": "pottedplant", "monitor": "tvmonitor", "tv": "tvmonitor", "bg": "background"}
+
+
+class VocData(_Base):
+    """A VOCdevkit year folder: JPEGImages, Annotations, ImageSets/Segmentation, GT PNGs,
+    optional ScribbleSup XML / PNG scribbles and a points JSON (``{id: [{x, y, cls}]}``,
+    ``cls`` a VOC class id or name)."""
+
+    def __init__(self, cfg: VocDataset, weak: WeakConfig) -> None:
+        super().__init__(weak)
+        self.cfg = cfg
+        self.root = Path(cfg.root)
+        self.name = self.root.name
+        self.class_names = list(VOC_CLASSES)
+        for d in (self.root, self.root / "JPEGImages", self.root / "ImageSets" / "Segmentation"):
+            if not d.is_dir():
+                raise DataError(d, "VOC folder not found")
+        self.gt_dir: Path | None = None
+        if cfg.gt_dir != "none":
+            names = ["SegmentationClassAug", "SegmentationClass"] if cfg.gt_dir == "auto" else [cfg.gt_dir]
+            self.gt_dir = next((self.root / n for n in names if (self.root / n).is_dir()), None)
+        self.scribble_dir = Path(cfg.scribbles) if cfg.scribbles else None
+        if self.scribble_dir and not self.scribble_dir.is_dir():
+            raise DataError(self.scribble_dir, "scribble folder not found")
+        self.points_path = Path(cfg.points) if cfg.points else None
+        if self.points_path and not self.points_path.is_file():
+            raise DataError(self.points_path, "points file not found")
+        self._points: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "voc", **self.cfg.model_dump(), "root": str(self.root.resolve())}
+
+    def ids(self, split: str) -> list[str]:
+        name = {"train": self.cfg.train_split, "val": self.cfg.val_split}.get(split, split)
+        path = self.root / "ImageSets" / "Segmentation" / f"{name}.txt"
+        if not path.is_file():
+            raise DataError(path, f"split list for '{split}' not found")
+        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        return ids[: self.cfg.limit] if self.cfg.limit else ids
+
+    def image_path(self, image_id: str) -> str:
+        return str(self.root / "JPEGImages" / f"{image_id}.jpg")
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        return read_image(Path(self.image_path(image_id)))
+
+    def load_gt(self, image_id: str) -> np.ndarray | None:
+        if self.gt_dir is None:
+            return None
+        path = self.gt_dir / f"{image_id}.png"
+        return read_label_png(path) if path.is_file() else None
+
+    def class_id(self, name: str, source: object) -> int:
+        key = name.strip().lower()
+        key = VOC_ALIASES.get(key, key)
+        if key not in VOC_CLASSES:
+            raise DataError(source, f"unknown class name '{name}'")
+        return VOC_CLASSES.index(key)
+
+    def _parse_xml(self, path: Path) -> ET.Element:
+        try:
+            return ET.parse(path).getroot()
+        except FileNotFoundError:
+            raise DataError(path, "file not found") from None
+        except ET.ParseError as err:
+            raise DataError(path, f"malformed XML ({err})") from None
+
+    def _boxes(self, image_id: str, width: int, height: int) -> list[Box]:
+        path = self.root / "Annotations" / f"{image_id}.xml"
+        root = self._parse_xml(path)
+        boxes = []
+        for obj in root.iter("object"):
+            name, bb = obj.findtext("name"), obj.find("bndbox")
+            if name is None or bb is None:
+                raise DataError(path, "an <object> lacks <name> or <bndbox>")
+            try:
+                x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            except (TypeError, ValueError):
+                raise DataError(path, f"object '{name}' has a bad <bndbox>") from None
+            # VOC boxes are 1-based and inclusive.
+            boxes.append(Box(int(round(x0)) - 1, int(round(y0)) - 1, int(round(x1)), int(round(y1)),
+                             self.class_id(name, path)))
+        return clip_boxes(boxes, width, height, str(path), log)
+
+    def _scribbles(self, image_id: str, width: int, height: int) -> np.ndarray | None:
+        if self.scribble_dir is None:
+            return None
+        png, xml = self.scribble_dir / f"{image_id}.png", self.scribble_dir / f"{image_id}.xml"
+        if png.is_file():
+            return read_label_png(png)
+        if not xml.is_file():
+            return None
+        root = self._parse_xml(xml)
+        canvas = np.full((height, width), IGNORE, np.uint8)
+        strokes = []
+        for poly in root.iter("polygon"):
+            tag = poly.findtext("tag")
+            if tag is None:
+                raise DataError(xml, "a <polygon> lacks its <tag>")
+            try:
+                pts = [(int(float(p.findtext("X"))), int(float(p.findtext("Y")))) for p in poly.iter("point")]
+            except (TypeError, ValueError):
+                raise DataError(xml, f"scribble '{tag}' has a bad <point>") from None
+            strokes.append((self.class_id(tag, xml), np.array(pts, np.int32).reshape(-1, 1, 2)))
+        # Background first so object strokes stay on top where strokes cross.
+        for cls, pts in sorted(strokes, key=lambda s: s[0] != 0):
+            cv2.polylines(canvas, [pts], False, int(cls), thickness=self.cfg.scribble_width)
+        return canvas
+
+    def _point_list(self, image_id: str) -> list[Point]:
+        if self.points_path is None:
+            return []
+        if self._points is None:
+            self._points = _read_json(self.points_path)
+        out = []
+        for p in self._points.get(image_id, []):
+            cls = p["cls"]
+            cls = self.class_id(cls, self.points_path) if isinstance(cls, str) else int(cls)
+            if not 0 <= cls < self.num_classes:
+                raise DataError(self.points_path, f"unknown class id {cls} for image '{image_id}'")
+            out.append(Point(int(p["x"]), int(p["y"]), cls))
+        return out
+
+    def load_weak(self, image_id: str) -> WeakLabels:
+        width, height = _image_size(Path(self.image_path(image_id)))
+        boxes = self._boxes(image_id, width, height)
+        return WeakLabels(tags=sorted({b.cls for b in boxes}), boxes=boxes,
+                          scribbles=self._scribbles(image_id, width, height), points=self._point_list(image_id))
+
+
+def build_dataset(config: Config):
+    """The dataset reader a config names (errors here stop the run before any work)."""
+    d = config.dataset
+    if isinstance(d, DemoDataset):
+        return DemoData(d, config.weak)
+    if isinstance(d, MasksDataset):
+        return MasksData(d, config.weak)
+    return VocData(d, config.weak)

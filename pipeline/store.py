@@ -1,0 +1,244 @@
+"""The artifact store: the single source of truth for caching and resume.
+
+Layout (ARCHITECTURE.md)::
+
+    <run>/config.yaml
+    <run>/<stage>/<fingerprint>/manifest.json
+    <run>/<stage>/<fingerprint>/items/<image_id>.png|.npz
+    <run>/<stage>/<fingerprint>/failed/<image_id>.json
+    <run>/<stage>/<fingerprint>/model.pt, ckpt-*.pt
+    <run>/<stage>/current -> <fingerprint>
+
+Every file is written atomically (temp name in the same folder, fsync, rename), so an item
+file that exists is complete: "done" is simply "its file exists", a killed run resumes with
+the missing items, and a half-written file is never read (temp names start with a dot and
+are never listed).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from stages.base import DataError
+
+LABEL_EXT = ".png"
+SOFT_EXT = ".npz"
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """Stable 16-hex-digit hash of a JSON-able payload."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> int:
+    """Write through ``write(fileobj)`` to a temp file beside ``path``, fsync, rename.
+
+    Returns the number of bytes written. On any error the temp file is removed and
+    ``path`` is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(tmp, path)
+        return size
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> int:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# The VOC colour map: label k gets the colour built from k's bits.
+def voc_palette() -> list[int]:
+    palette = []
+    for k in range(256):
+        r = g = b = 0
+        c = k
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+_PALETTE = voc_palette()
+
+
+def encode_label_png(label: np.ndarray) -> bytes:
+    """Single-channel PNG with the VOC palette (255 = ignore shows as off-white)."""
+    if label.ndim != 2:
+        raise ValueError(f"label map must be 2-D, got shape {label.shape}")
+    img = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="P")
+    img.putpalette(_PALETTE)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise DataError(path, f"label PNG must be single-channel (P or L), got mode {img.mode}")
+            return np.array(img, dtype=np.uint8)
+    except (OSError, SyntaxError) as err:
+        raise DataError(path, f"unreadable label PNG ({err})") from None
+
+
+def _check_id(image_id: str) -> str:
+    if not image_id or "/" in image_id or "\\" in image_id or image_id.startswith("."):
+        raise ValueError(f"invalid image id {image_id!r}")
+    return image_id
+
+
+class StageStore:
+    """One stage's folder for one fingerprint: items, failures, manifest, checkpoints."""
+
+    def __init__(self, run_dir: Path, stage: str, fp: str, output: str = "label") -> None:
+        self.run_dir = Path(run_dir)
+        self.stage = stage
+        self.fingerprint = fp
+        self.kind = output
+        self.dir = self.run_dir / stage / fp
+        self.items_dir = self.dir / "items"
+        self.failed_dir = self.dir / "failed"
+        self.ext = SOFT_EXT if output == "soft" else LABEL_EXT
+
+    # ----------------------------------------------------------------- items
+    def item_path(self, image_id: str) -> Path:
+        return self.items_dir / f"{_check_id(image_id)}{self.ext}"
+
+    def has(self, image_id: str) -> bool:
+        return self.item_path(image_id).is_file()
+
+    def done_ids(self) -> set[str]:
+        if not self.items_dir.is_dir():
+            return set()
+        n = len(self.ext)
+        return {e.name[:-n] for e in os.scandir(self.items_dir)
+                if e.name.endswith(self.ext) and not e.name.startswith(".")}
+
+    def write_label(self, image_id: str, label: np.ndarray) -> None:
+        data = encode_label_png(label)
+        atomic_write(self.item_path(image_id), lambda f: f.write(data))
+        self.clear_failure(image_id)
+
+    def write_soft(self, image_id: str, probs: np.ndarray, class_ids: np.ndarray) -> None:
+        """Soft maps: float16 (n, H, W) with the class ids they cover."""
+        probs = np.asarray(probs, dtype=np.float16)
+        class_ids = np.asarray(class_ids, dtype=np.int16)
+        if probs.ndim != 3 or probs.shape[0] != class_ids.size:
+            raise ValueError(f"soft map shape {probs.shape} does not match {class_ids.size} class ids")
+        atomic_write(self.item_path(image_id), lambda f: np.savez_compressed(f, probs=probs, class_ids=class_ids))
+        self.clear_failure(image_id)
+
+    def read_label(self, image_id: str) -> np.ndarray:
+        path = self.item_path(image_id)
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.stage}: no output for image '{image_id}' ({path})")
+        return read_label_png(path)
+
+    def read_soft(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        path = self.item_path(image_id)
+        try:
+            with np.load(path) as z:
+                return z["probs"], z["class_ids"]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.stage}: no output for image '{image_id}' ({path})") from None
+
+    def labels_of(self, image_id: str) -> np.ndarray:
+        """A hard label map whatever the output kind (argmax of soft maps)."""
+        if self.kind == "soft":
+            probs, ids = self.read_soft(image_id)
+            return np.asarray(ids, np.uint8)[probs.argmax(0)]
+        return self.read_label(image_id)
+
+    # ----------------------------------------------------------------- failures
+    def record_failure(self, image_id: str, message: str) -> None:
+        path = self.failed_dir / f"{_check_id(image_id)}.json"
+        atomic_write_text(path, json.dumps({"id": image_id, "error": message, "time": time.time()}))
+
+    def clear_failure(self, image_id: str) -> None:
+        try:
+            (self.failed_dir / f"{image_id}.json").unlink()
+        except FileNotFoundError:
+            pass
+
+    def failures(self) -> dict[str, str]:
+        out = {}
+        if self.failed_dir.is_dir():
+            for p in sorted(self.failed_dir.glob("*.json")):
+                try:
+                    rec = json.loads(p.read_text())
+                    out[rec["id"]] = rec["error"]
+                except (OSError, ValueError, KeyError):
+                    continue
+        return out
+
+    # ----------------------------------------------------------------- manifest
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / "manifest.json"
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        manifest = dict(manifest, updated=time.time())
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+    def is_complete(self) -> bool:
+        m = self.read_manifest()
+        return bool(m and m.get("status") == "complete")
+
+    def bytes_on_disk(self) -> int:
+        total = 0
+        for root, _, files in os.walk(self.dir):
+            for name in files:
+                if name != "manifest.json":
+                    total += os.path.getsize(os.path.join(root, name))
+        return total
+
+    def set_current(self) -> None:
+        """Point ``<stage>/current`` at this fingerprint (atomic symlink swap)."""
+        link = self.run_dir / self.stage / "current"
+        tmp = link.with_name(f".current.{os.getpid()}.tmp")
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        os.symlink(self.fingerprint, tmp)
+        os.replace(tmp, link)
+
+
+def current_fingerprint(run_dir: Path, stage: str) -> str | None:
+    link = Path(run_dir) / stage / "current"
+    try:
+        return os.readlink(link)
+    except OSError:
+        return None

@@ -1,0 +1,6 @@
+"""One module per stage; importing this package registers them all in ``STAGES``.
+
+Registration order is the DAG's topological order.
+"""
+from .base import STAGES, StageContext, StageResult, StageSpec  # noqa: F401
+from . import box_seeds, crf  # noqa: F401,E402

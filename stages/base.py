@@ -1,0 +1,228 @@
+"""The stage contract: data types, :class:`StageContext`, :class:`StageResult`, the registry.
+
+A stage is plain Python: ``run(ctx: StageContext) -> StageResult``. It reads its config
+slice, the dataset and upstream outputs through ``ctx``, and writes its own items through
+``ctx.out`` (atomic per-image writes). It never imports Prefect and never reads another
+stage's folder by path. The pipeline package builds the context; this module only defines
+what a stage may rely on, so the dependency direction stays pipeline -> stages -> models.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterable, Iterator, Protocol, TypeVar
+
+import numpy as np
+
+IGNORE = 255
+"""Label value for unknown / ignored pixels everywhere in the project."""
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file and what is wrong with it."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+# --------------------------------------------------------------------------- weak labels
+@dataclass(frozen=True)
+class Box:
+    """An object box in pixel coordinates, half-open: columns x0..x1-1, rows y0..y1-1."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    cls: int
+
+    @property
+    def area(self) -> int:
+        return max(0, self.x1 - self.x0) * max(0, self.y1 - self.y0)
+
+
+@dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+    cls: int
+
+
+@dataclass
+class WeakLabels:
+    """Every kind of cheap label an image may carry; a dataset fills what it has."""
+
+    tags: list[int] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
+    scribbles: np.ndarray | None = None  # HxW uint8, class id on strokes, IGNORE elsewhere
+    points: list[Point] = field(default_factory=list)
+
+
+class Dataset(Protocol):
+    """What stages may ask of a dataset (implemented in ``pipeline/datasets.py``)."""
+
+    name: str
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int: ...
+    def ids(self, split: str) -> list[str]: ...
+    def image_path(self, image_id: str) -> str: ...
+    def load_image(self, image_id: str) -> np.ndarray: ...
+    def load_gt(self, image_id: str) -> np.ndarray | None: ...
+    def load_weak(self, image_id: str) -> WeakLabels: ...
+
+
+# --------------------------------------------------------------------------- IO protocols
+class ItemReader(Protocol):
+    """Read access to one upstream stage's per-image outputs."""
+
+    stage: str
+    kind: str  # "label" | "soft"
+
+    def has(self, image_id: str) -> bool: ...
+    def read_label(self, image_id: str) -> np.ndarray: ...
+    def read_soft(self, image_id: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class ItemWriter(Protocol):
+    """Atomic per-image writes into the running stage's folder."""
+
+    def write_label(self, image_id: str, label: np.ndarray) -> None: ...
+    def write_soft(self, image_id: str, probs: np.ndarray, class_ids: np.ndarray) -> None: ...
+
+
+# --------------------------------------------------------------------------- context
+T = TypeVar("T")
+
+
+@dataclass
+class StageContext:
+    """Everything a stage gets. Picklable, so per-image work can run in worker processes.
+
+    ``map_items`` and ``track`` are bound by the pipeline (process pool, rich progress);
+    the defaults here run sequentially so a stage can be driven by hand in a test.
+    """
+
+    stage: str
+    cfg: Any  # the stage's pydantic config section
+    config: Any  # the whole run config (class names, seed, ...)
+    dataset: Dataset
+    ids: list[str]
+    todo: list[str]
+    out: ItemWriter
+    upstream: dict[str, ItemReader]
+    device: str = "cpu"
+    workers: int = 1
+    mapper: Any = None  # pipeline-provided callable(fn, ctx, ids, desc) -> iterator
+
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"wsss.{self.stage}")
+
+    def input(self, name: str | None = None) -> ItemReader:
+        """The upstream reader called ``name`` (or the only one)."""
+        if name is None:
+            if len(self.upstream) != 1:
+                raise KeyError(f"{self.stage}: expected one upstream stage, got {sorted(self.upstream)}")
+            return next(iter(self.upstream.values()))
+        return self.upstream[name]
+
+    def map_items(self, fn: Callable[["StageContext", str], T], ids: Iterable[str] | None = None,
+                  desc: str | None = None) -> Iterator[tuple[str, T | BaseException]]:
+        """Apply ``fn(ctx, image_id)`` to every id (default: ``todo``), in parallel where the
+        pipeline allows, yielding ``(image_id, result_or_exception)`` as items finish."""
+        ids = list(self.todo if ids is None else ids)
+        if self.mapper is not None:
+            yield from self.mapper(fn, self, ids, desc or self.stage)
+            return
+        for image_id in ids:
+            try:
+                yield image_id, fn(self, image_id)
+            except Exception as err:  # noqa: BLE001 - reported per item by the caller
+                yield image_id, err
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["mapper"] = None  # workers run their items sequentially
+        return state
+
+
+@dataclass
+class StageResult:
+    """What a stage reports back: per-item failures, extra info, metrics it computed."""
+
+    failures: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def run_items(ctx: StageContext, fn: Callable[[StageContext, str], Any], desc: str | None = None) -> StageResult:
+    """The common body of a per-image stage: ``fn`` writes one image's outputs; exceptions
+    are collected as per-item failures (the run goes on)."""
+    result = StageResult()
+    for image_id, outcome in ctx.map_items(fn, desc=desc):
+        if isinstance(outcome, BaseException):
+            result.failures[image_id] = _describe(outcome)
+            ctx.log.warning("%s: %s failed: %s", ctx.stage, image_id, result.failures[image_id])
+    return result
+
+
+def _describe(err: BaseException) -> str:
+    return str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class StageSpec:
+    """A registered stage.
+
+    ``inputs(config)`` names the upstream stages for a run; ``output`` is ``label`` (PNG),
+    ``soft`` (float16 npz) or ``model``; ``version`` is bumped whenever the stage's numerics
+    change, which invalidates its cached outputs (it is part of the fingerprint).
+    """
+
+    name: str
+    run: Callable[[StageContext], StageResult]
+    inputs: Callable[[Any], list[str]]
+    supervisions: tuple[str, ...]
+    output: str = "label"
+    version: str = "1"
+    per_image: bool = True
+    split: str = "train"
+    enabled: Callable[[Any], bool] = lambda config: True
+    description: str = ""
+
+
+S = TypeVar("S")
+
+
+class Registry(Generic[S]):
+    """A tiny name -> object map (after fvcore's ``Registry``)."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._items: dict[str, S] = {}
+
+    def register(self, name: str, obj: S) -> S:
+        if name in self._items:
+            raise KeyError(f"{self._what} '{name}' is already registered")
+        self._items[name] = obj
+        return obj
+
+    def get(self, name: str) -> S:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise KeyError(f"unknown {self._what} '{name}' (known: {', '.join(self._items)})") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+
+STAGES: Registry[StageSpec] = Registry("stage")

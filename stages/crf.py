@@ -1,0 +1,56 @@
+"""``crf``: dense-CRF refinement of the latest label or probability map.
+
+Input (``crf.input: auto``): the most refined upstream stage the supervision type has
+(today: ``box_seeds``). Hard labels become a unary with ``gt_prob`` on the label (unknown
+pixels uniform, see :func:`models.crf.unary_from_labels`); probabilities are used as
+-log p. Output: a full label map. Images run in parallel across worker processes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from models.crf import CrfParams, crf_from_labels, crf_from_probs
+
+from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+
+VERSION = "1"
+
+# The refinement candidates, most refined first; `auto` takes the first one in the DAG.
+CANDIDATES = ("box_seeds",)
+
+
+def params_of(cfg) -> CrfParams:
+    return CrfParams(cfg.gaussian_sxy, cfg.gaussian_compat, cfg.bilateral_sxy, cfg.bilateral_srgb,
+                     cfg.bilateral_compat, cfg.iterations)
+
+
+def _one(ctx: StageContext, image_id: str) -> dict:
+    source = ctx.input()
+    image = ctx.dataset.load_image(image_id)
+    if source.kind == "soft":
+        probs, class_ids = source.read_soft(image_id)
+        q = crf_from_probs(image, probs.astype(np.float32), params_of(ctx.cfg))
+        labels = np.asarray(class_ids, np.uint8)[q.argmax(0)]
+    else:
+        labels = crf_from_labels(image, source.read_label(image_id), params_of(ctx.cfg), ctx.cfg.gt_prob)
+    ctx.out.write_label(image_id, labels)
+    return {}
+
+
+def run(ctx: StageContext) -> StageResult:
+    return run_items(ctx, _one, desc="dense CRF")
+
+
+def inputs(config) -> list[str]:
+    if config.crf.input != "auto":
+        return [config.crf.input]
+    for name in CANDIDATES:
+        spec = STAGES.get(name)
+        if config.supervision in spec.supervisions and spec.enabled(config):
+            return [name]
+    raise ValueError(f"crf: no input stage for supervision '{config.supervision}'")
+
+
+SPEC = STAGES.register("crf", StageSpec(
+    name="crf", run=run, inputs=inputs, supervisions=("box",), output="label", version=VERSION,
+    description="dense CRF refinement"))
