@@ -1,0 +1,225 @@
+"""``wsss``: run, resume and look inside the pipeline.
+
+    wsss run CONFIG [--from S] [--until S] [--only S] [--force S] [--set key=value]
+    wsss status CONFIG            a table: stage, fingerprint, done/total, failed, time, metrics
+    wsss inspect CONFIG IMAGE_ID  one PNG panel: image, GT, every stage's labels
+    wsss eval CONFIG --stage S    per-class IoU, mIoU, coverage, precision of one stage
+    wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, tags) from GT
+    wsss demo                     the whole pipeline on the built-in synthetic data
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from stages.base import DataError
+
+from .config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Weak labels (tags, boxes, scribbles, points) -> pixel pseudo-labels -> segmenter.")
+# Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 150)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+
+ConfigArg = typer.Argument(..., help="YAML run config (see configs/).", exists=False)
+SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set crf.iterations=5 (repeatable).")
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    # Prefect reads this when it is first imported (by the flow, after this point).
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)], force=True)
+    for noisy in ("httpx", "prefect", "uvicorn", "alembic", "aiosqlite"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _make_run(config: Optional[Path], overrides: Optional[list[str]]):
+    from .runner import make_run
+
+    try:
+        return make_run(load_config(config, overrides))
+    except (ConfigError, DataError) as err:
+        _fail(str(err))
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def status_table(run) -> Table:
+    from .store import StageStore
+
+    table = Table(title=f"run '{run.config.run}' ({run.config.supervision} supervision, {run.dataset.name})")
+    for col in ("stage", "fingerprint", "status", "done/total", "failed", "time s", "mIoU", "coverage", "precision"):
+        table.add_column(col, justify="left" if col in ("stage", "fingerprint", "status") else "right")
+    for name in run.names:
+        store: StageStore = run.store(name)
+        m = store.read_manifest()
+        if m is None:
+            table.add_row(name, store.fingerprint, "not run", f"0/{len(run.ids(name))}", "-", "-", "-", "-", "-")
+            continue
+        c, met = m.get("counts", {}), m.get("metrics", {})
+        table.add_row(name, store.fingerprint, m.get("status", "?"), f"{c.get('done', 0)}/{c.get('total', 0)}",
+                      str(c.get("failed", 0)), _fmt(m.get("timings", {}).get("total_s"), 1), _fmt(met.get("miou")),
+                      _fmt(met.get("coverage")), _fmt(met.get("precision")))
+    return table
+
+
+def _print_failures(run) -> None:
+    for name in run.names:
+        for image_id, msg in run.store(name).failures().items():
+            err_console.print(f"[yellow]{name}: {image_id} failed:[/] {msg}", highlight=False)
+
+
+@app.command()
+def run(config: Path = ConfigArg,
+        start: Optional[str] = typer.Option(None, "--from", help="Start at this stage (upstream must be cached)."),
+        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
+        only: Optional[list[str]] = typer.Option(None, "--only", help="Run just this stage (repeatable)."),
+        force: Optional[list[str]] = typer.Option(None, "--force", help="Recompute this stage and its downstream."),
+        overrides: Optional[list[str]] = SetOpt,
+        engine: Optional[str] = typer.Option(None, help="prefect (default) or local (no Prefect server)."),
+        verbose: bool = typer.Option(False, "-v", "--verbose")) -> None:
+    """Run the DAG for CONFIG; cached stages are skipped, interrupted ones resume."""
+    _setup_logging(verbose)
+    the_run = _make_run(config, (overrides or []) + ([f"engine={engine}"] if engine else []))
+    execute(the_run, only, start, until, force)
+
+
+def execute(the_run, only=None, start=None, until=None, force=None) -> None:
+    from .runner import forced, pending, run_local, save_resolved_config, select
+
+    try:
+        names = select(the_run, only, start, until)
+        to_force = forced(the_run, force) & set(names)
+    except ConfigError as err:
+        _fail(str(err))
+    todo = pending(the_run, names, to_force)
+    try:
+        if not todo:
+            save_resolved_config(the_run)
+            console.print(f"all {len(names)} stage(s) cached: {', '.join(names)}")
+        elif the_run.config.engine == "local":
+            run_local(the_run, names, to_force)
+        else:
+            from .flow import run_prefect
+
+            save_resolved_config(the_run)
+            run_prefect(the_run, names, to_force)
+    except (ConfigError, DataError) as err:
+        _fail(str(err))
+    except RuntimeError as err:
+        if "needs '" in str(err) or "worker process died" in str(err):
+            _fail(str(err))
+        raise
+    console.print(status_table(the_run))
+    _print_failures(the_run)
+
+
+@app.command()
+def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> None:
+    """A table of every stage: fingerprint, done/total, failures, time and metrics."""
+    the_run = _make_run(config, overrides)
+    console.print(status_table(the_run))
+    _print_failures(the_run)
+
+
+@app.command("eval")
+def eval_cmd(config: Path = ConfigArg, stage: str = typer.Option(..., "--stage", help="Stage to score."),
+             overrides: Optional[list[str]] = SetOpt) -> None:
+    """Per-class IoU, mIoU, coverage and precision of one stage's labels against GT."""
+    from .runner import evaluate_store
+
+    the_run = _make_run(config, overrides)
+    try:
+        the_run.spec(stage)
+        metrics = evaluate_store(the_run, stage)
+    except (ConfigError, DataError) as err:
+        _fail(str(err))
+    if not metrics:
+        _fail(f"stage '{stage}' has no labeled images with ground truth yet (run it first)")
+    table = Table(title=f"{stage}: {metrics['images']} images")
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for cls, iou in metrics["iou"].items():
+        table.add_row(cls, _fmt(iou))
+    table.add_row("[bold]mean", f"[bold]{_fmt(metrics['miou'])}")
+    console.print(table)
+    console.print(f"coverage {_fmt(metrics['coverage'])}  precision {_fmt(metrics['precision'])}")
+
+
+@app.command()
+def inspect(config: Path = ConfigArg, image_id: str = typer.Argument(..., help="Image id, e.g. train_0003."),
+            out: Optional[Path] = typer.Option(None, help="Output PNG (default artifacts/<run>/inspect/<id>.png)."),
+            overrides: Optional[list[str]] = SetOpt) -> None:
+    """Write one PNG panel: image, GT and every stage's labels for IMAGE_ID; print its path."""
+    from .visualize import inspect_panel
+
+    the_run = _make_run(config, overrides)
+    try:
+        path = inspect_panel(the_run, image_id, out)
+    except (DataError, KeyError) as err:
+        _fail(str(err).strip('"'))
+    console.print(str(path))
+
+
+@app.command()
+def prepare(config: Path = ConfigArg, out: Path = typer.Option(..., "--out", help="Folder for the weak labels."),
+            split: str = typer.Option("all", help="train, val or all."),
+            overrides: Optional[list[str]] = SetOpt) -> None:
+    """Synthesize weak labels from GT masks (boxes.json, points.json, tags.json, scribbles/*.png)
+    with the config's ``weak`` seed; point ``dataset.weak_dir`` at OUT to use them."""
+    from .prepare import write_weak_labels
+
+    the_run = _make_run(config, overrides)
+    splits = ["train", "val"] if split == "all" else [split]
+    try:
+        summary = write_weak_labels(the_run.dataset, splits, out)
+    except DataError as err:
+        _fail(str(err))
+    console.print_json(json.dumps(summary))
+
+
+@app.command()
+def demo(overrides: Optional[list[str]] = SetOpt,
+         engine: Optional[str] = typer.Option(None, help="prefect (default) or local.")) -> None:
+    """Run every stage built so far on the built-in synthetic data and print the quality ladder."""
+    _setup_logging()
+    path = DEMO_CONFIG if DEMO_CONFIG.is_file() else None
+    the_run = _make_run(path, (overrides or []) + ([f"engine={engine}"] if engine else []))
+    execute(the_run)
+    console.print("[bold]quality ladder[/] (mIoU on the demo train split; seeds count unlabeled pixels as misses)")
+    for name in the_run.names:
+        m = (the_run.store(name).read_manifest() or {}).get("metrics", {})
+        console.print(f"  {name:<12} mIoU {_fmt(m.get('miou'))}   coverage {_fmt(m.get('coverage'))}   "
+                      f"precision {_fmt(m.get('precision'))}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished images are kept; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

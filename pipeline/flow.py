@@ -1,0 +1,92 @@
+"""The Prefect flow: one task per stage step, per-image stages mapped over shards of images.
+
+Prefect orchestrates; it is not the cache (every task has ``NO_CACHE``): the artifact store
+decides what is done. Tasks receive the config as JSON and lists of image ids, and return
+small dicts, never tensors. With ``task_runner: thread`` shards run one after another and
+each uses a process pool of ``workers``; with ``task_runner: process`` shards run in
+parallel processes (one image at a time each). A Dask or Ray task runner can be swapped in
+the same way to spread shards over a cluster.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from .runner import begin_stage, execute_stage, finish_stage, run_from_json
+
+
+@task(name="begin", cache_policy=NO_CACHE)
+def begin_task(config_json: str, name: str, force: bool) -> list[str]:
+    return begin_stage(run_from_json(config_json), name, force)
+
+
+@task(name="shard", cache_policy=NO_CACHE)
+def shard_task(config_json: str, name: str, ids: list[str], workers: int | None) -> dict[str, Any]:
+    result = execute_stage(run_from_json(config_json), name, ids, workers=workers)
+    return {"failures": result.failures, "info": result.info, "metrics": result.metrics}
+
+
+@task(name="finish", cache_policy=NO_CACHE)
+def finish_task(config_json: str, name: str, shard_results: list[dict[str, Any]], seconds: float,
+                computed: int) -> dict[str, Any]:
+    from stages.base import StageResult
+
+    results = [StageResult(**r) for r in shard_results]
+    manifest = finish_stage(run_from_json(config_json), name, results, seconds, computed)
+    publish(name, manifest)
+    return manifest
+
+
+def publish(name: str, manifest: dict[str, Any]) -> None:
+    """Stage metrics as Prefect artifacts (they show in the UI next to the flow run)."""
+    key = f"{name.replace('_', '-')}-metrics"
+    metrics = manifest.get("metrics") or {}
+    rows = [{"class": k, "iou": None if v is None else round(v, 4)} for k, v in metrics.get("iou", {}).items()]
+    if rows:
+        create_table_artifact(key=key, table=rows, description=f"{name}: per-class IoU")
+    counts = manifest.get("counts", {})
+    lines = [f"### {name} `{manifest.get('fingerprint')}`", "",
+             f"- images: {counts.get('done')}/{counts.get('total')} done, {counts.get('failed')} failed"]
+    for k in ("miou", "coverage", "precision"):
+        if k in metrics:
+            lines.append(f"- {k}: {metrics[k]:.4f}")
+    create_markdown_artifact(key=f"{key}-summary", markdown="\n".join(lines), description=f"{name} summary")
+
+
+def shards_of(ids: list[str], size: int) -> list[list[str]]:
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+@flow(name="wsss", log_prints=True)
+def wsss_flow(config_json: str, names: list[str], force: list[str]) -> dict[str, Any]:
+    run = run_from_json(config_json)
+    cfg = run.config
+    parallel_shards = cfg.task_runner == "process"
+    out: dict[str, Any] = {}
+    for name in names:
+        store = run.store(name)
+        if store.is_complete() and name not in force:
+            out[name] = store.read_manifest()
+            continue
+        t0 = time.time()
+        todo = begin_task(config_json, name, name in force)
+        futures = shard_task.map(config_json, name, shards_of(todo, cfg.shard_size),
+                                 1 if parallel_shards else None) if todo else []
+        results = [f.result() for f in futures]
+        out[name] = finish_task(config_json, name, results, time.time() - t0, len(todo))
+    return out
+
+
+def run_prefect(run, names: list[str], force: set[str]) -> dict[str, Any]:
+    cfg = run.config
+    workers = (os.cpu_count() or 1) if cfg.workers == 0 else cfg.workers
+    runner = ProcessPoolTaskRunner(max_workers=workers) if cfg.task_runner == "process" else ThreadPoolTaskRunner(
+        max_workers=1)
+    return wsss_flow.with_options(task_runner=runner, flow_run_name=f"{cfg.run}")(
+        run.config_json(), names, sorted(force))

@@ -1,0 +1,57 @@
+"""``wsss inspect``: one PNG panel per image (image, GT, every stage's labels, named)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from stages.base import DataError
+
+from .store import voc_palette
+
+_PALETTE = np.array(voc_palette(), np.uint8).reshape(256, 3)
+_PALETTE[255] = (235, 235, 220)  # unknown: light, visibly different from background black
+
+
+def colourize(label: np.ndarray) -> np.ndarray:
+    return _PALETTE[label]
+
+
+def _tile(array: np.ndarray, title: str, height: int) -> Image.Image:
+    img = Image.fromarray(array)
+    if img.height != height:
+        img = img.resize((max(1, round(img.width * height / img.height)), height), Image.NEAREST)
+    tile = Image.new("RGB", (img.width, height + 16), (255, 255, 255))
+    tile.paste(img, (0, 16))
+    ImageDraw.Draw(tile).text((3, 2), title, fill=(0, 0, 0))
+    return tile
+
+
+def inspect_panel(run, image_id: str, out: Path | None = None) -> Path:
+    """Compose the panel for ``image_id`` and write it; returns the PNG path."""
+    known = {i for name in run.names for i in run.ids(name)}
+    if image_id not in known:
+        raise DataError(run.dataset.name, f"unknown image id '{image_id}' (e.g. {sorted(known)[:3]})")
+    image = run.dataset.load_image(image_id)
+    h = max(image.shape[0], 96)
+    tiles = [_tile(image, image_id, h)]
+    gt = run.dataset.load_gt(image_id)
+    if gt is not None:
+        tiles.append(_tile(colourize(gt), "ground truth", h))
+    for name in run.names:
+        store = run.store(name)
+        if store.kind in ("label", "soft") and store.has(image_id):
+            tiles.append(_tile(colourize(store.labels_of(image_id)), name, h))
+        else:
+            blank = np.full((image.shape[0], image.shape[1], 3), 255, np.uint8)
+            tiles.append(_tile(blank, f"{name} (not run)", h))
+    panel = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), h + 16), (255, 255, 255))
+    x = 0
+    for t in tiles:
+        panel.paste(t, (x, 0))
+        x += t.width + 4
+    path = out or run.run_dir / "inspect" / f"{image_id}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    panel.save(path)
+    return path
