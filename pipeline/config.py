@@ -172,6 +172,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>",
     data = copy.deepcopy(data or {})
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value, f"{source} (--set {key}={value})")
+    if isinstance(data.get("dataset"), dict):
+        data["dataset"].setdefault("kind", "demo")
     try:
         return Config.model_validate(data)
     except ValidationError as err:

@@ -1,0 +1,54 @@
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "crf:\n  iteratons: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    assert str(p) in str(err.value) and "crf.iteratons" in str(err.value) and "unknown key" in str(err.value)
+
+
+def test_wrong_type_and_impossible_value(tmp_path):
+    p = write(tmp_path, "box_seeds:\n  iterations: many\ncrf:\n  bilateral_sxy: -2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(p)
+    msg = str(err.value)
+    assert "box_seeds.iterations" in msg and "crf.bilateral_sxy" in msg and str(p) in msg
+
+
+def test_dataset_key_path_without_discriminator(tmp_path):
+    p = write(tmp_path, "dataset:\n  kind: masks\n")
+    with pytest.raises(ConfigError, match=r"dataset\.root: Field required"):
+        load_config(p)
+
+
+def test_set_overrides_are_typed(tmp_path):
+    p = write(tmp_path, "run: x\n")
+    cfg = load_config(p, ["crf.iterations=4", "box_seeds.crop_margin=null", "dataset.num_train=3"])
+    assert cfg.crf.iterations == 4 and cfg.box_seeds.crop_margin is None and cfg.dataset.num_train == 3
+    with pytest.raises(ConfigError, match="--set crf.iterations=0"):
+        load_config(p, ["crf.iterations=0"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(p, ["crf.iterations"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1,\n"))
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        load_config(path)

@@ -1,0 +1,88 @@
+"""box_seeds (GrabCut, Eq. 3.2-3.3) and the dense CRF on hand-made images."""
+import numpy as np
+from pydensecrf.utils import unary_from_labels as reference_unary
+
+from models.crf import CrfParams, crf_from_labels, crf_from_probs, unary_from_labels
+from stages.base import IGNORE, Box
+from stages.box_seeds import grabcut_seeds
+
+
+def scene():
+    """Grey noisy background; a red square (class 1) and, overlapping it, a blue square (class 2)."""
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal(120, 8, (80, 100, 3)), 0, 255)
+    img[20:50, 15:45] = (220, 30, 30)
+    img[35:65, 40:70] = (30, 30, 220)
+    img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+    return img, [Box(12, 17, 48, 53, 1), Box(37, 32, 73, 68, 2)]
+
+
+def test_grabcut_seeds_follow_eq_3_2_and_3_3():
+    img, boxes = scene()
+    lab = grabcut_seeds(img, boxes, iterations=5)
+    inside = np.zeros(lab.shape, bool)
+    for b in boxes:
+        inside[b.y0:b.y1, b.x0:b.x1] = True
+    assert (lab[~inside] == 0).all()  # outside every box: background
+    assert set(np.unique(lab[inside])) <= {1, 2, IGNORE}  # inside: box class or unknown, never bg
+    # GrabCut background inside a box (its margin) is unknown.
+    assert lab[18, 13] == IGNORE and lab[66, 71] == IGNORE
+    # Object interiors take their box's class.
+    assert (lab[24:34, 20:38] == 1).mean() > 0.95 and (lab[52:62, 50:66] == 2).mean() > 0.95
+
+
+def test_smaller_box_wins_where_both_claim():
+    img = np.full((60, 60, 3), 128, np.uint8)
+    img[10:50, 10:50] = (200, 40, 40)  # a red object (class 1)...
+    img[22:32, 22:32] = (40, 200, 40)  # ...carrying a green one (class 2)
+    big, small = Box(10, 10, 50, 50, 1), Box(21, 21, 33, 33, 2)
+    assert grabcut_seeds(img, [big], iterations=3)[26, 26] == 1  # the big box claims the green pixels too
+    lab = grabcut_seeds(img, [big, small], iterations=3)
+    # Both boxes claim the green object: the smaller box wins...
+    assert (lab[23:31, 23:31] == 2).all()
+    # ...and the big box keeps its class outside the small box.
+    assert lab[45, 45] == 1
+    assert (grabcut_seeds(img, [small, big], iterations=3) == lab).all()  # order-independent
+
+
+def test_box_covering_whole_image_and_tiny_box():
+    img, _ = scene()
+    lab = grabcut_seeds(img, [Box(0, 0, 100, 80, 1)], iterations=2)
+    assert (lab == 1).any() and (lab != 0).all()
+    tiny = grabcut_seeds(img, [Box(5, 5, 7, 30, 1)], min_box_side=4)
+    assert (tiny[5:30, 5:7] == IGNORE).all() and (tiny[:, 8:] == 0).all()
+
+
+def test_grabcut_is_deterministic():
+    img, boxes = scene()
+    assert (grabcut_seeds(img, boxes, seed=3) == grabcut_seeds(img, boxes, seed=3)).all()
+
+
+def test_unary_matches_pydensecrf_reference():
+    labels = np.array([[0, 1, 2, -1], [2, -1, 1, 0]])
+    mine = unary_from_labels(labels, 3, 0.7)
+    ref = reference_unary((labels + 1).astype(np.int64), 3, 0.7, zero_unsure=True)
+    assert np.allclose(mine, ref)
+    # Hand values: -log 0.7 on the label, -log 0.15 elsewhere, -log(1/3) where unknown.
+    assert np.isclose(mine[0, 0], -np.log(0.7)) and np.isclose(mine[1, 0], -np.log(0.15))
+    assert np.allclose(mine[:, 3], -np.log(1 / 3))
+
+
+def test_crf_fills_unknowns_along_edges():
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, 30:] = (200, 200, 200)
+    lab = np.full((40, 60), IGNORE, np.uint8)
+    lab[18:22, 3:8] = 0
+    lab[18:22, 50:55] = 3  # class ids need not be contiguous
+    out = crf_from_labels(img, lab, CrfParams())
+    assert (out[:, :28] == 0).all() and (out[:, 32:] == 3).all()
+    assert (crf_from_labels(img, np.full_like(lab, IGNORE), CrfParams()) == IGNORE).all()
+
+
+def test_crf_on_probabilities_sharpens_to_edges():
+    img = np.zeros((30, 40, 3), np.uint8)
+    img[:, 20:] = 255
+    ramp = np.tile(np.linspace(0.3, 0.7, 40), (30, 1))
+    q = crf_from_probs(img, np.stack([1 - ramp, ramp]), CrfParams())
+    assert np.allclose(q.sum(0), 1, atol=1e-4)
+    assert (q.argmax(0)[:, :18] == 0).all() and (q.argmax(0)[:, 22:] == 1).all()

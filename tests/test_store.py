@@ -1,0 +1,125 @@
+"""Resume, invalidation and atomicity of the artifact store (ARCHITECTURE.md contract)."""
+import shutil
+
+import numpy as np
+import pytest
+
+import stages.box_seeds as box_seeds
+import stages.crf as crf_stage
+from pipeline.runner import make_run, run_local
+from pipeline.store import StageStore, atomic_write
+
+from .conftest import demo_config
+
+
+class Counter:
+    def __init__(self, fn, interrupt_after=None):
+        self.fn, self.calls, self.interrupt_after = fn, [], interrupt_after
+
+    def __call__(self, *args, **kwargs):
+        if self.interrupt_after is not None and len(self.calls) == self.interrupt_after:
+            raise KeyboardInterrupt  # like a kill: nothing after this point runs
+        self.calls.append(args[0].shape)
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture
+def counters(monkeypatch):
+    seeds = Counter(box_seeds.grabcut_seeds)
+    crf = Counter(crf_stage.crf_from_labels)
+    monkeypatch.setattr(box_seeds, "grabcut_seeds", seeds)
+    monkeypatch.setattr(crf_stage, "crf_from_labels", crf)
+    return seeds, crf
+
+
+def test_interrupted_stage_resumes_with_only_the_rest(tmp_path, counters):
+    seeds, _ = counters
+    run = make_run(demo_config(tmp_path))
+    n, k = len(run.ids("box_seeds")), 4
+    seeds.interrupt_after = k
+    with pytest.raises(KeyboardInterrupt):
+        run_local(run, ["box_seeds"])
+    store = run.store("box_seeds")
+    assert len(store.done_ids()) == k and store.read_manifest()["status"] == "partial"
+    seeds.calls.clear()
+    seeds.interrupt_after = None
+    manifest = run_local(make_run(demo_config(tmp_path)), ["box_seeds"])["box_seeds"]
+    assert len(seeds.calls) == n - k
+    assert manifest["status"] == "complete" and manifest["counts"] == {"total": n, "done": n, "failed": 0}
+
+
+def test_config_change_recomputes_stage_and_downstream_only(tmp_path, counters):
+    seeds, crf = counters
+    run = make_run(demo_config(tmp_path))
+    n = len(run.ids("box_seeds"))
+    run_local(run, run.names)
+    assert (len(seeds.calls), len(crf.calls)) == (n, n)
+    seeds.calls.clear(), crf.calls.clear()
+    run_local(make_run(demo_config(tmp_path)), run.names)  # unchanged: all cached
+    assert (len(seeds.calls), len(crf.calls)) == (0, 0)
+    changed = make_run(demo_config(tmp_path, crf__iterations=3))
+    assert changed.fingerprints["box_seeds"] == run.fingerprints["box_seeds"]
+    assert changed.fingerprints["crf"] != run.fingerprints["crf"]
+    run_local(changed, changed.names)
+    assert (len(seeds.calls), len(crf.calls)) == (0, n)
+    # Upstream change: both recompute (crf's fingerprint follows its input's).
+    up = make_run(demo_config(tmp_path, box_seeds__iterations=2))
+    assert up.fingerprints["crf"] != run.fingerprints["crf"]
+    seeds.calls.clear(), crf.calls.clear()
+    run_local(up, up.names)
+    assert (len(seeds.calls), len(crf.calls)) == (n, n)
+
+
+def test_deleted_stage_folder_is_recomputed(tmp_path, counters):
+    seeds, crf = counters
+    run = make_run(demo_config(tmp_path))
+    n = len(run.ids("box_seeds"))
+    run_local(run, run.names)
+    shutil.rmtree(run.store("crf").dir)
+    seeds.calls.clear(), crf.calls.clear()
+    run_local(make_run(demo_config(tmp_path)), run.names)
+    assert (len(seeds.calls), len(crf.calls)) == (0, n)
+    assert (run.run_dir / "crf" / "current").resolve() == run.store("crf").dir.resolve()
+
+
+def test_force_recomputes_stage_and_downstream(tmp_path, counters):
+    from pipeline.runner import forced
+
+    seeds, crf = counters
+    run = make_run(demo_config(tmp_path))
+    run_local(run, run.names)
+    seeds.calls.clear(), crf.calls.clear()
+    assert forced(run, ["box_seeds"]) == {"box_seeds", "crf"}
+    run_local(run, run.names, forced(run, ["box_seeds"]))
+    assert len(seeds.calls) == len(crf.calls) == len(run.ids("crf"))
+
+
+def test_half_written_file_is_never_read(tmp_path):
+    store = StageStore(tmp_path, "s", "fp")
+    store.write_label("a", np.zeros((4, 4), np.uint8))
+
+    def crash(f):
+        f.write(b"\x89PNG partial")
+        raise OSError("disk died mid-write")
+
+    with pytest.raises(OSError):
+        atomic_write(store.item_path("b"), crash)
+    assert store.done_ids() == {"a"}  # "b" never appears
+    assert not store.item_path("b").exists()
+    assert [p.name for p in store.items_dir.iterdir()] == ["a.png"]  # temp file cleaned up
+    # A stray temp file from a killed process is ignored as well.
+    (store.items_dir / ".c.png.x1y2.tmp").write_bytes(b"junk")
+    assert store.done_ids() == {"a"}
+
+
+def test_label_png_roundtrip_and_soft_maps(tmp_path):
+    store = StageStore(tmp_path, "s", "fp")
+    lab = np.array([[0, 1, 255], [20, 3, 0]], np.uint8)
+    store.write_label("x", lab)
+    assert (store.read_label("x") == lab).all()
+    soft = StageStore(tmp_path, "p", "fp", output="soft")
+    probs = np.random.default_rng(0).random((3, 2, 5)).astype(np.float32)
+    soft.write_soft("x", probs, np.array([0, 2, 7]))
+    p, ids = soft.read_soft("x")
+    assert p.dtype == np.float16 and ids.tolist() == [0, 2, 7]
+    assert (soft.labels_of("x") == np.array([0, 2, 7])[probs.argmax(0)]).all()

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+import models  # noqa: F401  (installs the compat shim before torchvision)
+import torchvision
+from models import tvcompat
+
+
+def test_resnet50_forward():
+    net = torchvision.models.resnet50(weights=None).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 1000)
+    assert torch.isfinite(out).all()
+
+
+def test_deeplabv3_forward():
+    net = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=4).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 65, 65))["out"]
+    assert out.shape == (1, 4, 65, 65)
+
+
+def test_transforms_work():
+    from torchvision.transforms import v2
+
+    x = torch.rand(3, 40, 50)
+    y = v2.Compose([v2.Resize((20, 25)), v2.RandomHorizontalFlip(p=1.0)])(x)
+    assert y.shape == (3, 20, 25)
+
+
+@pytest.mark.skipif(tvcompat.has_compiled_ops(), reason="complete torchvision: compiled ops are available")
+def test_compiled_ops_say_clearly_they_are_missing():
+    with pytest.raises(RuntimeError, match="compiled"):
+        torch.ops.torchvision.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
+    with pytest.raises(RuntimeError, match="Mask R-CNN.*compiled"):
+        tvcompat.require_compiled_ops("Mask R-CNN")
