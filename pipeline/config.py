@@ -154,7 +154,7 @@ def parse_overrides(items: list[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, overridden: dict[str, str]) -> str:
     lines = []
     for e in err.errors():
         parts = [str(p) for p in e["loc"]]
@@ -163,21 +163,23 @@ def _format_errors(err: ValidationError, source: str) -> str:
         loc = ".".join(parts)
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         value = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
-        lines.append(f"{source}: {loc}: {msg}{value}")
+        origin = f" (from --set {loc}={overridden[loc]})" if loc in overridden else ""
+        lines.append(f"{source}: {loc}: {msg}{value}{origin}")
     return "\n".join(lines)
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<config>",
                      overrides: list[str] | None = None) -> Config:
     data = copy.deepcopy(data or {})
-    for key, value in parse_overrides(overrides):
+    pairs = parse_overrides(overrides)
+    for key, value in pairs:
         _set_dotted(data, key, value, f"{source} (--set {key}={value})")
     if isinstance(data.get("dataset"), dict):
         data["dataset"].setdefault("kind", "demo")
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, dict(pairs))) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
