@@ -57,13 +57,14 @@ def box_of(mask: np.ndarray, cls: int) -> Box:
     return Box(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1, cls)
 
 
-def _skeleton_path(region: np.ndarray, length: float, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask of a contiguous piece (``length`` share) of the region's skeleton."""
+def _skeleton_path(region: np.ndarray, length: float, max_pixels: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of a contiguous piece (``length`` share, at most ``max_pixels``) of the
+    region's skeleton."""
     skel = skeletonize(region)
     ys, xs = np.nonzero(skel)
     if ys.size == 0:
         return skel
-    keep = max(1, int(round(length * ys.size)))
+    keep = max(1, int(min(round(length * ys.size), max_pixels)))
     start = int(rng.integers(ys.size))
     seen = {(int(ys[start]), int(xs[start]))}
     queue = deque(seen)
@@ -90,10 +91,10 @@ def scribble_in(region: np.ndarray, coverage: float, length: float, rng: np.rand
     inner = depth >= 2.0  # keep strokes off the border
     if not inner.any():
         inner = depth >= depth.max()
-    path = _skeleton_path(inner, length, rng)
+    target = coverage * region.sum()
+    path = _skeleton_path(inner, length, target, rng)  # a thin stroke never overshoots the target
     if not path.any():
         return path
-    target = coverage * region.sum()
     radius = int(np.clip(round((target / path.sum() - 1.0) / 2.0), 0, max(0, int(depth.max() // 2))))
     if radius > 0:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
