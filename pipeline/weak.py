@@ -17,7 +17,7 @@ from collections import deque
 
 import cv2
 import numpy as np
-from skimage.morphology import skeletonize
+from skimage.morphology import medial_axis
 
 from stages.base import IGNORE, Box, DataError, Point, WeakLabels
 
@@ -60,7 +60,7 @@ def box_of(mask: np.ndarray, cls: int) -> Box:
 def _skeleton_path(region: np.ndarray, length: float, max_pixels: float, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask of a contiguous piece (``length`` share, at most ``max_pixels``) of the
     region's skeleton."""
-    skel = skeletonize(region)
+    skel = medial_axis(region, rng=0)  # (fixed tie-breaking) thinning collapses convex shapes (a square -> 3 pixels); the medial axis does not
     ys, xs = np.nonzero(skel)
     if ys.size == 0:
         return skel
@@ -95,7 +95,10 @@ def scribble_in(region: np.ndarray, coverage: float, length: float, rng: np.rand
     path = _skeleton_path(inner, length, target, rng)  # a thin stroke never overshoots the target
     if not path.any():
         return path
-    radius = int(np.clip(round((target / path.sum() - 1.0) / 2.0), 0, max(0, int(depth.max() // 2))))
+    # Stroke width from the target area, never wider than half the region's depth, and never
+    # a blob bigger than the target when the path is short.
+    cap = min(depth.max() / 2.0, np.sqrt(target / np.pi))
+    radius = int(np.clip(round((target / path.sum() - 1.0) / 2.0), 0, max(0, int(cap))))
     if radius > 0:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
         path = cv2.dilate(path.astype(np.uint8), kernel).astype(bool)
