@@ -4,6 +4,7 @@
     OUT/points.json     {image_id: [{"x": .., "y": .., "cls": ..}, ...]}
     OUT/tags.json       {image_id: [cls, ...]}
     OUT/scribbles/<image_id>.png   VOC-palette PNG, 255 = no scribble
+    OUT/summary.json    counts, scribble coverage, failures
 
 Labels are the same as the on-the-fly synthesis (same seed, same function), so preparing
 first only makes them inspectable and editable.
@@ -43,10 +44,12 @@ def write_weak_labels(dataset, splits: list[str], out: Path) -> dict[str, Any]:
             pixels += weak.scribbles.size
     for name, obj in (("boxes", boxes), ("points", points), ("tags", tags)):
         atomic_write_text(out / f"{name}.json", json.dumps(obj))
-    return {"out": str(out), "images": len(boxes), "failed": failed,
-            "boxes": int(sum(len(v) for v in boxes.values())),
-            "scribble_coverage": round(scribbled / pixels, 4) if pixels else None,
-            "points": int(sum(len(v) for v in points.values()))}
+    summary = {"out": str(out), "images": len(boxes), "failed": failed,
+               "boxes": int(sum(len(v) for v in boxes.values())),
+               "scribble_coverage": round(scribbled / pixels, 4) if pixels else None,
+               "points": int(sum(len(v) for v in points.values()))}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
 
 
 __all__ = ["write_weak_labels"]

@@ -1,0 +1,77 @@
+"""The ``wsss`` commands (local engine, so no Prefect server is needed here)."""
+import json
+
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+
+
+def write_config(tmp_path, **extra):
+    data = {"run": "cli", "output_root": str(tmp_path / "art"), "engine": "local", "workers": 1,
+            "dataset": {"kind": "demo", "num_train": 4, "num_val": 2}, **extra}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_config_error_is_one_message_without_traceback(tmp_path):
+    path = write_config(tmp_path, crf={"iterations": -1})
+    res = runner.invoke(app, ["run", str(path)])
+    assert res.exit_code == 2
+    assert "crf.iterations" in res.output and str(path) in res.output and "Traceback" not in res.output
+
+
+def test_missing_dataset_stops_before_any_work(tmp_path):
+    path = write_config(tmp_path, dataset={"kind": "masks", "root": str(tmp_path / "none")})
+    res = runner.invoke(app, ["run", str(path)])
+    assert res.exit_code == 2 and "dataset folder not found" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "art").exists()
+
+
+def test_unknown_stage_is_an_error(tmp_path):
+    res = runner.invoke(app, ["run", str(write_config(tmp_path)), "--only", "nope"])
+    assert res.exit_code == 2 and "stage 'nope' is not part of this run" in res.output
+
+
+def test_run_status_eval_inspect_and_cache(tmp_path):
+    path = write_config(tmp_path)
+    res = runner.invoke(app, ["run", str(path), "--until", "box_seeds"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["run", str(path), "--only", "crf"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["status", str(path)])
+    assert res.exit_code == 0 and "box_seeds" in res.output and "4/4" in res.output and "complete" in res.output
+    res = runner.invoke(app, ["run", str(path)])
+    assert "all 2 stage(s) cached" in res.output
+    res = runner.invoke(app, ["eval", str(path), "--stage", "crf"])
+    assert res.exit_code == 0 and "disc" in res.output and "mean" in res.output
+    assert (tmp_path / "art" / "cli" / "config.yaml").is_file()
+    res = runner.invoke(app, ["inspect", str(path), "train_0001"])
+    assert res.exit_code == 0, res.output
+    png = tmp_path / "art" / "cli" / "inspect" / "train_0001.png"
+    assert png.is_file()
+    w, h = Image.open(png).size
+    assert w > 4 * 160 and h > 120  # image, GT, box_seeds, crf side by side
+    res = runner.invoke(app, ["inspect", str(path), "nope_1"])
+    assert res.exit_code == 2 and "unknown image id" in res.output
+
+
+def test_only_without_upstream_says_what_to_run(tmp_path):
+    res = runner.invoke(app, ["run", str(write_config(tmp_path)), "--only", "crf"])
+    assert res.exit_code == 2 and "crf needs 'box_seeds'" in res.output
+
+
+def test_prepare_writes_weak_labels_the_reader_loads(tmp_path):
+    path = write_config(tmp_path)
+    out = tmp_path / "weak"
+    res = runner.invoke(app, ["prepare", str(path), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 6 and summary["boxes"] >= 6 and 0.01 < summary["scribble_coverage"] < 0.06
+    boxes = json.loads((out / "boxes.json").read_text())
+    assert set(boxes) == {f"train_{i:04d}" for i in range(4)} | {"val_0000", "val_0001"}
+    assert len(list((out / "scribbles").glob("*.png"))) == 6
