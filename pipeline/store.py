@@ -175,6 +175,30 @@ class StageStore:
             return np.asarray(ids, np.uint8)[probs.argmax(0)]
         return self.read_label(image_id)
 
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+        """Atomically write ``ckpt-<step>.pt`` (model/optimizer/scheduler/RNG state, any
+        torch-serialisable dict) and keep only the newest ``keep`` checkpoints."""
+        import torch
+
+        path = self.dir / f"ckpt-{step:08d}.pt"
+        atomic_write(path, lambda f: torch.save(state, f))
+        for old in self.checkpoints()[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.dir.glob("ckpt-*.pt")) if self.dir.is_dir() else []
+
+    def latest_checkpoint(self) -> tuple[int, dict[str, Any]] | None:
+        """(step, state) of the newest checkpoint, or None to start from scratch."""
+        import torch
+
+        found = self.checkpoints()
+        if not found:
+            return None
+        return int(found[-1].stem.split("-")[1]), torch.load(found[-1], map_location="cpu", weights_only=False)
+
     # ----------------------------------------------------------------- failures
     def record_failure(self, image_id: str, message: str) -> None:
         path = self.failed_dir / f"{_check_id(image_id)}.json"

@@ -123,3 +123,15 @@ def test_label_png_roundtrip_and_soft_maps(tmp_path):
     p, ids = soft.read_soft("x")
     assert p.dtype == np.float16 and ids.tolist() == [0, 2, 7]
     assert (soft.labels_of("x") == np.array([0, 2, 7])[probs.argmax(0)]).all()
+
+
+def test_checkpoints_are_atomic_pruned_and_resumable(tmp_path):
+    import torch
+
+    store = StageStore(tmp_path, "train", "fp", output="model")
+    assert store.latest_checkpoint() is None
+    for step in (10, 20, 30):
+        store.save_checkpoint(step, {"w": torch.full((2,), float(step)), "rng": torch.get_rng_state()})
+    assert [p.name for p in store.checkpoints()] == ["ckpt-00000020.pt", "ckpt-00000030.pt"]
+    step, state = store.latest_checkpoint()
+    assert step == 30 and state["w"].tolist() == [30.0, 30.0]
