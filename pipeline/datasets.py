@@ -84,7 +84,7 @@ class DemoData(_Base):
         self.class_names = list(demo_gen.CLASS_NAMES)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "demo", **self.cfg.model_dump(), "weak": self.weak_cfg.model_dump()}
+        return {"kind": "demo", "generator": demo_gen.VERSION, **self.cfg.model_dump(), "weak": self.weak_cfg.model_dump()}
 
     def ids(self, split: str) -> list[str]:
         n = {"train": self.cfg.num_train, "val": self.cfg.num_val}.get(split)

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 CLASS_NAMES = ["background", "disc", "block", "star"]
+VERSION = "2"  # bump when the generated images change: it is part of every demo fingerprint
 _BASE_HUES = {1: (0, 25), 2: (100, 125), 3: (40, 70)}  # OpenCV hue range 0..179
 
 
