@@ -105,7 +105,7 @@ def run(config: Path = ConfigArg,
 
 
 def execute(the_run, only=None, start=None, until=None, force=None) -> None:
-    from .runner import forced, pending, run_local, save_resolved_config, select
+    from .runner import PipelineError, forced, pending, run_local, save_resolved_config, select
 
     try:
         names = select(the_run, only, start, until)
@@ -124,12 +124,8 @@ def execute(the_run, only=None, start=None, until=None, force=None) -> None:
 
             save_resolved_config(the_run)
             run_prefect(the_run, names, to_force)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, PipelineError) as err:
         _fail(str(err))
-    except RuntimeError as err:
-        if "needs '" in str(err) or "worker process died" in str(err):
-            _fail(str(err))
-        raise
     console.print(status_table(the_run))
     _print_failures(the_run)
 

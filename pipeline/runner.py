@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-import stages
+import stages  # noqa: F401  (importing the package registers every stage)
 from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec
 
 from .config import Config, ConfigError, config_from_dict, dump_config
@@ -28,6 +29,10 @@ from .evaluation import confusion_matrix, scores
 from .store import StageStore, atomic_write_text, fingerprint
 
 log = logging.getLogger("wsss")
+
+
+class PipelineError(RuntimeError):
+    """A run that cannot go on, with a message for the user (missing upstream, dead worker)."""
 
 
 # --------------------------------------------------------------------------- progress
@@ -73,7 +78,7 @@ def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, id
                 err = fut.exception()
                 if isinstance(err, cf.process.BrokenProcessPool):
                     _pool.cache_clear()
-                    raise RuntimeError(f"{ctx.stage}: a worker process died (out of memory or a crash in "
+                    raise PipelineError(f"{ctx.stage}: a worker process died (out of memory or a crash in "
                                        "native code); rerun to resume, or set workers: 1 to find the image") from err
                 yield futures[fut], (err if err is not None else fut.result())
         finally:
@@ -203,11 +208,9 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
     spec, store = run.spec(name), run.store(name)
     for up in run.upstream[name]:
         if not run.store(up).is_complete():
-            raise RuntimeError(f"{name} needs '{up}' (fingerprint {run.fingerprints[up]}), which has not been "
+            raise PipelineError(f"{name} needs '{up}' (fingerprint {run.fingerprints[up]}), which has not been "
                                f"computed for this config; run without --only, or with --from {up}")
     if force and store.dir.exists():
-        import shutil
-
         shutil.rmtree(store.dir)
     ids = run.ids(name)
     done = store.done_ids()
@@ -328,7 +331,3 @@ def run_local(run: Run, names: list[str], force: set[str] | None = None) -> dict
 def pending(run: Run, names: list[str], force: set[str]) -> list[str]:
     """Stages that would do work (not complete, or forced)."""
     return [n for n in names if n in force or not run.store(n).is_complete()]
-
-
-__all__ = ["Run", "make_run", "run_from_json", "select", "forced", "begin_stage", "execute_stage", "finish_stage",
-           "run_local", "pending", "save_resolved_config", "evaluate_store", "stages"]
