@@ -6,6 +6,7 @@
     wsss eval CONFIG --stage S    per-class IoU, mIoU, coverage, precision of one stage
     wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, tags) from GT
     wsss demo                     the whole pipeline on the built-in synthetic data
+    wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds)
 """
 from __future__ import annotations
 
@@ -80,7 +81,19 @@ def status_table(run) -> Table:
         table.add_row(name, store.fingerprint, m.get("status", "?"), f"{c.get('done', 0)}/{c.get('total', 0)}",
                       str(c.get("failed", 0)), _fmt(m.get("timings", {}).get("total_s"), 1), _fmt(met.get("miou")),
                       _fmt(met.get("coverage")), _fmt(met.get("precision")))
+        for label, sub in extra_rows(met):
+            table.add_row(f"  {label}", "", "", "", "", "", _fmt(sub.get("miou")), _fmt(sub.get("coverage")),
+                          _fmt(sub.get("precision")))
     return table
+
+
+def extra_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Sub-rows of a stage: its extra maps (seeds: M_I, M_F, ...) and, for CAMs, the best
+    constant background threshold of the sweep."""
+    rows = [(f"└ {v}", sub) for v, sub in metrics.get("maps", {}).items()]
+    if "best_threshold" in metrics:
+        rows.append((f"└ best bg threshold {metrics['best_threshold']:.2f}", {"miou": metrics["best_threshold_miou"]}))
+    return rows
 
 
 def _print_failures(run) -> None:
@@ -140,19 +153,24 @@ def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) ->
 
 @app.command("eval")
 def eval_cmd(config: Path = ConfigArg, stage: str = typer.Option(..., "--stage", help="Stage to score."),
+             map_name: Optional[str] = typer.Option(None, "--map", help="One of the stage's extra maps (seeds: "
+                                                    "M_I, M_I_reliable, M_F, affinity)."),
              overrides: Optional[list[str]] = SetOpt) -> None:
     """Per-class IoU, mIoU, coverage and precision of one stage's labels against GT."""
     from .runner import evaluate_store
 
     the_run = _make_run(config, overrides)
     try:
-        the_run.spec(stage)
-        metrics = evaluate_store(the_run, stage)
+        spec = the_run.spec(stage)
+        known = spec.variants(the_run.config)
+        if map_name is not None and map_name not in known:
+            raise ConfigError(f"stage '{stage}' has no map '{map_name}' in this run (maps: {', '.join(known) or 'none'})")
+        metrics = evaluate_store(the_run, stage, map_name)
     except (ConfigError, DataError) as err:
         _fail(str(err))
     if not metrics:
         _fail(f"stage '{stage}' has no labeled images with ground truth yet (run it first)")
-    table = Table(title=f"{stage}: {metrics['images']} images")
+    table = Table(title=f"{stage}{'' if map_name is None else '/' + map_name}: {metrics['images']} images")
     table.add_column("class")
     table.add_column("IoU", justify="right")
     for cls, iou in metrics["iou"].items():
@@ -205,8 +223,50 @@ def demo(overrides: Optional[list[str]] = SetOpt,
     console.print("[bold]quality ladder[/] (mIoU on the demo train split; seeds count unlabeled pixels as misses)")
     for name in the_run.names:
         m = (the_run.store(name).read_manifest() or {}).get("metrics", {})
-        console.print(f"  {name:<12} mIoU {_fmt(m.get('miou'))}   coverage {_fmt(m.get('coverage'))}   "
-                      f"precision {_fmt(m.get('precision'))}")
+        if "miou" not in m:
+            continue
+        rows = [(name, m)] + [(f"  {label}", sub) for label, sub in extra_rows(m)]
+        for label, sub in rows:
+            console.print(f"  {label:<34} mIoU {_fmt(sub.get('miou'))}   coverage {_fmt(sub.get('coverage'))}   "
+                          f"precision {_fmt(sub.get('precision'))}", highlight=False)
+
+
+@app.command("bench")
+def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds."),
+              device: str = typer.Option("auto", help="auto, cpu or cuda."),
+              size: str = typer.Option("500x375", help="Image WIDTHxHEIGHT (VOC-typical default)."),
+              images: int = typer.Option(8, help="Images per case."),
+              threads: int = typer.Option(0, help="torch/OpenCV threads (0 = all cores)."),
+              options: Optional[list[str]] = typer.Option(None, "--opt", help="Case option KEY=VALUE, e.g. depth=101."),
+              json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON.")) -> None:
+    """Images per second and peak memory of one stage's work; prints a table."""
+    import yaml
+
+    from .bench import BENCHES
+    from .runner import resolve_device
+
+    if name not in BENCHES:
+        _fail(f"unknown benchmark '{name}' (known: {', '.join(BENCHES)})")
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        _fail(f"--size {size!r}: expected WIDTHxHEIGHT, e.g. 500x375")
+    kwargs = {}
+    for item in options or []:
+        key, _, value = item.partition("=")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    dev = resolve_device(device)
+    rows = BENCHES[name](device=dev, height=height, width=width, images=images,
+                         threads=threads or (os.cpu_count() or 1), **kwargs)
+    table = Table(title=f"bench {name}: {width}x{height}, {dev}, {threads or os.cpu_count()} threads")
+    cols = ["case", "images_per_s", "s_per_image", "peak_rss_mb", "peak_gpu_mb"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for row in rows:
+        table.add_row(*[str(row.get(c, "-")) for c in cols])
+    console.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=2))
 
 
 def main() -> None:

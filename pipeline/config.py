@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 SUPERVISIONS = ("box", "scribble", "point", "image", "dfr")
 
@@ -90,17 +90,66 @@ class BoxSeedsConfig(Section):
     min_box_side: Annotated[int, Field(ge=2)] = 4
 
 
-class CrfConfig(Section):
-    """Dense CRF (Kraehenbuehl & Koltun) refinement of a label or probability map."""
+class DenseCrfParams(Section):
+    """Dense CRF kernels (defaults: PSA's ``crf_inference``, which A2GNN's seeds follow)."""
 
-    input: Literal["auto", "box_seeds"] = "auto"
     gaussian_sxy: PositiveFloat = 3.0
     gaussian_compat: PositiveFloat = 3.0
     bilateral_sxy: PositiveFloat = 80.0
     bilateral_srgb: PositiveFloat = 13.0
     bilateral_compat: PositiveFloat = 10.0
     iterations: PositiveInt = 10
+
+
+class CrfConfig(DenseCrfParams):
+    """Dense CRF (Kraehenbuehl & Koltun) refinement of a label or probability map."""
+
+    input: Literal["auto", "box_seeds", "seeds"] = "auto"
     gt_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
+
+
+class CamTrainConfig(Section):
+    """Multi-label classifier for CAMs (dilated ResNet + GAP + bias-free 1x1 classifier)."""
+
+    depth: Literal[18, 34, 50, 101] = 50
+    output_stride: Literal[8, 16] = 16
+    weights: str = "none"  # none | imagenet | /path/to/state_dict.pth
+    batch_size: PositiveInt = 16
+    epochs: PositiveInt = 5
+    lr: PositiveFloat = 0.1
+    head_lr_mult: PositiveFloat = 10.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
+    poly_power: PositiveFloat = 0.9
+    crop: Annotated[int, Field(ge=32)] = 512
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.5)
+    checkpoint_every: PositiveInt = 100
+
+
+class CamConfig(Section):
+    """CAM inference (multi-scale + flip) and its background score (1 - max_c CAM)^alpha."""
+
+    enabled: bool = True
+    scales: list[PositiveFloat] = [0.5, 1.0, 1.5, 2.0]
+    flip: bool = True
+    alpha: PositiveFloat = 4.0
+
+
+class SlicConfig(Section):
+    """SLIC superpixels (scikit-image) for expanding scribbles and points."""
+
+    n_segments: PositiveInt = 600
+    compactness: PositiveFloat = 10.0
+    sigma: Annotated[float, Field(ge=0.0)] = 1.0
+
+
+class SeedsConfig(Section):
+    """Seed maps: M_I, M'_I, M_F (Eq. 3.4), M_g (Eq. 3.5), M_S / M_P (superpixel expansion)."""
+
+    reliable_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
+    crf_agreement: bool = True
+    crf: DenseCrfParams = Field(default_factory=DenseCrfParams)
+    superpixels: SlicConfig = Field(default_factory=SlicConfig)
 
 
 class Config(Section):
@@ -118,7 +167,16 @@ class Config(Section):
     dataset: DatasetConfig = Field(default_factory=DemoDataset)
     weak: WeakConfig = Field(default_factory=WeakConfig)
     box_seeds: BoxSeedsConfig = Field(default_factory=BoxSeedsConfig)
+    cam_train: CamTrainConfig = Field(default_factory=CamTrainConfig)
+    cam: CamConfig = Field(default_factory=CamConfig)
+    seeds: SeedsConfig = Field(default_factory=SeedsConfig)
     crf: CrfConfig = Field(default_factory=CrfConfig)
+
+    @model_validator(mode="after")
+    def _check_cam(self) -> "Config":
+        if self.supervision == "image" and not self.cam.enabled:
+            raise ValueError("supervision 'image' needs CAMs: cam.enabled must be true")
+        return self
 
     def run_dir(self) -> Path:
         return Path(self.output_root) / self.run

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from .runner import begin_stage, execute_stage, finish_stage, run_from_json
+from .runner import begin_stage, execute_stage, finish_stage, run_from_json, shards
 
 
 @task(name="begin", cache_policy=NO_CACHE)
@@ -59,10 +59,6 @@ def publish(name: str, manifest: dict[str, Any]) -> None:
     create_markdown_artifact(key=f"{key}-summary", markdown="\n".join(lines), description=f"{name} summary")
 
 
-def shards_of(ids: list[str], size: int) -> list[list[str]]:
-    return [ids[i:i + size] for i in range(0, len(ids), size)]
-
-
 @flow(name="wsss", log_prints=True)
 def wsss_flow(config_json: str, names: list[str], force: list[str]) -> dict[str, Any]:
     run = run_from_json(config_json)
@@ -76,8 +72,8 @@ def wsss_flow(config_json: str, names: list[str], force: list[str]) -> dict[str,
             continue
         t0 = time.time()
         todo = begin_task(config_json, name, name in force)
-        futures = shard_task.map(config_json, name, shards_of(todo, cfg.shard_size),
-                                 1 if parallel_shards else None) if todo else []
+        parts = shards(run, name, todo)
+        futures = shard_task.map(config_json, name, parts, 1 if parallel_shards else None) if parts else []
         results = [f.result() for f in futures]
         out[name] = finish_task(config_json, name, results, time.time() - t0, len(todo))
     return out

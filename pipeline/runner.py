@@ -203,6 +203,37 @@ def forced(run: Run, force: list[str] | None) -> set[str]:
 
 
 # --------------------------------------------------------------------------- one stage
+def done_ids(run: Run, name: str) -> set[str]:
+    """Images whose output exists; a training stage has all or none (its ``model.pt``)."""
+    spec, store = run.spec(name), run.store(name)
+    if not spec.per_image:
+        return set(run.ids(name)) if store.has_model() else set()
+    return store.done_ids()
+
+
+def shards(run: Run, name: str, todo: list[str]) -> list[list[str]]:
+    """Per-image stages split into shards of ``shard_size``; a training stage is one shard."""
+    if not todo:
+        return []
+    if not run.spec(name).per_image:
+        return [todo]
+    size = run.config.shard_size
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
+def stage_context(run: Run, name: str, ids: list[str], workers: int | None = None) -> StageContext:
+    spec, store, cfg = run.spec(name), run.store(name), run.config
+    n_workers = (os.cpu_count() or 1) if cfg.workers == 0 else cfg.workers
+    if workers is not None:
+        n_workers = workers
+    if not spec.parallel:
+        n_workers = 1
+    return StageContext(
+        stage=name, cfg=getattr(cfg, name, None), config=cfg, dataset=run.dataset, ids=run.ids(name), todo=list(ids),
+        out=store, upstream={u: run.store(u) for u in run.upstream[name]}, device=resolve_device(cfg.device),
+        workers=n_workers, mapper=process_mapper)
+
+
 def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
     """Prepare the stage folder and return the image ids still to compute."""
     spec, store = run.spec(name), run.store(name)
@@ -213,7 +244,7 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
     if force and store.dir.exists():
         shutil.rmtree(store.dir)
     ids = run.ids(name)
-    done = store.done_ids()
+    done = done_ids(run, name)
     todo = [i for i in ids if i not in done]
     manifest = store.read_manifest() or {
         "stage": name, "fingerprint": store.fingerprint, "created": time.time(),
@@ -232,20 +263,15 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
 def execute_stage(run: Run, name: str, ids: list[str], workers: int | None = None) -> StageResult:
     """Run the stage over ``ids`` (one shard); per-item failures are recorded in the store."""
     spec, store = run.spec(name), run.store(name)
-    cfg = run.config
-    n_workers = (os.cpu_count() or 1) if cfg.workers == 0 else cfg.workers
-    ctx = StageContext(
-        stage=name, cfg=getattr(cfg, name, None), config=cfg, dataset=run.dataset, ids=run.ids(name), todo=list(ids),
-        out=store, upstream={u: run.store(u) for u in run.upstream[name]}, device=resolve_device(cfg.device),
-        workers=n_workers if workers is None else workers, mapper=process_mapper)
-    result = spec.run(ctx)
+    result = spec.run(stage_context(run, name, ids, workers))
     for image_id, message in result.failures.items():
         store.record_failure(image_id, message)
     return result
 
 
-def evaluate_store(run: Run, name: str) -> dict[str, Any] | None:
-    """mIoU / coverage / precision of a label stage against GT, over the images it labeled."""
+def evaluate_store(run: Run, name: str, variant: str | None = None) -> dict[str, Any] | None:
+    """mIoU / coverage / precision of a label stage (or one of its named extra maps) against
+    GT, over the images it labeled."""
     spec, store = run.spec(name), run.store(name)
     if spec.output not in ("label", "soft"):
         return None
@@ -258,9 +284,9 @@ def evaluate_store(run: Run, name: str) -> dict[str, Any] | None:
         except DataError as err:
             log.warning("eval %s: %s", name, err)
             continue
-        if gt is None:
+        if gt is None or (variant is not None and not store.has(image_id, variant)):
             continue
-        pred = store.labels_of(image_id)
+        pred = store.labels_of(image_id, variant)
         if pred.shape != gt.shape:
             raise DataError(store.item_path(image_id), f"labels are {pred.shape[::-1]} but the GT of '{image_id}' "
                                                        f"is {gt.shape[::-1]}")
@@ -279,9 +305,9 @@ def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float
 
     ``computed``: how many images this run attempted (for the per-image timing).
     """
-    store = run.store(name)
+    spec, store = run.spec(name), run.store(name)
     ids = run.ids(name)
-    done, failures = store.done_ids(), store.failures()
+    done, failures = done_ids(run, name), store.failures()
     manifest = store.read_manifest() or {}
     missing = [i for i in ids if i not in done and i not in failures]
     timings = dict(manifest.get("timings", {}))
@@ -298,8 +324,13 @@ def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float
     if info:
         manifest["info"] = info
     metrics = evaluate_store(run, name) or {}
+    maps = {v: m for v in spec.variants(run.config) if (m := evaluate_store(run, name, v))}
+    if maps:
+        metrics["maps"] = maps
     for r in results:
         metrics.update(r.metrics)
+    if spec.report is not None and not missing:
+        metrics.update(spec.report(stage_context(run, name, [])))
     if metrics:
         manifest["metrics"] = metrics
     store.write_manifest(manifest)

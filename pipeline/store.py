@@ -5,6 +5,7 @@ Layout (ARCHITECTURE.md)::
     <run>/config.yaml
     <run>/<stage>/<fingerprint>/manifest.json
     <run>/<stage>/<fingerprint>/items/<image_id>.png|.npz
+    <run>/<stage>/<fingerprint>/items/<map>/<image_id>.png   named extra maps (seeds: M_I, M_F, ...)
     <run>/<stage>/<fingerprint>/failed/<image_id>.json
     <run>/<stage>/<fingerprint>/model.pt, ckpt-*.pt
     <run>/<stage>/current -> <fingerprint>
@@ -12,7 +13,9 @@ Layout (ARCHITECTURE.md)::
 Every file is written atomically (temp name in the same folder, fsync, rename), so an item
 file that exists is complete: "done" is simply "its file exists", a killed run resumes with
 the missing items, and a half-written file is never read (temp names start with a dot and
-are never listed).
+are never listed). A stage with extra named maps writes them before its main item, so
+the main item's existence still means "this image is done". A training stage is done when
+its ``model.pt`` exists.
 """
 from __future__ import annotations
 
@@ -127,11 +130,12 @@ class StageStore:
         self.ext = SOFT_EXT if output == "soft" else LABEL_EXT
 
     # ----------------------------------------------------------------- items
-    def item_path(self, image_id: str) -> Path:
-        return self.items_dir / f"{_check_id(image_id)}{self.ext}"
+    def item_path(self, image_id: str, variant: str | None = None) -> Path:
+        folder = self.items_dir if variant is None else self.items_dir / _check_id(variant)
+        return folder / f"{_check_id(image_id)}{self.ext}"
 
-    def has(self, image_id: str) -> bool:
-        return self.item_path(image_id).is_file()
+    def has(self, image_id: str, variant: str | None = None) -> bool:
+        return self.item_path(image_id, variant).is_file()
 
     def done_ids(self) -> set[str]:
         if not self.items_dir.is_dir():
@@ -140,10 +144,12 @@ class StageStore:
         return {e.name[:-n] for e in os.scandir(self.items_dir)
                 if e.name.endswith(self.ext) and not e.name.startswith(".")}
 
-    def write_label(self, image_id: str, label: np.ndarray) -> None:
+    def write_label(self, image_id: str, label: np.ndarray, variant: str | None = None) -> None:
+        """A label PNG; ``variant`` names an extra map (write those before the main one)."""
         data = encode_label_png(label)
-        atomic_write(self.item_path(image_id), lambda f: f.write(data))
-        self.clear_failure(image_id)
+        atomic_write(self.item_path(image_id, variant), lambda f: f.write(data))
+        if variant is None:
+            self.clear_failure(image_id)
 
     def write_soft(self, image_id: str, probs: np.ndarray, class_ids: np.ndarray) -> None:
         """Soft maps: float16 (n, H, W) with the class ids they cover."""
@@ -154,10 +160,11 @@ class StageStore:
         atomic_write(self.item_path(image_id), lambda f: np.savez_compressed(f, probs=probs, class_ids=class_ids))
         self.clear_failure(image_id)
 
-    def read_label(self, image_id: str) -> np.ndarray:
-        path = self.item_path(image_id)
+    def read_label(self, image_id: str, variant: str | None = None) -> np.ndarray:
+        path = self.item_path(image_id, variant)
         if not path.is_file():
-            raise FileNotFoundError(f"{self.stage}: no output for image '{image_id}' ({path})")
+            what = "" if variant is None else f" map '{variant}'"
+            raise FileNotFoundError(f"{self.stage}: no output{what} for image '{image_id}' ({path})")
         return read_label_png(path)
 
     def read_soft(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -168,12 +175,33 @@ class StageStore:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.stage}: no output for image '{image_id}' ({path})") from None
 
-    def labels_of(self, image_id: str) -> np.ndarray:
+    def labels_of(self, image_id: str, variant: str | None = None) -> np.ndarray:
         """A hard label map whatever the output kind (argmax of soft maps)."""
         if self.kind == "soft":
             probs, ids = self.read_soft(image_id)
             return np.asarray(ids, np.uint8)[probs.argmax(0)]
-        return self.read_label(image_id)
+        return self.read_label(image_id, variant)
+
+    # ----------------------------------------------------------------- trained model
+    @property
+    def model_path(self) -> Path:
+        return self.dir / "model.pt"
+
+    def has_model(self) -> bool:
+        return self.model_path.is_file()
+
+    def write_model(self, state: dict[str, Any]) -> None:
+        """The final model of a training stage (atomic; its existence marks the stage done)."""
+        import torch
+
+        atomic_write(self.model_path, lambda f: torch.save(state, f))
+
+    def read_model(self) -> dict[str, Any]:
+        import torch
+
+        if not self.has_model():
+            raise FileNotFoundError(f"{self.stage}: no trained model at {self.model_path}")
+        return torch.load(self.model_path, map_location="cpu", weights_only=False)
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int = 2) -> Path:

@@ -41,11 +41,15 @@ def inspect_panel(run, image_id: str, out: Path | None = None) -> Path:
         tiles.append(_tile(colourize(gt), "ground truth", h))
     for name in run.names:
         store = run.store(name)
-        if store.kind in ("label", "soft") and store.has(image_id):
-            tiles.append(_tile(colourize(store.labels_of(image_id)), name, h))
-        else:
-            blank = np.full((image.shape[0], image.shape[1], 3), 255, np.uint8)
-            tiles.append(_tile(blank, f"{name} (not run)", h))
+        if store.kind not in ("label", "soft"):
+            continue  # training stages have no per-image output
+        for variant in [*run.spec(name).variants(run.config), None]:
+            title = name if variant is None else f"{name}/{variant}"
+            if store.has(image_id, variant):
+                tiles.append(_tile(colourize(store.labels_of(image_id, variant)), title, h))
+            else:
+                blank = np.full((image.shape[0], image.shape[1], 3), 255, np.uint8)
+                tiles.append(_tile(blank, f"{title} (not run)", h))
     panel = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), h + 16), (255, 255, 255))
     x = 0
     for t in tiles:

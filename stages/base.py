@@ -82,16 +82,23 @@ class ItemReader(Protocol):
     stage: str
     kind: str  # "label" | "soft"
 
-    def has(self, image_id: str) -> bool: ...
-    def read_label(self, image_id: str) -> np.ndarray: ...
+    def has(self, image_id: str, variant: str | None = None) -> bool: ...
+    def read_label(self, image_id: str, variant: str | None = None) -> np.ndarray: ...
     def read_soft(self, image_id: str) -> tuple[np.ndarray, np.ndarray]: ...
+    def labels_of(self, image_id: str, variant: str | None = None) -> np.ndarray: ...
+    def read_model(self) -> dict[str, Any]: ...
 
 
 class ItemWriter(Protocol):
-    """Atomic per-image writes into the running stage's folder."""
+    """Atomic writes into the running stage's folder: per-image items (``variant`` names an
+    extra map, written before the main item), and for training stages checkpoints and the
+    final model."""
 
-    def write_label(self, image_id: str, label: np.ndarray) -> None: ...
+    def write_label(self, image_id: str, label: np.ndarray, variant: str | None = None) -> None: ...
     def write_soft(self, image_id: str, probs: np.ndarray, class_ids: np.ndarray) -> None: ...
+    def save_checkpoint(self, step: int, state: dict[str, Any], keep: int = 2) -> Any: ...
+    def latest_checkpoint(self) -> tuple[int, dict[str, Any]] | None: ...
+    def write_model(self, state: dict[str, Any]) -> None: ...
 
 
 # --------------------------------------------------------------------------- context
@@ -182,6 +189,11 @@ class StageSpec:
     ``inputs(config)`` names the upstream stages for a run; ``output`` is ``label`` (PNG),
     ``soft`` (float16 npz) or ``model``; ``version`` is bumped whenever the stage's numerics
     change, which invalidates its cached outputs (it is part of the fingerprint).
+    ``per_image=False`` (training stages) runs once over all images, never sharded;
+    ``parallel=False`` keeps per-image work in the main process (torch stages that batch on
+    one device); ``variants(config)`` names extra label maps scored next to the main one;
+    ``report(ctx)`` adds stage-specific metrics once all images are done (``ctx.out`` is
+    then readable too).
     """
 
     name: str
@@ -194,6 +206,9 @@ class StageSpec:
     split: str = "train"
     enabled: Callable[[Any], bool] = lambda config: True
     description: str = ""
+    parallel: bool = True
+    variants: Callable[[Any], list[str]] = lambda config: []
+    report: Callable[[StageContext], dict[str, Any]] | None = None
 
 
 S = TypeVar("S")

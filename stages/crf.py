@@ -1,7 +1,7 @@
 """``crf``: dense-CRF refinement of the latest label or probability map.
 
 Input (``crf.input: auto``): the most refined upstream stage the supervision type has
-(today: ``box_seeds``). Hard labels become a unary with ``gt_prob`` on the label (unknown
+(today: ``seeds``, i.e. M_g). Hard labels become a unary with ``gt_prob`` on the label (unknown
 pixels uniform, see :func:`models.crf.unary_from_labels`); probabilities are used as
 -log p. Output: a full label map. Images run in parallel across worker processes.
 """
@@ -16,7 +16,7 @@ from .base import STAGES, StageContext, StageResult, StageSpec, run_items
 VERSION = "1"
 
 # The refinement candidates, most refined first; `auto` takes the first one in the DAG.
-CANDIDATES = ("box_seeds",)
+CANDIDATES = ("seeds", "box_seeds")
 
 
 def params_of(cfg) -> CrfParams:
@@ -52,5 +52,5 @@ def inputs(config) -> list[str]:
 
 
 SPEC = STAGES.register("crf", StageSpec(
-    name="crf", run=run, inputs=inputs, supervisions=("box",), output="label", version=VERSION,
+    name="crf", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"), output="label", version=VERSION,
     description="dense CRF refinement"))

@@ -12,7 +12,7 @@ runner = CliRunner()
 
 def write_config(tmp_path, **extra):
     data = {"run": "cli", "output_root": str(tmp_path / "art"), "engine": "local", "workers": 1,
-            "dataset": {"kind": "demo", "num_train": 4, "num_val": 2}, **extra}
+            "dataset": {"kind": "demo", "num_train": 4, "num_val": 2}, "cam": {"enabled": False}, **extra}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -41,12 +41,14 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     path = write_config(tmp_path)
     res = runner.invoke(app, ["run", str(path), "--until", "box_seeds"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["run", str(path), "--only", "crf"])
+    res = runner.invoke(app, ["run", str(path), "--only", "seeds", "--only", "crf"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["status", str(path)])
     assert res.exit_code == 0 and "box_seeds" in res.output and "4/4" in res.output and "complete" in res.output
     res = runner.invoke(app, ["run", str(path)])
-    assert "all 2 stage(s) cached" in res.output
+    assert "all 3 stage(s) cached" in res.output
+    res = runner.invoke(app, ["eval", str(path), "--stage", "seeds", "--map", "M_F"])
+    assert res.exit_code == 2 and "has no map 'M_F'" in res.output  # no CAM, no fusion
     res = runner.invoke(app, ["eval", str(path), "--stage", "crf"])
     assert res.exit_code == 0 and "disc" in res.output and "mean" in res.output
     assert (tmp_path / "art" / "cli" / "config.yaml").is_file()
@@ -55,14 +57,14 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     png = tmp_path / "art" / "cli" / "inspect" / "train_0001.png"
     assert png.is_file()
     w, h = Image.open(png).size
-    assert w > 4 * 160 and h > 120  # image, GT, box_seeds, crf side by side
+    assert w > 5 * 160 and h > 120  # image, GT, box_seeds, seeds, crf side by side
     res = runner.invoke(app, ["inspect", str(path), "nope_1"])
     assert res.exit_code == 2 and "unknown image id" in res.output
 
 
 def test_only_without_upstream_says_what_to_run(tmp_path):
     res = runner.invoke(app, ["run", str(write_config(tmp_path)), "--only", "crf"])
-    assert res.exit_code == 2 and "crf needs 'box_seeds'" in res.output
+    assert res.exit_code == 2 and "crf needs 'seeds'" in res.output
 
 
 def test_prepare_writes_weak_labels_the_reader_loads(tmp_path):
@@ -75,3 +77,13 @@ def test_prepare_writes_weak_labels_the_reader_loads(tmp_path):
     boxes = json.loads((out / "boxes.json").read_text())
     assert set(boxes) == {f"train_{i:04d}" for i in range(4)} | {"val_0000", "val_0001"}
     assert len(list((out / "scribbles").glob("*.png"))) == 6
+
+
+def test_bench_prints_a_row_per_case(tmp_path):
+    res = runner.invoke(app, ["bench", "seeds", "--images", "1", "--size", "96x64", "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["images"] for r in rows] == [1, 1, 1, 1]
+    assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    res = runner.invoke(app, ["bench", "nope"])
+    assert res.exit_code == 2 and "unknown benchmark" in res.output

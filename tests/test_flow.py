@@ -1,14 +1,15 @@
 """The Prefect flow (one harness for the session): mapped shards, manifests, artifacts."""
-from pipeline.flow import run_prefect, shards_of
-from pipeline.runner import make_run
+from pipeline.flow import run_prefect
+from pipeline.runner import make_run, shards
 
 from .conftest import demo_config
 
 
-def test_shards_cover_every_id_once():
+def test_shards_cover_every_id_once(tmp_path):
+    run = make_run(demo_config(tmp_path, shard_size=4, cam__enabled=False))
     ids = [str(i) for i in range(10)]
-    shards = shards_of(ids, 4)
-    assert [len(s) for s in shards] == [4, 4, 2] and sum(shards, []) == ids
+    parts = shards(run, "box_seeds", ids)
+    assert [len(s) for s in parts] == [4, 4, 2] and sum(parts, []) == ids
 
 
 def test_flow_runs_stages_over_shards_and_publishes_metrics(tmp_path, prefect_harness):

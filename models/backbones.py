@@ -1,0 +1,131 @@
+"""Feature extractors: torchvision ResNets with dilated last stages.
+
+``weights``: ``none`` (random init), ``imagenet`` (torchvision's IMAGENET1K_V1 file, read
+from the torch hub cache, never downloaded: a missing file is a :class:`WeightsError`
+telling the user where to put it), or a path to a state dict (a plain ``state_dict``, or a
+checkpoint with a ``state_dict``/``model`` entry; ``fc.*`` keys are ignored).
+
+Dilation follows DeepLab: a stage that would halve the resolution keeps it instead and
+its 3x3 convolutions get dilation ``d`` (padding ``d``), so the receptive field grows as if
+it had been strided::
+
+    output_stride 32: strides 2,2,2 in layer2..4   (plain ResNet)
+    output_stride 16: layer4 dilation 2
+    output_stride  8: layer3 dilation 2, layer4 dilation 4
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(FileNotFoundError):
+    """Pretrained weights were asked for but are not on disk (nothing is downloaded)."""
+
+
+def _imagenet_file(arch: str) -> tuple[Path, str]:
+    enum = torchvision.models.get_model_weights(arch)
+    url = enum.IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
+
+
+def load_state(weights: str, arch: str) -> dict[str, torch.Tensor] | None:
+    """The state dict ``weights`` names (``none`` -> None); never downloads."""
+    if weights == "none":
+        return None
+    if weights == "imagenet":
+        path, url = _imagenet_file(arch)
+        if not path.is_file():
+            raise WeightsError(
+                f"ImageNet weights for {arch} are not in the torch hub cache ({path}); this project never "
+                f"downloads at run time. Fetch {url} into that folder (or set TORCH_HOME), pass a file with "
+                f"weights: /path/to/{os.path.basename(url)}, or use weights: none")
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"{path}: weights file not found (weights: none | imagenet | <path>)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad file
+        raise WeightsError(f"{path}: not a readable torch state dict ({err})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def _dilate(layer: nn.Sequential, dilation: int) -> None:
+    """Turn a stride-2 ResNet stage into a stride-1 stage with dilated 3x3 convolutions."""
+    for module in layer.modules():
+        if isinstance(module, nn.Conv2d):
+            if module.stride == (2, 2):
+                module.stride = (1, 1)
+            if module.kernel_size == (3, 3):
+                module.dilation = (dilation, dilation)
+                module.padding = (dilation, dilation)
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet stem + 4 stages; ``forward`` returns the outputs of all four stages.
+
+    ``channels[k]`` is the width of stage k+1's output (64/128/256/512 for depth 18/34,
+    x4 for 50/101); ``output_stride`` is the stride of the last one.
+    """
+
+    def __init__(self, depth: int = 50, output_stride: int = 16, weights: str = "none") -> None:
+        super().__init__()
+        if depth not in DEPTHS:
+            raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        arch = DEPTHS[depth]
+        net = getattr(torchvision.models, arch)(weights=None)
+        state = load_state(weights, arch)
+        if state is not None:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            if [k for k in missing if not k.startswith("fc.")] or unexpected:
+                raise WeightsError(f"weights '{weights}' do not fit {arch}: missing {missing[:4]}, "
+                                   f"unexpected {unexpected[:4]}")
+        if output_stride <= 16:
+            _dilate(net.layer4, 2 if output_stride == 16 else 4)
+        if output_stride == 8:
+            _dilate(net.layer3, 2)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        width = 1 if depth < 50 else 4
+        self.channels = [64 * width, 128 * width, 256 * width, 512 * width]
+        self.output_stride = output_stride
+        self.pretrained = state is not None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        f1 = self.layer1(x)
+        f2 = self.layer2(f1)
+        f3 = self.layer3(f2)
+        f4 = self.layer4(f3)
+        return [f1, f2, f3, f4]
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8/float RGB (N, 3, H, W) in 0..255 -> ImageNet-normalised float."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm in eval mode with frozen affine parameters (pretrained backbones:
+    the statistics of a small batch of crops would only damage the ImageNet ones)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)

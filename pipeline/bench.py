@@ -1,0 +1,192 @@
+"""``wsss bench NAME``: speed and peak memory of one stage's work at VOC size.
+
+Each case runs in a fresh child process, so its peak resident memory (``ru_maxrss``) is
+its own; on CUDA the peak allocated GPU memory is reported too. Inputs are synthetic
+images from the demo generator at the requested size (500x375 by default, a typical VOC
+image) with their synthesized weak labels, so no dataset is needed. Models have random
+weights: speed and memory do not depend on what the weights are.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {}
+
+
+def bench(name: str):
+    def register(fn):
+        BENCHES[name] = fn
+        return fn
+    return register
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _child(fn, args, queue) -> None:
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def in_child(fn: Callable, *args) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a spawned process; its dict result gets ``peak_rss_mb``."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    status, out = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(out)
+    return out
+
+
+def measured(work: Callable[[], int], device: str, warmup: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Time ``work()`` (returns how many images it did) and read the peak memory."""
+    import torch
+
+    if warmup is not None:
+        warmup()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    n = work()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    out = {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 3),
+           "s_per_image": round(seconds / n, 4), "rss_before_mb": round(base, 1),
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.startswith("cuda"):
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def demo_samples(n: int, height: int, width: int) -> list[tuple[np.ndarray, np.ndarray, Any]]:
+    """(image, GT, weak labels) of ``n`` synthetic images of the given size."""
+    from .config import DemoDataset, WeakConfig
+    from .datasets import DemoData
+
+    data = DemoData(DemoDataset(num_train=n, num_val=1, height=height, width=width), WeakConfig())
+    return [(data.load_image(i), data.load_gt(i), data.load_weak(i)) for i in data.ids("train")]
+
+
+# --------------------------------------------------------------------------- cam
+def _cam_infer(depth: int, output_stride: int, scales: list[float], n: int, h: int, w: int, device: str,
+               threads: int) -> dict[str, Any]:
+    import torch
+
+    from models.cam import CamNet, multiscale_cam
+
+    torch.set_num_threads(threads)
+    samples = demo_samples(n, h, w)
+    model = CamNet(3, depth, output_stride).to(device).eval()
+
+    def work() -> int:
+        for image, _, weak in samples:
+            multiscale_cam(model, image, [c - 1 for c in weak.tags], scales, True, device)
+        return len(samples)
+
+    return measured(work, device, warmup=lambda: multiscale_cam(model, samples[0][0], [0], [1.0], False, device))
+
+
+def _cam_train_step(depth: int, output_stride: int, batch: int, crop: int, steps: int, device: str,
+                    threads: int) -> dict[str, Any]:
+    import torch
+
+    from models.cam import CamNet, classification_loss
+
+    torch.set_num_threads(threads)
+    model = CamNet(20, depth, output_stride).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randint(0, 255, (batch, 3, crop, crop), device=device).float()
+    y = (torch.rand(batch, 20, device=device) > 0.8).float()
+
+    def step() -> None:
+        loss = classification_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def work() -> int:
+        for _ in range(steps):
+            step()
+        return steps * batch
+
+    return measured(work, device, warmup=step)
+
+
+@bench("cam")
+def bench_cam(device: str, height: int, width: int, images: int, threads: int, depth: int = 50,
+              output_stride: int = 16, batch: int = 4, crop: int = 512, **_: Any) -> list[dict[str, Any]]:
+    """CAM inference (4 scales + flip) per image, and classifier training throughput."""
+    scales = [0.5, 1.0, 1.5, 2.0]
+    rows = []
+    r = in_child(_cam_infer, depth, output_stride, scales, images, height, width, device, threads)
+    rows.append({"case": f"cam inference resnet{depth} os{output_stride} scales {scales} + flip", **r})
+    r = in_child(_cam_train_step, depth, output_stride, batch, crop, max(1, images // batch), device, threads)
+    rows.append({"case": f"cam_train step resnet{depth} os{output_stride} batch {batch} crop {crop}", **r})
+    return rows
+
+
+# --------------------------------------------------------------------------- seeds
+def _seeds(kind: str, n: int, h: int, w: int, threads: int) -> dict[str, Any]:
+    import cv2
+
+    from models.cam import with_background
+    from models.crf import CrfParams, crf_from_probs
+
+    from stages.box_seeds import grabcut_seeds
+    from stages.seeds import (cam_labels, confident_box_seeds, expand_superpixels, fuse_box_cam, points_map,
+                              reliable_cam_labels, superpixels)
+
+    from .config import SlicConfig
+
+    cv2.setNumThreads(threads)
+    samples = demo_samples(n, h, w)
+    rng = np.random.default_rng(0)
+    # Plausible CAMs: blurred GT class masks plus noise (the rules' cost does not depend on their values).
+    cams = []
+    for _, gt, weak in samples:
+        maps = [cv2.GaussianBlur((gt == c).astype(np.float32), (0, 0), 15) + 0.1 * rng.random(gt.shape, np.float32)
+                for c in weak.tags]
+        cams.append(with_background(np.stack([m / m.max() for m in maps]), 4.0))
+    slic_cfg = SlicConfig()
+
+    def work() -> int:
+        for (image, gt, weak), probs in zip(samples, cams):
+            class_ids = np.array([0, *weak.tags])
+            if kind in ("cam_reliable", "box"):
+                crf = cam_labels(crf_from_probs(image, probs, CrfParams()), class_ids)
+                m_rel = reliable_cam_labels(probs, class_ids, 0.4, crf)
+            if kind == "box":
+                m_b = grabcut_seeds(image, weak.boxes)
+                m_f, from_box = fuse_box_cam(m_b, cam_labels(probs, class_ids), weak.boxes)
+                confident_box_seeds(m_f, from_box, m_rel)
+            elif kind == "scribble":
+                expand_superpixels(weak.scribbles, superpixels(image, slic_cfg))
+            elif kind == "point":
+                expand_superpixels(points_map(gt.shape, weak.points), superpixels(image, slic_cfg))
+        return len(samples)
+
+    return measured(work, "cpu")
+
+
+@bench("seeds")
+def bench_seeds(device: str, height: int, width: int, images: int, threads: int, **_: Any) -> list[dict[str, Any]]:
+    """Seed maps per image (CPU work: dense CRF, GrabCut, SLIC), one process."""
+    cases = {"cam_reliable": "M_I + M'_I (dense CRF agreement, top 40%)",
+             "box": "box: GrabCut M_B + M'_I + M_F + M_g",
+             "scribble": "scribble: SLIC + expansion (M_S)", "point": "point: SLIC + expansion (M_P)"}
+    return [{"case": label, **in_child(_seeds, kind, images, height, width, threads)} for kind, label in cases.items()]

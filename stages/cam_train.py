@@ -1,0 +1,126 @@
+"""``cam_train``: the multi-label classifier behind the CAMs (thesis Sect. 3.2, Ch. 2).
+
+Image tags (for box supervision: the classes of the boxes) -> multi-hot targets over the
+foreground classes; :class:`models.cam.CamNet` trained with the multi-label soft-margin
+loss. Optimiser as IRN: SGD with momentum, the new 1x1 head at ``head_lr_mult`` x the
+backbone rate, poly decay ``lr_t = lr_0 (1 - t/T)^power`` per step. (PSA's
+``PolyOptimizer`` passes ``weight_decay`` positionally into SGD's ``momentum`` slot; here
+both are passed by name.) A pretrained backbone keeps its BatchNorm statistics frozen.
+
+Augmentation: random rescale in ``scale_range``, flip, ``crop`` x ``crop`` random crop.
+The sample order of an epoch and the augmentation of each sample are functions of
+(seed, epoch/step) only, so a run resumed from ``ckpt-<step>.pt`` continues exactly
+where it stopped. Output: ``model.pt`` with the architecture and the state dict.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.cam import CamNet, classification_loss
+
+from .augment import epoch_order, scale_flip_crop, step_rng
+from .base import STAGES, StageContext, StageResult, StageSpec
+
+VERSION = "1"
+
+
+def tag_targets(ctx: StageContext, ids: list[str]) -> np.ndarray:
+    """(N, C-1) multi-hot foreground targets from the image tags."""
+    num_fg = ctx.dataset.num_classes - 1
+    targets = np.zeros((len(ids), num_fg), np.float32)
+    for n, image_id in enumerate(ids):
+        for c in ctx.dataset.load_weak(image_id).tags:
+            if 1 <= c <= num_fg:
+                targets[n, c - 1] = 1.0
+    return targets
+
+
+def build_model(arch: dict[str, Any]) -> CamNet:
+    return CamNet(arch["num_fg"], arch["depth"], arch["output_stride"], arch.get("weights", "none"))
+
+
+def load_trained(state: dict[str, Any], device: str) -> CamNet:
+    """The trained classifier from a ``model.pt`` state, in eval mode on ``device``."""
+    model = build_model({**state["arch"], "weights": "none"})
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval()
+
+
+def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    return base * (1.0 - step / total) ** power
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, seed = ctx.cfg, ctx.config.seed
+    ids = sorted(ctx.ids)
+    if not ids:
+        raise ValueError("cam_train: the train split is empty")
+    targets = tag_targets(ctx, ids)
+    if ctx.dataset.num_classes < 3 and targets.all():
+        ctx.log.warning("cam_train: every image has the same single tag; a classifier cannot localise "
+                        "anything from that (set cam.enabled: false)")
+    arch = {"num_fg": ctx.dataset.num_classes - 1, "depth": cfg.depth, "output_stride": cfg.output_stride,
+            "weights": cfg.weights}
+    torch.manual_seed(seed)
+    model = build_model(arch).to(ctx.device)
+    backbone, head = model.param_groups()
+    opt = torch.optim.SGD([{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr_mult}],
+                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    base_lrs = [cfg.lr, cfg.lr * cfg.head_lr_mult]
+    batch = min(cfg.batch_size, len(ids))
+    steps_per_epoch = max(1, len(ids) // batch)  # drop the last partial batch, as IRN
+    total = cfg.epochs * steps_per_epoch
+    start, history = 0, []
+    found = ctx.out.latest_checkpoint()
+    if found is not None:
+        start, state = found
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = state["history"]
+        ctx.log.info("cam_train: resuming from step %d of %d", start, total)
+    model.train()
+    t0, running = time.time(), []
+    for step in range(start, total):
+        epoch, k = divmod(step, steps_per_epoch)
+        picks = epoch_order(seed, epoch, len(ids))[k * batch:(k + 1) * batch]
+        crops = [scale_flip_crop(ctx.dataset.load_image(ids[i]), step_rng(seed, step, j), cfg.scale_range,
+                                 cfg.crop)[0] for j, i in enumerate(picks)]
+        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(ctx.device)
+        y = torch.from_numpy(targets[picks]).to(ctx.device)
+        for group, base in zip(opt.param_groups, base_lrs):
+            group["lr"] = poly_lr(base, step, total, cfg.poly_power)
+        loss = classification_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running.append(float(loss.detach()))
+        if k == steps_per_epoch - 1:
+            history.append(round(float(np.mean(running)), 5))
+            running = []
+            ctx.log.info("cam_train: epoch %d/%d loss %.4f (%.1f s)", epoch + 1, cfg.epochs, history[-1],
+                         time.time() - t0)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            ctx.out.save_checkpoint(step + 1, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                               "history": history})
+    ctx.out.write_model({"arch": arch, "state_dict": model.state_dict(), "history": history})
+    info = {"steps": total, "epochs": cfg.epochs, "loss_curve": history,
+            "train_seconds": round(time.time() - t0, 2), "resumed_from": start}
+    del model, opt
+    if str(ctx.device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return StageResult(info=info, metrics={"final_loss": history[-1] if history else math.nan})
+
+
+def _enabled(config) -> bool:
+    return config.cam.enabled
+
+
+SPEC = STAGES.register("cam_train", StageSpec(
+    name="cam_train", run=run, inputs=lambda config: [], supervisions=("box", "scribble", "point", "image"),
+    output="model", version=VERSION, per_image=False, parallel=False, enabled=_enabled,
+    description="multi-label classifier for CAMs"))

@@ -1,0 +1,99 @@
+"""Seed quality end to end: the demo config's CAM + box fusion, scribble/point expansion on
+the demo and on the Weizmann horses."""
+import numpy as np
+import pytest
+import yaml
+
+from models.metrics import confusion_matrix, scores
+from pipeline.config import config_from_dict
+from pipeline.runner import make_run, run_local
+
+from .conftest import ROOT, demo_config
+
+
+@pytest.fixture(scope="session")
+def demo_box_run(tmp_path_factory):
+    """configs/demo.yaml (what `make demo` runs) up to the seeds, once per session."""
+    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    data.update(output_root=str(tmp_path_factory.mktemp("demo") / "artifacts"), engine="local", workers=2)
+    run = make_run(config_from_dict(data, "configs/demo.yaml"))
+    run_local(run, [n for n in run.names if n != "crf"])
+    return run
+
+
+def _all_background_miou(run) -> float:
+    ds = run.dataset
+    conf = sum(confusion_matrix(np.zeros_like(ds.load_gt(i)), ds.load_gt(i), ds.num_classes)
+               for i in run.ids("cam"))
+    return scores(conf)["miou"]
+
+
+def _untrained_cam_miou(run) -> float:
+    """The same CAM inference with the classifier's initial (untrained) weights."""
+    import torch
+
+    from stages.cam import cam_probs
+    from stages.cam_train import build_model
+
+    cfg = run.config
+    torch.manual_seed(cfg.seed)
+    model = build_model({"num_fg": run.dataset.num_classes - 1, "depth": cfg.cam_train.depth,
+                         "output_stride": cfg.cam_train.output_stride}).eval()
+    ds = run.dataset
+    conf = 0
+    for i in run.ids("cam"):
+        probs, ids = cam_probs(model, ds.load_image(i), ds.load_weak(i).tags, cfg.cam, "cpu")
+        conf = conf + confusion_matrix(ids.astype(np.uint8)[probs.argmax(0)], ds.load_gt(i), ds.num_classes)
+    return scores(conf)["miou"]
+
+
+def test_trained_cam_beats_constant_background_and_untrained(demo_box_run):
+    cam = demo_box_run.store("cam").read_manifest()["metrics"]
+    assert cam["images"] == 32
+    baseline = _all_background_miou(demo_box_run)
+    assert cam["miou"] > baseline + 0.08, (cam["miou"], baseline)
+    assert cam["miou"] > _untrained_cam_miou(demo_box_run) + 0.05
+    assert set(cam["threshold_sweep"]) == {f"{0.05 * k:.2f}".rstrip("0") for k in range(1, 13)} or \
+        len(cam["threshold_sweep"]) == 12
+    assert cam["best_threshold_miou"] >= max(cam["threshold_sweep"].values())
+
+
+def test_confident_seeds_are_more_precise_than_fused_than_cam(demo_box_run):
+    seeds = demo_box_run.store("seeds").read_manifest()["metrics"]
+    m_g, maps = seeds, seeds["maps"]
+    assert set(maps) == {"M_I", "M_I_reliable", "M_F"}
+    assert m_g["precision"] > maps["M_F"]["precision"] > maps["M_I"]["precision"]
+    assert maps["M_I_reliable"]["precision"] > maps["M_I"]["precision"]
+    assert maps["M_I"]["coverage"] == 1.0 and maps["M_I_reliable"]["coverage"] < 0.5
+    assert m_g["coverage"] < maps["M_F"]["coverage"]
+
+
+@pytest.mark.parametrize("sup", ["scribble", "point"])
+def test_demo_superpixel_seeds_without_cam(tmp_path, sup):
+    run = make_run(demo_config(tmp_path, supervision=sup, cam__enabled=False, workers=2))
+    assert run.names == ["seeds", "crf"]
+    m = run_local(run, ["seeds"])["seeds"]["metrics"]
+    assert m["precision"] > 0.9
+    assert m["coverage"] > (0.3 if sup == "scribble" else 0.02)
+
+
+def test_demo_scribble_seeds_with_cam_write_the_affinity_map(tmp_path):
+    run = make_run(demo_config(tmp_path, supervision="scribble"))
+    out = run_local(run, ["cam_train", "cam", "seeds"])["seeds"]
+    assert set(out["metrics"]["maps"]) == {"M_I", "M_I_reliable", "affinity"}
+    store = run.store("seeds")
+    some = sorted(store.done_ids())[0]
+    m_s, m_rel, aff = (store.read_label(some, v) for v in (None, "M_I_reliable", "affinity"))
+    known = m_s != 255
+    np.testing.assert_array_equal(aff[known], m_s[known])
+    np.testing.assert_array_equal(aff[~known], m_rel[~known])
+
+
+def test_horses_scribble_seeds(tmp_path, horses):
+    cfg = config_from_dict({
+        "run": "horses", "output_root": str(tmp_path / "a"), "engine": "local", "workers": 2,
+        "supervision": "scribble", "cam": {"enabled": False},
+        "dataset": {"kind": "masks", "root": str(horses), "images": "rgb", "masks": "figure_ground",
+                    "class_names": ["background", "horse"], "resize": "image_to_mask", "limit": 16}})
+    m = run_local(make_run(cfg), ["seeds"])["seeds"]["metrics"]
+    assert m["precision"] > 0.9 and m["coverage"] > 0.2
