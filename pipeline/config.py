@@ -138,7 +138,7 @@ class CamConfig(Section):
 class SlicConfig(Section):
     """SLIC superpixels (scikit-image) for expanding scribbles and points."""
 
-    n_segments: PositiveInt = 600
+    n_segments: PositiveInt = 400
     compactness: PositiveFloat = 10.0
     sigma: Annotated[float, Field(ge=0.0)] = 1.0
 
@@ -219,8 +219,9 @@ def _format_errors(err: ValidationError, source: str, overridden: dict[str, str]
         if len(parts) > 1 and parts[0] == "dataset" and parts[1] in ("demo", "masks", "voc"):
             parts.pop(1)  # the discriminator tag pydantic inserts; the key is dataset.<field>
         loc = ".".join(parts)
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        value = "" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        value = "" if e["type"] == "extra_forbidden" or not loc else f" (got {e.get('input')!r})"
+        loc = loc or "config"
         origin = f" (from --set {loc}={overridden[loc]})" if loc in overridden else ""
         lines.append(f"{source}: {loc}: {msg}{value}{origin}")
     return "\n".join(lines)
