@@ -37,8 +37,9 @@ def _imagenet_file(arch: str) -> tuple[Path, str]:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
 
 
-def load_state(weights: str, arch: str) -> dict[str, torch.Tensor] | None:
-    """The state dict ``weights`` names (``none`` -> None); never downloads."""
+def weights_path(weights: str, arch: str) -> Path | None:
+    """The file ``weights`` names (``none`` -> None); a :class:`WeightsError` if it is not
+    on disk. Never downloads."""
     if weights == "none":
         return None
     if weights == "imagenet":
@@ -52,6 +53,14 @@ def load_state(weights: str, arch: str) -> dict[str, torch.Tensor] | None:
         path = Path(weights)
         if not path.is_file():
             raise WeightsError(f"{path}: weights file not found (weights: none | imagenet | <path>)")
+    return path
+
+
+def load_state(weights: str, arch: str) -> dict[str, torch.Tensor] | None:
+    """The state dict ``weights`` names (``none`` -> None); never downloads."""
+    path = weights_path(weights, arch)
+    if path is None:
+        return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling problem is a bad file

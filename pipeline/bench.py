@@ -68,6 +68,7 @@ def measured(work: Callable[[], int], device: str, warmup: Callable[[], Any] | N
     out = {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 3),
            "s_per_image": round(seconds / n, 4), "rss_before_mb": round(base, 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out["peak_over_start_mb"] = round(out["peak_rss_mb"] - base, 1)
     if device.startswith("cuda"):
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out

@@ -259,7 +259,7 @@ def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds.
     rows = BENCHES[name](device=dev, height=height, width=width, images=images,
                          threads=threads or (os.cpu_count() or 1), **kwargs)
     table = Table(title=f"bench {name}: {width}x{height}, {dev}, {threads or os.cpu_count()} threads")
-    cols = ["case", "images_per_s", "s_per_image", "peak_rss_mb", "peak_gpu_mb"]
+    cols = ["case", "images_per_s", "s_per_image", "peak_rss_mb", "peak_over_start_mb", "peak_gpu_mb"]
     for col in cols:
         table.add_column(col, justify="left" if col == "case" else "right")
     for row in rows:

@@ -161,6 +161,12 @@ def make_run(config: Config) -> Run:
     """Bind a config to its dataset (errors here stop before any work) and fingerprints."""
     dataset = build_dataset(config)
     dag, upstream = build_dag(config)
+    for spec in dag:
+        if spec.preflight is not None:
+            try:
+                spec.preflight(config)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"{spec.name}: {err}") from None
     run = Run(config, dataset, dag, upstream=upstream)
     data_fp = dataset.fingerprint()
     for spec in dag:

@@ -193,7 +193,8 @@ class StageSpec:
     ``parallel=False`` keeps per-image work in the main process (torch stages that batch on
     one device); ``variants(config)`` names extra label maps scored next to the main one;
     ``report(ctx)`` adds stage-specific metrics once all images are done (``ctx.out`` is
-    then readable too).
+    then readable too); ``preflight(config)`` checks what the stage will need (weights
+    files, ...) when the run is built, so a missing file stops the run before any work.
     """
 
     name: str
@@ -209,6 +210,7 @@ class StageSpec:
     parallel: bool = True
     variants: Callable[[Any], list[str]] = lambda config: []
     report: Callable[[StageContext], dict[str, Any]] | None = None
+    preflight: Callable[[Any], None] | None = None
 
 
 S = TypeVar("S")

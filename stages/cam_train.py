@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.backbones import DEPTHS, weights_path
 from models.cam import CamNet, classification_loss
 
 from .augment import epoch_order, scale_flip_crop, step_rng
@@ -75,16 +76,16 @@ def run(ctx: StageContext) -> StageResult:
     batch = min(cfg.batch_size, len(ids))
     steps_per_epoch = max(1, len(ids) // batch)  # drop the last partial batch, as IRN
     total = cfg.epochs * steps_per_epoch
-    start, history = 0, []
+    start, history, running = 0, [], []
     found = ctx.out.latest_checkpoint()
     if found is not None:
         start, state = found
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        history = state["history"]
+        history, running = state["history"], state.get("running", [])
         ctx.log.info("cam_train: resuming from step %d of %d", start, total)
     model.train()
-    t0, running = time.time(), []
+    t0 = time.time()
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         picks = epoch_order(seed, epoch, len(ids))[k * batch:(k + 1) * batch]
@@ -102,11 +103,12 @@ def run(ctx: StageContext) -> StageResult:
         if k == steps_per_epoch - 1:
             history.append(round(float(np.mean(running)), 5))
             running = []
-            ctx.log.info("cam_train: epoch %d/%d loss %.4f (%.1f s)", epoch + 1, cfg.epochs, history[-1],
-                         time.time() - t0)
+            if (epoch + 1) % max(1, cfg.epochs // 10) == 0 or epoch + 1 == cfg.epochs:
+                ctx.log.info("cam_train: epoch %d/%d loss %.4f (%.1f s)", epoch + 1, cfg.epochs, history[-1],
+                             time.time() - t0)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             ctx.out.save_checkpoint(step + 1, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                               "history": history})
+                                               "history": history, "running": running})
     ctx.out.write_model({"arch": arch, "state_dict": model.state_dict(), "history": history})
     info = {"steps": total, "epochs": cfg.epochs, "loss_curve": history,
             "train_seconds": round(time.time() - t0, 2), "resumed_from": start}
@@ -120,7 +122,12 @@ def _enabled(config) -> bool:
     return config.cam.enabled
 
 
+def preflight(config) -> None:
+    """The backbone weights must be on disk before anything runs (nothing is downloaded)."""
+    weights_path(config.cam_train.weights, DEPTHS[config.cam_train.depth])
+
+
 SPEC = STAGES.register("cam_train", StageSpec(
     name="cam_train", run=run, inputs=lambda config: [], supervisions=("box", "scribble", "point", "image"),
-    output="model", version=VERSION, per_image=False, parallel=False, enabled=_enabled,
+    output="model", version=VERSION, per_image=False, parallel=False, enabled=_enabled, preflight=preflight,
     description="multi-label classifier for CAMs"))

@@ -87,3 +87,11 @@ def test_bench_prints_a_row_per_case(tmp_path):
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
     res = runner.invoke(app, ["bench", "nope"])
     assert res.exit_code == 2 and "unknown benchmark" in res.output
+
+
+def test_missing_imagenet_weights_stop_the_run_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = write_config(tmp_path, cam={"enabled": True}, cam_train={"weights": "imagenet"})
+    res = runner.invoke(app, ["run", str(path)])
+    assert res.exit_code == 2 and "cam_train:" in res.output and "never downloads" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "art").exists()
