@@ -1,0 +1,158 @@
+"""Affinity CNN and its losses (thesis Sect. 3.3.3, Eq. 3.6-3.13).
+
+Pairs live on the stride-8 feature grid. The neighbourhood of pixel i is a fixed set of
+offsets o = (dy, dx), o != 0: ``disk`` = ``dy^2 + dx^2 <= r^2`` (thesis Eq. 3.7 / 3.11) or
+``square`` = ``max(|dy|, |dx|) <= r`` (the released code's ``F.unfold`` window). Every
+pairwise quantity is a dense tensor (N, K, H, W) over the K offsets, with a validity mask
+for neighbours that fall outside the image: no N x N matrix is ever built.
+
+::
+
+    D(i, j)   = exp(-|F_A(i) - F_A(j)|_1 / d_A)                              (Eq. 3.8)
+    L_A(i, j) = 1 if M(i) = M(j), 0 if M(i) != M(j), ignored if either is 255 (Eq. 3.6)
+    L_Ac      = bg+/4 + fg+/4 + neg/2, each the mean of its own pairs        (Eq. 3.10)
+                bg+: -log D over positive pairs whose centre is background,
+                fg+: the same for foreground centres, neg: -log(1 - D)
+    L_Ar      = 1/HW sum_i sum_{j in R(i)} G(i, j) |F_A(i) - F_A(j)|_1 / d_A   (Eq. 3.12)
+    G(i, j)   = exp(-|p_i - p_j|^2 / 2 s_xy^2 - |c_i - c_j|^2 / 2 s_rgb^2)   (Eq. 3.13)
+
+The printed Eq. 3.13 has unsquared norms; the Gaussian bandwidth filter it cites (and the
+released gated-CRF code) squares them, which is what is implemented. ``1e-5`` inside the
+logarithms is the released code's.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import ResNetBackbone, freeze_batchnorm, normalize
+
+IGNORE = 255
+EPS = 1e-5
+
+
+def window_offsets(radius: int, shape: str = "disk") -> list[tuple[int, int]]:
+    """The (dy, dx) offsets of a pixel's neighbours, raster order, without (0, 0)."""
+    if shape not in ("disk", "square"):
+        raise ValueError(f"neighbourhood must be 'disk' or 'square', got {shape!r}")
+    out = []
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            if (dy, dx) == (0, 0):
+                continue
+            if shape == "disk" and dy * dy + dx * dx > radius * radius:
+                continue
+            out.append((dy, dx))
+    return out
+
+
+def shifted(x: torch.Tensor, offsets: Sequence[tuple[int, int]], fill: float = 0.0) -> torch.Tensor:
+    """(N, C, H, W) -> (N, K, C, H, W): ``out[:, k, :, y, x] = x[:, :, y+dy_k, x+dx_k]``
+    (``fill`` outside the image)."""
+    n, c, h, w = x.shape
+    r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    padded = F.pad(x, (r, r, r, r), value=fill)
+    return torch.stack([padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w] for dy, dx in offsets], 1)
+
+
+def valid_pairs(h: int, w: int, offsets: Sequence[tuple[int, int]], device=None) -> torch.Tensor:
+    """(K, H, W) bool: the neighbour at offset k lies inside the image."""
+    ones = torch.ones(1, 1, h, w, device=device)
+    return shifted(ones, offsets)[0, :, 0] > 0
+
+
+def pair_distance(features: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(N, K, H, W): mean over channels of |F(i) - F(i + o_k)| (0 where out of the image)."""
+    diff = (features[:, None] - shifted(features, offsets)).abs().mean(2)
+    return diff * valid_pairs(*features.shape[-2:], offsets, features.device)
+
+
+def pair_affinity(features: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """D(i, j) = exp(-mean_c |F(i) - F(j)|) for every pixel and offset (Eq. 3.8)."""
+    return torch.exp(-pair_distance(features, offsets))
+
+
+def pair_labels(seeds: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Masks (N, K, H, W) of the pair sets of Eq. 3.6-3.7 from (N, H, W) seed labels.
+
+    ``bg_pos``: both known, equal, centre background; ``fg_pos``: both known, equal,
+    centre foreground; ``neg``: both known, different.
+    """
+    lab = seeds.long()[:, None]
+    nb = shifted(lab.float(), offsets, fill=IGNORE)[:, :, 0].long()
+    centre = lab.expand_as(nb)
+    known = (centre != IGNORE) & (nb != IGNORE)
+    same = known & (nb == centre)
+    return {"bg_pos": same & (centre == 0), "fg_pos": same & (centre != 0), "neg": known & (nb != centre)}
+
+
+def affinity_class_loss(aff: torch.Tensor, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """L_Ac = bg/4 + fg/4 + neg/2 (Eq. 3.10 as the released code weights it)."""
+    def mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (values * mask).sum() / (mask.sum() + EPS)
+
+    bg = mean(-torch.log(aff + EPS), pairs["bg_pos"])
+    fg = mean(-torch.log(aff + EPS), pairs["fg_pos"])
+    neg = mean(-torch.log(1.0 + EPS - aff), pairs["neg"])
+    return {"loss": bg / 4 + fg / 4 + neg / 2, "bg": bg, "fg": fg, "neg": neg}
+
+
+def gaussian_kernel(image: torch.Tensor, offsets: Sequence[tuple[int, int]], sigma_xy: float,
+                    sigma_rgb: float) -> torch.Tensor:
+    """G(i, j) of Eq. 3.13 (N, K, H, W) for an (N, 3, H, W) colour image; 0 outside."""
+    d_xy = torch.tensor([dy * dy + dx * dx for dy, dx in offsets], dtype=image.dtype, device=image.device)
+    d_rgb = ((image[:, None] - shifted(image, offsets)) ** 2).sum(2)
+    k = torch.exp(-d_xy.view(1, -1, 1, 1) / (2 * sigma_xy ** 2) - d_rgb / (2 * sigma_rgb ** 2))
+    return k * valid_pairs(*image.shape[-2:], offsets, image.device)
+
+
+def affinity_reg_loss(distance: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """L_Ar (Eq. 3.12): the kernel-weighted L1 feature distance, summed over each pixel's
+    neighbours and averaged over pixels (and the batch)."""
+    n, _, h, w = distance.shape
+    return (kernel * distance).sum() / (n * h * w)
+
+
+class AffinityNet(nn.Module):
+    """Dilated ResNet (output stride 8); the last three stages -> 1x1 reduce convs to
+    64/128/256 channels (ELU) -> concat -> 1x1 conv to 448 (ELU) = F_A.
+
+    ``forward`` returns ``(F_A, node features)``; node features are the raw concatenation
+    of the last three stages' outputs (the graph's X before Eq. 3.15).
+    """
+
+    def __init__(self, depth: int = 50, weights: str = "none") -> None:
+        super().__init__()
+        self.backbone = ResNetBackbone(depth, 8, weights)
+        c2, c3, c4 = self.backbone.channels[1:]
+        self.reduce = nn.ModuleList([nn.Conv2d(c, o, 1, bias=False) for c, o in ((c2, 64), (c3, 128), (c4, 256))])
+        self.fuse = nn.Conv2d(448, 448, 1, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for conv in self.reduce:
+            nn.init.kaiming_normal_(conv.weight)
+        nn.init.xavier_uniform_(self.fuse.weight, gain=4)
+
+    @property
+    def node_channels(self) -> int:
+        return sum(self.backbone.channels[1:])
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, f2, f3, f4 = self.backbone(normalize(images))
+        reduced = [F.elu(conv(f)) for conv, f in zip(self.reduce, (f2, f3, f4))]
+        return F.elu(self.fuse(torch.cat(reduced, 1))), torch.cat([f2, f3, f4], 1)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone, new layers): the new layers get the larger learning rate."""
+        new = [*self.reduce.parameters(), *self.fuse.parameters()]
+        return [p for p in self.backbone.parameters() if p.requires_grad], new
+
+    def train(self, mode: bool = True) -> "AffinityNet":
+        super().train(mode)
+        if self.backbone.pretrained:
+            freeze_batchnorm(self.backbone)
+        return self

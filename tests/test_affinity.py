@@ -1,0 +1,121 @@
+"""Affinity numerics (Eq. 3.6-3.13) against naive double loops on tiny grids."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.affinity import (AffinityNet, affinity_class_loss, affinity_reg_loss, gaussian_kernel, pair_affinity,
+                             pair_distance, pair_labels, window_offsets)
+
+
+def test_window_offsets():
+    assert len(window_offsets(1, "square")) == 8 and len(window_offsets(1, "disk")) == 4
+    disk = window_offsets(5)
+    assert (0, 0) not in disk and all(dy * dy + dx * dx <= 25 for dy, dx in disk) and len(disk) == 80
+    assert len(window_offsets(4, "square")) == 80
+    with pytest.raises(ValueError):
+        window_offsets(2, "hex")
+
+
+def _naive_pairs(seeds, r, shape):
+    """{(i, j): 'bg'|'fg'|'neg'} over pixel pairs within the window, i != j."""
+    h, w = seeds.shape
+    out = {}
+    for y in range(h):
+        for x in range(w):
+            for v in range(h):
+                for u in range(w):
+                    dy, dx = v - y, u - x
+                    if (dy, dx) == (0, 0):
+                        continue
+                    inside = dy * dy + dx * dx <= r * r if shape == "disk" else max(abs(dy), abs(dx)) <= r
+                    if not inside or seeds[y, x] == 255 or seeds[v, u] == 255:
+                        continue
+                    if seeds[y, x] != seeds[v, u]:
+                        out[(y, x, v, u)] = "neg"
+                    else:
+                        out[(y, x, v, u)] = "bg" if seeds[y, x] == 0 else "fg"
+    return out
+
+
+@pytest.mark.parametrize("shape", ["disk", "square"])
+def test_pair_labels_match_a_double_loop(shape):
+    rng = np.random.default_rng(0)
+    seeds = rng.choice([0, 1, 2, 255], size=(5, 6), p=[0.4, 0.25, 0.15, 0.2]).astype(np.uint8)
+    offsets = window_offsets(2, shape)
+    pairs = pair_labels(torch.from_numpy(seeds)[None], offsets)
+    naive = _naive_pairs(seeds, 2, shape)
+    got = {}
+    for name, key in (("bg_pos", "bg"), ("fg_pos", "fg"), ("neg", "neg")):
+        for k, y, x in zip(*np.nonzero(pairs[name][0].numpy())):
+            dy, dx = offsets[k]
+            assert (y, x, y + dy, x + dx) not in got
+            got[(y, x, y + dy, x + dx)] = key
+    assert got == naive
+
+
+def _naive_losses(feat, image, seeds, r, sxy, srgb):
+    c, h, w = feat.shape
+    bg, fg, neg, reg = [], [], [], 0.0
+    labels = _naive_pairs(seeds, r, "disk")
+    for y in range(h):
+        for x in range(w):
+            for v in range(h):
+                for u in range(w):
+                    dy, dx = v - y, u - x
+                    if (dy, dx) == (0, 0) or dy * dy + dx * dx > r * r:
+                        continue
+                    dist = (feat[:, y, x] - feat[:, v, u]).abs().mean()
+                    aff = torch.exp(-dist)
+                    g = math.exp(-(dy * dy + dx * dx) / (2 * sxy ** 2)) * torch.exp(
+                        -((image[:, y, x] - image[:, v, u]) ** 2).sum() / (2 * srgb ** 2))
+                    reg = reg + g * dist
+                    kind = labels.get((y, x, v, u))
+                    if kind == "bg":
+                        bg.append(-torch.log(aff + 1e-5))
+                    elif kind == "fg":
+                        fg.append(-torch.log(aff + 1e-5))
+                    elif kind == "neg":
+                        neg.append(-torch.log(1 + 1e-5 - aff))
+    mean = lambda xs: torch.stack(xs).sum() / (len(xs) + 1e-5)  # noqa: E731
+    return mean(bg) / 4 + mean(fg) / 4 + mean(neg) / 2, reg / (h * w)
+
+
+def test_losses_and_gradients_match_a_double_loop():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    seeds = rng.choice([0, 1, 255], size=(4, 5), p=[0.45, 0.35, 0.2]).astype(np.uint8)
+    feat_a = torch.randn(6, 4, 5, dtype=torch.float64, requires_grad=True)
+    feat_b = feat_a.detach().clone().requires_grad_(True)
+    image = torch.randn(3, 4, 5, dtype=torch.float64) * 0.2
+    offsets = window_offsets(2)
+    aff = pair_affinity(feat_a[None], offsets)
+    l_ac = affinity_class_loss(aff, pair_labels(torch.from_numpy(seeds)[None], offsets))["loss"]
+    l_ar = affinity_reg_loss(pair_distance(feat_a[None], offsets), gaussian_kernel(image[None], offsets, 6.0, 0.1))
+    ref_ac, ref_ar = _naive_losses(feat_b, image, seeds, 2, 6.0, 0.1)
+    torch.testing.assert_close(l_ac, ref_ac)
+    torch.testing.assert_close(l_ar, ref_ar)
+    (l_ac + 3 * l_ar).backward()
+    (ref_ac + 3 * ref_ar).backward()
+    torch.testing.assert_close(feat_a.grad, feat_b.grad)
+
+
+def test_affinity_is_one_for_equal_features_and_zero_outside():
+    feat = torch.ones(1, 4, 3, 3)
+    offsets = window_offsets(1, "square")
+    aff = pair_affinity(feat, offsets)
+    k_left = offsets.index((0, -1))
+    assert aff[0, k_left, 1, 1] == 1.0
+    # at the left border the left neighbour is outside: its pair is never labeled or weighted
+    pairs = pair_labels(torch.zeros(1, 3, 3, dtype=torch.uint8), offsets)
+    assert not pairs["bg_pos"][0, k_left, :, 0].any() and pairs["bg_pos"][0, k_left, :, 1:].all()
+    assert (gaussian_kernel(torch.zeros(1, 3, 3, 3), offsets, 6.0, 0.1)[0, k_left, :, 0] == 0).all()
+
+
+def test_affinity_net_shapes():
+    net = AffinityNet(depth=18).eval()
+    with torch.no_grad():
+        f_a, nodes = net(torch.rand(1, 3, 64, 80) * 255)
+    assert f_a.shape == (1, 448, 8, 10) and nodes.shape == (1, net.node_channels, 8, 10)
+    assert net.node_channels == 128 + 256 + 512
