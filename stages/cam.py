@@ -15,13 +15,13 @@ import functools
 from typing import Any
 
 import numpy as np
-import torch
 
 from models.cam import multiscale_cam, with_background
 from models.metrics import confusion_matrix, scores
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
 from .cam_train import load_trained
+from .training import release
 
 VERSION = "1"
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 13))
@@ -45,8 +45,7 @@ def run(ctx: StageContext) -> StageResult:
     model = load_trained(ctx.input("cam_train").read_model(), ctx.device)
     result = run_items(ctx, functools.partial(_one, model=model), desc="CAM")
     del model
-    if str(ctx.device).startswith("cuda"):
-        torch.cuda.empty_cache()
+    release(ctx.device)
     return result
 
 

@@ -15,7 +15,6 @@ where it stopped. Output: ``model.pt`` with the architecture and the state dict.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -24,8 +23,9 @@ import torch
 from models.backbones import DEPTHS, weights_path
 from models.cam import CamNet, classification_loss
 
-from .augment import epoch_order, scale_flip_crop, step_rng
+from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .training import release, train_loop
 
 VERSION = "1"
 
@@ -52,10 +52,6 @@ def load_trained(state: dict[str, Any], device: str) -> CamNet:
     return model.to(device).eval()
 
 
-def poly_lr(base: float, step: int, total: int, power: float) -> float:
-    return base * (1.0 - step / total) ** power
-
-
 def run(ctx: StageContext) -> StageResult:
     cfg, seed = ctx.cfg, ctx.config.seed
     ids = sorted(ctx.ids)
@@ -70,51 +66,21 @@ def run(ctx: StageContext) -> StageResult:
     torch.manual_seed(seed)
     model = build_model(arch).to(ctx.device)
     backbone, head = model.param_groups()
-    opt = torch.optim.SGD([{"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.lr * cfg.head_lr_mult}],
-                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     base_lrs = [cfg.lr, cfg.lr * cfg.head_lr_mult]
-    batch = min(cfg.batch_size, len(ids))
-    steps_per_epoch = max(1, len(ids) // batch)  # drop the last partial batch, as IRN
-    total = cfg.epochs * steps_per_epoch
-    start, history, running = 0, [], []
-    found = ctx.out.latest_checkpoint()
-    if found is not None:
-        start, state = found
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history, running = state["history"], state.get("running", [])
-        ctx.log.info("cam_train: resuming from step %d of %d", start, total)
-    model.train()
-    t0 = time.time()
-    for step in range(start, total):
-        epoch, k = divmod(step, steps_per_epoch)
-        picks = epoch_order(seed, epoch, len(ids))[k * batch:(k + 1) * batch]
+    opt = torch.optim.SGD([{"params": backbone, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}],
+                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
         crops = [scale_flip_crop(ctx.dataset.load_image(ids[i]), step_rng(seed, step, j), cfg.scale_range,
                                  cfg.crop)[0] for j, i in enumerate(picks)]
         x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(ctx.device)
-        y = torch.from_numpy(targets[picks]).to(ctx.device)
-        for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = poly_lr(base, step, total, cfg.poly_power)
-        loss = classification_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running.append(float(loss.detach()))
-        if k == steps_per_epoch - 1:
-            history.append(round(float(np.mean(running)), 5))
-            running = []
-            if (epoch + 1) % max(1, cfg.epochs // 10) == 0 or epoch + 1 == cfg.epochs:
-                ctx.log.info("cam_train: epoch %d/%d loss %.4f (%.1f s)", epoch + 1, cfg.epochs, history[-1],
-                             time.time() - t0)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            ctx.out.save_checkpoint(step + 1, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                               "history": history, "running": running})
-    ctx.out.write_model({"arch": arch, "state_dict": model.state_dict(), "history": history})
-    info = {"steps": total, "epochs": cfg.epochs, "loss_curve": history,
-            "train_seconds": round(time.time() - t0, 2), "resumed_from": start}
+        return classification_loss(model(x), torch.from_numpy(targets[picks]).to(ctx.device))
+
+    info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn)
+    ctx.out.write_model({"arch": arch, "state_dict": model.state_dict(), "history": info["loss_curve"]})
     del model, opt
-    if str(ctx.device).startswith("cuda"):
-        torch.cuda.empty_cache()
+    release(ctx.device)
+    history = info["loss_curve"]
     return StageResult(info=info, metrics={"final_loss": history[-1] if history else math.nan})
 
 

@@ -6,7 +6,7 @@ import torch
 from models.backbones import ResNetBackbone, WeightsError
 from models.cam import CamNet, multiscale_cam, with_background
 from pipeline.runner import make_run, run_stage_local
-from stages.cam_train import poly_lr
+from stages.training import poly_lr
 
 from .conftest import demo_config
 
