@@ -152,6 +152,29 @@ class SeedsConfig(Section):
     superpixels: SlicConfig = Field(default_factory=SlicConfig)
 
 
+class AffinityTrainConfig(Section):
+    """Affinity CNN (thesis Sect. 3.3.3): dilated ResNet (stride 8) -> F_A, trained with
+    L_Aff = L_Ac + reg_weight * L_Ar on the seeds' affinity map."""
+
+    depth: Literal[18, 34, 50, 101] = 50
+    weights: str = "none"  # none | imagenet | /path/to/state_dict.pth
+    radius: Annotated[int, Field(ge=1, le=12)] | None = None  # None: 4 for boxes, 5 otherwise (released code)
+    neighbourhood: Literal["disk", "square"] = "disk"
+    batch_size: PositiveInt = 4
+    epochs: PositiveInt = 8
+    lr: PositiveFloat = 0.01
+    head_lr_mult: PositiveFloat = 10.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    poly_power: PositiveFloat = 0.9
+    crop: Annotated[int, Field(ge=32)] = 448
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.3)
+    sigma_xy: PositiveFloat = 6.0
+    sigma_rgb: PositiveFloat = 0.1
+    reg_weight: Annotated[float, Field(ge=0.0)] = 3.0
+    checkpoint_every: PositiveInt = 100
+
+
 class Config(Section):
     """A whole run. Defaults are the built-in demo (box supervision on synthetic data)."""
 
@@ -170,6 +193,7 @@ class Config(Section):
     cam_train: CamTrainConfig = Field(default_factory=CamTrainConfig)
     cam: CamConfig = Field(default_factory=CamConfig)
     seeds: SeedsConfig = Field(default_factory=SeedsConfig)
+    affinity_train: AffinityTrainConfig = Field(default_factory=AffinityTrainConfig)
     crf: CrfConfig = Field(default_factory=CrfConfig)
 
     @model_validator(mode="after")

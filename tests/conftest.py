@@ -2,6 +2,7 @@
 with a reason where it is absent, and fail instead under WSSS_REQUIRE_SHARED=1 (CI)."""
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -27,15 +28,20 @@ def horses() -> Path:
     return HORSES
 
 
+# Training stages sized to run in seconds (quality tests use configs/demo.yaml's settings).
+TINY_TRAINING = {
+    "cam_train": {"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
+    "cam": {"scales": [1.0]},
+    "affinity_train": {"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
+}
+
+
 def demo_config(tmp_path: Path, **overrides):
     """A small demo run config in ``tmp_path`` (local engine, one worker); ``a__b=v`` sets a.b."""
     from pipeline.config import config_from_dict
 
     data = {"run": "t", "output_root": str(tmp_path / "artifacts"), "engine": "local", "workers": 1,
-            "dataset": {"kind": "demo", "num_train": 6, "num_val": 2},
-            # a classifier that trains in seconds (quality tests use configs/demo.yaml's settings)
-            "cam_train": {"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
-            "cam": {"scales": [1.0]}}
+            "dataset": {"kind": "demo", "num_train": 6, "num_val": 2}, **copy.deepcopy(TINY_TRAINING)}
     for key, value in overrides.items():
         node = data
         parts = key.split("__")

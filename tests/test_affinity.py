@@ -119,3 +119,29 @@ def test_affinity_net_shapes():
         f_a, nodes = net(torch.rand(1, 3, 64, 80) * 255)
     assert f_a.shape == (1, 448, 8, 10) and nodes.shape == (1, net.node_channels, 8, 10)
     assert net.node_channels == 128 + 256 + 512
+
+
+def test_affinity_training_fits_one_image_and_skips_padding():
+    from stages.affinity_train import affinity_loss
+
+    torch.manual_seed(0)
+    net = AffinityNet(depth=18).train()
+    image = torch.zeros(1, 3, 64, 64)
+    image[:, 0, :, 32:] = 255  # left half dark, right half red
+    seeds = torch.full((1, 8, 8), 255, dtype=torch.uint8)
+    seeds[:, :, :3] = 0
+    seeds[:, :, 5:] = 1
+    valid = torch.ones(1, 8, 8, dtype=torch.bool)
+    offsets = window_offsets(3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    first = None
+    for _ in range(15):
+        out = affinity_loss(net, image, seeds, valid, offsets, 6.0, 0.1, 3.0)
+        first = first or float(out["class"].detach())
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert float(out["class"].detach()) < 0.5 * first
+    # with every pixel marked as padding, neither term sees a pair
+    none = affinity_loss(net, image, torch.full_like(seeds, 255), torch.zeros_like(valid), offsets, 6.0, 0.1, 3.0)
+    assert float(none["loss"]) == 0.0

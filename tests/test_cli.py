@@ -7,12 +7,15 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
+from .conftest import TINY_TRAINING
+
 runner = CliRunner()
 
 
 def write_config(tmp_path, **extra):
     data = {"run": "cli", "output_root": str(tmp_path / "art"), "engine": "local", "workers": 1,
-            "dataset": {"kind": "demo", "num_train": 4, "num_val": 2}, "cam": {"enabled": False}, **extra}
+            "dataset": {"kind": "demo", "num_train": 4, "num_val": 2}, **TINY_TRAINING, "cam": {"enabled": False},
+            **extra}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -41,12 +44,12 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     path = write_config(tmp_path)
     res = runner.invoke(app, ["run", str(path), "--until", "box_seeds"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["run", str(path), "--only", "seeds", "--only", "crf"])
+    res = runner.invoke(app, ["run", str(path), "--only", "seeds", "--only", "affinity_train", "--only", "crf"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["status", str(path)])
     assert res.exit_code == 0 and "box_seeds" in res.output and "4/4" in res.output and "complete" in res.output
     res = runner.invoke(app, ["run", str(path)])
-    assert "all 3 stage(s) cached" in res.output
+    assert "all 4 stage(s) cached" in res.output
     res = runner.invoke(app, ["eval", str(path), "--stage", "seeds", "--map", "M_F"])
     assert res.exit_code == 2 and "has no map 'M_F'" in res.output  # no CAM, no fusion
     res = runner.invoke(app, ["eval", str(path), "--stage", "crf"])

@@ -17,7 +17,7 @@ def demo_box_run(tmp_path_factory):
     data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     data.update(output_root=str(tmp_path_factory.mktemp("demo") / "artifacts"), engine="local", workers=2)
     run = make_run(config_from_dict(data, "configs/demo.yaml"))
-    run_local(run, [n for n in run.names if n != "crf"])
+    run_local(run, ["box_seeds", "cam_train", "cam", "seeds"])
     return run
 
 
@@ -71,7 +71,7 @@ def test_confident_seeds_are_more_precise_than_fused_than_cam(demo_box_run):
 @pytest.mark.parametrize("sup", ["scribble", "point"])
 def test_demo_superpixel_seeds_without_cam(tmp_path, sup):
     run = make_run(demo_config(tmp_path, supervision=sup, cam__enabled=False, workers=2))
-    assert run.names == ["seeds", "crf"]
+    assert run.names == ["seeds", "affinity_train", "crf"]
     m = run_local(run, ["seeds"])["seeds"]["metrics"]
     assert m["precision"] > 0.9
     assert m["coverage"] > (0.12 if sup == "scribble" else 0.003)

@@ -1,0 +1,118 @@
+"""``affinity_train``: the affinity CNN (thesis Sect. 3.3.3, Eq. 3.6-3.13).
+
+Trains :class:`models.affinity.AffinityNet` on the seeds' affinity map
+(:func:`stages.seeds.affinity_map`: M_g for boxes, M_S over M'_I for scribbles, M'_I for
+points and tags). Per crop: the seed map is downsampled (nearest) to the stride-8 grid,
+pairs within ``radius`` give L_Ac (Eq. 3.6-3.10), and every pair gives L_Ar weighted by the
+Gaussian kernel on position and the ImageNet-normalised colour (Eq. 3.11-3.13)::
+
+    L_Aff = L_Ac + reg_weight * L_Ar        (reg_weight 3, as the released code)
+
+Pairs that touch the crop's padding are left out of both terms. Radius: 4 for boxes, 5
+otherwise, as the released code (``affinity_train.radius`` overrides). Optimiser: SGD with
+momentum, poly decay, 10x rate on the new layers; checkpoints and exact resume through
+:func:`stages.training.train_loop`. Output: ``model.pt``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.affinity import (AffinityNet, affinity_class_loss, affinity_reg_loss, gaussian_kernel, pair_distance,
+                             pair_labels, shifted, window_offsets)
+from models.backbones import DEPTHS, normalize, weights_path
+
+from .augment import scale_flip_crop, step_rng
+from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
+from .seeds import affinity_map
+from .training import release, train_loop
+
+VERSION = "1"
+
+
+def radius_of(config) -> int:
+    r = config.affinity_train.radius
+    return r if r is not None else (4 if config.supervision == "box" else 5)
+
+
+def offsets_of(config) -> list[tuple[int, int]]:
+    return window_offsets(radius_of(config), config.affinity_train.neighbourhood)
+
+
+def load_trained(state: dict[str, Any], device: str) -> AffinityNet:
+    model = AffinityNet(state["arch"]["depth"], "none")
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval()
+
+
+def affinity_loss(model: AffinityNet, images: torch.Tensor, seeds: torch.Tensor, valid: torch.Tensor,
+                  offsets: list[tuple[int, int]], sigma_xy: float, sigma_rgb: float,
+                  reg_weight: float) -> dict[str, torch.Tensor]:
+    """L_Aff for a batch: images (N, 3, H, W) 0..255; seeds and valid (N, h, w) on the grid."""
+    f_a, _ = model(images)
+    if f_a.shape[-2:] != seeds.shape[-2:]:
+        raise ValueError(f"feature grid {tuple(f_a.shape[-2:])} != seed grid {tuple(seeds.shape[-2:])}")
+    dist = pair_distance(f_a, offsets)
+    out = affinity_class_loss(torch.exp(-dist), pair_labels(seeds, offsets))
+    rgb = F.interpolate(normalize(images), size=f_a.shape[-2:], mode="bilinear", align_corners=False)
+    v = valid.float()[:, None]
+    kernel = gaussian_kernel(rgb, offsets, sigma_xy, sigma_rgb) * v * shifted(v, offsets)[:, :, 0]
+    out["reg"] = affinity_reg_loss(dist, kernel)
+    out["class"] = out["loss"]
+    out["loss"] = out["class"] + reg_weight * out["reg"]
+    return out
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, seed, config = ctx.cfg, ctx.config.seed, ctx.config
+    if cfg.crop % 8:
+        raise ValueError(f"affinity_train.crop must be a multiple of 8 (the feature stride), got {cfg.crop}")
+    ids = sorted(ctx.ids)
+    seeds_in, variant = ctx.input("seeds"), affinity_map(config)
+    offsets = offsets_of(config)
+    torch.manual_seed(seed)
+    model = AffinityNet(cfg.depth, cfg.weights).to(ctx.device)
+    backbone, new = model.param_groups()
+    base_lrs = [cfg.lr, cfg.lr * cfg.head_lr_mult]
+    opt = torch.optim.SGD([{"params": backbone, "lr": base_lrs[0]}, {"params": new, "lr": base_lrs[1]}],
+                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    grid = cfg.crop // 8
+
+    def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
+        images, labels, valids = [], [], []
+        for j, i in enumerate(picks):
+            image = ctx.dataset.load_image(ids[i])
+            seeds = seeds_in.read_label(ids[i], variant)
+            inside = np.ones(seeds.shape, np.uint8)
+            crop, (lab, val) = scale_flip_crop(image, step_rng(seed, step, j), cfg.scale_range, cfg.crop,
+                                               (seeds, inside))
+            images.append(crop)
+            labels.append(cv2.resize(lab, (grid, grid), interpolation=cv2.INTER_NEAREST))
+            valids.append(cv2.resize(val, (grid, grid), interpolation=cv2.INTER_NEAREST) == 1)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(ctx.device)
+        lab = torch.from_numpy(np.stack(labels)).to(ctx.device)
+        val = torch.from_numpy(np.stack(valids)).to(ctx.device)
+        lab = torch.where(val, lab, torch.full_like(lab, IGNORE))
+        return affinity_loss(model, x, lab, val, offsets, cfg.sigma_xy, cfg.sigma_rgb, cfg.reg_weight)["loss"]
+
+    info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn)
+    ctx.out.write_model({"arch": {"depth": cfg.depth}, "state_dict": model.state_dict(),
+                         "radius": radius_of(config), "neighbourhood": cfg.neighbourhood})
+    del model, opt
+    release(ctx.device)
+    return StageResult(info={**info, "radius": radius_of(config), "seed_map": variant or "M_g"},
+                       metrics={"final_loss": info["loss_curve"][-1] if info["loss_curve"] else float("nan")})
+
+
+def preflight(config) -> None:
+    weights_path(config.affinity_train.weights, DEPTHS[config.affinity_train.depth])
+
+
+SPEC = STAGES.register("affinity_train", StageSpec(
+    name="affinity_train", run=run, inputs=lambda config: ["seeds"], supervisions=("box", "scribble", "point", "image"),
+    output="model", version=VERSION, per_image=False, parallel=False, preflight=preflight,
+    description="affinity CNN (L_Ac + 3 L_Ar)"))
