@@ -108,11 +108,11 @@ class CrfConfig(DenseCrfParams):
     gt_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
 
 
-class CamTrainConfig(Section):
-    """Multi-label classifier for CAMs (dilated ResNet + GAP + bias-free 1x1 classifier)."""
+class SgdTrainConfig(Section):
+    """What every SGD training stage shares: backbone, batches, poly-decayed SGD, crops,
+    checkpoints. Subclasses change the defaults to their stage's released settings."""
 
     depth: Literal[18, 34, 50, 101] = 50
-    output_stride: Literal[8, 16] = 16
     weights: str = "none"  # none | imagenet | /path/to/state_dict.pth
     batch_size: PositiveInt = 16
     epochs: PositiveInt = 5
@@ -124,6 +124,13 @@ class CamTrainConfig(Section):
     crop: Annotated[int, Field(ge=32)] = 512
     scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.5)
     checkpoint_every: PositiveInt = 100
+
+
+class CamTrainConfig(SgdTrainConfig):
+    """Multi-label classifier for CAMs (dilated ResNet + GAP + bias-free 1x1 classifier);
+    defaults as IRN's classifier."""
+
+    output_stride: Literal[8, 16] = 16
 
 
 class CamConfig(Section):
@@ -152,27 +159,21 @@ class SeedsConfig(Section):
     superpixels: SlicConfig = Field(default_factory=SlicConfig)
 
 
-class AffinityTrainConfig(Section):
+class AffinityTrainConfig(SgdTrainConfig):
     """Affinity CNN (thesis Sect. 3.3.3): dilated ResNet (stride 8) -> F_A, trained with
-    L_Aff = L_Ac + reg_weight * L_Ar on the seeds' affinity map."""
+    L_Aff = L_Ac + reg_weight * L_Ar on the seeds' affinity map; defaults as the released code."""
 
-    depth: Literal[18, 34, 50, 101] = 50
-    weights: str = "none"  # none | imagenet | /path/to/state_dict.pth
     radius: Annotated[int, Field(ge=1, le=12)] | None = None  # None: 4 for boxes, 5 otherwise (released code)
     neighbourhood: Literal["disk", "square"] = "disk"
     batch_size: PositiveInt = 4
     epochs: PositiveInt = 8
     lr: PositiveFloat = 0.01
-    head_lr_mult: PositiveFloat = 10.0
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
-    poly_power: PositiveFloat = 0.9
     crop: Annotated[int, Field(ge=32)] = 448
     scale_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.3)
     sigma_xy: PositiveFloat = 6.0
     sigma_rgb: PositiveFloat = 0.1
     reg_weight: Annotated[float, Field(ge=0.0)] = 3.0
-    checkpoint_every: PositiveInt = 100
 
 
 class Config(Section):
