@@ -1,5 +1,5 @@
-"""Shared fixtures. Prefect runs against a throw-away home; ``../shared/data`` tests skip
-with a reason where it is absent, and fail instead under WSSS_REQUIRE_SHARED=1 (CI)."""
+"""Shared fixtures. Prefect runs against a throw-away home; the real-data tests need
+``../shared/data`` beside the checkout and fail, naming the path, when it is absent."""
 from __future__ import annotations
 
 import copy
@@ -22,9 +22,7 @@ HORSES = ROOT.parent / "shared" / "data" / "weizmann_horse"
 @pytest.fixture(scope="session")
 def horses() -> Path:
     if not (HORSES / "rgb").is_dir():
-        if os.environ.get("WSSS_REQUIRE_SHARED") == "1":
-            pytest.fail(f"WSSS_REQUIRE_SHARED=1 but the Weizmann horses are missing at {HORSES}")
-        pytest.skip(f"real test data not found at {HORSES} (a clone without ../shared)")
+        pytest.fail(f"the Weizmann horses are missing at {HORSES}: the tests need ../shared beside the checkout")
     return HORSES
 
 
