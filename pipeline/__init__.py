@@ -1,4 +1,4 @@
-"""Orchestration: config, datasets, artifact store, stage DAG, Prefect flow, CLI, evaluation.
+"""Orchestration: config, datasets, artifact store, stage DAG, Prefect flow, CLI, scoring.
 
 Kept import-light: worker processes unpickle dataset readers from here without loading
 Prefect.

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import stages  # noqa: F401  (importing the package registers every stage)
+from models.metrics import confusion_matrix, scores
 from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec
 
 from .config import Config, ConfigError, config_from_dict, dump_config
 from .datasets import build_dataset
-from .evaluation import confusion_matrix, scores
 from .store import StageStore, atomic_write_text, fingerprint
 
 log = logging.getLogger("wsss")
@@ -275,35 +276,38 @@ def execute_stage(run: Run, name: str, ids: list[str], workers: int | None = Non
     return result
 
 
-def evaluate_store(run: Run, name: str, variant: str | None = None) -> dict[str, Any] | None:
-    """mIoU / coverage / precision of a label stage (or one of its named extra maps) against
-    GT, over the images it labeled."""
+def evaluate_maps(run: Run, name: str, maps: list[str | None]) -> dict[str | None, dict[str, Any]]:
+    """mIoU / coverage / precision against GT of a label stage's main map (``None``) and
+    named extra maps, over the images it labeled; each GT is read once for all maps."""
     spec, store = run.spec(name), run.store(name)
     if spec.output not in ("label", "soft"):
-        return None
+        return {}
     c = run.dataset.num_classes
-    conf = None
-    n = 0
+    conf = {m: np.zeros((c, c + 1), np.int64) for m in maps}
+    seen = dict.fromkeys(maps, 0)
     for image_id in sorted(store.done_ids()):
         try:
             gt = run.dataset.load_gt(image_id)
         except DataError as err:
             log.warning("eval %s: %s", name, err)
             continue
-        if gt is None or (variant is not None and not store.has(image_id, variant)):
+        if gt is None:
             continue
-        pred = store.labels_of(image_id, variant)
-        if pred.shape != gt.shape:
-            raise DataError(store.item_path(image_id), f"labels are {pred.shape[::-1]} but the GT of '{image_id}' "
-                                                       f"is {gt.shape[::-1]}")
-        m = confusion_matrix(pred, gt, c)
-        conf = m if conf is None else conf + m
-        n += 1
-    if conf is None:
-        return None
-    out = scores(conf, run.dataset.class_names)
-    out["images"] = n
-    return out
+        for m in maps:
+            if m is not None and not store.has(image_id, m):
+                continue
+            pred = store.labels_of(image_id, m)
+            if pred.shape != gt.shape:
+                raise DataError(store.item_path(image_id, m), f"labels are {pred.shape[::-1]} but the GT of "
+                                                              f"'{image_id}' is {gt.shape[::-1]}")
+            conf[m] += confusion_matrix(pred, gt, c)
+            seen[m] += 1
+    return {m: {**scores(conf[m], run.dataset.class_names), "images": seen[m]} for m in maps if seen[m]}
+
+
+def evaluate_store(run: Run, name: str, variant: str | None = None) -> dict[str, Any] | None:
+    """The scores of one map of a stage (the main one by default), or None without GT."""
+    return evaluate_maps(run, name, [variant]).get(variant)
 
 
 def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float, computed: int) -> dict[str, Any]:
@@ -329,10 +333,10 @@ def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float
     info = {k: v for r in results for k, v in r.info.items()}
     if info:
         manifest["info"] = info
-    metrics = evaluate_store(run, name) or {}
-    maps = {v: m for v in spec.variants(run.config) if (m := evaluate_store(run, name, v))}
-    if maps:
-        metrics["maps"] = maps
+    scored = evaluate_maps(run, name, [None, *spec.variants(run.config)])
+    metrics = scored.pop(None, {})
+    if scored:
+        metrics["maps"] = scored
     for r in results:
         metrics.update(r.metrics)
     if spec.report is not None and not missing:

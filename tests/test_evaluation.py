@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.evaluation import confusion_matrix, evaluate, scores
+from models.metrics import confusion_matrix, evaluate, scores
 
 
 def test_hand_computed_3x3():

@@ -3,7 +3,7 @@ import numpy as np
 
 from pipeline.config import DemoDataset, WeakConfig
 from pipeline.datasets import DemoData
-from pipeline.evaluation import evaluate
+from models.metrics import evaluate
 from pipeline.weak import image_rng, synthesize
 from stages.base import IGNORE, Box
 
