@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import ResNetBackbone, freeze_batchnorm, normalize
+from .backbones import ResNetBackbone, normalize
 
 IGNORE = 255
 EPS = 1e-5
@@ -150,9 +150,3 @@ class AffinityNet(nn.Module):
         """(backbone, new layers): the new layers get the larger learning rate."""
         new = [*self.reduce.parameters(), *self.fuse.parameters()]
         return [p for p in self.backbone.parameters() if p.requires_grad], new
-
-    def train(self, mode: bool = True) -> "AffinityNet":
-        super().train(mode)
-        if self.backbone.pretrained:
-            freeze_batchnorm(self.backbone)
-        return self

@@ -114,6 +114,13 @@ class ResNetBackbone(nn.Module):
         self.output_stride = output_stride
         self.pretrained = state is not None
 
+    def train(self, mode: bool = True) -> "ResNetBackbone":
+        """Pretrained backbones keep their BatchNorm statistics frozen in training."""
+        super().train(mode)
+        if self.pretrained:
+            freeze_batchnorm(self)
+        return self
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
         f1 = self.layer1(x)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import ResNetBackbone, freeze_batchnorm, normalize
+from .backbones import ResNetBackbone, normalize
 
 
 class CamNet(nn.Module):
@@ -55,12 +55,6 @@ class CamNet(nn.Module):
         """(backbone parameters, new-head parameters): the head gets the larger rate."""
         backbone = [p for p in self.backbone.parameters() if p.requires_grad]
         return backbone, list(self.classifier.parameters())
-
-    def train(self, mode: bool = True) -> "CamNet":
-        super().train(mode)
-        if self.backbone.pretrained:
-            freeze_batchnorm(self.backbone)
-        return self
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,10 @@ def test_weights_from_a_path_and_the_hub_cache(tmp_path, monkeypatch):
     torch.save({"state_dict": src.state_dict()}, path)
     net = ResNetBackbone(18, 16, str(path))
     assert net.pretrained and torch.equal(net.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+    # in a model in training mode, a pretrained backbone keeps its BatchNorm statistics frozen
+    model = CamNet(3, 18, 16, str(path)).train()
+    assert not model.backbone.layer1[0].bn1.training and not model.backbone.layer1[0].bn1.weight.requires_grad
+    assert model.classifier.training and CamNet(3, 18, 16).train().backbone.layer1[0].bn1.training
     # the same file where torchvision's hub cache keeps it is found by `imagenet`
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     from models.backbones import _imagenet_file
