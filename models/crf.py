@@ -11,7 +11,8 @@ present in the input only (as PSA/IRN do): fewer labels, same answer for absent 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,11 @@ class CrfParams:
     bilateral_srgb: float = 13.0
     bilateral_compat: float = 10.0
     iterations: int = 10
+
+    @classmethod
+    def of(cls, source: Any) -> "CrfParams":
+        """The parameters read from any object with these attribute names (a config section)."""
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
 
 
 def unary_from_labels(labels: np.ndarray, n_labels: int, gt_prob: float) -> np.ndarray:

@@ -146,13 +146,10 @@ def _seeds(kind: str, n: int, h: int, w: int, threads: int) -> dict[str, Any]:
     import cv2
 
     from models.cam import with_background
-    from models.crf import CrfParams, crf_from_probs
-
     from stages.box_seeds import grabcut_seeds
-    from stages.seeds import (cam_labels, confident_box_seeds, expand_superpixels, fuse_box_cam, points_map,
-                              reliable_cam_labels, superpixels)
+    from stages.seeds import seed_maps
 
-    from .config import SlicConfig
+    from .config import SeedsConfig
 
     cv2.setNumThreads(threads)
     samples = demo_samples(n, h, w)
@@ -162,23 +159,15 @@ def _seeds(kind: str, n: int, h: int, w: int, threads: int) -> dict[str, Any]:
     for _, gt, weak in samples:
         maps = [cv2.GaussianBlur((gt == c).astype(np.float32), (0, 0), 15) + 0.1 * rng.random(gt.shape, np.float32)
                 for c in weak.tags]
-        cams.append(with_background(np.stack([m / m.max() for m in maps]), 4.0))
-    slic_cfg = SlicConfig()
+        cams.append((with_background(np.stack([m / m.max() for m in maps]), 4.0), np.array([0, *weak.tags])))
+    cfg = SeedsConfig()
+    supervision, with_cam = {"cam_reliable": ("image", True), "box": ("box", True), "scribble": ("scribble", False),
+                             "point": ("point", False)}[kind]
 
     def work() -> int:
-        for (image, gt, weak), probs in zip(samples, cams):
-            class_ids = np.array([0, *weak.tags])
-            if kind in ("cam_reliable", "box"):
-                crf = cam_labels(crf_from_probs(image, probs, CrfParams()), class_ids)
-                m_rel = reliable_cam_labels(probs, class_ids, 0.4, crf)
-            if kind == "box":
-                m_b = grabcut_seeds(image, weak.boxes)
-                m_f, from_box = fuse_box_cam(m_b, cam_labels(probs, class_ids), weak.boxes)
-                confident_box_seeds(m_f, from_box, m_rel)
-            elif kind == "scribble":
-                expand_superpixels(weak.scribbles, superpixels(image, slic_cfg))
-            elif kind == "point":
-                expand_superpixels(points_map(gt.shape, weak.points), superpixels(image, slic_cfg))
+        for (image, _, weak), cam in zip(samples, cams):
+            m_b = grabcut_seeds(image, weak.boxes) if supervision == "box" else None
+            seed_maps(supervision, cfg, image, weak, cam if with_cam else None, m_b)
         return len(samples)
 
     return measured(work, "cpu")

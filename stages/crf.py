@@ -19,20 +19,15 @@ VERSION = "1"
 CANDIDATES = ("seeds", "box_seeds")
 
 
-def params_of(cfg) -> CrfParams:
-    return CrfParams(cfg.gaussian_sxy, cfg.gaussian_compat, cfg.bilateral_sxy, cfg.bilateral_srgb,
-                     cfg.bilateral_compat, cfg.iterations)
-
-
 def _one(ctx: StageContext, image_id: str) -> dict:
     source = ctx.input()
     image = ctx.dataset.load_image(image_id)
     if source.kind == "soft":
         probs, class_ids = source.read_soft(image_id)
-        q = crf_from_probs(image, probs.astype(np.float32), params_of(ctx.cfg))
+        q = crf_from_probs(image, probs.astype(np.float32), CrfParams.of(ctx.cfg))
         labels = np.asarray(class_ids, np.uint8)[q.argmax(0)]
     else:
-        labels = crf_from_labels(image, source.read_label(image_id), params_of(ctx.cfg), ctx.cfg.gt_prob)
+        labels = crf_from_labels(image, source.read_label(image_id), CrfParams.of(ctx.cfg), ctx.cfg.gt_prob)
     ctx.out.write_label(image_id, labels)
     return {}
 

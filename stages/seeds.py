@@ -33,8 +33,8 @@ Maps (255 = unknown everywhere):
 - ``M_S`` / ``M_P`` (Sect. 3.6.1): scribbles / points expanded over SLIC superpixels: a
   superpixel touched by exactly one class takes it; one touched by several keeps only the
   annotated pixels; the rest stay 255. They are M_g for scribble / point supervision.
-- ``affinity``: the labels the affinity CNN trains on: M_g for boxes; for scribbles M_S
-  where known, else M'_I; for points and tags M'_I (M_S / M_P alone without CAMs).
+- ``affinity``: the labels the affinity CNN trains on: M_g for boxes and tags; for
+  scribbles M_S where known, else M'_I; for points M'_I (M_S / M_P alone without CAMs).
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ from skimage.segmentation import slic
 
 from models.crf import CrfParams, crf_from_probs
 
-from .base import IGNORE, STAGES, Box, Point, StageContext, StageResult, StageSpec, run_items
+from .base import (IGNORE, STAGES, Box, DataError, Point, StageContext, StageResult, StageSpec, WeakLabels,
+                   run_items)
 
 VERSION = "1"
 
@@ -157,70 +158,69 @@ def superpixels(image: np.ndarray, cfg) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the stage
 def uses_cam(config) -> bool:
-    return config.cam.enabled and config.supervision in ("box", "scribble", "point", "image")
+    return config.cam.enabled
 
 
 def variants(config) -> list[str]:
     """The extra maps written beside M_g, per supervision."""
-    sup, cam = config.supervision, uses_cam(config)
-    out = ["M_I", "M_I_reliable"] if cam else []
-    if sup == "box" and cam:
-        out.append("M_F")
-    if sup in ("scribble", "point") and cam:
-        out.append("affinity")
-    return out
+    if not uses_cam(config):
+        return []
+    extra = {"box": ["M_F"], "scribble": ["affinity"], "point": ["affinity"]}
+    return ["M_I", "M_I_reliable", *extra.get(config.supervision, [])]
 
 
 def affinity_map(config) -> str | None:
     """Which map the affinity CNN trains on (None: the main map M_g)."""
-    if config.supervision == "scribble" and uses_cam(config):
+    if config.supervision in ("scribble", "point") and uses_cam(config):
         return "affinity"
-    if config.supervision == "point" and uses_cam(config):
-        return "M_I_reliable"
     return None
 
 
-def _crf_params(cfg) -> CrfParams:
-    c = cfg.crf
-    return CrfParams(c.gaussian_sxy, c.gaussian_compat, c.bilateral_sxy, c.bilateral_srgb, c.bilateral_compat,
-                     c.iterations)
-
-
-def _one(ctx: StageContext, image_id: str) -> dict[str, Any]:
-    config, cfg = ctx.config, ctx.cfg
-    sup = config.supervision
-    image = ctx.dataset.load_image(image_id)
-    weak = ctx.dataset.load_weak(image_id)
+def seed_maps(supervision: str, cfg, image: np.ndarray, weak: WeakLabels,
+              cam: tuple[np.ndarray, np.ndarray] | None = None,
+              m_b: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(M_g, the extra maps) of one image. ``cfg``: the ``seeds`` section; ``cam``: the CAM
+    probabilities and class ids (None without CAMs); ``m_b``: GrabCut's M_B (boxes)."""
     maps: dict[str, np.ndarray] = {}
-    if uses_cam(config):
-        probs, class_ids = ctx.input("cam").read_soft(image_id)
-        probs = probs.astype(np.float32)
+    if cam is not None:
+        probs, class_ids = cam[0].astype(np.float32), cam[1]
         maps["M_I"] = cam_labels(probs, class_ids)
         crf = None
         if cfg.crf_agreement and len(class_ids) > 1:
-            crf = cam_labels(crf_from_probs(image, probs, _crf_params(cfg)), class_ids)
+            crf = cam_labels(crf_from_probs(image, probs, CrfParams.of(cfg.crf)), class_ids)
         maps["M_I_reliable"] = reliable_cam_labels(probs, class_ids, cfg.reliable_ratio, crf)
-    if sup == "box":
-        m_b = ctx.input("box_seeds").read_label(image_id)
-        if "M_I" in maps:
-            maps["M_F"], from_box = fuse_box_cam(m_b, maps["M_I"], weak.boxes)
-            m_g = confident_box_seeds(maps["M_F"], from_box, maps["M_I_reliable"])
-        else:
-            m_g = m_b
-    elif sup in ("scribble", "point"):
-        if sup == "scribble":
-            if weak.scribbles is None:
-                raise ValueError(f"{ctx.dataset.image_path(image_id)}: no scribbles for this image")
-            sparse = weak.scribbles
-        else:
-            sparse = points_map(image.shape[:2], weak.points)
-        if sparse.shape != image.shape[:2]:
-            raise ValueError(f"{image_id}: {sup} map is {sparse.shape[::-1]} but the image is {image.shape[1::-1]}")
-        m_g = expand_superpixels(sparse, superpixels(image, cfg.superpixels))
-        if sup == "scribble" and "M_I_reliable" in maps:
-            maps["affinity"] = merge_seeds(m_g, maps["M_I_reliable"])
-    else:  # image tags
-        m_g = maps["M_I_reliable"]
+    if supervision == "box":
+        if cam is None:
+            return m_b, maps
+        maps["M_F"], from_box = fuse_box_cam(m_b, maps["M_I"], weak.boxes)
+        return confident_box_seeds(maps["M_F"], from_box, maps["M_I_reliable"]), maps
+    if supervision == "image":
+        return maps["M_I_reliable"], maps
+    if supervision == "scribble":
+        if weak.scribbles is None:
+            raise ValueError("no scribbles for this image")
+        sparse = weak.scribbles
+    else:
+        sparse = points_map(image.shape[:2], weak.points)
+    if sparse.shape != image.shape[:2]:
+        raise ValueError(f"the {supervision} map is {sparse.shape[::-1]} but the image is {image.shape[1::-1]}")
+    m_g = expand_superpixels(sparse, superpixels(image, cfg.superpixels))
+    if cam is not None:
+        # scribbles: M_S over M'_I; points: M'_I alone (Sect. 3.6.1)
+        maps["affinity"] = merge_seeds(m_g, maps["M_I_reliable"]) if supervision == "scribble" \
+            else maps["M_I_reliable"]
+    return m_g, maps
+
+
+def _one(ctx: StageContext, image_id: str) -> dict[str, Any]:
+    config = ctx.config
+    cam = ctx.input("cam").read_soft(image_id) if uses_cam(config) else None
+    m_b = ctx.input("box_seeds").read_label(image_id) if config.supervision == "box" else None
+    try:
+        m_g, maps = seed_maps(config.supervision, ctx.cfg, ctx.dataset.load_image(image_id),
+                              ctx.dataset.load_weak(image_id), cam, m_b)
+    except ValueError as err:
+        raise DataError(ctx.dataset.image_path(image_id), str(err)) from None
     for name in variants(config):
         ctx.out.write_label(image_id, maps[name], variant=name)
     ctx.out.write_label(image_id, m_g)

@@ -77,13 +77,18 @@ def test_demo_superpixel_seeds_without_cam(tmp_path, sup):
     assert m["coverage"] > (0.12 if sup == "scribble" else 0.003)
 
 
-def test_demo_scribble_seeds_with_cam_write_the_affinity_map(tmp_path):
-    run = make_run(demo_config(tmp_path, supervision="scribble"))
+@pytest.mark.parametrize("sup", ["scribble", "point"])
+def test_demo_seeds_with_cam_write_the_affinity_map(tmp_path, sup):
+    run = make_run(demo_config(tmp_path, supervision=sup))
     out = run_local(run, ["cam_train", "cam", "seeds"])["seeds"]
+    assert out["counts"]["failed"] == 0 and out["counts"]["done"] == 6
     assert set(out["metrics"]["maps"]) == {"M_I", "M_I_reliable", "affinity"}
     store = run.store("seeds")
     some = sorted(store.done_ids())[0]
     m_s, m_rel, aff = (store.read_label(some, v) for v in (None, "M_I_reliable", "affinity"))
+    if sup == "point":  # points train the affinity CNN on M'_I alone (Sect. 3.6.1)
+        np.testing.assert_array_equal(aff, m_rel)
+        return
     known = m_s != 255
     np.testing.assert_array_equal(aff[known], m_s[known])
     np.testing.assert_array_equal(aff[~known], m_rel[~known])
