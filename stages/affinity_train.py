@@ -15,7 +15,6 @@ momentum, poly decay, 10x rate on the new layers; checkpoints and exact resume t
 """
 from __future__ import annotations
 
-from typing import Any
 
 import cv2
 import numpy as np
@@ -41,12 +40,6 @@ def radius_of(config) -> int:
 
 def offsets_of(config) -> list[tuple[int, int]]:
     return window_offsets(radius_of(config), config.affinity_train.neighbourhood)
-
-
-def load_trained(state: dict[str, Any], device: str) -> AffinityNet:
-    model = AffinityNet(state["arch"]["depth"], "none")
-    model.load_state_dict(state["state_dict"])
-    return model.to(device).eval()
 
 
 def affinity_loss(model: AffinityNet, images: torch.Tensor, seeds: torch.Tensor, valid: torch.Tensor,

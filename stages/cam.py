@@ -20,7 +20,7 @@ from models.cam import multiscale_cam, with_background
 from models.metrics import confusion_matrix, scores
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
-from .cam_train import load_trained
+from .cam_train import cam_enabled, load_trained
 from .training import release
 
 VERSION = "1"
@@ -73,5 +73,5 @@ def threshold_sweep(ctx: StageContext) -> dict[str, Any]:
 
 SPEC = STAGES.register("cam", StageSpec(
     name="cam", run=run, inputs=lambda config: ["cam_train"], supervisions=("box", "scribble", "point", "image"),
-    output="soft", version=VERSION, parallel=False, enabled=lambda config: config.cam.enabled,
+    output="soft", version=VERSION, parallel=False, enabled=cam_enabled,
     report=threshold_sweep, description="multi-scale CAMs with background (1-max)^alpha"))

@@ -84,7 +84,7 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(info=info, metrics={"final_loss": history[-1] if history else math.nan})
 
 
-def _enabled(config) -> bool:
+def cam_enabled(config) -> bool:
     return config.cam.enabled
 
 
@@ -95,5 +95,5 @@ def preflight(config) -> None:
 
 SPEC = STAGES.register("cam_train", StageSpec(
     name="cam_train", run=run, inputs=lambda config: [], supervisions=("box", "scribble", "point", "image"),
-    output="model", version=VERSION, per_image=False, parallel=False, enabled=_enabled, preflight=preflight,
+    output="model", version=VERSION, per_image=False, parallel=False, enabled=cam_enabled, preflight=preflight,
     description="multi-label classifier for CAMs"))

@@ -47,6 +47,7 @@ from models.crf import CrfParams, crf_from_probs
 
 from .base import (IGNORE, STAGES, Box, DataError, Point, StageContext, StageResult, StageSpec, WeakLabels,
                    run_items)
+from .cam_train import cam_enabled
 
 VERSION = "1"
 
@@ -157,13 +158,9 @@ def superpixels(image: np.ndarray, cfg) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the stage
-def uses_cam(config) -> bool:
-    return config.cam.enabled
-
-
 def variants(config) -> list[str]:
     """The extra maps written beside M_g, per supervision."""
-    if not uses_cam(config):
+    if not cam_enabled(config):
         return []
     extra = {"box": ["M_F"], "scribble": ["affinity"], "point": ["affinity"]}
     return ["M_I", "M_I_reliable", *extra.get(config.supervision, [])]
@@ -171,7 +168,7 @@ def variants(config) -> list[str]:
 
 def affinity_map(config) -> str | None:
     """Which map the affinity CNN trains on (None: the main map M_g)."""
-    if config.supervision in ("scribble", "point") and uses_cam(config):
+    if config.supervision in ("scribble", "point") and cam_enabled(config):
         return "affinity"
     return None
 
@@ -214,7 +211,7 @@ def seed_maps(supervision: str, cfg, image: np.ndarray, weak: WeakLabels,
 
 def _one(ctx: StageContext, image_id: str) -> dict[str, Any]:
     config = ctx.config
-    cam = ctx.input("cam").read_soft(image_id) if uses_cam(config) else None
+    cam = ctx.input("cam").read_soft(image_id) if cam_enabled(config) else None
     m_b = ctx.input("box_seeds").read_label(image_id) if config.supervision == "box" else None
     try:
         m_g, maps = seed_maps(config.supervision, ctx.cfg, ctx.dataset.load_image(image_id),
@@ -233,7 +230,7 @@ def run(ctx: StageContext) -> StageResult:
 
 def inputs(config) -> list[str]:
     out = ["box_seeds"] if config.supervision == "box" else []
-    return out + (["cam"] if uses_cam(config) else [])
+    return out + (["cam"] if cam_enabled(config) else [])
 
 
 SPEC = STAGES.register("seeds", StageSpec(
