@@ -127,7 +127,7 @@ class StageStore:
         self.dir = self.run_dir / stage / fp
         self.items_dir = self.dir / "items"
         self.failed_dir = self.dir / "failed"
-        self.ext = SOFT_EXT if output in ("soft", "arrays") else LABEL_EXT
+        self.ext = SOFT_EXT if output == "soft" else LABEL_EXT
 
     # ----------------------------------------------------------------- items
     def item_path(self, image_id: str, variant: str | None = None) -> Path:
@@ -159,19 +159,6 @@ class StageStore:
             raise ValueError(f"soft map shape {probs.shape} does not match {class_ids.size} class ids")
         atomic_write(self.item_path(image_id), lambda f: np.savez_compressed(f, probs=probs, class_ids=class_ids))
         self.clear_failure(image_id)
-
-    def write_arrays(self, image_id: str, **arrays: np.ndarray) -> None:
-        """Named arrays of one image (``arrays`` stages, e.g. a graph's edges), npz."""
-        atomic_write(self.item_path(image_id), lambda f: np.savez_compressed(f, **arrays))
-        self.clear_failure(image_id)
-
-    def read_arrays(self, image_id: str) -> dict[str, np.ndarray]:
-        path = self.item_path(image_id)
-        try:
-            with np.load(path) as z:
-                return {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self.stage}: no output for image '{image_id}' ({path})") from None
 
     def read_label(self, image_id: str, variant: str | None = None) -> np.ndarray:
         path = self.item_path(image_id, variant)

@@ -15,7 +15,6 @@ momentum, poly decay, 10x rate on the new layers; checkpoints and exact resume t
 """
 from __future__ import annotations
 
-
 import cv2
 import numpy as np
 import torch
