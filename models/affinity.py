@@ -13,7 +13,8 @@ for neighbours that fall outside the image: no N x N matrix is ever built.
     L_Ac      = bg+/4 + fg+/4 + neg/2, each the mean of its own pairs        (Eq. 3.10)
                 bg+: -log D over positive pairs whose centre is background,
                 fg+: the same for foreground centres, neg: -log(1 - D)
-    L_Ar      = 1/HW sum_i sum_{j in R(i)} G(i, j) |F_A(i) - F_A(j)|_1 / d_A   (Eq. 3.12)
+    L_Ar      = 1/|P| sum_i sum_{j in R(i)} G(i, j) |F_A(i) - F_A(j)|_1 / d_A   (Eq. 3.12)
+                |P|: the number of pairs (i, j), j in R(i) or j = i, as the released code
     G(i, j)   = exp(-|p_i - p_j|^2 / 2 s_xy^2 - |c_i - c_j|^2 / 2 s_rgb^2)   (Eq. 3.13)
 
 The printed Eq. 3.13 has unsquared norms; the Gaussian bandwidth filter it cites (and the
@@ -109,11 +110,20 @@ def gaussian_kernel(image: torch.Tensor, offsets: Sequence[tuple[int, int]], sig
     return k * valid_pairs(*image.shape[-2:], offsets, image.device)
 
 
-def affinity_reg_loss(distance: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """L_Ar (Eq. 3.12): the kernel-weighted L1 feature distance, summed over each pixel's
-    neighbours and averaged over pixels (and the batch)."""
+def affinity_reg_loss(distance: torch.Tensor, kernel: torch.Tensor, offsets: Sequence[tuple[int, int]],
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
+    """L_Ar (Eq. 3.12): the kernel-weighted L1 feature distance over every pair in the window,
+    divided by the number of pairs (the released code's gated-CRF normalisation, which also
+    counts each pixel's pair with itself; its weight 3 is tuned for that scale).
+
+    ``valid`` (N, H, W) marks real pixels (not crop padding): pairs touching padding are
+    left out of the sum and of the count.
+    """
     n, _, h, w = distance.shape
-    return (kernel * distance).sum() / (n * h * w)
+    centres = torch.ones(n, 1, h, w, dtype=distance.dtype, device=distance.device) if valid is None \
+        else valid.to(distance.dtype)[:, None]
+    pairs = centres * shifted(centres, offsets)[:, :, 0]
+    return (kernel * pairs * distance).sum() / (pairs.sum() + centres.sum()).clamp_min(1.0)
 
 
 class AffinityNet(nn.Module):

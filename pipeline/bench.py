@@ -180,3 +180,73 @@ def bench_seeds(device: str, height: int, width: int, images: int, threads: int,
              "box": "box: GrabCut M_B + M'_I + M_F + M_g",
              "scribble": "scribble: SLIC + expansion (M_S)", "point": "point: SLIC + expansion (M_P)"}
     return [{"case": label, **in_child(_seeds, kind, images, height, width, threads)} for kind, label in cases.items()]
+
+
+# --------------------------------------------------------------------------- graph + random walk
+def _affinity_graph(depth: int, radius: int, n: int, h: int, w: int, device: str, threads: int) -> dict[str, Any]:
+    import io
+
+    import torch
+
+    from models.affinity import AffinityNet, window_offsets
+    from stages.graph import image_graph
+
+    torch.set_num_threads(threads)
+    samples = demo_samples(n, h, w)
+    model = AffinityNet(depth).to(device).eval()
+    offsets = window_offsets(radius)
+    sizes = []
+
+    def work() -> int:
+        for image, _, _ in samples:
+            g = image_graph(model, offsets, image, 1e-3, device)
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **g)
+            sizes.append(buf.tell())
+        return len(samples)
+
+    out = measured(work, device, warmup=lambda: image_graph(model, offsets, samples[0][0], 1e-3, device))
+    return {**out, "graph_bytes": int(np.mean(sizes)), "nodes": int(np.prod(g["grid"])),
+            "edges": int(g["weight"].size)}
+
+
+def _walk(dense: bool, grid: tuple[int, int], radius: int, classes: int, n: int, beta: float, logt: int, device: str,
+          threads: int) -> dict[str, Any]:
+    import torch
+
+    from models.affinity import window_offsets
+    from models.graph import grid_edges, random_walk, random_walk_dense
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    # Smooth random features: affinities spread over (0, 1] like a trained net's.
+    f = torch.nn.functional.interpolate(torch.rand(1, 16, grid[0] // 4 + 1, grid[1] // 4 + 1, generator=gen),
+                                        size=grid, mode="bilinear", align_corners=False)[0] * 4
+    edge_index, weight = grid_edges(f.to(device), window_offsets(radius))
+    weight = weight.half().float()  # as stored
+    source = torch.rand(classes, grid[0] * grid[1], generator=gen).to(device)
+    walk = random_walk_dense if dense else random_walk
+
+    def work() -> int:
+        for _ in range(n):
+            walk(edge_index, weight, source, beta, logt)
+        return n
+
+    return {**measured(work, device), "nodes": grid[0] * grid[1], "edges": int(weight.numel())}
+
+
+@bench("random_walk")
+def bench_random_walk(device: str, height: int, width: int, images: int, threads: int, depth: int = 50,
+                      radius: int = 5, classes: int = 3, beta: float = 8.0, logt: int = 8, dense: bool = True,
+                      **_: Any) -> list[dict[str, Any]]:
+    """Graph construction (affinity net forward + edges, npz bytes) and the random walk on
+    the image's stride-8 grid: sparse (this project) against the dense N x N formulation of
+    the reference code, same graph, same source. ``--opt dense=false`` skips the dense case."""
+    grid = (-(-height // 8), -(-width // 8))
+    rows = [{"case": f"graph: affinity net resnet{depth} + edges r={radius}",
+             **in_child(_affinity_graph, depth, radius, images, height, width, device, threads)}]
+    for is_dense in ([False, True] if dense else [False]):
+        kind = "dense N x N, squared (reference code)" if is_dense else "sparse, O(N K) (this project)"
+        r = in_child(_walk, is_dense, grid, radius, classes, images, beta, logt, device, threads)
+        rows.append({"case": f"random walk {grid[0]}x{grid[1]} grid, logt {logt}: {kind}", **r})
+    return rows

@@ -2,11 +2,11 @@
 
     wsss run CONFIG [--from S] [--until S] [--only S] [--force S] [--set key=value]
     wsss status CONFIG            a table: stage, fingerprint, done/total, failed, time, metrics
-    wsss inspect CONFIG IMAGE_ID  one PNG panel: image, GT, every stage's labels
+    wsss inspect CONFIG IMAGE_ID  one PNG panel: image, GT, every stage's labels, graph edges
     wsss eval CONFIG --stage S    per-class IoU, mIoU, coverage, precision of one stage
     wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, tags) from GT
     wsss demo                     the whole pipeline on the built-in synthetic data
-    wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds)
+    wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, random_walk)
 """
 from __future__ import annotations
 
@@ -183,13 +183,23 @@ def eval_cmd(config: Path = ConfigArg, stage: str = typer.Option(..., "--stage",
 @app.command()
 def inspect(config: Path = ConfigArg, image_id: str = typer.Argument(..., help="Image id, e.g. train_0003."),
             out: Optional[Path] = typer.Option(None, help="Output PNG (default artifacts/<run>/inspect/<id>.png)."),
+            pixel: Optional[str] = typer.Option(None, help="X,Y of the pixel whose graph edges to show "
+                                                           "(default: the image centre)."),
             overrides: Optional[list[str]] = SetOpt) -> None:
-    """Write one PNG panel: image, GT and every stage's labels for IMAGE_ID; print its path."""
+    """Write one PNG panel: image, GT, every stage's labels for IMAGE_ID and the graph edges
+    of one pixel as a heat map; print its path."""
     from .visualize import inspect_panel
 
     the_run = _make_run(config, overrides)
+    where = None
+    if pixel is not None:
+        try:
+            x, y = (int(v) for v in pixel.split(","))
+        except ValueError:
+            _fail(f"--pixel {pixel!r}: expected X,Y, e.g. 80,60")
+        where = (x, y)
     try:
-        path = inspect_panel(the_run, image_id, out)
+        path = inspect_panel(the_run, image_id, out, where)
     except (DataError, KeyError) as err:
         _fail(str(err).strip('"'))
     console.print(str(path))
@@ -232,7 +242,7 @@ def demo(overrides: Optional[list[str]] = SetOpt,
 
 
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds."),
+def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds, random_walk."),
               device: str = typer.Option("auto", help="auto, cpu or cuda."),
               size: str = typer.Option("500x375", help="Image WIDTHxHEIGHT (VOC-typical default)."),
               images: int = typer.Option(8, help="Images per case."),
@@ -260,6 +270,8 @@ def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds.
                          threads=threads or (os.cpu_count() or 1), **kwargs)
     table = Table(title=f"bench {name}: {width}x{height}, {dev}, {threads or os.cpu_count()} threads")
     cols = ["case", "images_per_s", "s_per_image", "peak_rss_mb", "peak_over_start_mb", "peak_gpu_mb"]
+    hidden = {"images", "seconds", "rss_before_mb"}
+    cols += [k for k in dict.fromkeys(k for row in rows for k in row) if k not in cols and k not in hidden]
     for col in cols:
         table.add_column(col, justify="left" if col == "case" else "right")
     for row in rows:

@@ -176,6 +176,30 @@ class AffinityTrainConfig(SgdTrainConfig):
     reg_weight: Annotated[float, Field(ge=0.0)] = 3.0
 
 
+class GraphConfig(Section):
+    """Image -> graph (Eq. 3.14-3.15): edges within the affinity radius where D > threshold.
+    Node features (~20 MB per VOC image for ResNet-50) are stored only on request;
+    otherwise they are recomputed from the affinity checkpoint downstream."""
+
+    threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 1e-3
+    store_features: bool = False
+
+
+class RandomWalkConfig(Section):
+    """PSA random walk: M T^(2^logt), T = column-normalised A^beta (defaults as PSA's code).
+
+    ``source``: what is propagated. ``cam``: the CAM foreground with background
+    ``(1 - max)^alpha`` (PSA; the default for tags and points); ``seeds``: the seed map M_g,
+    one-hot on known pixels and zero on unknown ones (the default for boxes and scribbles,
+    whose seeds are the better start); ``auto`` picks by supervision.
+    """
+
+    beta: PositiveFloat = 8.0
+    logt: Annotated[int, Field(ge=0, le=12)] = 8
+    alpha: PositiveFloat = 16.0
+    source: Literal["auto", "cam", "seeds"] = "auto"
+
+
 class Config(Section):
     """A whole run. Defaults are the built-in demo (box supervision on synthetic data)."""
 
@@ -195,12 +219,16 @@ class Config(Section):
     cam: CamConfig = Field(default_factory=CamConfig)
     seeds: SeedsConfig = Field(default_factory=SeedsConfig)
     affinity_train: AffinityTrainConfig = Field(default_factory=AffinityTrainConfig)
+    graph: GraphConfig = Field(default_factory=GraphConfig)
+    random_walk: RandomWalkConfig = Field(default_factory=RandomWalkConfig)
     crf: CrfConfig = Field(default_factory=CrfConfig)
 
     @model_validator(mode="after")
     def _check_cam(self) -> "Config":
         if self.supervision == "image" and not self.cam.enabled:
             raise ValueError("supervision 'image' needs CAMs: cam.enabled must be true")
+        if self.random_walk.source == "cam" and not self.cam.enabled:
+            raise ValueError("random_walk.source 'cam' needs CAMs: cam.enabled must be true")
         return self
 
     def run_dir(self) -> Path:

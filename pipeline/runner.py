@@ -330,6 +330,8 @@ def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float
         "counts": {"total": len(ids), "done": len(done & set(ids)), "failed": len(failures)},
         "failures": failures, "timings": timings, "bytes": store.bytes_on_disk(),
     })
+    if spec.per_image and done:
+        manifest["bytes_per_image"] = round(manifest["bytes"] / len(done))
     info = {k: v for r in results for k, v in r.info.items()}
     if info:
         manifest["info"] = info

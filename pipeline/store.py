@@ -4,7 +4,7 @@ Layout (ARCHITECTURE.md)::
 
     <run>/config.yaml
     <run>/<stage>/<fingerprint>/manifest.json
-    <run>/<stage>/<fingerprint>/items/<image_id>.png|.npz
+    <run>/<stage>/<fingerprint>/items/<image_id>.png|.npz   labels | soft maps, arrays (graphs)
     <run>/<stage>/<fingerprint>/items/<map>/<image_id>.png   named extra maps (seeds: M_I, M_F, ...)
     <run>/<stage>/<fingerprint>/failed/<image_id>.json
     <run>/<stage>/<fingerprint>/model.pt, ckpt-*.pt
@@ -34,7 +34,7 @@ from PIL import Image
 from stages.base import DataError
 
 LABEL_EXT = ".png"
-SOFT_EXT = ".npz"
+SOFT_EXT = ".npz"  # soft maps and named arrays (graphs)
 
 
 def fingerprint(payload: dict[str, Any]) -> str:
@@ -127,7 +127,7 @@ class StageStore:
         self.dir = self.run_dir / stage / fp
         self.items_dir = self.dir / "items"
         self.failed_dir = self.dir / "failed"
-        self.ext = SOFT_EXT if output == "soft" else LABEL_EXT
+        self.ext = SOFT_EXT if output in ("soft", "arrays") else LABEL_EXT
 
     # ----------------------------------------------------------------- items
     def item_path(self, image_id: str, variant: str | None = None) -> Path:
@@ -159,6 +159,19 @@ class StageStore:
             raise ValueError(f"soft map shape {probs.shape} does not match {class_ids.size} class ids")
         atomic_write(self.item_path(image_id), lambda f: np.savez_compressed(f, probs=probs, class_ids=class_ids))
         self.clear_failure(image_id)
+
+    def write_arrays(self, image_id: str, arrays: dict[str, np.ndarray]) -> None:
+        """Named arrays of one image (an ``arrays`` stage, e.g. a graph), compressed npz."""
+        atomic_write(self.item_path(image_id), lambda f: np.savez_compressed(f, **arrays))
+        self.clear_failure(image_id)
+
+    def read_arrays(self, image_id: str) -> dict[str, np.ndarray]:
+        path = self.item_path(image_id)
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.stage}: no output for image '{image_id}' ({path})") from None
 
     def read_label(self, image_id: str, variant: str | None = None) -> np.ndarray:
         path = self.item_path(image_id, variant)

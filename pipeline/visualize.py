@@ -1,4 +1,5 @@
-"""``wsss inspect``: one PNG panel per image (image, GT, every stage's labels, named)."""
+"""``wsss inspect``: one PNG panel per image (image, GT, every stage's labels, named; for a
+graph stage, the edge weights of one pixel's node as a heat map over the image)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,32 @@ def _tile(array: np.ndarray, title: str, height: int) -> Image.Image:
     return tile
 
 
-def inspect_panel(run, image_id: str, out: Path | None = None) -> Path:
-    """Compose the panel for ``image_id`` and write it; returns the PNG path."""
+def edge_heatmap(image: np.ndarray, graph: dict[str, np.ndarray], pixel: tuple[int, int],
+                 stride: int = 8) -> np.ndarray:
+    """The image dimmed, overlaid with E_ij of the node j under ``pixel`` (x, y) for every
+    neighbour i (jet colours, 0 = no edge), the chosen cell outlined in white."""
+    import cv2
+
+    h, w = (int(v) for v in graph["grid"])
+    x, y = pixel
+    if not (0 <= x < image.shape[1] and 0 <= y < image.shape[0]):
+        raise DataError("--pixel", f"({x}, {y}) is outside the {image.shape[1]}x{image.shape[0]} image")
+    node = (y // stride) * w + x // stride
+    src, dst = graph["edge_index"].astype(np.int64)
+    heat = np.zeros(h * w, np.float32)
+    into = dst == node
+    heat[src[into]] = graph["weight"][into].astype(np.float32)
+    heat = np.kron(heat.reshape(h, w), np.ones((stride, stride), np.float32))[:image.shape[0], :image.shape[1]]
+    colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    mixed = np.where(heat[..., None] > 0, 0.35 * image + 0.65 * colour, 0.35 * image).astype(np.uint8)
+    y0, x0 = (y // stride) * stride, (x // stride) * stride
+    cv2.rectangle(mixed, (x0, y0), (x0 + stride - 1, y0 + stride - 1), (255, 255, 255), 1)
+    return mixed
+
+
+def inspect_panel(run, image_id: str, out: Path | None = None, pixel: tuple[int, int] | None = None) -> Path:
+    """Compose the panel for ``image_id`` and write it; returns the PNG path. ``pixel``
+    (x, y; default the image centre) picks the node whose edges a graph stage shows."""
     known = {i for name in run.names for i in run.ids(name)}
     if image_id not in known:
         raise DataError(run.dataset.name, f"unknown image id '{image_id}' (e.g. {sorted(known)[:3]})")
@@ -41,6 +66,10 @@ def inspect_panel(run, image_id: str, out: Path | None = None) -> Path:
         tiles.append(_tile(colourize(gt), "ground truth", h))
     for name in run.names:
         store = run.store(name)
+        if store.kind == "arrays" and store.has(image_id):
+            where = pixel or (image.shape[1] // 2, image.shape[0] // 2)
+            heat = edge_heatmap(image, store.read_arrays(image_id), where)
+            tiles.append(_tile(heat, f"{name}: edges of ({where[0]},{where[1]})", h))
         if store.kind not in ("label", "soft"):
             continue  # training stages have no per-image output
         for variant in [*run.spec(name).variants(run.config), None]:

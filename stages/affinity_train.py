@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from models.affinity import (AffinityNet, affinity_class_loss, affinity_reg_loss, gaussian_kernel, pair_distance,
-                             pair_labels, shifted, window_offsets)
+                             pair_labels, window_offsets)
 from models.backbones import DEPTHS, normalize, weights_path
 
 from .augment import scale_flip_crop, step_rng
@@ -29,7 +29,7 @@ from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
 from .seeds import affinity_map
 from .training import release, train_loop
 
-VERSION = "1"
+VERSION = "2"  # 2: L_Ar divided by the number of pairs, as the released code
 
 
 def radius_of(config) -> int:
@@ -51,9 +51,7 @@ def affinity_loss(model: AffinityNet, images: torch.Tensor, seeds: torch.Tensor,
     dist = pair_distance(f_a, offsets)
     out = affinity_class_loss(torch.exp(-dist), pair_labels(seeds, offsets))
     rgb = F.interpolate(normalize(images), size=f_a.shape[-2:], mode="bilinear", align_corners=False)
-    v = valid.float()[:, None]
-    kernel = gaussian_kernel(rgb, offsets, sigma_xy, sigma_rgb) * v * shifted(v, offsets)[:, :, 0]
-    out["reg"] = affinity_reg_loss(dist, kernel)
+    out["reg"] = affinity_reg_loss(dist, gaussian_kernel(rgb, offsets, sigma_xy, sigma_rgb), offsets, valid)
     out["class"] = out["loss"]
     out["loss"] = out["class"] + reg_weight * out["reg"]
     return out

@@ -1,7 +1,7 @@
 """``crf``: dense-CRF refinement of the latest label or probability map.
 
 Input (``crf.input: auto``): the most refined upstream stage the supervision type has
-(today: ``seeds``, i.e. M_g). Hard labels become a unary with ``gt_prob`` on the label (unknown
+(today: ``random_walk`` where it propagates CAMs, i.e. tags and points; else ``seeds``, M_g). Hard labels become a unary with ``gt_prob`` on the label (unknown
 pixels uniform, see :func:`models.crf.unary_from_labels`); probabilities are used as
 -log p. Output: a full label map. Images run in parallel across worker processes.
 """
@@ -12,11 +12,21 @@ import numpy as np
 from models.crf import CrfParams, crf_from_labels, crf_from_probs
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .random_walk import source_of
 
 VERSION = "1"
 
 # The refinement candidates, most refined first; `auto` takes the first one in the DAG.
-CANDIDATES = ("seeds", "box_seeds")
+CANDIDATES = ("random_walk", "seeds", "box_seeds")
+
+
+def _candidate(name: str, config) -> bool:
+    spec = STAGES.get(name)
+    if config.supervision not in spec.supervisions or not spec.enabled(config):
+        return False
+    # The random walk replaces the seeds where it propagates CAMs (PSA's role: tags, points);
+    # where it propagates the confident seeds (boxes, scribbles) it is the Table 3.4 baseline.
+    return name != "random_walk" or source_of(config) == "cam"
 
 
 def _one(ctx: StageContext, image_id: str) -> dict:
@@ -33,15 +43,16 @@ def _one(ctx: StageContext, image_id: str) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
-    return run_items(ctx, _one, desc="dense CRF")
+    result = run_items(ctx, _one, desc="dense CRF")
+    result.info["input"] = ctx.input().stage
+    return result
 
 
 def inputs(config) -> list[str]:
     if config.crf.input != "auto":
         return [config.crf.input]
     for name in CANDIDATES:
-        spec = STAGES.get(name)
-        if config.supervision in spec.supervisions and spec.enabled(config):
+        if _candidate(name, config):
             return [name]
     raise ValueError(f"crf: no input stage for supervision '{config.supervision}'")
 

@@ -57,7 +57,7 @@ def test_pair_labels_match_a_double_loop(shape):
 
 def _naive_losses(feat, image, seeds, r, sxy, srgb):
     c, h, w = feat.shape
-    bg, fg, neg, reg = [], [], [], 0.0
+    bg, fg, neg, reg, pairs = [], [], [], 0.0, h * w  # the released code counts each pixel's self-pair
     labels = _naive_pairs(seeds, r, "disk")
     for y in range(h):
         for x in range(w):
@@ -71,6 +71,7 @@ def _naive_losses(feat, image, seeds, r, sxy, srgb):
                     g = math.exp(-(dy * dy + dx * dx) / (2 * sxy ** 2)) * torch.exp(
                         -((image[:, y, x] - image[:, v, u]) ** 2).sum() / (2 * srgb ** 2))
                     reg = reg + g * dist
+                    pairs += 1
                     kind = labels.get((y, x, v, u))
                     if kind == "bg":
                         bg.append(-torch.log(aff + 1e-5))
@@ -79,7 +80,7 @@ def _naive_losses(feat, image, seeds, r, sxy, srgb):
                     elif kind == "neg":
                         neg.append(-torch.log(1 + 1e-5 - aff))
     mean = lambda xs: torch.stack(xs).sum() / (len(xs) + 1e-5)  # noqa: E731
-    return mean(bg) / 4 + mean(fg) / 4 + mean(neg) / 2, reg / (h * w)
+    return mean(bg) / 4 + mean(fg) / 4 + mean(neg) / 2, reg / pairs
 
 
 def test_losses_and_gradients_match_a_double_loop():
@@ -92,7 +93,8 @@ def test_losses_and_gradients_match_a_double_loop():
     offsets = window_offsets(2)
     aff = pair_affinity(feat_a[None], offsets)
     l_ac = affinity_class_loss(aff, pair_labels(torch.from_numpy(seeds)[None], offsets))["loss"]
-    l_ar = affinity_reg_loss(pair_distance(feat_a[None], offsets), gaussian_kernel(image[None], offsets, 6.0, 0.1))
+    l_ar = affinity_reg_loss(pair_distance(feat_a[None], offsets), gaussian_kernel(image[None], offsets, 6.0, 0.1),
+                             offsets)
     ref_ac, ref_ar = _naive_losses(feat_b, image, seeds, 2, 6.0, 0.1)
     torch.testing.assert_close(l_ac, ref_ac)
     torch.testing.assert_close(l_ar, ref_ar)
@@ -145,3 +147,25 @@ def test_affinity_training_fits_one_image_and_skips_padding():
     # with every pixel marked as padding, neither term sees a pair
     none = affinity_loss(net, image, torch.full_like(seeds, 255), torch.zeros_like(valid), offsets, 6.0, 0.1, 3.0)
     assert float(none["loss"].detach()) == 0.0
+
+
+def test_reg_loss_leaves_out_padding_pairs_from_sum_and_count():
+    torch.manual_seed(1)
+    feat = torch.randn(1, 3, 4, 5, dtype=torch.float64)
+    image = torch.randn(1, 3, 4, 5, dtype=torch.float64) * 0.1
+    valid = torch.ones(1, 4, 5, dtype=torch.bool)
+    valid[:, :, 3:] = False  # the last two columns are crop padding
+    offsets = window_offsets(2)
+    got = affinity_reg_loss(pair_distance(feat, offsets), gaussian_kernel(image, offsets, 6.0, 0.1), offsets, valid)
+    total, count = 0.0, 0
+    for y in range(4):
+        for x in range(3):
+            count += 1  # the self-pair
+            for dy, dx in offsets:
+                v, u = y + dy, x + dx
+                if 0 <= v < 4 and 0 <= u < 3:
+                    d = (feat[0, :, y, x] - feat[0, :, v, u]).abs().mean()
+                    g = math.exp(-(dy * dy + dx * dx) / 72) * torch.exp(
+                        -((image[0, :, y, x] - image[0, :, v, u]) ** 2).sum() / 0.02)
+                    total, count = total + g * d, count + 1
+    torch.testing.assert_close(got, total / count)

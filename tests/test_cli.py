@@ -44,12 +44,12 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     path = write_config(tmp_path)
     res = runner.invoke(app, ["run", str(path), "--until", "box_seeds"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["run", str(path), "--only", "seeds", "--only", "affinity_train", "--only", "crf"])
+    res = runner.invoke(app, ["run", str(path), "--from", "seeds"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["status", str(path)])
     assert res.exit_code == 0 and "box_seeds" in res.output and "4/4" in res.output and "complete" in res.output
     res = runner.invoke(app, ["run", str(path)])
-    assert "all 4 stage(s) cached" in res.output
+    assert "all 6 stage(s) cached" in res.output
     res = runner.invoke(app, ["eval", str(path), "--stage", "seeds", "--map", "M_F"])
     assert res.exit_code == 2 and "has no map 'M_F'" in res.output  # no CAM, no fusion
     res = runner.invoke(app, ["eval", str(path), "--stage", "crf"])
@@ -60,7 +60,11 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     png = tmp_path / "art" / "cli" / "inspect" / "train_0001.png"
     assert png.is_file()
     w, h = Image.open(png).size
-    assert w > 5 * 160 and h > 120  # image, GT, box_seeds, seeds, crf side by side
+    assert w > 7 * 160 and h > 120  # image, GT, box_seeds, seeds, graph edges, random_walk, crf side by side
+    res = runner.invoke(app, ["inspect", str(path), "train_0001", "--pixel", "10,20"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["inspect", str(path), "train_0001", "--pixel", "999,20"])
+    assert res.exit_code == 2 and "outside the 160x120 image" in res.output
     res = runner.invoke(app, ["inspect", str(path), "nope_1"])
     assert res.exit_code == 2 and "unknown image id" in res.output
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import yaml
 
+from models.affinity import window_offsets
 from models.metrics import confusion_matrix, scores
 from pipeline.config import config_from_dict
 from pipeline.runner import make_run, run_local
@@ -13,11 +14,11 @@ from .conftest import ROOT, demo_config
 
 @pytest.fixture(scope="session")
 def demo_box_run(tmp_path_factory):
-    """configs/demo.yaml (what `make demo` runs) up to the seeds, once per session."""
+    """configs/demo.yaml (what `make demo` runs) up to the random walk, once per session."""
     data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     data.update(output_root=str(tmp_path_factory.mktemp("demo") / "artifacts"), engine="local", workers=2)
     run = make_run(config_from_dict(data, "configs/demo.yaml"))
-    run_local(run, ["box_seeds", "cam_train", "cam", "seeds"])
+    run_local(run, ["box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph", "random_walk"])
     return run
 
 
@@ -68,10 +69,24 @@ def test_confident_seeds_are_more_precise_than_fused_than_cam(demo_box_run):
     assert m_g["coverage"] < maps["M_F"]["coverage"]
 
 
+def test_random_walk_beats_the_seeds_it_starts_from(demo_box_run):
+    """Table 3.4's "+L_Ac +RW" step at demo scale: propagating the confident seeds M_g over
+    the affinity graph labels every pixel and raises mIoU."""
+    seeds = demo_box_run.store("seeds").read_manifest()["metrics"]
+    walk = demo_box_run.store("random_walk").read_manifest()
+    assert walk["info"]["source"] == "seeds"
+    assert walk["metrics"]["coverage"] == 1.0
+    assert walk["metrics"]["miou"] > seeds["miou"] + 0.05, (walk["metrics"]["miou"], seeds["miou"])
+    graph = demo_box_run.store("graph").read_manifest()
+    assert graph["metrics"]["nodes_per_image"] == 20 * 15  # 160x120 at stride 8
+    assert 1 < graph["metrics"]["edges_per_node"] <= 1 + len(window_offsets(4))  # box radius 4
+    assert graph["bytes_per_image"] > 0
+
+
 @pytest.mark.parametrize("sup", ["scribble", "point"])
 def test_demo_superpixel_seeds_without_cam(tmp_path, sup):
     run = make_run(demo_config(tmp_path, supervision=sup, cam__enabled=False, workers=2))
-    assert run.names == ["seeds", "affinity_train", "crf"]
+    assert run.names == ["seeds", "affinity_train", "graph", "random_walk", "crf"]
     m = run_local(run, ["seeds"])["seeds"]["metrics"]
     assert m["precision"] > 0.9
     assert m["coverage"] > (0.12 if sup == "scribble" else 0.003)

@@ -89,7 +89,7 @@ def test_force_recomputes_stage_and_downstream(tmp_path, counters):
     run = make_run(demo_config(tmp_path))
     run_local(run, run.names)
     seeds.calls.clear(), crf.calls.clear()
-    assert forced(run, ["box_seeds"]) == {"box_seeds", "seeds", "affinity_train", "crf"}
+    assert forced(run, ["box_seeds"]) == {"box_seeds", "seeds", "affinity_train", "graph", "random_walk", "crf"}
     run_local(run, run.names, forced(run, ["box_seeds"]))
     assert len(seeds.calls) == len(crf.calls) == len(run.ids("crf"))
 

@@ -1,0 +1,116 @@
+"""Image -> graph (thesis Eq. 3.14-3.15) and random-walk propagation (PSA / IRN).
+
+Nodes are the cells of the stride-8 feature grid, numbered in raster order
+(``node = y * w + x``). Edges are stored as a PyG-style ``edge_index`` (2, E) with
+``edge_index[0]`` the source i, ``edge_index[1]`` the target j, and one weight each::
+
+    E_ij = D(i, j)   if D(i, j) > sigma (1e-3) and j - i is a window offset    (Eq. 3.14)
+    E_ii = 1                                                       (self-loops)
+    x_i  = x_i / sum_d x_id        (node features, L1 per row; ReLU'd, so >= 0)  (Eq. 3.15)
+
+Random walk (Ahn & Kwak's PSA, kept by IRN and SEAM)::
+
+    T = A^beta / (1^T A^beta)      (column-normalised, A = E with its self-loops)
+    M' = M T^(2^logt)              (M: C x N class scores)
+
+The reference code forms T as a dense N x N matrix and squares it ``logt`` times, which is
+O(N^2) memory and O(N^3 logt) time. :func:`random_walk` applies the same operator as
+``2^logt`` sparse products with the E edges instead: O(N K) memory for K neighbours,
+O(2^logt E C) time. The two are equal up to float rounding (tested); the dense one is
+kept as :func:`random_walk_dense` for tests and the benchmark.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .affinity import pair_affinity, valid_pairs
+
+EDGE_THRESHOLD = 1e-3
+
+
+def grid_edges(f_a: torch.Tensor, offsets: Sequence[tuple[int, int]],
+               threshold: float = EDGE_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges of one image's grid graph from its affinity features F_A (C, h, w) (Eq. 3.14).
+
+    Returns ``(edge_index (2, E) int64, weight (E,))``: the N self-loops first (weight 1),
+    then, offset by offset, every in-image pair (i, i + o) with D > ``threshold``.
+    """
+    _, h, w = f_a.shape
+    n = h * w
+    aff = pair_affinity(f_a[None], offsets)[0]  # (K, h, w), 0 outside the image
+    keep = valid_pairs(h, w, offsets, f_a.device) & (aff > threshold)
+    k, ys, xs = keep.nonzero(as_tuple=True)
+    d = torch.tensor(offsets, dtype=torch.long, device=f_a.device)
+    src = ys * w + xs
+    dst = (ys + d[k, 0]) * w + (xs + d[k, 1])
+    loops = torch.arange(n, device=f_a.device)
+    edge_index = torch.stack([torch.cat([loops, src]), torch.cat([loops, dst])])
+    weight = torch.cat([torch.ones(n, dtype=aff.dtype, device=aff.device), aff[k, ys, xs]])
+    return edge_index, weight
+
+
+def node_features(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """(C, h, w) raw node features -> (N, C), each row divided by its sum (Eq. 3.15)."""
+    rows = x.flatten(1).t()
+    return rows / rows.abs().sum(1, keepdim=True).clamp_min(eps)
+
+
+def transition(edge_index: torch.Tensor, weight: torch.Tensor, n: int, beta: float,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """T^T as a sparse CSR (N, N) matrix: row j holds A_ij^beta / sum_i A_ij^beta."""
+    a = weight.to(dtype) ** beta
+    col_sum = torch.zeros(n, dtype=a.dtype, device=a.device).index_add_(0, edge_index[1], a)
+    values = a / col_sum[edge_index[1]].clamp_min(torch.finfo(dtype).tiny)
+    t = torch.sparse_coo_tensor(edge_index.flip(0), values, (n, n), check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # "CSR support is in beta"; CSR products are ~20x faster than COO here
+        warnings.simplefilter("ignore", UserWarning)
+        return t.to_sparse_csr()
+
+
+def random_walk(edge_index: torch.Tensor, weight: torch.Tensor, source: torch.Tensor, beta: float = 8.0,
+                logt: int = 8) -> torch.Tensor:
+    """``M T^(2^logt)`` for scores ``source`` (C, N), by 2^logt sparse products; O(E) memory.
+    Computed in ``source.dtype``."""
+    n = source.shape[1]
+    t_transposed = transition(edge_index, weight, n, beta, source.dtype)
+    x = source.t().contiguous()  # (N, C): M'^T = (T^T)^(2^logt) M^T
+    for _ in range(2 ** logt):
+        x = t_transposed @ x
+    return x.t()
+
+
+def random_walk_dense(edge_index: torch.Tensor, weight: torch.Tensor, source: torch.Tensor, beta: float = 8.0,
+                      logt: int = 8) -> torch.Tensor:
+    """The reference code's formulation: dense T, squared ``logt`` times; O(N^2) memory.
+    Computed in ``source.dtype``."""
+    n = source.shape[1]
+    a = torch.zeros(n, n, dtype=source.dtype, device=source.device)
+    a.index_put_((edge_index[0], edge_index[1]), weight.to(source.dtype) ** beta, accumulate=True)
+    t = a / a.sum(0, keepdim=True).clamp_min(torch.finfo(source.dtype).tiny)
+    del a
+    for _ in range(logt):
+        t = t @ t
+    return source @ t
+
+
+def to_grid(maps: torch.Tensor, stride: int = 8) -> torch.Tensor:
+    """(C, H, W) -> (C, ceil(H/s), ceil(W/s)): the mean of each s x s cell over the pixels
+    inside the image (the last row and column of cells may be partly outside)."""
+    c, h, w = maps.shape
+    gh, gw = -(-h // stride), -(-w // stride)
+    pad = (0, gw * stride - w, 0, gh * stride - h)
+    total = F.avg_pool2d(F.pad(maps, pad)[None], stride, divisor_override=1)[0]
+    count = F.avg_pool2d(F.pad(torch.ones(1, h, w, dtype=maps.dtype, device=maps.device), pad)[None], stride,
+                         divisor_override=1)[0]
+    return total / count
+
+
+def from_grid(maps: torch.Tensor, size: tuple[int, int], stride: int = 8) -> torch.Tensor:
+    """(C, h, w) grid maps -> (C, H, W): bilinear upsampling by ``stride``, cropped to ``size``
+    (the inverse placement of :func:`to_grid`)."""
+    up = F.interpolate(maps[None], scale_factor=stride, mode="bilinear", align_corners=False)[0]
+    return up[:, :size[0], :size[1]]

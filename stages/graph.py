@@ -1,0 +1,107 @@
+"""``graph``: every training image as a graph on the stride-8 grid (thesis Eq. 3.14-3.15).
+
+Per image, one forward pass of the trained affinity CNN (``affinity_train``'s model.pt) on
+the whole image gives F_A and the node features X. Edges link each cell to the cells of
+the window the affinity net was trained on (its radius and neighbourhood), weighted
+``E_ij = D(i, j)`` where ``D > graph.threshold``, plus self-loops of weight 1
+(:func:`models.graph.grid_edges`). Stored per image as an npz of::
+
+    edge_index  int32 (2, E)   source, target (raster node ids, node = y * w + x)
+    weight      float16 (E,)
+    grid        int32 (2,)     h, w of the grid (h = ceil(H / 8), w = ceil(W / 8))
+    features    float16 (N, C) L1-normalised node features (Eq. 3.15), only with
+                               ``graph.store_features: true``
+
+Without stored features, :func:`node_features_of` recomputes them from the checkpoint;
+inference is deterministic (eval mode, no dropout), so both give the same X.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.affinity import AffinityNet, window_offsets
+from models.graph import grid_edges, node_features
+
+from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .training import release
+
+VERSION = "1"
+STRIDE = 8
+
+
+def load_affinity(state: dict[str, Any], device: str) -> tuple[AffinityNet, list[tuple[int, int]]]:
+    """The trained affinity net (eval mode) and the offsets it was trained with."""
+    model = AffinityNet(state["arch"]["depth"], "none")
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval(), window_offsets(state["radius"], state["neighbourhood"])
+
+
+@torch.no_grad()
+def affinity_outputs(model: AffinityNet, image: np.ndarray, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F_A (448, h, w), raw node features (C, h, w)) of one HxWx3 uint8 image."""
+    x = torch.tensor(image, dtype=torch.float32, device=device).permute(2, 0, 1)[None]
+    f_a, feats = model(x)
+    return f_a[0], feats[0]
+
+
+def image_graph(model: AffinityNet, offsets: list[tuple[int, int]], image: np.ndarray, threshold: float,
+                device: str, store_features: bool = False) -> dict[str, np.ndarray]:
+    """The arrays stored for one image (see the module docstring)."""
+    f_a, feats = affinity_outputs(model, image, device)
+    edge_index, weight = grid_edges(f_a, offsets, threshold)
+    out = {"edge_index": edge_index.to(torch.int32).cpu().numpy(),
+           "weight": weight.to(torch.float16).cpu().numpy(),
+           "grid": np.array(f_a.shape[-2:], np.int32)}
+    if store_features:
+        out["features"] = node_features(feats).to(torch.float16).cpu().numpy()
+    return out
+
+
+def node_features_of(graph: dict[str, np.ndarray], model: AffinityNet | None, image: np.ndarray,
+                     device: str) -> torch.Tensor:
+    """X (N, C) of Eq. 3.15: the stored features, or recomputed from the affinity net."""
+    if "features" in graph:
+        return torch.from_numpy(graph["features"].astype(np.float32))
+    if model is None:
+        raise ValueError("the graph has no stored node features and no affinity model was given")
+    return node_features(affinity_outputs(model, image, device)[1]).cpu()
+
+
+def _one(ctx: StageContext, image_id: str, model: AffinityNet, offsets: list[tuple[int, int]]) -> dict:
+    image = ctx.dataset.load_image(image_id)
+    ctx.out.write_arrays(image_id, image_graph(model, offsets, image, ctx.cfg.threshold, ctx.device,
+                                               ctx.cfg.store_features))
+    return {}
+
+
+def run(ctx: StageContext) -> StageResult:
+    model, offsets = load_affinity(ctx.input("affinity_train").read_model(), ctx.device)
+    result = run_items(ctx, functools.partial(_one, model=model, offsets=offsets), desc="graph")
+    del model
+    release(ctx.device)
+    return result
+
+
+def report(ctx: StageContext) -> dict[str, Any]:
+    """Graph size: nodes and edges per node (self-loop included); the manifest has the bytes."""
+    nodes = edges = files = 0
+    for image_id in ctx.ids:
+        if not ctx.out.has(image_id):
+            continue
+        g = ctx.out.read_arrays(image_id)
+        nodes += int(np.prod(g["grid"]))
+        edges += int(g["weight"].size)
+        files += 1
+    if not files:
+        return {}
+    return {"nodes_per_image": round(nodes / files, 1), "edges_per_node": round(edges / max(nodes, 1), 2)}
+
+
+SPEC = STAGES.register("graph", StageSpec(
+    name="graph", run=run, inputs=lambda config: ["affinity_train"], supervisions=("box", "scribble", "point", "image"),
+    output="arrays", version=VERSION, parallel=False, report=report,
+    description="image -> grid graph (E_ij = D(i,j) > 1e-3, self-loops)"))
