@@ -182,6 +182,47 @@ def bench_seeds(device: str, height: int, width: int, images: int, threads: int,
     return [{"case": label, **in_child(_seeds, kind, images, height, width, threads)} for kind, label in cases.items()]
 
 
+# --------------------------------------------------------------------------- affinity training
+def _affinity_train_step(depth: int, radius: int, batch: int, crop: int, steps: int, device: str,
+                         threads: int) -> dict[str, Any]:
+    import torch
+
+    from models.affinity import AffinityNet, window_offsets
+    from stages.affinity_train import affinity_loss
+
+    torch.set_num_threads(threads)
+    model = AffinityNet(depth).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (batch, 3, crop, crop), generator=gen).float().to(device)
+    grid = crop // 8
+    seeds = torch.randint(0, 3, (batch, grid, grid), generator=gen).to(device)
+    seeds[torch.rand(seeds.shape, generator=gen).to(device) < 0.3] = 255
+    valid = torch.ones(batch, grid, grid, dtype=torch.bool, device=device)
+    offsets = window_offsets(radius)
+
+    def step() -> None:
+        loss = affinity_loss(model, x, seeds, valid, offsets, 6.0, 0.1, 3.0)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def work() -> int:
+        for _ in range(steps):
+            step()
+        return steps * batch
+
+    return measured(work, device, warmup=step)
+
+
+@bench("affinity_train")
+def bench_affinity_train(device: str, images: int, threads: int, depth: int = 50, radius: int = 5, batch: int = 4,
+                         crop: int = 448, **_: Any) -> list[dict[str, Any]]:
+    """Affinity CNN training throughput (L_Ac + 3 L_Ar, one SGD step per batch), VOC settings."""
+    r = in_child(_affinity_train_step, depth, radius, batch, crop, max(1, images // batch), device, threads)
+    return [{"case": f"affinity_train step resnet{depth} os8 batch {batch} crop {crop} r={radius}", **r}]
+
+
 # --------------------------------------------------------------------------- graph + random walk
 def _affinity_graph(depth: int, radius: int, n: int, h: int, w: int, device: str, threads: int) -> dict[str, Any]:
     import io
@@ -195,7 +236,7 @@ def _affinity_graph(depth: int, radius: int, n: int, h: int, w: int, device: str
     samples = demo_samples(n, h, w)
     model = AffinityNet(depth).to(device).eval()
     offsets = window_offsets(radius)
-    sizes = []
+    sizes, edges = [], []
 
     def work() -> int:
         for image, _, _ in samples:
@@ -203,11 +244,11 @@ def _affinity_graph(depth: int, radius: int, n: int, h: int, w: int, device: str
             buf = io.BytesIO()
             np.savez_compressed(buf, **g)
             sizes.append(buf.tell())
+            edges.append(g["weight"].size)
         return len(samples)
 
     out = measured(work, device, warmup=lambda: image_graph(model, offsets, samples[0][0], 1e-3, device))
-    return {**out, "graph_bytes": int(np.mean(sizes)), "nodes": int(np.prod(g["grid"])),
-            "edges": int(g["weight"].size)}
+    return {**out, "graph_bytes": int(np.mean(sizes)), "nodes": -(-h // 8) * -(-w // 8), "edges": int(np.mean(edges))}
 
 
 def _walk(dense: bool, grid: tuple[int, int], radius: int, classes: int, n: int, beta: float, logt: int, device: str,
@@ -238,11 +279,12 @@ def _walk(dense: bool, grid: tuple[int, int], radius: int, classes: int, n: int,
 @bench("random_walk")
 def bench_random_walk(device: str, height: int, width: int, images: int, threads: int, depth: int = 50,
                       radius: int = 5, classes: int = 3, beta: float = 8.0, logt: int = 8, dense: bool = True,
-                      **_: Any) -> list[dict[str, Any]]:
+                      grid_stride: int = 8, **_: Any) -> list[dict[str, Any]]:
     """Graph construction (affinity net forward + edges, npz bytes) and the random walk on
     the image's stride-8 grid: sparse (this project) against the dense N x N formulation of
-    the reference code, same graph, same source. ``--opt dense=false`` skips the dense case."""
-    grid = (-(-height // 8), -(-width // 8))
+    the reference code, same graph, same source. ``--opt dense=false`` skips the dense case;
+    ``--opt grid_stride=4`` walks on IRN's finer grid (16x the dense matrix)."""
+    grid = (-(-height // grid_stride), -(-width // grid_stride))
     rows = [{"case": f"graph: affinity net resnet{depth} + edges r={radius}",
              **in_child(_affinity_graph, depth, radius, images, height, width, device, threads)}]
     for is_dense in ([False, True] if dense else [False]):

@@ -96,6 +96,16 @@ def test_bench_prints_a_row_per_case(tmp_path):
     assert res.exit_code == 2 and "unknown benchmark" in res.output
 
 
+def test_bench_random_walk_measures_sparse_against_dense(tmp_path):
+    res = runner.invoke(app, ["bench", "random_walk", "--images", "1", "--size", "96x64", "--opt", "depth=18",
+                              "--opt", "logt=3", "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    graph, sparse, dense = json.loads((tmp_path / "b.json").read_text())
+    assert graph["nodes"] == sparse["nodes"] == dense["nodes"] == 8 * 12
+    assert graph["graph_bytes"] > 0 and sparse["edges"] == dense["edges"] > 96
+    assert "sparse" in sparse["case"] and "dense" in dense["case"]
+
+
 def test_missing_imagenet_weights_stop_the_run_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     path = write_config(tmp_path, cam={"enabled": True}, cam_train={"weights": "imagenet"})

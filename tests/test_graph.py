@@ -159,3 +159,25 @@ def test_edge_heatmap_colours_the_neighbours_of_the_chosen_pixel():
     np.testing.assert_array_equal(heat[12, 20], dimmed)  # node 5: no edge into node 0
     np.testing.assert_array_equal(heat[4, 20], dimmed)  # node 2
     assert not np.array_equal(heat[4, 12], heat[4, 3])  # weight 0.5 vs 1.0: different colours
+
+
+def test_tag_supervision_walks_the_cams_and_the_crf_refines_the_walk(tmp_path):
+    from pipeline.runner import make_run, run_local
+    from stages.crf import inputs as crf_inputs
+
+    from .conftest import demo_config
+
+    run = make_run(demo_config(tmp_path, supervision="image", random_walk__logt=3))
+    assert run.upstream["random_walk"] == ["graph", "cam"] and crf_inputs(run.config) == ["random_walk"]
+    out = run_local(run, run.names)
+    assert all(m["counts"]["failed"] == 0 for m in out.values())
+    walk = run.store("random_walk")
+    some = sorted(walk.done_ids())[0]
+    probs, ids = walk.read_soft(some)
+    cam_ids = run.store("cam").read_soft(some)[1]
+    np.testing.assert_array_equal(ids, cam_ids)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=5e-3)
+    assert out["crf"]["info"]["input"] == "random_walk"
+    # boxes propagate the seeds instead, and the CRF keeps refining the seeds
+    box = make_run(demo_config(tmp_path / "box"))
+    assert box.upstream["random_walk"] == ["graph", "seeds"] and box.upstream["crf"] == ["seeds"]
