@@ -46,3 +46,50 @@ def potts_loss(probs: torch.Tensor, kernel: torch.Tensor, offsets: Sequence[tupl
     n, _, h, w = probs.shape
     agree = (probs[:, None] * shifted(probs, offsets)).sum(2)  # (N, K, H, W)
     return (kernel * (1.0 - agree)).sum() / (n * h * w)
+
+
+Window = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
+
+
+def mp_nodes(prob: torch.Tensor, window: Window) -> torch.Tensor:
+    """Flat indices (into an (h, w) grid) of the MP nodes of one box (Eq. 3.23-3.24): in
+    every row of the window the node with the highest ``prob``, then in every column."""
+    y0, y1, x0, x1 = window
+    w = prob.shape[1]
+    inside = prob[y0:y1, x0:x1]
+    rows = torch.arange(y0, y1, device=prob.device) * w + x0 + inside.argmax(1)
+    cols = (y0 + inside.argmax(0)) * w + torch.arange(x0, x1, device=prob.device)
+    return torch.cat([rows, cols])
+
+
+def mp_loss(logits: torch.Tensor, feats: torch.Tensor, grid: tuple[int, int],
+            boxes: list[tuple[Window, int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """MP loss (Eq. 3.25-3.26) over the boxes ``(window on the grid, class index)``:
+    CE of the MP nodes towards the box's class, summed and divided by the number of MP
+    nodes, plus the mean of ``1 - cos`` over all pairs of MP nodes of a box (last-layer
+    features ``feats``), pooled over boxes as the released code. Also returns each box's
+    prototype: the mean feature of its MP nodes (for :func:`consistency_check`)."""
+    if not boxes:
+        return logits.new_zeros(()), []
+    probs = torch.softmax(logits.detach(), 1)
+    ce, n_ce, dis, n_dis, protos = logits.new_zeros(()), 0, logits.new_zeros(()), 0, []
+    for window, cls in boxes:
+        nodes = mp_nodes(probs[:, cls].view(grid), window)
+        target = torch.full((len(nodes),), cls, dtype=torch.long, device=logits.device)
+        ce = ce + F.cross_entropy(logits[nodes], target, reduction="sum")
+        unit = F.normalize(feats[nodes], dim=1)
+        dis = dis + (1.0 - unit @ unit.t()).sum()
+        n_ce, n_dis = n_ce + len(nodes), n_dis + len(nodes) ** 2
+        protos.append(feats[nodes].mean(0))
+    return ce / n_ce + dis / n_dis, protos
+
+
+def consistency_check(labels: torch.Tensor, similarity: torch.Tensor, region: Window, cls: int) -> torch.Tensor:
+    """Eq. 3.27-3.28: seed pixels of class ``cls`` inside ``region`` whose cosine similarity
+    to the box prototype is below 0 become unknown (the printed "distance > 0" means
+    similarity). ``labels`` and ``similarity`` (H, W); returns new labels."""
+    y0, y1, x0, x1 = region
+    out = labels.clone()
+    box = out[y0:y1, x0:x1]
+    box[(box == cls) & (similarity[y0:y1, x0:x1] < 0)] = IGNORE
+    return out

@@ -9,7 +9,7 @@ import torch
 from models.a2gnn import A2GNN, AffinityAttention, GridGraph, dense_attention
 from models.affinity import gaussian_kernel, window_offsets
 from models.graph import grid_edges
-from models.losses import potts_loss, seed_ce
+from models.losses import consistency_check, mp_loss, mp_nodes, potts_loss, seed_ce
 
 
 def _graph(h=5, w=7, radius=2, threshold=0.3, seed=0):
@@ -142,3 +142,55 @@ def test_potts_loss_matches_a_double_loop_in_value_and_gradient():
     loss.backward()
     ref.backward()
     torch.testing.assert_close(logits.grad, ref_logits.grad)
+
+
+def test_mp_nodes_on_a_hand_made_map():
+    prob = torch.zeros(5, 7)
+    prob[1, 2], prob[1, 5] = 0.9, 0.3  # row 1: max at x=2
+    prob[2, 4] = 0.8                   # row 2: max at x=4
+    prob[3, 3] = 0.7                   # row 3: max at x=3
+    prob[0, 3] = 0.95                  # outside the window (row 0): never chosen
+    nodes = mp_nodes(prob, (1, 4, 2, 6)).tolist()  # rows 1..3, columns 2..5
+    rows, cols = nodes[:3], nodes[3:]
+    assert rows == [1 * 7 + 2, 2 * 7 + 4, 3 * 7 + 3]
+    # columns 2..5: argmax rows 1, 3, 2, 1 (column 5: 0.3 at row 1 beats zeros)
+    assert cols == [1 * 7 + 2, 3 * 7 + 3, 2 * 7 + 4, 1 * 7 + 5]
+
+
+def test_mp_loss_value_and_prototypes():
+    torch.manual_seed(0)
+    logits = torch.randn(35, 3, dtype=torch.float64, requires_grad=True)
+    feats = torch.randn(35, 4, dtype=torch.float64)
+    boxes = [((1, 3, 2, 5), 2), ((0, 2, 0, 2), 1)]
+    loss, protos = mp_loss(logits, feats, (5, 7), boxes)
+    probs = torch.softmax(logits.detach(), 1)
+    ce, n, dis, m = 0.0, 0, 0.0, 0
+    for window, cls in boxes:
+        y0, y1, x0, x1 = window
+        p = probs[:, cls].view(5, 7)
+        nodes = [y * 7 + x0 + int(p[y, x0:x1].argmax()) for y in range(y0, y1)]
+        nodes += [(y0 + int(p[y0:y1, x].argmax())) * 7 + x for x in range(x0, x1)]
+        for i in nodes:
+            ce = ce - torch.log_softmax(logits[i], 0)[cls]
+        for i in nodes:
+            for j in nodes:
+                dis = dis + 1 - torch.nn.functional.cosine_similarity(feats[i], feats[j], 0)
+        n, m = n + len(nodes), m + len(nodes) ** 2
+    torch.testing.assert_close(loss, ce / n + dis / m)
+    assert len(protos) == 2 and protos[0].shape == (4,)
+    assert float(mp_loss(logits, feats, (5, 7), [])[0]) == 0.0
+
+
+def test_consistency_check_unlabels_only_dissimilar_box_class_pixels():
+    labels = torch.tensor([[0, 2, 2, 1],
+                           [0, 2, 2, 1],
+                           [0, 0, 2, 255]])
+    similarity = torch.tensor([[-1.0, -0.5, 0.2, -1.0],
+                               [-1.0, 0.1, -0.1, -1.0],
+                               [-1.0, -1.0, -0.3, -1.0]])
+    out = consistency_check(labels, similarity, (0, 3, 1, 3), cls=2)
+    expected = torch.tensor([[0, 255, 2, 1],    # (0,1): class 2, similarity < 0
+                             [0, 2, 255, 1],    # (1,2)
+                             [0, 0, 255, 255]])  # (2,1) is background: kept; column 0 and 3 outside the box
+    torch.testing.assert_close(out, expected)
+    assert labels[0, 1] == 2  # the input is not modified
