@@ -74,6 +74,22 @@ def measured(work: Callable[[], int], device: str, warmup: Callable[[], Any] | N
     return out
 
 
+def measured_steps(loss_fn: Callable[[], Any], opt, steps: int, batch: int, device: str) -> dict[str, Any]:
+    """Time ``steps`` optimiser steps on ``loss_fn()`` after one warm-up step; images = steps x batch."""
+    def step() -> None:
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def work() -> int:
+        for _ in range(steps):
+            step()
+        return steps * batch
+
+    return measured(work, device, warmup=step)
+
+
 def demo_samples(n: int, height: int, width: int) -> list[tuple[np.ndarray, np.ndarray, Any]]:
     """(image, GT, weak labels) of ``n`` synthetic images of the given size."""
     from .config import DemoDataset, WeakConfig
@@ -114,18 +130,7 @@ def _cam_train_step(depth: int, output_stride: int, batch: int, crop: int, steps
     x = torch.randint(0, 255, (batch, 3, crop, crop), device=device).float()
     y = (torch.rand(batch, 20, device=device) > 0.8).float()
 
-    def step() -> None:
-        loss = classification_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def work() -> int:
-        for _ in range(steps):
-            step()
-        return steps * batch
-
-    return measured(work, device, warmup=step)
+    return measured_steps(lambda: classification_loss(model(x), y), opt, steps, batch, device)
 
 
 @bench("cam")
@@ -201,18 +206,8 @@ def _affinity_train_step(depth: int, radius: int, batch: int, crop: int, steps: 
     valid = torch.ones(batch, grid, grid, dtype=torch.bool, device=device)
     offsets = window_offsets(radius)
 
-    def step() -> None:
-        loss = affinity_loss(model, x, seeds, valid, offsets, 6.0, 0.1, 3.0)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    def work() -> int:
-        for _ in range(steps):
-            step()
-        return steps * batch
-
-    return measured(work, device, warmup=step)
+    return measured_steps(lambda: affinity_loss(model, x, seeds, valid, offsets, 6.0, 0.1, 3.0)["loss"], opt, steps,
+                          batch, device)
 
 
 @bench("affinity_train")
