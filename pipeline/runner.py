@@ -361,8 +361,14 @@ def run_stage_local(run: Run, name: str, force: bool = False) -> dict[str, Any]:
 
 
 def save_resolved_config(run: Run) -> Path:
+    """Write the run's resolved config and point ``<stage>/current`` at the fingerprint this
+    config uses for every stage it has complete (cached stages included)."""
     path = run.run_dir / "config.yaml"
     atomic_write_text(path, dump_config(run.config))
+    for name in run.names:
+        store = run.store(name)
+        if store.is_complete():
+            store.set_current()
     return path
 
 

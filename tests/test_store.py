@@ -68,6 +68,9 @@ def test_config_change_recomputes_stage_and_downstream_only(tmp_path, counters):
     seeds.calls.clear(), crf.calls.clear()
     run_local(up, up.names)
     assert (len(seeds.calls), len(crf.calls)) == (n, n)
+    # Back to the first config: all cached, and `current` points at its folders again.
+    run_local(run, run.names)
+    assert (run.run_dir / "crf" / "current").resolve() == run.store("crf").dir.resolve()
 
 
 def test_deleted_stage_folder_is_recomputed(tmp_path, counters):
