@@ -35,8 +35,6 @@ from torch import nn
 from torch_geometric.nn import AGNNConv, GATConv, GCNConv, MessagePassing
 from torch_geometric.utils import softmax as edge_softmax
 
-from .affinity import shifted
-
 NEG = -1e9  # the released code's mask value
 
 
@@ -70,12 +68,14 @@ class GridGraph:
         th, tw, span = -(-h // tile), -(-w // tile), tile + 2 * r
         pad_id = torch.full((th * tile + 2 * r, tw * tile + 2 * r), n, dtype=torch.long, device=dev)
         pad_id[r:r + h, r:r + w] = torch.arange(n, device=dev).view(h, w)
-        ty, tx = (v.reshape(-1, 1) for v in torch.meshgrid(torch.arange(th, device=dev),
-                                                            torch.arange(tw, device=dev), indexing="ij"))
-        by, bx = (v.reshape(1, -1) for v in torch.meshgrid(torch.arange(tile, device=dev),
-                                                            torch.arange(tile, device=dev), indexing="ij"))
-        ny, nx = (v.reshape(1, -1) for v in torch.meshgrid(torch.arange(span, device=dev),
-                                                            torch.arange(span, device=dev), indexing="ij"))
+
+        def cells(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+            y, x = torch.meshgrid(torch.arange(rows, device=dev), torch.arange(cols, device=dev), indexing="ij")
+            return y.reshape(-1), x.reshape(-1)
+
+        ty, tx = (v[:, None] for v in cells(th, tw))  # one row per tile
+        by, bx = (v[None] for v in cells(tile, tile))  # the tile's own cells
+        ny, nx = (v[None] for v in cells(span, span))  # the tile grown by r
         centre = pad_id[r + ty * tile + by, r + tx * tile + bx]
         near = pad_id[ty * tile + ny, tx * tile + nx]
         t = (yi // tile) * tw + xi // tile

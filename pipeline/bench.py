@@ -225,6 +225,7 @@ def _affinity_graph(depth: int, radius: int, n: int, h: int, w: int, device: str
     import torch
 
     from models.affinity import AffinityNet, window_offsets
+    from models.graph import EDGE_THRESHOLD
     from stages.graph import image_graph
 
     torch.set_num_threads(threads)
@@ -235,14 +236,14 @@ def _affinity_graph(depth: int, radius: int, n: int, h: int, w: int, device: str
 
     def work() -> int:
         for image, _, _ in samples:
-            g = image_graph(model, offsets, image, 1e-3, device)
+            g = image_graph(model, offsets, image, EDGE_THRESHOLD, device)
             buf = io.BytesIO()
             np.savez_compressed(buf, **g)
             sizes.append(buf.tell())
             edges.append(g["weight"].size)
         return len(samples)
 
-    out = measured(work, device, warmup=lambda: image_graph(model, offsets, samples[0][0], 1e-3, device))
+    out = measured(work, device, warmup=lambda: image_graph(model, offsets, samples[0][0], EDGE_THRESHOLD, device))
     return {**out, "graph_bytes": int(np.mean(sizes)), "nodes": -(-h // 8) * -(-w // 8), "edges": int(np.mean(edges))}
 
 

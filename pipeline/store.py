@@ -157,8 +157,7 @@ class StageStore:
         class_ids = np.asarray(class_ids, dtype=np.int16)
         if probs.ndim != 3 or probs.shape[0] != class_ids.size:
             raise ValueError(f"soft map shape {probs.shape} does not match {class_ids.size} class ids")
-        atomic_write(self.item_path(image_id), lambda f: np.savez_compressed(f, probs=probs, class_ids=class_ids))
-        self.clear_failure(image_id)
+        self.write_arrays(image_id, {"probs": probs, "class_ids": class_ids})
 
     def write_arrays(self, image_id: str, arrays: dict[str, np.ndarray]) -> None:
         """Named arrays of one image (an ``arrays`` stage, e.g. a graph), compressed npz."""
@@ -181,12 +180,8 @@ class StageStore:
         return read_label_png(path)
 
     def read_soft(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        path = self.item_path(image_id)
-        try:
-            with np.load(path) as z:
-                return z["probs"], z["class_ids"]
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self.stage}: no output for image '{image_id}' ({path})") from None
+        z = self.read_arrays(image_id)
+        return z["probs"], z["class_ids"]
 
     def labels_of(self, image_id: str, variant: str | None = None) -> np.ndarray:
         """A hard label map whatever the output kind (argmax of soft maps)."""
