@@ -110,7 +110,24 @@ def to_grid(maps: torch.Tensor, stride: int = 8) -> torch.Tensor:
 
 
 def from_grid(maps: torch.Tensor, size: tuple[int, int], stride: int = 8) -> torch.Tensor:
-    """(C, h, w) grid maps -> (C, H, W): bilinear upsampling by ``stride``, cropped to ``size``
-    (the inverse placement of :func:`to_grid`)."""
-    up = F.interpolate(maps[None], scale_factor=stride, mode="bilinear", align_corners=False)[0]
-    return up[:, :size[0], :size[1]]
+    """(C, h, w) or (N, C, h, w) grid maps -> (..., H, W): bilinear upsampling by
+    ``stride``, cropped to ``size`` (the inverse placement of :func:`to_grid`)."""
+    batch = maps if maps.dim() == 4 else maps[None]
+    up = F.interpolate(batch, scale_factor=stride, mode="bilinear", align_corners=False)[..., :size[0], :size[1]]
+    return up if maps.dim() == 4 else up[0]
+
+
+def sample_grid(maps: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, stride: int = 8) -> torch.Tensor:
+    """``from_grid(maps)[:, ys, xs].T`` (P, C) without upsampling the whole (C, h, w) map:
+    bilinear at the source position ``(y + 0.5) / stride - 0.5`` (clamped to the grid),
+    as :func:`torch.nn.functional.interpolate` with ``align_corners=False`` places it."""
+    def axis(v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        src = ((v.to(maps.dtype) + 0.5) / stride - 0.5).clamp_min(0)
+        lo = src.floor().long().clamp_max(n - 1)
+        return lo, (lo + 1).clamp_max(n - 1), src - lo
+
+    y0, y1, ly = axis(ys, maps.shape[-2])
+    x0, x1, lx = axis(xs, maps.shape[-1])
+    top = maps[:, y0, x0] * (1 - lx) + maps[:, y0, x1] * lx
+    bottom = maps[:, y1, x0] * (1 - lx) + maps[:, y1, x1] * lx
+    return (top * (1 - ly) + bottom * ly).t()

@@ -22,17 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from .affinity import IGNORE, shifted
+from .graph import sample_grid
 
 
 def seed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """CE(background seeds) + CE(foreground seeds), each a mean over its own pixels; a set
-    with no pixels contributes 0. ``logits`` (N, C, H, W), ``labels`` (N, H, W) class
-    indices into C with IGNORE for unknown."""
-    total = logits.new_zeros(())
+    """Per image: CE(background seeds) + CE(foreground seeds), each a mean over its own
+    pixels; a set with no pixels contributes 0. ``logits`` (N, C, H, W), ``labels``
+    (N, H, W) class indices into C with IGNORE for unknown. Returns (N,): one loss per image
+    (sum them for independent per-image models, average them for a shared model)."""
+    ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE, reduction="none")  # 0 where ignored
+    total = logits.new_zeros(len(labels))
     for part in (labels == 0, (labels != 0) & (labels != IGNORE)):
-        if part.any():
-            target = torch.where(part, labels, torch.full_like(labels, IGNORE)).long()
-            total = total + F.cross_entropy(logits, target, ignore_index=IGNORE)
+        total = total + (ce * part).sum((1, 2)) / part.sum((1, 2)).clamp_min(1)
     return total
 
 
@@ -62,34 +63,42 @@ def mp_nodes(prob: torch.Tensor, window: Window) -> torch.Tensor:
     return torch.cat([rows, cols])
 
 
-def mp_loss(logits: torch.Tensor, feats: torch.Tensor, grid: tuple[int, int],
-            boxes: list[tuple[Window, int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """MP loss (Eq. 3.25-3.26) over the boxes ``(window on the grid, class index)``:
-    CE of the MP nodes towards the box's class, summed and divided by the number of MP
-    nodes, plus the mean of ``1 - cos`` over all pairs of MP nodes of a box (last-layer
-    features ``feats``), pooled over boxes as the released code. Also returns each box's
-    prototype: the mean feature of its MP nodes (for :func:`consistency_check`)."""
+def mp_loss(logits: torch.Tensor, feats: torch.Tensor, boxes: list[tuple[Window, int]],
+            stride: int = 8) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """MP loss (Eq. 3.25-3.26) at image resolution, as the released code: ``logits``
+    (C, H, W) the upsampled prediction, ``feats`` (D, h, w) the last attention layer's
+    features on the grid, ``boxes`` ``(window in pixels, class index)``. In each box the MP
+    nodes (:func:`mp_nodes` on the softmax of the box's class) get CE towards the class,
+    summed and divided by the number of MP nodes; their features, bilinearly upsampled
+    from the grid at those pixels only (:func:`models.graph.sample_grid`), get the mean of
+    ``1 - cos`` over all pairs of a box; both pooled over boxes. Also returns each box's
+    prototype (Eq. 3.27): the mean feature of its MP nodes."""
     if not boxes:
         return logits.new_zeros(()), []
-    probs = torch.softmax(logits.detach(), 1)
+    width = logits.shape[-1]
+    probs = torch.softmax(logits.detach(), 0)
+    flat = logits.flatten(1)
     ce, n_ce, dis, n_dis, protos = logits.new_zeros(()), 0, logits.new_zeros(()), 0, []
     for window, cls in boxes:
-        nodes = mp_nodes(probs[:, cls].view(grid), window)
+        nodes = mp_nodes(probs[cls], window)
         target = torch.full((len(nodes),), cls, dtype=torch.long, device=logits.device)
-        ce = ce + F.cross_entropy(logits[nodes], target, reduction="sum")
-        unit = F.normalize(feats[nodes], dim=1)
+        ce = ce + F.cross_entropy(flat[:, nodes].t(), target, reduction="sum")
+        node_feats = sample_grid(feats, nodes // width, nodes % width, stride)
+        unit = F.normalize(node_feats, dim=1)
         dis = dis + (1.0 - unit @ unit.t()).sum()
         n_ce, n_dis = n_ce + len(nodes), n_dis + len(nodes) ** 2
-        protos.append(feats[nodes].mean(0))
+        protos.append(node_feats.detach().mean(0))
     return ce / n_ce + dis / n_dis, protos
 
 
-def consistency_check(labels: torch.Tensor, similarity: torch.Tensor, region: Window, cls: int) -> torch.Tensor:
+def consistency_check(labels: torch.Tensor, similarity: torch.Tensor, region: Window, cls: int,
+                      threshold: float = 0.0) -> torch.Tensor:
     """Eq. 3.27-3.28: seed pixels of class ``cls`` inside ``region`` whose cosine similarity
-    to the box prototype is below 0 become unknown (the printed "distance > 0" means
-    similarity). ``labels`` and ``similarity`` (H, W); returns new labels."""
+    to the box prototype is below ``threshold`` (0, the released code; the printed
+    "distance > 0" means similarity) become unknown. ``labels`` and ``similarity`` (H, W);
+    returns new labels."""
     y0, y1, x0, x1 = region
     out = labels.clone()
     box = out[y0:y1, x0:x1]
-    box[(box == cls) & (similarity[y0:y1, x0:x1] < 0)] = IGNORE
+    box[(box == cls) & (similarity[y0:y1, x0:x1] < threshold)] = IGNORE
     return out

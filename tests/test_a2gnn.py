@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.a2gnn import A2GNN, AffinityAttention, GridGraph, dense_attention
+from models.a2gnn import A2GNN, AffinityAttention, DenseGraph, GridGraph
 from models.affinity import gaussian_kernel, window_offsets
-from models.graph import grid_edges
+from models.graph import from_grid, grid_edges
 from models.losses import consistency_check, mp_loss, mp_nodes, potts_loss, seed_ce
 
 
@@ -48,15 +48,12 @@ def test_attention_paths_match_a_naive_loop_in_value_and_gradient(negative, tile
     layer = AffinityAttention(beta=10.0 if negative == "drop" else 2.0, negative=negative).double()
     x0 = torch.randn(n, 6, dtype=torch.float64)  # mixed signs: some cosines are negative
     grid = GridGraph.from_edges(edge_index, weight, (5, 7), tile)
-    adj = torch.zeros(n, n, dtype=torch.float64)
-    adj[edge_index[1], edge_index[0]] = weight
-    neighbours = torch.zeros(n, n, dtype=torch.bool)
-    neighbours[edge_index[1], edge_index[0]] = True
+    dense = DenseGraph.from_edges(edge_index, weight, n)
     paths = {
         "naive": lambda x: _naive_layer(x, edge_index, weight, layer.w, layer.beta, negative),
         "pyg": lambda x: layer(x, edge_index, weight),
         "tiles": lambda x: layer(x, grid),
-        "dense": lambda x: dense_attention(layer, x, adj, neighbours),
+        "dense": lambda x: layer(x, dense),
     }
     target = torch.randn(n, 6, dtype=torch.float64)
     results = {}
@@ -108,15 +105,46 @@ def test_a2gnn_model_runs_every_layer_kind_and_grid_equals_edges():
         A2GNN(12, 3, layer="gin")
 
 
-def test_seed_ce_averages_background_and_foreground_separately():
+def test_stacked_models_equal_the_models_run_alone():
+    graphs = [_graph(seed=s) for s in (0, 1)]
+    xs = [torch.rand(35, 12, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (2, 3)]
+    noise = torch.rand(2, 35, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    target = torch.randn(2, 35, 3, dtype=torch.float64)
+    alone = []
+    for m in range(2):
+        model = A2GNN(12, 3, hidden=16).double()
+        model.reset_parameters([torch.Generator().manual_seed(10 + m)])
+        grid = GridGraph.from_edges(*graphs[m], (5, 7), 4, radius=2)
+        logits, feats = model(xs[m], grid, noise=noise[m])
+        (logits * target[m]).sum().backward()
+        alone.append((logits.detach(), feats.detach(), model.embed.grad[0], model.props[0].w.grad[0]))
+    stacked = A2GNN(12, 3, hidden=16, models=2).double()
+    stacked.reset_parameters([torch.Generator().manual_seed(10 + m) for m in range(2)])
+    grid = GridGraph.stack([GridGraph.from_edges(*g, (5, 7), 4, radius=2) for g in graphs])
+    logits, feats = stacked(torch.stack(xs), grid, noise=noise)
+    (logits * target).sum().backward()
+    for m in range(2):
+        torch.testing.assert_close(logits[m], alone[m][0])
+        torch.testing.assert_close(feats[m], alone[m][1])
+        torch.testing.assert_close(stacked.embed.grad[m], alone[m][2])
+        torch.testing.assert_close(stacked.props[0].w.grad[m], alone[m][3])
+    with pytest.raises(ValueError, match="same grid"):
+        GridGraph.stack([GridGraph.from_edges(*graphs[0], (5, 7), 4, radius=2),
+                         GridGraph.from_edges(*graphs[1], (5, 7), 4, radius=3)])
+
+
+def test_seed_ce_averages_background_and_foreground_separately_per_image():
     logits = torch.tensor([[[[2.0, 0.0, 1.0]], [[0.0, 1.0, 3.0]]]])  # (1, 2, 1, 3)
     labels = torch.tensor([[[0, 1, 255]]])
     lsm = torch.log_softmax(logits, 1)[0, :, 0]
     expected = -lsm[0, 0] - lsm[1, 1]  # one bg pixel, one fg pixel, the third ignored
-    torch.testing.assert_close(seed_ce(logits, labels), expected)
+    torch.testing.assert_close(seed_ce(logits, labels), expected[None])
     only_bg = torch.tensor([[[0, 0, 255]]])
-    torch.testing.assert_close(seed_ce(logits, only_bg), -(lsm[0, 0] + lsm[0, 1]) / 2)
+    torch.testing.assert_close(seed_ce(logits, only_bg), -(lsm[0, 0] + lsm[0, 1])[None] / 2)
     assert float(seed_ce(logits, torch.full((1, 1, 3), 255))) == 0.0
+    # two images: each image's means are its own (not pooled over the batch)
+    both = seed_ce(logits.expand(2, -1, -1, -1), torch.cat([labels, only_bg]))
+    torch.testing.assert_close(both, torch.stack([expected, -(lsm[0, 0] + lsm[0, 1]) / 2]))
 
 
 def test_potts_loss_matches_a_double_loop_in_value_and_gradient():
@@ -157,28 +185,33 @@ def test_mp_nodes_on_a_hand_made_map():
     assert cols == [1 * 7 + 2, 3 * 7 + 3, 2 * 7 + 4, 1 * 7 + 5]
 
 
-def test_mp_loss_value_and_prototypes():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mp_loss_value_and_prototypes(stride):
     torch.manual_seed(0)
-    logits = torch.randn(35, 3, dtype=torch.float64, requires_grad=True)
-    feats = torch.randn(35, 4, dtype=torch.float64)
+    logits = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)  # image resolution
+    feats = torch.randn(4, 3, 4, dtype=torch.float64)  # grid (ceil(5/2), ceil(7/2)) at stride 2
+    feats = feats if stride == 2 else torch.randn(4, 5, 7, dtype=torch.float64)
+    up = from_grid(feats, (5, 7), stride)  # what the released code computes for every pixel
     boxes = [((1, 3, 2, 5), 2), ((0, 2, 0, 2), 1)]
-    loss, protos = mp_loss(logits, feats, (5, 7), boxes)
-    probs = torch.softmax(logits.detach(), 1)
-    ce, n, dis, m = 0.0, 0, 0.0, 0
+    loss, protos = mp_loss(logits, feats, boxes, stride)
+    probs = torch.softmax(logits.detach(), 0)
+    ce, n, dis, m, ref_protos = 0.0, 0, 0.0, 0, []
     for window, cls in boxes:
         y0, y1, x0, x1 = window
-        p = probs[:, cls].view(5, 7)
-        nodes = [y * 7 + x0 + int(p[y, x0:x1].argmax()) for y in range(y0, y1)]
-        nodes += [(y0 + int(p[y0:y1, x].argmax())) * 7 + x for x in range(x0, x1)]
-        for i in nodes:
-            ce = ce - torch.log_softmax(logits[i], 0)[cls]
-        for i in nodes:
-            for j in nodes:
-                dis = dis + 1 - torch.nn.functional.cosine_similarity(feats[i], feats[j], 0)
+        p = probs[cls]
+        nodes = [(y, x0 + int(p[y, x0:x1].argmax())) for y in range(y0, y1)]
+        nodes += [(y0 + int(p[y0:y1, x].argmax()), x) for x in range(x0, x1)]
+        for y, x in nodes:
+            ce = ce - torch.log_softmax(logits[:, y, x], 0)[cls]
+        for yi, xi in nodes:
+            for yj, xj in nodes:
+                dis = dis + 1 - torch.nn.functional.cosine_similarity(up[:, yi, xi], up[:, yj, xj], 0)
         n, m = n + len(nodes), m + len(nodes) ** 2
+        ref_protos.append(torch.stack([up[:, y, x] for y, x in nodes]).mean(0))
     torch.testing.assert_close(loss, ce / n + dis / m)
-    assert len(protos) == 2 and protos[0].shape == (4,)
-    assert float(mp_loss(logits, feats, (5, 7), [])[0]) == 0.0
+    for got, ref in zip(protos, ref_protos):
+        torch.testing.assert_close(got, ref)
+    assert float(mp_loss(logits, feats, [], stride)[0]) == 0.0
 
 
 def test_consistency_check_unlabels_only_dissimilar_box_class_pixels():
@@ -194,3 +227,5 @@ def test_consistency_check_unlabels_only_dissimilar_box_class_pixels():
                              [0, 0, 255, 255]])  # (2,1) is background: kept; column 0 and 3 outside the box
     torch.testing.assert_close(out, expected)
     assert labels[0, 1] == 2  # the input is not modified
+    stricter = consistency_check(labels, similarity, (0, 3, 1, 3), cls=2, threshold=0.15)
+    assert stricter[1, 1] == 255 and stricter[0, 2] == 2  # 0.1 < 0.15 <= 0.2

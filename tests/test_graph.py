@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.affinity import AffinityNet, window_offsets
-from models.graph import from_grid, grid_edges, node_features, random_walk, random_walk_dense, to_grid
+from models.graph import from_grid, grid_edges, node_features, random_walk, random_walk_dense, sample_grid, to_grid
 from stages.graph import image_graph, node_features_of
 from stages.random_walk import cam_scores, propagate, seed_scores
 
@@ -181,3 +181,19 @@ def test_tag_supervision_walks_the_cams_and_the_crf_refines_the_walk(tmp_path):
     # boxes propagate the seeds instead, and the CRF keeps refining the seeds
     box = make_run(demo_config(tmp_path / "box"))
     assert box.upstream["random_walk"] == ["graph", "seeds"] and box.upstream["crf"] == ["seeds"]
+
+
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_sample_grid_equals_the_upsampled_map_at_those_pixels(stride):
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(4, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    size = (5 * stride - 1, 6 * stride - 2)
+    up = from_grid(maps, size, stride)
+    ys = torch.tensor([0, 1, size[0] - 1, size[0] // 2, 3])
+    xs = torch.tensor([0, size[1] - 1, size[1] - 1, 2, size[1] // 3])
+    torch.testing.assert_close(sample_grid(maps, ys, xs, stride), up[:, ys, xs].t())
+    grad_a = torch.autograd.grad(sample_grid(maps, ys, xs, stride).sum(), maps)[0]
+    grad_b = torch.autograd.grad(from_grid(maps, size, stride)[:, ys, xs].sum(), maps)[0]
+    torch.testing.assert_close(grad_a, grad_b)
+    batch = from_grid(maps.detach()[None].expand(2, -1, -1, -1), size, stride)
+    torch.testing.assert_close(batch[1], up.detach())
