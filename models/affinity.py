@@ -110,6 +110,15 @@ def gaussian_kernel(image: torch.Tensor, offsets: Sequence[tuple[int, int]], sig
     return k * valid_pairs(*image.shape[-2:], offsets, image.device)
 
 
+def image_kernel(images: torch.Tensor, size: tuple[int, int], offsets: Sequence[tuple[int, int]],
+                 sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
+    """G(i, j) of Eq. 3.13 on a feature grid of ``size``: the ImageNet-normalised (N, 3, H, W)
+    0..255 images resized bilinearly to the grid (as the released code), positions in grid
+    cells."""
+    rgb = F.interpolate(normalize(images), size=size, mode="bilinear", align_corners=False)
+    return gaussian_kernel(rgb, offsets, sigma_xy, sigma_rgb)
+
+
 def affinity_reg_loss(distance: torch.Tensor, kernel: torch.Tensor, offsets: Sequence[tuple[int, int]],
                       valid: torch.Tensor | None = None) -> torch.Tensor:
     """L_Ar (Eq. 3.12): the kernel-weighted L1 feature distance over every pair in the window,

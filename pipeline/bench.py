@@ -288,3 +288,97 @@ def bench_random_walk(device: str, height: int, width: int, images: int, threads
         r = in_child(_walk, is_dense, grid, radius, classes, images, beta, logt, device, threads)
         rows.append({"case": f"random walk {grid[0]}x{grid[1]} grid, logt {logt}: {kind}", **r})
     return rows
+
+
+# --------------------------------------------------------------------------- a2gnn
+def _a2gnn_problems(n: int, h: int, w: int, radius: int, channels: int, seed_fraction: float):
+    """Synthetic per-image problems at the image size: smooth random affinities on the
+    stride-8 grid, non-negative node features, seeds = a random part of the GT, the
+    synthesized boxes."""
+    import torch
+
+    from models.affinity import IGNORE, image_kernel, window_offsets
+    from models.graph import grid_edges
+    from stages.a2gnn import Problem, classes_of
+
+    out = []
+    for k, (image, gt, weak) in enumerate(demo_samples(n, h, w)):
+        gen = torch.Generator().manual_seed(k)
+        grid = (-(-h // 8), -(-w // 8))
+        f = torch.nn.functional.interpolate(torch.rand(1, 16, grid[0] // 4 + 1, grid[1] // 4 + 1, generator=gen),
+                                            size=grid, mode="bilinear", align_corners=False)[0] * 4
+        edge_index, weight = grid_edges(f, window_offsets(radius))
+        seeds = np.where(np.random.default_rng(k).random(gt.shape) < seed_fraction, gt, IGNORE).astype(np.uint8)
+        class_ids = classes_of(seeds, weak)
+        index = np.full(256, IGNORE, np.int64)
+        index[class_ids] = np.arange(len(class_ids))
+        rgb = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
+        out.append(Problem(
+            x=torch.rand(grid[0] * grid[1], channels, generator=gen), edge_index=edge_index,
+            weight=weight.half().float(), grid=grid, seeds=torch.from_numpy(index[seeds]),
+            kernel=image_kernel(rgb, grid, window_offsets(5, "square"), 6.0, 0.1)[0], num_classes=len(class_ids),
+            boxes=[((b.y0, b.y1, b.x0, b.x1), int(index[b.cls])) for b in weak.boxes], seed=k))
+    return out
+
+
+def _a2gnn_fit(path: str, layer: str, batch: int, epochs: int, n: int, h: int, w: int, radius: int, channels: int,
+               device: str, threads: int) -> dict[str, Any]:
+    import torch
+
+    from pipeline.config import A2gnnConfig
+    from stages.a2gnn import BOX_DEFAULTS, fit
+
+    torch.set_num_threads(threads)
+    cfg = A2gnnConfig(**{**BOX_DEFAULTS, "epochs": epochs}, path=path, layer=layer)
+    problems = _a2gnn_problems(n, h, w, radius, channels, 0.3)
+    groups: dict[int, list] = {}
+    for p in problems:  # as the stage: only images with as many classes train together
+        groups.setdefault(p.num_classes, []).append(p)
+    chunks = [g[i:i + batch] for g in groups.values() for i in range(0, len(g), batch)]
+    probs: list[np.ndarray] = []
+
+    def work() -> int:
+        for chunk in chunks:
+            probs.extend(fit(chunk, cfg, radius, device)[0].numpy())
+        return n
+
+    warm = A2gnnConfig(**{**BOX_DEFAULTS, "epochs": 1}, path=path, layer=layer)
+    out = measured(work, device, warmup=lambda: fit(chunks[0][:1], warm, radius, device))
+    order = [id(p) for c in chunks for p in c]
+    probs = [probs[order.index(id(p))] for p in problems]  # back to image order
+    return {**out, "s_per_epoch": round(out["seconds"] / n / (2 * epochs), 4), "probs": probs}
+
+
+@bench("a2gnn")
+def bench_a2gnn(device: str, height: int, width: int, images: int, threads: int, epochs: int = 150,
+                radius: int = 4, channels: int = 3584, batch: int = 4, paths: str = "grid,batched,dense,edges",
+                **_: Any) -> list[dict[str, Any]]:
+    """Per-image A²GNN training, box schedule (``epochs`` per phase; 150 = the released
+    300), on the stride-8 grid of the image size: each implementation path of the affinity
+    attention layer, with the released code's dense N x N formulation measured in the same
+    run. ``channels``: node features (3584: ResNet-50 affinity net). ``batched``: ``batch``
+    images' models stacked. Every path's probabilities are compared with the first one's:
+    ``max_dprob`` and ``same_label`` (fraction of pixels with the same argmax). The paths
+    agree to rounding for the same MP nodes; over many epochs rounding-level differences
+    can flip the MP loss's argmax between near-tied pixels (bilinear upsampling makes
+    exact ties), and the trajectories drift apart without changing the labels much."""
+    cases = {"grid": ("grid", "a2gnn", 1, "tiled grid (this project)"),
+             "batched": ("grid", "a2gnn", batch, f"tiled grid, {batch} images stacked"),
+             "dense": ("dense", "a2gnn", 1, "dense N x N (released code)"),
+             "edges": ("edges", "a2gnn", 1, "PyG message passing"),
+             "gcn": ("edges", "gcn", 1, "GCN baseline (PyG)")}
+    grid = (-(-height // 8), -(-width // 8))
+    rows, first = [], None
+    for name in paths.split(","):
+        if name not in cases:
+            raise ValueError(f"unknown path {name!r} (known: {', '.join(cases)})")
+        path, layer, b, label = cases[name]
+        r = in_child(_a2gnn_fit, path, layer, b, epochs, images, height, width, radius, channels, device, threads)
+        probs = r.pop("probs")
+        first = probs if first is None else first
+        if layer == "a2gnn":
+            dprob = max(float(np.abs(a - b).max()) for a, b in zip(probs, first))
+            r["max_dprob"] = float(f"{dprob:.2e}")
+            r["same_label"] = round(float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(probs, first)])), 5)
+        rows.append({"case": f"a2gnn {grid[0]}x{grid[1]} grid, {2 * epochs} epochs: {label}", **r})
+    return rows

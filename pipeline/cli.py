@@ -6,7 +6,7 @@
     wsss eval CONFIG --stage S    per-class IoU, mIoU, coverage, precision of one stage
     wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, tags) from GT
     wsss demo                     the whole pipeline on the built-in synthetic data
-    wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train, random_walk)
+    wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train, random_walk, a2gnn)
 """
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def demo(overrides: Optional[list[str]] = SetOpt,
 
 
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds, affinity_train, random_walk."),
+def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds, affinity_train, random_walk, a2gnn."),
               device: str = typer.Option("auto", help="auto, cpu or cuda."),
               size: str = typer.Option("500x375", help="Image WIDTHxHEIGHT (VOC-typical default)."),
               images: int = typer.Option(8, help="Images per case."),

@@ -104,7 +104,7 @@ class DenseCrfParams(Section):
 class CrfConfig(DenseCrfParams):
     """Dense CRF (Kraehenbuehl & Koltun) refinement of a label or probability map."""
 
-    input: Literal["auto", "box_seeds", "seeds"] = "auto"
+    input: Literal["auto", "a2gnn", "random_walk", "seeds", "box_seeds"] = "auto"
     gt_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
 
 
@@ -200,6 +200,39 @@ class RandomWalkConfig(Section):
     source: Literal["auto", "cam", "seeds"] = "auto"
 
 
+class A2gnnConfig(Section):
+    """Per-image A²GNN (thesis Sect. 3.3.4-3.3.5). ``None``: the released value for the
+    supervision (boxes: 150 + 150 epochs, lr 0.035, reg_weight 0.01; others: 50 + 50, 0.03,
+    0.3). ``mp`` and ``consistency`` apply to boxes only.
+
+    ``path``: how the affinity attention layer runs: ``grid`` (tiled, the fast exact path;
+    several images at once, ``batch``), ``edges`` (PyG message passing) or ``dense`` (the
+    released N x N form); the GCN / GAT / AGNN baselines always run on edge lists. ``consistency_threshold``: seeds
+    less similar (cosine) to their box's prototype are dropped; 0 as released.
+    """
+
+    layer: Literal["a2gnn", "gcn", "gat", "agnn"] = "a2gnn"
+    path: Literal["grid", "edges", "dense"] = "grid"
+    tile: PositiveInt = 8
+    batch: PositiveInt = 8
+    beta: Annotated[float, Field(ge=0.0)] = 10.0
+    negative: Literal["drop", "keep"] = "drop"
+    hidden: PositiveInt = 256
+    layers: PositiveInt = 3
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    epochs: PositiveInt | None = None  # per phase
+    lr: PositiveFloat | None = None
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    reg_weight: Annotated[float, Field(ge=0.0)] | None = None  # lambda_1
+    reg_radius: PositiveInt = 5
+    sigma_xy: PositiveFloat = 6.0
+    sigma_rgb: PositiveFloat = 0.1
+    mp: bool = True
+    consistency: bool = True
+    consistency_threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.0
+    rw_weight: Annotated[float, Field(ge=0.0)] = 3.0  # tags and points: (P + w P_rw) / (1 + w)
+
+
 class Config(Section):
     """A whole run. Defaults are the built-in demo (box supervision on synthetic data)."""
 
@@ -221,6 +254,7 @@ class Config(Section):
     affinity_train: AffinityTrainConfig = Field(default_factory=AffinityTrainConfig)
     graph: GraphConfig = Field(default_factory=GraphConfig)
     random_walk: RandomWalkConfig = Field(default_factory=RandomWalkConfig)
+    a2gnn: A2gnnConfig = Field(default_factory=A2gnnConfig)
     crf: CrfConfig = Field(default_factory=CrfConfig)
 
     @model_validator(mode="after")

@@ -18,11 +18,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from models.affinity import (AffinityNet, affinity_class_loss, affinity_reg_loss, gaussian_kernel, pair_distance,
+from models.affinity import (AffinityNet, affinity_class_loss, affinity_reg_loss, image_kernel, pair_distance,
                              pair_labels, window_offsets)
-from models.backbones import DEPTHS, normalize, weights_path
+from models.backbones import DEPTHS, weights_path
 
 from .augment import scale_flip_crop, step_rng
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
@@ -50,8 +49,8 @@ def affinity_loss(model: AffinityNet, images: torch.Tensor, seeds: torch.Tensor,
         raise ValueError(f"feature grid {tuple(f_a.shape[-2:])} != seed grid {tuple(seeds.shape[-2:])}")
     dist = pair_distance(f_a, offsets)
     out = affinity_class_loss(torch.exp(-dist), pair_labels(seeds, offsets))
-    rgb = F.interpolate(normalize(images), size=f_a.shape[-2:], mode="bilinear", align_corners=False)
-    out["reg"] = affinity_reg_loss(dist, gaussian_kernel(rgb, offsets, sigma_xy, sigma_rgb), offsets, valid)
+    kernel = image_kernel(images, f_a.shape[-2:], offsets, sigma_xy, sigma_rgb)
+    out["reg"] = affinity_reg_loss(dist, kernel, offsets, valid)
     out["class"] = out["loss"]
     out["loss"] = out["class"] + reg_weight * out["reg"]
     return out

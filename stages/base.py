@@ -174,12 +174,13 @@ def run_items(ctx: StageContext, fn: Callable[[StageContext, str], Any], desc: s
     result = StageResult()
     for image_id, outcome in ctx.map_items(fn, desc=desc):
         if isinstance(outcome, BaseException):
-            result.failures[image_id] = _describe(outcome)
+            result.failures[image_id] = describe_error(outcome)
             ctx.log.warning("%s: %s failed: %s", ctx.stage, image_id, result.failures[image_id])
     return result
 
 
-def _describe(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
+    """A failure message for the manifest: the bad file for data errors, else type and text."""
     return str(err) if isinstance(err, DataError) else f"{type(err).__name__}: {err}"
 
 

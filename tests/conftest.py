@@ -31,6 +31,7 @@ TINY_TRAINING = {
     "cam_train": {"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
     "cam": {"scales": [1.0]},
     "affinity_train": {"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
+    "a2gnn": {"epochs": 2, "hidden": 16},
 }
 
 

@@ -49,7 +49,7 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     res = runner.invoke(app, ["status", str(path)])
     assert res.exit_code == 0 and "box_seeds" in res.output and "4/4" in res.output and "complete" in res.output
     res = runner.invoke(app, ["run", str(path)])
-    assert "all 6 stage(s) cached" in res.output
+    assert "all 7 stage(s) cached" in res.output
     res = runner.invoke(app, ["eval", str(path), "--stage", "seeds", "--map", "M_F"])
     assert res.exit_code == 2 and "has no map 'M_F'" in res.output  # no CAM, no fusion
     res = runner.invoke(app, ["eval", str(path), "--stage", "crf"])
@@ -60,7 +60,7 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     png = tmp_path / "art" / "cli" / "inspect" / "train_0001.png"
     assert png.is_file()
     w, h = Image.open(png).size
-    assert w > 7 * 160 and h > 120  # image, GT, box_seeds, seeds, graph edges, random_walk, crf side by side
+    assert w > 8 * 160 and h > 120  # image, GT, box_seeds, seeds, graph edges, random_walk, a2gnn, crf side by side
     res = runner.invoke(app, ["inspect", str(path), "train_0001", "--pixel", "10,20"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["inspect", str(path), "train_0001", "--pixel", "999,20"])
@@ -71,7 +71,7 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
 
 def test_only_without_upstream_says_what_to_run(tmp_path):
     res = runner.invoke(app, ["run", str(write_config(tmp_path)), "--only", "crf"])
-    assert res.exit_code == 2 and "crf needs 'seeds'" in res.output
+    assert res.exit_code == 2 and "crf needs 'a2gnn'" in res.output
 
 
 def test_prepare_writes_weak_labels_the_reader_loads(tmp_path):

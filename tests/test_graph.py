@@ -161,14 +161,15 @@ def test_edge_heatmap_colours_the_neighbours_of_the_chosen_pixel():
     assert not np.array_equal(heat[4, 12], heat[4, 3])  # weight 0.5 vs 1.0: different colours
 
 
-def test_tag_supervision_walks_the_cams_and_the_crf_refines_the_walk(tmp_path):
+def test_tag_supervision_walks_the_cams_and_a2gnn_fuses_the_walk(tmp_path):
     from pipeline.runner import make_run, run_local
     from stages.crf import inputs as crf_inputs
 
     from .conftest import demo_config
 
     run = make_run(demo_config(tmp_path, supervision="image", random_walk__logt=3))
-    assert run.upstream["random_walk"] == ["graph", "cam"] and crf_inputs(run.config) == ["random_walk"]
+    assert run.upstream["random_walk"] == ["graph", "cam"] and crf_inputs(run.config) == ["a2gnn"]
+    assert "random_walk" in run.upstream["a2gnn"]
     out = run_local(run, run.names)
     assert all(m["counts"]["failed"] == 0 for m in out.values())
     walk = run.store("random_walk")
@@ -177,10 +178,14 @@ def test_tag_supervision_walks_the_cams_and_the_crf_refines_the_walk(tmp_path):
     cam_ids = run.store("cam").read_soft(some)[1]
     np.testing.assert_array_equal(ids, cam_ids)
     np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=5e-3)
-    assert out["crf"]["info"]["input"] == "random_walk"
-    # boxes propagate the seeds instead, and the CRF keeps refining the seeds
+    assert out["crf"]["info"]["input"] == "a2gnn" and out["a2gnn"]["info"]["fused_random_walk"]
+    fused, fused_ids = run.store("a2gnn").read_soft(some)
+    np.testing.assert_array_equal(fused_ids, cam_ids)  # [0] + tags on both sides
+    np.testing.assert_allclose(fused.astype(np.float32).sum(0), 1.0, atol=5e-3)
+    # boxes propagate the seeds instead; A²GNN does not fuse the walk, the CRF refines A²GNN
     box = make_run(demo_config(tmp_path / "box"))
-    assert box.upstream["random_walk"] == ["graph", "seeds"] and box.upstream["crf"] == ["seeds"]
+    assert box.upstream["random_walk"] == ["graph", "seeds"] and box.upstream["crf"] == ["a2gnn"]
+    assert "random_walk" not in box.upstream["a2gnn"]
 
 
 @pytest.mark.parametrize("stride", [1, 3, 8])

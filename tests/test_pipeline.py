@@ -9,8 +9,8 @@ from .conftest import demo_config
 
 
 def test_demo_box_slice_quality(tmp_path):
-    run = make_run(demo_config(tmp_path, workers=2, dataset__num_train=12, cam__enabled=False))
-    out = run_local(run, run.names)
+    run = make_run(demo_config(tmp_path, workers=2, dataset__num_train=12, cam__enabled=False, crf__input="seeds"))
+    out = run_local(run, ["box_seeds", "seeds", "crf"])
     seeds, crf = out["box_seeds"]["metrics"], out["crf"]["metrics"]
     assert seeds["images"] == crf["images"] == 12
     # GrabCut seeds: most pixels labeled, nearly all correctly; CRF labels every pixel.
@@ -29,7 +29,7 @@ def test_bad_image_is_recorded_and_the_run_goes_on(tmp_path, horses):
     data = (root / "rgb" / "horse002.jpg").read_bytes()
     (root / "rgb" / "horse002.jpg").write_bytes(data[: len(data) // 3])  # truncated
     cfg = config_from_dict({"run": "bad", "output_root": str(tmp_path / "a"), "engine": "local", "workers": 1,
-                            "cam": {"enabled": False},
+                            "cam": {"enabled": False}, "crf": {"input": "seeds"},
                             "dataset": {"kind": "masks", "root": str(root), "images": "rgb", "masks": "figure_ground",
                                         "resize": "image_to_mask", "val_fraction": 0.0}})
     out = run_local(make_run(cfg), ["box_seeds", "seeds", "crf"])
@@ -42,6 +42,7 @@ def test_bad_image_is_recorded_and_the_run_goes_on(tmp_path, horses):
 def test_horses_box_slice_quality(tmp_path, horses):
     cfg = config_from_dict({
         "run": "horses", "output_root": str(tmp_path / "a"), "engine": "local", "workers": 2, "cam": {"enabled": False},
+        "crf": {"input": "seeds"},
         "dataset": {"kind": "masks", "root": str(horses), "images": "rgb", "masks": "figure_ground",
                     "class_names": ["background", "horse"], "resize": "image_to_mask", "limit": 24}})
     out = run_local(make_run(cfg), ["box_seeds", "seeds", "crf"])

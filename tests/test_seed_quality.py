@@ -14,11 +14,11 @@ from .conftest import ROOT, demo_config
 
 @pytest.fixture(scope="session")
 def demo_box_run(tmp_path_factory):
-    """configs/demo.yaml (what `make demo` runs) up to the random walk, once per session."""
+    """configs/demo.yaml (what `make demo` runs) up to A²GNN, once per session."""
     data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     data.update(output_root=str(tmp_path_factory.mktemp("demo") / "artifacts"), engine="local", workers=2)
     run = make_run(config_from_dict(data, "configs/demo.yaml"))
-    run_local(run, ["box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph", "random_walk"])
+    run_local(run, ["box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph", "random_walk", "a2gnn"])
     return run
 
 
@@ -86,7 +86,7 @@ def test_random_walk_beats_the_seeds_it_starts_from(demo_box_run):
 @pytest.mark.parametrize("sup", ["scribble", "point"])
 def test_demo_superpixel_seeds_without_cam(tmp_path, sup):
     run = make_run(demo_config(tmp_path, supervision=sup, cam__enabled=False, workers=2))
-    assert run.names == ["seeds", "affinity_train", "graph", "random_walk", "crf"]
+    assert run.names == ["seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf"]
     m = run_local(run, ["seeds"])["seeds"]["metrics"]
     assert m["precision"] > 0.9
     assert m["coverage"] > (0.12 if sup == "scribble" else 0.003)
@@ -117,3 +117,38 @@ def test_horses_scribble_seeds(tmp_path, horses):
                     "class_names": ["background", "horse"], "resize": "image_to_mask", "limit": 16}})
     m = run_local(make_run(cfg), ["seeds"])["seeds"]["metrics"]
     assert m["precision"] > 0.9 and m["coverage"] > 0.2
+
+
+def test_a2gnn_beats_the_random_walk_and_the_seeds(demo_box_run):
+    """Table 3.4 at demo scale: A²GNN (CE + MP + L_reg, consistency checking) on the same
+    graph and seeds labels every pixel and beats both the seeds and the random walk."""
+    seeds = demo_box_run.store("seeds").read_manifest()["metrics"]["miou"]
+    walk = demo_box_run.store("random_walk").read_manifest()["metrics"]["miou"]
+    a2gnn = demo_box_run.store("a2gnn").read_manifest()
+    assert a2gnn["info"]["layer"] == "a2gnn" and a2gnn["info"]["path"] == "grid"
+    assert a2gnn["metrics"]["coverage"] == 1.0
+    assert a2gnn["metrics"]["miou"] > seeds + 0.1, (a2gnn["metrics"]["miou"], seeds)
+    assert a2gnn["metrics"]["miou"] > walk + 0.02, (a2gnn["metrics"]["miou"], walk)
+    assert 0.0 <= a2gnn["info"]["check_removed_mean"] < 0.5
+
+
+def test_a2gnn_result_does_not_depend_on_the_batch(demo_box_run):
+    """Re-training three images one at a time gives what the stage stored for them when it
+    trained them stacked with others (same per-image seeds)."""
+    from pipeline.runner import stage_context
+    from stages.a2gnn import _problem, fit, settings
+    from stages.affinity_train import radius_of
+    from stages.graph import load_affinity
+
+    run = demo_box_run
+    assert run.config.a2gnn.batch > 1
+    ids = run.ids("a2gnn")[:3]
+    ctx = stage_context(run, "a2gnn", ids)
+    cfg = settings(run.config)
+    affinity = load_affinity(ctx.input("affinity_train").read_model(), "cpu")[0]
+    for image_id in ids:
+        problem, class_ids = _problem(ctx, image_id, affinity, cfg)
+        probs = fit([problem], cfg, radius_of(run.config), "cpu")[0][0].numpy()
+        stored, stored_ids = run.store("a2gnn").read_soft(image_id)
+        assert list(stored_ids) == list(class_ids)
+        np.testing.assert_allclose(stored.astype(np.float32), probs, atol=2e-3)

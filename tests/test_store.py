@@ -26,9 +26,9 @@ class Counter:
 @pytest.fixture
 def counters(monkeypatch):
     seeds = Counter(box_seeds.grabcut_seeds)
-    crf = Counter(crf_stage.crf_from_labels)
+    crf = Counter(crf_stage.crf_from_probs)  # the CRF refines A²GNN's probabilities
     monkeypatch.setattr(box_seeds, "grabcut_seeds", seeds)
-    monkeypatch.setattr(crf_stage, "crf_from_labels", crf)
+    monkeypatch.setattr(crf_stage, "crf_from_probs", crf)
     return seeds, crf
 
 
@@ -92,7 +92,8 @@ def test_force_recomputes_stage_and_downstream(tmp_path, counters):
     run = make_run(demo_config(tmp_path))
     run_local(run, run.names)
     seeds.calls.clear(), crf.calls.clear()
-    assert forced(run, ["box_seeds"]) == {"box_seeds", "seeds", "affinity_train", "graph", "random_walk", "crf"}
+    assert forced(run, ["box_seeds"]) == {"box_seeds", "seeds", "affinity_train", "graph", "random_walk", "a2gnn",
+                                             "crf"}
     run_local(run, run.names, forced(run, ["box_seeds"]))
     assert len(seeds.calls) == len(crf.calls) == len(run.ids("crf"))
 

@@ -1,0 +1,288 @@
+"""``a2gnn``: per-image transductive A²GNN training (thesis Sect. 3.3.5, 3.6.1; the released
+``train_infer_A2GNN_{box,others}.py`` is the reference).
+
+For every image, a fresh :class:`models.a2gnn.A2GNN` is trained on that image's graph
+(``graph``), node features X (Eq. 3.15, stored or recomputed from ``affinity_train``) and
+seed labels M_g (``seeds``)::
+
+    L_G = L_ce + L_mp + lambda_1 L_reg                                          (Eq. 3.20)
+
+- ``L_ce`` (:func:`models.losses.seed_ce`): the grid logits upsampled bilinearly to the
+  image (x8, cropped), background and foreground CE over the seed pixels;
+- ``L_mp`` (boxes): :func:`models.losses.mp_loss` on the upsampled logits, each box's
+  MP nodes' features sampled from the last attention layer;
+- ``L_reg``: :func:`models.losses.potts_loss` on the grid softmax, Gaussian kernel on grid
+  position (``sigma_xy``) and normalised colour (``sigma_rgb``), square window of
+  ``reg_radius`` (the released gated-CRF loss);
+- consistency checking (boxes, Eq. 3.27-3.28): every epoch, seed pixels of a box's class
+  whose feature (cosine on the grid, upsampled) is less similar to the box prototype than
+  ``consistency_threshold`` become unknown; removals accumulate, as in the released code.
+
+Schedule: Adam; phase 1 (``epochs``) without ``L_reg`` and the check, phase 2 (``epochs``)
+with everything. Defaults by supervision as released: boxes 150 + 150 epochs, lr 0.035,
+lambda_1 0.01; others 50 + 50, lr 0.03, lambda_1 0.3, no MP loss, no check.
+
+Output: the softmax of the upsampled logits over ``[0] + the image's classes`` (the
+released code uses all 21 VOC classes; absent classes can only add errors), float16. For
+tags and points the result is fused with the random walk, ``(P + rw_weight P_rw) /
+(1 + rw_weight)`` (Sect. 3.6.1: 1:3).
+
+Images of the same size and class count are trained together as stacked independent
+models (``batch``; :class:`models.a2gnn.GridGraph` path only): each model has its own
+random generator (seeded from ``seed`` and the image id), so an image's result does not
+depend on what it was batched with.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.a2gnn import A2GNN, DenseGraph, GridGraph
+from models.affinity import IGNORE, image_kernel, window_offsets
+from models.graph import from_grid
+from models.losses import Window, consistency_check, mp_loss, potts_loss, seed_ce
+
+from .base import STAGES, StageContext, StageResult, StageSpec, describe_error
+from .graph import STRIDE, load_affinity, node_features_of
+from .affinity_train import radius_of
+from .training import release
+
+VERSION = "1"
+
+BOX_DEFAULTS = {"epochs": 150, "lr": 0.035, "reg_weight": 0.01}
+OTHER_DEFAULTS = {"epochs": 50, "lr": 0.03, "reg_weight": 0.3}
+
+
+def settings(config) -> Any:
+    """The ``a2gnn`` section with the supervision's defaults filled in (``None`` fields),
+    and the box-only terms off for other supervisions."""
+    cfg = config.a2gnn
+    box = config.supervision == "box"
+    fill = {k: v for k, v in (BOX_DEFAULTS if box else OTHER_DEFAULTS).items() if getattr(cfg, k) is None}
+    if not box:
+        fill.update(mp=False, consistency=False)
+    return cfg.model_copy(update=fill)
+
+
+def fuses_random_walk(config) -> bool:
+    return config.supervision in ("image", "point") and config.a2gnn.rw_weight > 0
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A per-image random seed: the same image gets the same model whatever its batch."""
+    return (seed * 1_000_003 + zlib.crc32(image_id.encode())) % (2 ** 62)
+
+
+@dataclass
+class Problem:
+    """One image's transductive problem. ``seeds`` (H, W) holds class *indices* into the
+    image's classes (IGNORE unknown); ``kernel`` (K, h, w) the L_reg pair weights; ``boxes``
+    ``(window in pixels, class index)``."""
+
+    x: torch.Tensor
+    edge_index: torch.Tensor
+    weight: torch.Tensor
+    grid: tuple[int, int]
+    seeds: torch.Tensor
+    kernel: torch.Tensor
+    num_classes: int
+    boxes: list[tuple[Window, int]]
+    seed: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.seeds.shape)
+
+
+def _graph_of(problems: list[Problem], cfg, radius: int, device: str):
+    """The graph argument of :meth:`A2GNN.forward` for the configured path, and the edge weights."""
+    p = problems[0]
+    if cfg.path == "grid" and cfg.layer == "a2gnn":
+        grids = [GridGraph.from_edges(q.edge_index, q.weight, q.grid, cfg.tile, radius) for q in problems]
+        return GridGraph.stack(grids).to(device), None
+    if len(problems) != 1:
+        raise ValueError(f"path {cfg.path!r} / layer {cfg.layer!r} trains one image at a time")
+    if cfg.path == "dense" and cfg.layer == "a2gnn":
+        return DenseGraph.from_edges(p.edge_index, p.weight, p.grid[0] * p.grid[1]).to(device), None
+    return p.edge_index.to(device), p.weight.to(device)
+
+
+def _check(labels: torch.Tensor, feats: torch.Tensor, protos: list[torch.Tensor], boxes: list[tuple[Window, int]],
+           threshold: float) -> torch.Tensor:
+    """Consistency checking of one image's labels against its boxes' prototypes."""
+    for (window, cls), proto in zip(boxes, protos):
+        cos = torch.nn.functional.cosine_similarity(feats, proto[:, None, None], dim=0)
+        labels = consistency_check(labels, from_grid(cos[None], labels.shape, STRIDE)[0], window, cls, threshold)
+    return labels
+
+
+def fit(problems: list[Problem], cfg, radius: int, device: str) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Train one model per problem (stacked), return the probabilities (M, C, H, W) on the
+    CPU and per-image facts (seed pixels the check removed)."""
+    m, first = len(problems), problems[0]
+    (h, w), size, c = first.grid, first.size, first.num_classes
+    if any(p.grid != first.grid or p.size != size or p.num_classes != c for p in problems):
+        raise ValueError("images trained together need the same size and number of classes")
+    model = A2GNN(first.x.shape[1], c, cfg.hidden, cfg.layers, cfg.dropout, cfg.layer, cfg.beta, cfg.negative, m)
+    torch.manual_seed(first.seed)  # the torch_geometric baselines initialise from the global generator
+    model.reset_parameters([torch.Generator().manual_seed(p.seed) for p in problems])
+    model.to(device)
+    noise_gens = [torch.Generator(device=device).manual_seed(p.seed + 1) for p in problems]
+    graph, edge_weight = _graph_of(problems, cfg, radius, device)
+    x = torch.stack([p.x for p in problems]).to(device)
+    labels = torch.stack([p.seeds for p in problems]).to(device)
+    kernel = torch.stack([p.kernel for p in problems]).to(device)
+    reg_offsets = window_offsets(cfg.reg_radius, "square")
+    known = (labels != IGNORE).sum((1, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for epoch in range(2 * cfg.epochs):
+        phase2 = epoch >= cfg.epochs
+        model.train()
+        opt.zero_grad()
+        noise = torch.stack([torch.rand(h * w, cfg.hidden, generator=g, device=device) for g in noise_gens])
+        logits, feats = model(x, graph, edge_weight, noise if cfg.dropout > 0 else None)
+        grid_logits = logits.transpose(1, 2).reshape(m, c, h, w)
+        up = from_grid(grid_logits, size, STRIDE)
+        loss = up.new_zeros(())
+        if cfg.mp:
+            feats_grid = feats.transpose(1, 2).reshape(m, -1, h, w)
+            for i, p in enumerate(problems):
+                if not p.boxes:
+                    continue
+                mp, protos = mp_loss(up[i], feats_grid[i], p.boxes, STRIDE)
+                loss = loss + mp
+                if phase2 and cfg.consistency:
+                    labels[i] = _check(labels[i], feats_grid[i].detach(), protos, p.boxes, cfg.consistency_threshold)
+        loss = loss + seed_ce(up, labels).sum()
+        if phase2 and cfg.reg_weight > 0:
+            # potts_loss averages over the batch; the models' losses are summed
+            loss = loss + cfg.reg_weight * m * potts_loss(torch.softmax(grid_logits, 1), kernel, reg_offsets)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits, _ = model(x, graph, edge_weight)
+        probs = torch.softmax(from_grid(logits.transpose(1, 2).reshape(m, c, h, w), size, STRIDE), 1).cpu()
+    removed = (known - (labels != IGNORE).sum((1, 2))).cpu()
+    facts = [{"check_removed": float(r) / max(int(k), 1)} for r, k in zip(removed, known.cpu())]
+    return probs, facts
+
+
+def fuse(probs: np.ndarray, class_ids: np.ndarray, rw: np.ndarray, rw_ids: np.ndarray,
+         rw_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(P + rw_weight P_rw) / (1 + rw_weight)`` over the union of both class lists."""
+    ids = np.union1d(class_ids, rw_ids)
+    out = np.zeros((len(ids),) + probs.shape[1:], np.float32)
+    out[np.searchsorted(ids, class_ids)] += probs
+    out[np.searchsorted(ids, rw_ids)] += rw_weight * rw.astype(np.float32)
+    return out / (1.0 + rw_weight), ids
+
+
+# --------------------------------------------------------------------------- IO
+def classes_of(seeds: np.ndarray, weak) -> np.ndarray:
+    """``[0]`` + every class the seeds or the weak labels of the image mention, sorted."""
+    named = {b.cls for b in weak.boxes} | set(weak.tags) | {p.cls for p in weak.points}
+    if weak.scribbles is not None:
+        named |= set(np.unique(weak.scribbles[weak.scribbles != IGNORE]).tolist())
+    return np.array(sorted({0, *named, *np.unique(seeds[seeds != IGNORE]).tolist()}), np.int64)
+
+
+def _problem(ctx: StageContext, image_id: str, affinity, cfg) -> tuple[Problem, np.ndarray]:
+    graph = ctx.input("graph").read_arrays(image_id)
+    image = ctx.dataset.load_image(image_id)
+    seeds = ctx.input("seeds").read_label(image_id)
+    weak = ctx.dataset.load_weak(image_id)
+    class_ids = classes_of(seeds, weak)
+    index = np.full(256, IGNORE, np.int64)
+    index[class_ids] = np.arange(len(class_ids))
+    grid = tuple(int(v) for v in graph["grid"])
+    h, w = seeds.shape
+    boxes = [((max(b.y0, 0), min(b.y1, h), max(b.x0, 0), min(b.x1, w)), int(index[b.cls])) for b in weak.boxes
+             if min(b.y1, h) > max(b.y0, 0) and min(b.x1, w) > max(b.x0, 0)]
+    rgb = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
+    kernel = image_kernel(rgb, grid, window_offsets(cfg.reg_radius, "square"), cfg.sigma_xy, cfg.sigma_rgb)[0]
+    x = node_features_of(graph, affinity, image, ctx.device)
+    problem = Problem(x=x, edge_index=torch.from_numpy(graph["edge_index"].astype(np.int64)),
+                      weight=torch.from_numpy(graph["weight"].astype(np.float32)), grid=grid,
+                      seeds=torch.from_numpy(index[seeds]), kernel=kernel, num_classes=len(class_ids), boxes=boxes,
+                      seed=image_seed(ctx.config.seed, image_id))
+    return problem, class_ids
+
+
+def _group_key(ctx: StageContext, image_id: str) -> tuple:
+    seeds = ctx.input("seeds").read_label(image_id)
+    return seeds.shape, len(classes_of(seeds, ctx.dataset.load_weak(image_id)))
+
+
+def _run_group(ctx: StageContext, key: str, groups: dict[str, list[str]], affinity, radius: int) -> dict[str, Any]:
+    """Train one group of images together and write their outputs; returns the per-image
+    failures and facts."""
+    cfg, failures, problems, ids, classes = settings(ctx.config), {}, [], [], []
+    for image_id in groups[key]:
+        try:
+            problem, class_ids = _problem(ctx, image_id, affinity, cfg)
+        except Exception as err:  # noqa: BLE001 - one bad image does not stop its group
+            failures[image_id] = describe_error(err)
+            continue
+        problems.append(problem)
+        ids.append(image_id)
+        classes.append(class_ids)
+    if not problems:
+        return {"failures": failures, "facts": []}
+    probs, facts = fit(problems, cfg, radius, ctx.device)
+    for image_id, p, class_ids in zip(ids, probs.numpy(), classes):
+        if fuses_random_walk(ctx.config):
+            p, class_ids = fuse(p, class_ids, *ctx.input("random_walk").read_soft(image_id), cfg.rw_weight)
+        ctx.out.write_soft(image_id, p, class_ids)
+    return {"failures": failures, "facts": facts}
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = settings(ctx.config)
+    state = ctx.input("affinity_train").read_model() if "affinity_train" in ctx.upstream else None
+    affinity = load_affinity(state, ctx.device)[0] if state is not None else None
+    batch = cfg.batch if (cfg.layer == "a2gnn" and cfg.path == "grid") else 1
+    by_key: dict[tuple, list[str]] = {}
+    for image_id in ctx.todo:
+        by_key.setdefault(_group_key(ctx, image_id), []).append(image_id)
+    groups: dict[str, list[str]] = {}
+    for ids in by_key.values():
+        for i in range(0, len(ids), batch):
+            groups[str(len(groups))] = ids[i:i + batch]
+    result, facts = StageResult(), []
+    fn = functools.partial(_run_group, groups=groups, affinity=affinity, radius=radius_of(ctx.config))
+    for key, outcome in ctx.map_items(fn, ids=list(groups), desc=f"a2gnn ({len(ctx.todo)} images)"):
+        if isinstance(outcome, BaseException):
+            result.failures.update({image_id: describe_error(outcome) for image_id in groups[key]})
+        else:
+            result.failures.update(outcome["failures"])
+            facts += outcome["facts"]
+    for image_id, why in result.failures.items():
+        ctx.log.warning("a2gnn: %s failed: %s", image_id, why)
+    result.info.update(layer=cfg.layer, path=cfg.path, epochs=2 * cfg.epochs, batch=batch,
+                       fused_random_walk=fuses_random_walk(ctx.config))
+    if cfg.consistency and facts:
+        result.info["check_removed_mean"] = round(float(np.mean([f["check_removed"] for f in facts])), 4)
+    del affinity
+    release(ctx.device)
+    return result
+
+
+def inputs(config) -> list[str]:
+    out = ["graph", "seeds"]
+    if not config.graph.store_features:
+        out.append("affinity_train")
+    if fuses_random_walk(config):
+        out.append("random_walk")
+    return out
+
+
+SPEC = STAGES.register("a2gnn", StageSpec(
+    name="a2gnn", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"),
+    output="soft", version=VERSION, parallel=False,
+    description="per-image A2GNN: CE + MP + lambda L_reg, consistency checking"))
