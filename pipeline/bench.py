@@ -292,32 +292,35 @@ def bench_random_walk(device: str, height: int, width: int, images: int, threads
 
 # --------------------------------------------------------------------------- a2gnn
 def _a2gnn_problems(n: int, h: int, w: int, radius: int, channels: int, seed_fraction: float):
-    """Synthetic per-image problems at the image size: smooth random affinities on the
-    stride-8 grid, non-negative node features, seeds = a random part of the GT, the
+    """Synthetic per-image problems at the image size, with (image, GT) pairs so the
+    outputs can be scored: affinities and node features follow the GT on the stride-8 grid
+    (a class signal plus smooth / uniform noise), seeds = a random part of the GT, the
     synthesized boxes."""
     import torch
 
     from models.affinity import IGNORE, image_kernel, window_offsets
-    from models.graph import grid_edges
+    from models.graph import grid_edges, to_grid
     from stages.a2gnn import Problem, classes_of
 
     out = []
     for k, (image, gt, weak) in enumerate(demo_samples(n, h, w)):
         gen = torch.Generator().manual_seed(k)
         grid = (-(-h // 8), -(-w // 8))
-        f = torch.nn.functional.interpolate(torch.rand(1, 16, grid[0] // 4 + 1, grid[1] // 4 + 1, generator=gen),
-                                            size=grid, mode="bilinear", align_corners=False)[0] * 4
-        edge_index, weight = grid_edges(f, window_offsets(radius))
         seeds = np.where(np.random.default_rng(k).random(gt.shape) < seed_fraction, gt, IGNORE).astype(np.uint8)
-        class_ids = classes_of(seeds, weak)
+        class_ids = classes_of(gt, weak)
         index = np.full(256, IGNORE, np.int64)
         index[class_ids] = np.arange(len(class_ids))
+        onehot = to_grid(torch.from_numpy(index[gt][None] == np.arange(len(class_ids))[:, None, None]).float(), 8)
+        noise = torch.nn.functional.interpolate(torch.rand(1, 8, grid[0] // 4 + 1, grid[1] // 4 + 1, generator=gen),
+                                                size=grid, mode="bilinear", align_corners=False)[0]
+        edge_index, weight = grid_edges(torch.cat([onehot * 3, noise]), window_offsets(radius))
+        signal = onehot.flatten(1).t().repeat_interleave(-(-channels // len(class_ids)), 1)[:, :channels]
         rgb = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
-        out.append(Problem(
-            x=torch.rand(grid[0] * grid[1], channels, generator=gen), edge_index=edge_index,
+        out.append((Problem(
+            x=signal + torch.rand(grid[0] * grid[1], channels, generator=gen), edge_index=edge_index,
             weight=weight.half().float(), grid=grid, seeds=torch.from_numpy(index[seeds]),
             kernel=image_kernel(rgb, grid, window_offsets(5, "square"), 6.0, 0.1)[0], num_classes=len(class_ids),
-            boxes=[((b.y0, b.y1, b.x0, b.x1), int(index[b.cls])) for b in weak.boxes], seed=k))
+            boxes=[((b.y0, b.y1, b.x0, b.x1), int(index[b.cls])) for b in weak.boxes], seed=k), index[gt]))
     return out
 
 
@@ -325,12 +328,13 @@ def _a2gnn_fit(path: str, layer: str, batch: int, epochs: int, n: int, h: int, w
                device: str, threads: int) -> dict[str, Any]:
     import torch
 
+    from models.metrics import confusion_matrix, scores
     from pipeline.config import A2gnnConfig
     from stages.a2gnn import BOX_DEFAULTS, fit
 
     torch.set_num_threads(threads)
     cfg = A2gnnConfig(**{**BOX_DEFAULTS, "epochs": epochs}, path=path, layer=layer)
-    problems = _a2gnn_problems(n, h, w, radius, channels, 0.3)
+    problems, truths = zip(*_a2gnn_problems(n, h, w, radius, channels, 0.3))
     groups: dict[int, list] = {}
     for p in problems:  # as the stage: only images with as many classes train together
         groups.setdefault(p.num_classes, []).append(p)
@@ -346,7 +350,10 @@ def _a2gnn_fit(path: str, layer: str, batch: int, epochs: int, n: int, h: int, w
     out = measured(work, device, warmup=lambda: fit(chunks[0][:1], warm, radius, device))
     order = [id(p) for c in chunks for p in c]
     probs = [probs[order.index(id(p))] for p in problems]  # back to image order
-    return {**out, "s_per_epoch": round(out["seconds"] / n / (2 * epochs), 4), "probs": probs}
+    # per-image class indices differ between images: mean of the per-image mIoU
+    miou = np.mean([scores(confusion_matrix(p.argmax(0), t, p.shape[0]))["miou"] for p, t in zip(probs, truths)])
+    return {**out, "s_per_epoch": round(out["seconds"] / n / (2 * epochs), 4), "image_miou": round(float(miou), 4),
+            "probs": probs}
 
 
 @bench("a2gnn")

@@ -66,6 +66,8 @@ def settings(config) -> Any:
     fill = {k: v for k, v in (BOX_DEFAULTS if box else OTHER_DEFAULTS).items() if getattr(cfg, k) is None}
     if not box:
         fill.update(mp=False, consistency=False)
+    if cfg.layer != "a2gnn":
+        fill.update(path="edges")  # the torch_geometric baselines run on edge lists
     return cfg.model_copy(update=fill)
 
 
@@ -102,12 +104,12 @@ class Problem:
 def _graph_of(problems: list[Problem], cfg, radius: int, device: str):
     """The graph argument of :meth:`A2GNN.forward` for the configured path, and the edge weights."""
     p = problems[0]
-    if cfg.path == "grid" and cfg.layer == "a2gnn":
+    if cfg.path == "grid":
         grids = [GridGraph.from_edges(q.edge_index, q.weight, q.grid, cfg.tile, radius) for q in problems]
         return GridGraph.stack(grids).to(device), None
     if len(problems) != 1:
         raise ValueError(f"path {cfg.path!r} / layer {cfg.layer!r} trains one image at a time")
-    if cfg.path == "dense" and cfg.layer == "a2gnn":
+    if cfg.path == "dense":
         return DenseGraph.from_edges(p.edge_index, p.weight, p.grid[0] * p.grid[1]).to(device), None
     return p.edge_index.to(device), p.weight.to(device)
 
@@ -144,8 +146,9 @@ def fit(problems: list[Problem], cfg, radius: int, device: str) -> tuple[torch.T
         phase2 = epoch >= cfg.epochs
         model.train()
         opt.zero_grad()
-        noise = torch.stack([torch.rand(h * w, cfg.hidden, generator=g, device=device) for g in noise_gens])
-        logits, feats = model(x, graph, edge_weight, noise if cfg.dropout > 0 else None)
+        noise = torch.stack([torch.rand(h * w, cfg.hidden, generator=g, device=device) for g in noise_gens]) \
+            if cfg.dropout > 0 else None
+        logits, feats = model(x, graph, edge_weight, noise)
         grid_logits = logits.transpose(1, 2).reshape(m, c, h, w)
         up = from_grid(grid_logits, size, STRIDE)
         loss = up.new_zeros(())
@@ -246,7 +249,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg = settings(ctx.config)
     state = ctx.input("affinity_train").read_model() if "affinity_train" in ctx.upstream else None
     affinity = load_affinity(state, ctx.device)[0] if state is not None else None
-    batch = cfg.batch if (cfg.layer == "a2gnn" and cfg.path == "grid") else 1
+    batch = cfg.batch if cfg.path == "grid" else 1
     by_key: dict[tuple, list[str]] = {}
     for image_id in ctx.todo:
         by_key.setdefault(_group_key(ctx, image_id), []).append(image_id)
