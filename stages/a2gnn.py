@@ -27,6 +27,12 @@ released code uses all 21 VOC classes; absent classes can only add errors), floa
 tags and points the result is fused with the random walk, ``(P + rw_weight P_rw) /
 (1 + rw_weight)`` (Sect. 3.6.1: 1:3).
 
+Non-negative features: the embedding ends in a ReLU and each attention layer outputs
+convex combinations of its inputs, so every node feature is non-negative and every cosine
+is >= 0. In the released code (and here with the defaults) the dropping of negative-cosine
+neighbours and the consistency check at similarity 0 therefore never act; a positive
+``consistency_threshold`` makes the check remove seeds.
+
 Images of the same size and class count are trained together as stacked independent
 models (``batch``; :class:`models.a2gnn.GridGraph` path only): each model has its own
 random generator (seeded from ``seed`` and the image id), so an image's result does not
