@@ -247,6 +247,14 @@ def _affinity_graph(depth: int, radius: int, n: int, h: int, w: int, device: str
     return {**out, "graph_bytes": int(np.mean(sizes)), "nodes": -(-h // 8) * -(-w // 8), "edges": int(np.mean(edges))}
 
 
+def _smooth_noise(channels: int, grid: tuple[int, int], gen):
+    """(channels, h, w) uniform noise varying over about 4 grid cells (bilinear from a 4x coarser grid)."""
+    import torch
+
+    coarse = torch.rand(1, channels, grid[0] // 4 + 1, grid[1] // 4 + 1, generator=gen)
+    return torch.nn.functional.interpolate(coarse, size=grid, mode="bilinear", align_corners=False)[0]
+
+
 def _walk(dense: bool, grid: tuple[int, int], radius: int, classes: int, n: int, beta: float, logt: int, device: str,
           threads: int) -> dict[str, Any]:
     import torch
@@ -257,9 +265,7 @@ def _walk(dense: bool, grid: tuple[int, int], radius: int, classes: int, n: int,
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     # Smooth random features: affinities spread over (0, 1] like a trained net's.
-    f = torch.nn.functional.interpolate(torch.rand(1, 16, grid[0] // 4 + 1, grid[1] // 4 + 1, generator=gen),
-                                        size=grid, mode="bilinear", align_corners=False)[0] * 4
-    edge_index, weight = grid_edges(f.to(device), window_offsets(radius))
+    edge_index, weight = grid_edges(_smooth_noise(16, grid, gen).to(device) * 4, window_offsets(radius))
     weight = weight.half().float()  # as stored
     source = torch.rand(classes, grid[0] * grid[1], generator=gen).to(device)
     walk = random_walk_dense if dense else random_walk
@@ -292,35 +298,31 @@ def bench_random_walk(device: str, height: int, width: int, images: int, threads
 
 # --------------------------------------------------------------------------- a2gnn
 def _a2gnn_problems(n: int, h: int, w: int, radius: int, channels: int, seed_fraction: float):
-    """Synthetic per-image problems at the image size, with (image, GT) pairs so the
-    outputs can be scored: affinities and node features follow the GT on the stride-8 grid
-    (a class signal plus smooth / uniform noise), seeds = a random part of the GT, the
+    """Synthetic per-image problems at the image size, with their GT as class indices so
+    the outputs can be scored: affinities and node features follow the GT on the stride-8
+    grid (a class signal plus smooth / uniform noise), seeds = a random part of the GT, the
     synthesized boxes."""
     import torch
 
-    from models.affinity import IGNORE, image_kernel, window_offsets
+    from models.affinity import IGNORE, window_offsets
     from models.graph import grid_edges, to_grid
-    from stages.a2gnn import Problem, classes_of
+    from pipeline.config import A2gnnConfig
+    from stages.a2gnn import BOX_DEFAULTS, class_index, classes_of, make_problem
 
+    cfg = A2gnnConfig(**BOX_DEFAULTS)
     out = []
     for k, (image, gt, weak) in enumerate(demo_samples(n, h, w)):
         gen = torch.Generator().manual_seed(k)
         grid = (-(-h // 8), -(-w // 8))
         seeds = np.where(np.random.default_rng(k).random(gt.shape) < seed_fraction, gt, IGNORE).astype(np.uint8)
         class_ids = classes_of(gt, weak)
-        index = np.full(256, IGNORE, np.int64)
-        index[class_ids] = np.arange(len(class_ids))
-        onehot = to_grid(torch.from_numpy(index[gt][None] == np.arange(len(class_ids))[:, None, None]).float(), 8)
-        noise = torch.nn.functional.interpolate(torch.rand(1, 8, grid[0] // 4 + 1, grid[1] // 4 + 1, generator=gen),
-                                                size=grid, mode="bilinear", align_corners=False)[0]
-        edge_index, weight = grid_edges(torch.cat([onehot * 3, noise]), window_offsets(radius))
+        truth = class_index(class_ids)[gt]
+        onehot = to_grid(torch.from_numpy(truth[None] == np.arange(len(class_ids))[:, None, None]).float(), 8)
+        edge_index, weight = grid_edges(torch.cat([onehot * 3, _smooth_noise(8, grid, gen)]), window_offsets(radius))
         signal = onehot.flatten(1).t().repeat_interleave(-(-channels // len(class_ids)), 1)[:, :channels]
-        rgb = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
-        out.append((Problem(
-            x=signal + torch.rand(grid[0] * grid[1], channels, generator=gen), edge_index=edge_index,
-            weight=weight.half().float(), grid=grid, seeds=torch.from_numpy(index[seeds]),
-            kernel=image_kernel(rgb, grid, window_offsets(5, "square"), 6.0, 0.1)[0], num_classes=len(class_ids),
-            boxes=[((b.y0, b.y1, b.x0, b.x1), int(index[b.cls])) for b in weak.boxes], seed=k), index[gt]))
+        x = signal + torch.rand(grid[0] * grid[1], channels, generator=gen)
+        out.append((make_problem(image, seeds, class_ids, weak.boxes, x, edge_index, weight.half().float(), grid,
+                                 cfg, k), truth))
     return out
 
 
@@ -330,26 +332,23 @@ def _a2gnn_fit(path: str, layer: str, batch: int, epochs: int, n: int, h: int, w
 
     from models.metrics import confusion_matrix, scores
     from pipeline.config import A2gnnConfig
-    from stages.a2gnn import BOX_DEFAULTS, fit
+    from stages.a2gnn import BOX_DEFAULTS, batches, fit
 
     torch.set_num_threads(threads)
     cfg = A2gnnConfig(**{**BOX_DEFAULTS, "epochs": epochs}, path=path, layer=layer)
     problems, truths = zip(*_a2gnn_problems(n, h, w, radius, channels, 0.3))
-    groups: dict[int, list] = {}
-    for p in problems:  # as the stage: only images with as many classes train together
-        groups.setdefault(p.num_classes, []).append(p)
-    chunks = [g[i:i + batch] for g in groups.values() for i in range(0, len(g), batch)]
-    probs: list[np.ndarray] = []
+    # as the stage: only images with as many classes train together
+    chunks = batches([p.num_classes for p in problems], batch)
+    probs: list[np.ndarray] = [None] * n
 
     def work() -> int:
         for chunk in chunks:
-            probs.extend(fit(chunk, cfg, radius, device)[0].numpy())
+            for i, p in zip(chunk, fit([problems[i] for i in chunk], cfg, radius, device)[0].numpy()):
+                probs[i] = p
         return n
 
     warm = A2gnnConfig(**{**BOX_DEFAULTS, "epochs": 1}, path=path, layer=layer)
-    out = measured(work, device, warmup=lambda: fit(chunks[0][:1], warm, radius, device))
-    order = [id(p) for c in chunks for p in c]
-    probs = [probs[order.index(id(p))] for p in problems]  # back to image order
+    out = measured(work, device, warmup=lambda: fit([problems[0]], warm, radius, device))
     # per-image class indices differ between images: mean of the per-image mIoU
     miou = np.mean([scores(confusion_matrix(p.argmax(0), t, p.shape[0]))["miou"] for p, t in zip(probs, truths)])
     return {**out, "s_per_epoch": round(out["seconds"] / n / (2 * epochs), 4), "image_miou": round(float(miou), 4),

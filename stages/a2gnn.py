@@ -53,7 +53,7 @@ from models.affinity import IGNORE, image_kernel, window_offsets
 from models.graph import from_grid
 from models.losses import Window, consistency_check, mp_loss, potts_loss, seed_ce
 
-from .base import STAGES, StageContext, StageResult, StageSpec, describe_error
+from .base import STAGES, Box, StageContext, StageResult, StageSpec, describe_error
 from .graph import STRIDE, load_affinity, node_features_of
 from .affinity_train import radius_of
 from .training import release
@@ -137,7 +137,8 @@ def fit(problems: list[Problem], cfg, radius: int, device: str) -> tuple[torch.T
     if any(p.grid != first.grid or p.size != size or p.num_classes != c for p in problems):
         raise ValueError("images trained together need the same size and number of classes")
     model = A2GNN(first.x.shape[1], c, cfg.hidden, cfg.layers, cfg.dropout, cfg.layer, cfg.beta, cfg.negative, m)
-    torch.manual_seed(first.seed)  # the torch_geometric baselines initialise from the global generator
+    if cfg.layer != "a2gnn":
+        torch.manual_seed(first.seed)  # the torch_geometric baselines initialise from the global generator
     model.reset_parameters([torch.Generator().manual_seed(p.seed) for p in problems])
     model.to(device)
     noise_gens = [torch.Generator(device=device).manual_seed(p.seed + 1) for p in problems]
@@ -192,7 +193,6 @@ def fuse(probs: np.ndarray, class_ids: np.ndarray, rw: np.ndarray, rw_ids: np.nd
     return out / (1.0 + rw_weight), ids
 
 
-# --------------------------------------------------------------------------- IO
 def classes_of(seeds: np.ndarray, weak) -> np.ndarray:
     """``[0]`` + every class the seeds or the weak labels of the image mention, sorted."""
     named = {b.cls for b in weak.boxes} | set(weak.tags) | {p.cls for p in weak.points}
@@ -201,50 +201,64 @@ def classes_of(seeds: np.ndarray, weak) -> np.ndarray:
     return np.array(sorted({0, *named, *np.unique(seeds[seeds != IGNORE]).tolist()}), np.int64)
 
 
-def _problem(ctx: StageContext, image_id: str, affinity, cfg) -> tuple[Problem, np.ndarray]:
-    graph = ctx.input("graph").read_arrays(image_id)
-    image = ctx.dataset.load_image(image_id)
-    seeds = ctx.input("seeds").read_label(image_id)
-    weak = ctx.dataset.load_weak(image_id)
-    class_ids = classes_of(seeds, weak)
+def class_index(class_ids: np.ndarray) -> np.ndarray:
+    """A 256-entry lookup: class id -> its index in ``class_ids`` (IGNORE elsewhere)."""
     index = np.full(256, IGNORE, np.int64)
     index[class_ids] = np.arange(len(class_ids))
-    grid = tuple(int(v) for v in graph["grid"])
+    return index
+
+
+def make_problem(image: np.ndarray, seeds: np.ndarray, class_ids: np.ndarray, boxes: list[Box], x: torch.Tensor,
+                 edge_index: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int], cfg, seed: int) -> Problem:
+    """One image's :class:`Problem`: seeds and boxes mapped to class indices (boxes clipped
+    to the image, empty ones dropped), the L_reg kernel from the image."""
+    index = class_index(class_ids)
     h, w = seeds.shape
-    boxes = [((max(b.y0, 0), min(b.y1, h), max(b.x0, 0), min(b.x1, w)), int(index[b.cls])) for b in weak.boxes
-             if min(b.y1, h) > max(b.y0, 0) and min(b.x1, w) > max(b.x0, 0)]
+    windows = [((max(b.y0, 0), min(b.y1, h), max(b.x0, 0), min(b.x1, w)), int(index[b.cls])) for b in boxes
+               if min(b.y1, h) > max(b.y0, 0) and min(b.x1, w) > max(b.x0, 0)]
     rgb = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
     kernel = image_kernel(rgb, grid, window_offsets(cfg.reg_radius, "square"), cfg.sigma_xy, cfg.sigma_rgb)[0]
-    x = node_features_of(graph, affinity, image, ctx.device)
-    problem = Problem(x=x, edge_index=torch.from_numpy(graph["edge_index"].astype(np.int64)),
-                      weight=torch.from_numpy(graph["weight"].astype(np.float32)), grid=grid,
-                      seeds=torch.from_numpy(index[seeds]), kernel=kernel, num_classes=len(class_ids), boxes=boxes,
-                      seed=image_seed(ctx.config.seed, image_id))
-    return problem, class_ids
+    return Problem(x=x, edge_index=edge_index, weight=weight, grid=grid, seeds=torch.from_numpy(index[seeds]),
+                   kernel=kernel, num_classes=len(class_ids), boxes=windows, seed=seed)
 
 
-def _group_key(ctx: StageContext, image_id: str) -> tuple:
-    seeds = ctx.input("seeds").read_label(image_id)
-    return seeds.shape, len(classes_of(seeds, ctx.dataset.load_weak(image_id)))
+def batches(keys: list, size: int) -> list[list[int]]:
+    """Indices of equal keys together, in chunks of at most ``size`` (keys in first-seen order)."""
+    by_key: dict[Any, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    return [ids[i:i + size] for ids in by_key.values() for i in range(0, len(ids), size)]
 
 
-def _run_group(ctx: StageContext, key: str, groups: dict[str, list[str]], affinity, radius: int) -> dict[str, Any]:
+# --------------------------------------------------------------------------- IO
+def _problem(ctx: StageContext, image_id: str, class_ids: np.ndarray, boxes: list[Box], affinity,
+             cfg) -> Problem:
+    graph = ctx.input("graph").read_arrays(image_id)
+    image = ctx.dataset.load_image(image_id)
+    return make_problem(image, ctx.input("seeds").read_label(image_id), class_ids, boxes,
+                        node_features_of(graph, affinity, image, ctx.device),
+                        torch.from_numpy(graph["edge_index"].astype(np.int64)),
+                        torch.from_numpy(graph["weight"].astype(np.float32)), tuple(int(v) for v in graph["grid"]),
+                        cfg, image_seed(ctx.config.seed, image_id))
+
+
+def _run_group(ctx: StageContext, key: str, groups: dict[str, list[str]], meta: dict[str, tuple], affinity,
+               cfg, radius: int) -> dict[str, Any]:
     """Train one group of images together and write their outputs; returns the per-image
-    failures and facts."""
-    cfg, failures, problems, ids, classes = settings(ctx.config), {}, [], [], []
+    failures and facts. ``meta``: each image's (class ids, boxes)."""
+    failures, problems, ids = {}, [], []
     for image_id in groups[key]:
         try:
-            problem, class_ids = _problem(ctx, image_id, affinity, cfg)
+            problems.append(_problem(ctx, image_id, *meta[image_id], affinity, cfg))
         except Exception as err:  # noqa: BLE001 - one bad image does not stop its group
             failures[image_id] = describe_error(err)
             continue
-        problems.append(problem)
         ids.append(image_id)
-        classes.append(class_ids)
     if not problems:
         return {"failures": failures, "facts": []}
     probs, facts = fit(problems, cfg, radius, ctx.device)
-    for image_id, p, class_ids in zip(ids, probs.numpy(), classes):
+    for image_id, p in zip(ids, probs.numpy()):
+        class_ids = meta[image_id][0]
         if fuses_random_walk(ctx.config):
             p, class_ids = fuse(p, class_ids, *ctx.input("random_walk").read_soft(image_id), cfg.rw_weight)
         ctx.out.write_soft(image_id, p, class_ids)
@@ -253,18 +267,25 @@ def _run_group(ctx: StageContext, key: str, groups: dict[str, list[str]], affini
 
 def run(ctx: StageContext) -> StageResult:
     cfg = settings(ctx.config)
+    result, facts = StageResult(), []
+    # One pass over the seeds and weak labels: each image's classes and boxes, and the
+    # (size, class count) that decides which images can train stacked.
+    meta: dict[str, tuple] = {}
+    keys = []
+    for image_id in ctx.todo:
+        try:
+            seeds, weak = ctx.input("seeds").read_label(image_id), ctx.dataset.load_weak(image_id)
+        except Exception as err:  # noqa: BLE001 - recorded like any per-image failure
+            result.failures[image_id] = describe_error(err)
+            continue
+        meta[image_id] = (classes_of(seeds, weak), weak.boxes)
+        keys.append((seeds.shape, len(meta[image_id][0])))
+    ids, batch = list(meta), cfg.batch if cfg.path == "grid" else 1
+    groups = {str(k): [ids[i] for i in chunk] for k, chunk in enumerate(batches(keys, batch))}
     state = ctx.input("affinity_train").read_model() if "affinity_train" in ctx.upstream else None
     affinity = load_affinity(state, ctx.device)[0] if state is not None else None
-    batch = cfg.batch if cfg.path == "grid" else 1
-    by_key: dict[tuple, list[str]] = {}
-    for image_id in ctx.todo:
-        by_key.setdefault(_group_key(ctx, image_id), []).append(image_id)
-    groups: dict[str, list[str]] = {}
-    for ids in by_key.values():
-        for i in range(0, len(ids), batch):
-            groups[str(len(groups))] = ids[i:i + batch]
-    result, facts = StageResult(), []
-    fn = functools.partial(_run_group, groups=groups, affinity=affinity, radius=radius_of(ctx.config))
+    fn = functools.partial(_run_group, groups=groups, meta=meta, affinity=affinity, cfg=cfg,
+                           radius=radius_of(ctx.config))
     for key, outcome in ctx.map_items(fn, ids=list(groups), desc=f"a2gnn ({len(ctx.todo)} images)"):
         if isinstance(outcome, BaseException):
             result.failures.update({image_id: describe_error(outcome) for image_id in groups[key]})

@@ -136,7 +136,7 @@ def test_a2gnn_result_does_not_depend_on_the_batch(demo_box_run):
     """Re-training three images one at a time gives what the stage stored for them when it
     trained them stacked with others (same per-image seeds)."""
     from pipeline.runner import stage_context
-    from stages.a2gnn import _problem, fit, settings
+    from stages.a2gnn import _problem, classes_of, fit, settings
     from stages.affinity_train import radius_of
     from stages.graph import load_affinity
 
@@ -147,7 +147,9 @@ def test_a2gnn_result_does_not_depend_on_the_batch(demo_box_run):
     cfg = settings(run.config)
     affinity = load_affinity(ctx.input("affinity_train").read_model(), "cpu")[0]
     for image_id in ids:
-        problem, class_ids = _problem(ctx, image_id, affinity, cfg)
+        weak = run.dataset.load_weak(image_id)
+        class_ids = classes_of(run.store("seeds").read_label(image_id), weak)
+        problem = _problem(ctx, image_id, class_ids, weak.boxes, affinity, cfg)
         probs = fit([problem], cfg, radius_of(run.config), "cpu")[0][0].numpy()
         stored, stored_ids = run.store("a2gnn").read_soft(image_id)
         assert list(stored_ids) == list(class_ids)
