@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -145,3 +147,20 @@ def freeze_batchnorm(module: nn.Module) -> None:
             m.eval()
             for p in m.parameters():
                 p.requires_grad_(False)
+
+
+def multiscale_sum(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, scales: Sequence[float],
+                   flip: bool) -> torch.Tensor:
+    """``sum_s sum_f up(fn(f(resize_s(x))))``: ``fn`` maps (B, 3, h, w) images to (B, K, h', w')
+    maps; each scale (and its horizontal flip, flipped back) is resized bilinearly to the
+    (1, 3, H, W) ``image``'s size and summed into one (K, H, W) map."""
+    h, w = image.shape[-2:]
+    total = None
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        xs = F.interpolate(image, size=size, mode="bilinear", align_corners=False) if s != 1.0 else image
+        maps = fn(torch.cat([xs, xs.flip(-1)]) if flip else xs)
+        maps = maps[0:1] + maps[1:2].flip(-1) if flip else maps
+        up = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)[0]
+        total = up if total is None else total + up
+    return total

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import ResNetBackbone, normalize
+from .backbones import ResNetBackbone, multiscale_sum, normalize
 
 
 class CamNet(nn.Module):
@@ -74,15 +74,7 @@ def multiscale_cam(model: CamNet, image: np.ndarray, classes: Sequence[int],
         return np.zeros((0, h, w), np.float32)
     x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float().to(device)
     idx = torch.as_tensor(list(classes), device=device)
-    total = torch.zeros(k, h, w, device=device)
-    for s in scales:
-        size = (max(1, round(h * s)), max(1, round(w * s)))
-        xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False) if s != 1.0 else x
-        batch = torch.cat([xs, xs.flip(-1)]) if flip else xs
-        cams = model.cam(batch)[:, idx]
-        if flip:
-            cams = cams[0:1] + cams[1:2].flip(-1)
-        total += F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)[0]
+    total = multiscale_sum(lambda batch: model.cam(batch)[:, idx], x, scales, flip)
     peak = total.flatten(1).max(1).values.clamp_min(1e-5)
     return (total / peak[:, None, None]).cpu().numpy().astype(np.float32)
 

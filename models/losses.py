@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .affinity import IGNORE, shifted
+from .affinity import IGNORE, image_kernel, shifted, window_offsets
 from .graph import sample_grid
 
 
@@ -47,6 +47,25 @@ def potts_loss(probs: torch.Tensor, kernel: torch.Tensor, offsets: Sequence[tupl
     n, _, h, w = probs.shape
     agree = (probs[:, None] * shifted(probs, offsets)).sum(2)  # (N, K, H, W)
     return (kernel * (1.0 - agree)).sum() / (n * h * w)
+
+
+def dense_crf_loss(logits: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, radius: int, scale: float,
+                   sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
+    """The relaxed dense-CRF regularized loss of Tang et al. (ECCV 2018, Eq. 4, Potts form
+    ``sum_ij W_ij (1 - S_i . S_j)``) on a local square window of ``radius``, computed, as
+    their released code does (``--rloss-scale``), at ``scale`` x the input: :func:`potts_loss` of the bilinearly
+    resized softmax, with the kernel of :func:`models.affinity.image_kernel`.
+
+    ``logits`` (N, C, H, W); ``images`` (N, 3, H, W) 0..255; ``valid`` (N, H, W) real pixels
+    (crop padding is False): pairs touching padding have weight 0.
+    """
+    n, _, h, w = logits.shape
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    probs = F.interpolate(torch.softmax(logits, 1), size=size, mode="bilinear", align_corners=False)
+    offsets = window_offsets(radius, "square")
+    real = F.interpolate(valid[:, None].to(probs.dtype), size=size, mode="nearest")
+    kernel = image_kernel(images, size, offsets, sigma_xy, sigma_rgb) * real * shifted(real, offsets)[:, :, 0]
+    return potts_loss(probs, kernel, offsets)
 
 
 Window = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)

@@ -65,3 +65,73 @@ def evaluate(predictions, ground_truths, num_classes: int, class_names: list[str
     out = scores(conf, class_names)
     out["images"] = n
     return out
+
+
+# --------------------------------------------------------------------------- instance masks
+def mask_iou(masks_a: list[np.ndarray], masks_b: list[np.ndarray]) -> np.ndarray:
+    """(len(a), len(b)) IoU of boolean masks of one image."""
+    if not masks_a or not masks_b:
+        return np.zeros((len(masks_a), len(masks_b)))
+    a = np.stack([m.reshape(-1) for m in masks_a]).astype(np.float64)
+    b = np.stack([m.reshape(-1) for m in masks_b]).astype(np.float64)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def match_instances(dets: list[tuple[int, float, np.ndarray]], gts: list[tuple[int, np.ndarray]],
+                    thresholds: list[float]) -> list[tuple[int, float, list[bool]]]:
+    """One image's detections ``(class, score, mask)`` against its GT ``(class, mask)``, VOC
+    style (the mAP^r protocol of Hariharan et al.): in decreasing score, a detection takes
+    the same-class GT it overlaps most; it is a true positive at threshold t when that IoU
+    >= t and the GT was not taken at t before (else a duplicate: false positive).
+    Returns ``(class, score, [true positive at each t])`` per detection."""
+    order = sorted(range(len(dets)), key=lambda k: -dets[k][1])
+    taken = [set() for _ in thresholds]
+    out = []
+    for k in order:
+        cls, score, mask = dets[k]
+        same = [j for j, (g, _) in enumerate(gts) if g == cls]
+        hits = [False] * len(thresholds)
+        if same:
+            ious = mask_iou([mask], [gts[j][1] for j in same])[0]
+            best = int(ious.argmax())
+            for t, thr in enumerate(thresholds):
+                if ious[best] >= thr and same[best] not in taken[t]:
+                    taken[t].add(same[best])
+                    hits[t] = True
+        out.append((cls, float(score), hits))
+    return out
+
+
+def average_precision(tp: np.ndarray, n_pos: int) -> float:
+    """VOC all-point AP of detections already sorted by decreasing score (``tp`` bool):
+    the area under the precision envelope ``max_{r' >= r} p(r')`` over recall."""
+    if n_pos == 0:
+        return float("nan")
+    hits = np.cumsum(tp)
+    recall = np.concatenate([[0.0], hits / n_pos, [1.0]])
+    precision = np.concatenate([[0.0], hits / np.arange(1, len(tp) + 1), [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.nonzero(recall[1:] != recall[:-1])[0]
+    return float(((recall[steps + 1] - recall[steps]) * precision[steps + 1]).sum())
+
+
+def mask_ap(records: list[tuple[int, float, list[bool]]], gt_counts: dict[int, int], thresholds: list[float],
+            class_names: list[str] | None = None) -> dict[str, Any]:
+    """mAP^r at each threshold over a dataset: ``records`` from :func:`match_instances` of
+    every image, ``gt_counts`` the number of GT objects per class. Per-class AP and their
+    mean over the classes that have GT objects."""
+    out: dict[str, Any] = {}
+    for t, thr in enumerate(thresholds):
+        per_class = {}
+        for cls in sorted(gt_counts):
+            mine = sorted((r for r in records if r[0] == cls), key=lambda r: -r[1])
+            ap = average_precision(np.array([r[2][t] for r in mine], bool), gt_counts[cls])
+            per_class[class_names[cls] if class_names else str(cls)] = ap
+        valid = [v for v in per_class.values() if not np.isnan(v)]
+        out[f"mAP@{thr:g}"] = float(np.mean(valid)) if valid else float("nan")
+        out[f"AP@{thr:g}"] = per_class
+    out["detections"] = len(records)
+    out["gt_objects"] = int(sum(gt_counts.values()))
+    return out

@@ -82,6 +82,11 @@ def measured_steps(loss_fn: Callable[[], Any], opt, steps: int, batch: int, devi
         loss.backward()
         opt.step()
 
+    return measured_repeat(step, steps, batch, device)
+
+
+def measured_repeat(step: Callable[[], Any], steps: int, batch: int, device: str) -> dict[str, Any]:
+    """Time ``steps`` calls of ``step()`` after one warm-up call; images = steps x batch."""
     def work() -> int:
         for _ in range(steps):
             step()
@@ -387,4 +392,71 @@ def bench_a2gnn(device: str, height: int, width: int, images: int, threads: int,
             r["max_dprob"] = float(f"{dprob:.2e}")
             r["same_label"] = round(float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(probs, first)])), 5)
         rows.append({"case": f"a2gnn {grid[0]}x{grid[1]} grid, {2 * epochs} epochs: {label}", **r})
+    return rows
+
+
+# --------------------------------------------------------------------------- final model
+def _final_train_step(arch: str, batch: int, crop: int, steps: int, amp: bool, reg: bool, device: str,
+                      threads: int) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from models.losses import dense_crf_loss
+    from models.segmentation import DeepLab
+    from stages.training import optimizer_step
+
+    torch.set_num_threads(threads)
+    model = DeepLab(arch, 21).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 255, (batch, 3, crop, crop), generator=gen).float().to(device)
+    y = torch.randint(0, 21, (batch, crop, crop), generator=gen).to(device)
+    real = torch.ones(batch, crop, crop, dtype=torch.bool, device=device)
+    use_amp = amp and device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    def step() -> None:
+        with torch.autocast("cuda" if use_amp else "cpu", enabled=use_amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if reg:
+            loss = loss + 0.5 * dense_crf_loss(logits.float(), x, real, 5, 0.5, 6.0, 0.1)
+        optimizer_step(loss, opt, scaler)
+
+    return measured_repeat(step, steps, batch, device)
+
+
+def _final_infer(arch: str, scales: list[float], flip: bool, n: int, h: int, w: int, device: str,
+                 threads: int) -> dict[str, Any]:
+    import torch
+
+    from models.segmentation import DeepLab, predict_probs
+
+    torch.set_num_threads(threads)
+    samples = demo_samples(n, h, w)
+    model = DeepLab(arch, 21).to(device).eval()
+
+    def work() -> int:
+        for image, _, _ in samples:
+            predict_probs(model, image, scales, flip, device)
+        return len(samples)
+
+    return measured(work, device, warmup=lambda: predict_probs(model, samples[0][0], [1.0], False, device))
+
+
+@bench("final_train")
+def bench_final_train(device: str, height: int, width: int, images: int, threads: int,
+                      arch: str = "deeplabv3_resnet50", batch: int = 10, crop: int = 321, amp: bool = True,
+                      reg: bool = False, multiscale: bool = True, **_: Any) -> list[dict[str, Any]]:
+    """Final-model training throughput (one SGD step per batch; ``amp`` on CUDA, ``reg`` adds
+    the dense-CRF loss) and inference per image: single scale, and 6 scales + flip."""
+    rows = []
+    r = in_child(_final_train_step, arch, batch, crop, max(1, images // batch), amp, reg, device, threads)
+    tags = (" amp" if amp and device.startswith("cuda") else "") + (" + crf loss" if reg else "")
+    rows.append({"case": f"final_train step {arch} batch {batch} crop {crop}{tags}", **r})
+    cases = [([1.0], False)] + ([([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], True)] if multiscale else [])
+    for scales, flip in cases:
+        r = in_child(_final_infer, arch, scales, flip, images, height, width, device, threads)
+        what = "single scale" if len(scales) == 1 else "scales 0.5-1.75 + flip"
+        rows.append({"case": f"final_eval {arch} {what}", **r})
     return rows

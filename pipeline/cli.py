@@ -230,19 +230,25 @@ def demo(overrides: Optional[list[str]] = SetOpt,
     path = DEMO_CONFIG if DEMO_CONFIG.is_file() else None
     the_run = _make_run(path, (overrides or []) + ([f"engine={engine}"] if engine else []))
     execute(the_run)
-    console.print("[bold]quality ladder[/] (mIoU on the demo train split; seeds count unlabeled pixels as misses)")
+    console.print("[bold]quality ladder[/] (mIoU: pseudo-labels on the demo train split, the final model on val; "
+                  "seeds count unlabeled pixels as misses)")
     for name in the_run.names:
         m = (the_run.store(name).read_manifest() or {}).get("metrics", {})
+        split = the_run.spec(name).split
+        label = name if split == "train" else f"{name} ({split})"
+        if "mAP@0.5" in m:
+            aps = "   ".join(f"{k} {_fmt(v)}" for k, v in m.items() if k.startswith("mAP@"))
+            console.print(f"  {label:<34} {aps}   ({m['gt_objects']} GT objects)", highlight=False)
         if "miou" not in m:
             continue
-        rows = [(name, m)] + [(f"  {label}", sub) for label, sub in extra_rows(m)]
-        for label, sub in rows:
-            console.print(f"  {label:<34} mIoU {_fmt(sub.get('miou'))}   coverage {_fmt(sub.get('coverage'))}   "
+        rows = [(label, m)] + [(f"  {sub_label}", sub) for sub_label, sub in extra_rows(m)]
+        for row_label, sub in rows:
+            console.print(f"  {row_label:<34} mIoU {_fmt(sub.get('miou'))}   coverage {_fmt(sub.get('coverage'))}   "
                           f"precision {_fmt(sub.get('precision'))}", highlight=False)
 
 
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds, affinity_train, random_walk, a2gnn."),
+def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds, affinity_train, random_walk, a2gnn, final_train."),
               device: str = typer.Option("auto", help="auto, cpu or cuda."),
               size: str = typer.Option("500x375", help="Image WIDTHxHEIGHT (VOC-typical default)."),
               images: int = typer.Option(8, help="Images per case."),

@@ -101,18 +101,29 @@ class DenseCrfParams(Section):
     iterations: PositiveInt = 10
 
 
-class CrfConfig(DenseCrfParams):
+class InferenceCrfParams(DenseCrfParams):
+    """Dense CRF at inference: the released A²GNN inference parameters (its ``crf_inference``
+    call on the propagated probabilities), which are sharper than PSA's seed CRF."""
+
+    gaussian_sxy: PositiveFloat = 2.0
+    gaussian_compat: PositiveFloat = 3.0
+    bilateral_sxy: PositiveFloat = 50.0
+    bilateral_srgb: PositiveFloat = 5.0
+    bilateral_compat: PositiveFloat = 10.0
+    iterations: PositiveInt = 10
+
+
+class CrfConfig(InferenceCrfParams):
     """Dense CRF (Kraehenbuehl & Koltun) refinement of a label or probability map."""
 
     input: Literal["auto", "a2gnn", "random_walk", "seeds", "box_seeds"] = "auto"
     gt_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
 
 
-class SgdTrainConfig(Section):
-    """What every SGD training stage shares: backbone, batches, poly-decayed SGD, crops,
-    checkpoints. Subclasses change the defaults to their stage's released settings."""
+class SgdConfig(Section):
+    """What every SGD training stage shares: backbone weights, batches, poly-decayed SGD,
+    crops, checkpoints. Subclasses change the defaults to their stage's released settings."""
 
-    depth: Literal[18, 34, 50, 101] = 50
     weights: str = "none"  # none | imagenet | /path/to/state_dict.pth
     batch_size: PositiveInt = 16
     epochs: PositiveInt = 5
@@ -124,6 +135,12 @@ class SgdTrainConfig(Section):
     crop: Annotated[int, Field(ge=32)] = 512
     scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.5)
     checkpoint_every: PositiveInt = 100
+
+
+class SgdTrainConfig(SgdConfig):
+    """An SGD training stage on a dilated ResNet of ``depth``."""
+
+    depth: Literal[18, 34, 50, 101] = 50
 
 
 class CamTrainConfig(SgdTrainConfig):
@@ -233,6 +250,76 @@ class A2gnnConfig(Section):
     rw_weight: Annotated[float, Field(ge=0.0)] = 3.0  # tags and points: (P + w P_rw) / (1 + w)
 
 
+SegArch = Literal["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large"]
+
+
+class FinalTrainConfig(SgdConfig):
+    """The segmentation model trained on the pseudo-labels (thesis Sect. 3.5): torchvision
+    DeepLabV3, SGD (momentum 0.9) with poly decay, the head at 10x the backbone's rate,
+    random scale / flip / crop, 255 ignored; mixed precision on CUDA (``amp``).
+
+    ``labels``: ``pseudo`` (the ``input`` stage's labels) or ``gt`` (the fully supervised
+    upper bound of Table 3.1, same settings). ``iterations`` (steps) overrides ``epochs``.
+    ``reg_weight`` > 0 adds the relaxed dense-CRF (Potts) loss of Tang et al. on a local
+    window of ``reg_radius`` at ``reg_scale`` x the crop, kernel on position (``reg_sigma_xy``
+    pixels at that scale) and ImageNet-normalised RGB (``reg_sigma_rgb``).
+    """
+
+    arch: SegArch = "deeplabv3_resnet50"
+    labels: Literal["pseudo", "gt"] = "pseudo"
+    input: Literal["crf", "a2gnn", "random_walk", "seeds"] = "crf"
+    batch_size: PositiveInt = 10
+    iterations: PositiveInt | None = 20000
+    lr: PositiveFloat = 0.007
+    crop: Annotated[int, Field(ge=32)] = 321
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.5)
+    checkpoint_every: PositiveInt = 500
+    amp: bool = True
+    reg_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    reg_radius: PositiveInt = 5
+    reg_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    reg_sigma_xy: PositiveFloat = 6.0
+    reg_sigma_rgb: PositiveFloat = 0.1
+
+
+class FinalEvalConfig(Section):
+    """Val-split inference of the final model: ``scales`` (1.0 = single scale; the thesis'
+    multi-scale set is 0.5-1.75) with optional ``flip``, softmax averaged at image size;
+    the ``crf`` map (dense CRF post-processing, Table 3.1's "w/ CRF" column) when
+    ``use_crf``."""
+
+    scales: list[PositiveFloat] = [1.0]
+    flip: bool = False
+    use_crf: bool = True
+    crf: InferenceCrfParams = Field(default_factory=InferenceCrfParams)
+
+
+class InstancesConfig(Section):
+    """Box-supervised instance masks (Sect. 3.4): in each box, the pixels of the box's class
+    in the ``crf`` labels become that instance. Scored with mask AP at ``iou_thresholds``."""
+
+    iou_thresholds: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = [0.5, 0.7, 0.75]
+
+
+class InstanceTrainConfig(Section):
+    """Mask R-CNN (torchvision ``maskrcnn_resnet50_fpn``) trained on the ``instances`` masks,
+    the thesis' box-supervised instance model (Sect. 3.4). Off by default: it needs
+    torchvision's compiled RoIAlign / NMS (a CUDA or complete torchvision). SGD with poly
+    decay, horizontal flip; torchvision's own resize to ``min_size``."""
+
+    enabled: bool = False
+    weights: str = "none"  # ResNet-50 backbone: none | imagenet | path
+    batch_size: PositiveInt = 4
+    epochs: PositiveInt = 12
+    iterations: PositiveInt | None = None
+    lr: PositiveFloat = 0.02
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
+    poly_power: PositiveFloat = 0.9
+    min_size: PositiveInt = 800
+    checkpoint_every: PositiveInt = 500
+
+
 class Config(Section):
     """A whole run. Defaults are the built-in demo (box supervision on synthetic data)."""
 
@@ -256,6 +343,10 @@ class Config(Section):
     random_walk: RandomWalkConfig = Field(default_factory=RandomWalkConfig)
     a2gnn: A2gnnConfig = Field(default_factory=A2gnnConfig)
     crf: CrfConfig = Field(default_factory=CrfConfig)
+    final_train: FinalTrainConfig = Field(default_factory=FinalTrainConfig)
+    final_eval: FinalEvalConfig = Field(default_factory=FinalEvalConfig)
+    instances: InstancesConfig = Field(default_factory=InstancesConfig)
+    instance_train: InstanceTrainConfig = Field(default_factory=InstanceTrainConfig)
 
     @model_validator(mode="after")
     def _check_cam(self) -> "Config":

@@ -23,7 +23,7 @@ from stages.base import IGNORE, Box, DataError, Point, WeakLabels
 from . import demo as demo_gen
 from .config import Config, DemoDataset, MasksDataset, VocDataset, WeakConfig
 from .store import fingerprint, read_label_png
-from .weak import clip_boxes, image_rng, synthesize
+from .weak import clip_boxes, image_rng, instances_from_semantic, synthesize
 
 log = logging.getLogger("wsss.data")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -66,6 +66,20 @@ class _Base(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """Everything that defines the data (kind, root, options): the root of all fingerprints."""
+
+    def load_instances(self, image_id: str) -> np.ndarray | None:
+        """GT instance ids (0 background, 255 ignore) where the dataset has them."""
+        return None
+
+    def gt_objects(self, image_id: str) -> list[tuple[int, np.ndarray]] | None:
+        """GT objects ``(class, mask)`` for instance scoring, None without GT: the instance
+        ids where the dataset has them, else connected components of the semantic GT; both
+        with the ``weak.min_object_area`` of box synthesis (the objects that get a box)."""
+        gt = self.load_gt(image_id)
+        if gt is None:
+            return None
+        min_area = max(1, int(round(self.weak_cfg.min_object_area * gt.size)))
+        return instances_from_semantic(gt, self.load_instances(image_id), min_area)
 
     def _synthesize(self, image_id: str, semantic: np.ndarray, instance: np.ndarray | None, source: str) -> WeakLabels:
         w = self.weak_cfg
@@ -299,6 +313,10 @@ class VocData(_Base):
         if self.gt_dir is None:
             return None
         path = self.gt_dir / f"{image_id}.png"
+        return read_label_png(path) if path.is_file() else None
+
+    def load_instances(self, image_id: str) -> np.ndarray | None:
+        path = self.root / "SegmentationObject" / f"{image_id}.png"
         return read_label_png(path) if path.is_file() else None
 
     def class_id(self, name: str, source: object) -> int:

@@ -53,9 +53,11 @@ def publish(name: str, manifest: dict[str, Any]) -> None:
     counts = manifest.get("counts", {})
     lines = [f"### {name} `{manifest.get('fingerprint')}`", "",
              f"- images: {counts.get('done')}/{counts.get('total')} done, {counts.get('failed')} failed"]
-    for k in ("miou", "coverage", "precision"):
+    for k in ("miou", "coverage", "precision", *(k for k in metrics if k.startswith("mAP@"))):
         if k in metrics:
             lines.append(f"- {k}: {metrics[k]:.4f}")
+    for variant, sub in metrics.get("maps", {}).items():
+        lines.append(f"- {variant}: mIoU {sub['miou']:.4f}")
     create_markdown_artifact(key=f"{key}-summary", markdown="\n".join(lines), description=f"{name} summary")
 
 

@@ -190,6 +190,12 @@ class StageStore:
             return np.asarray(ids, np.uint8)[probs.argmax(0)]
         return self.read_label(image_id, variant)
 
+    def write_file(self, name: str, data: bytes) -> Path:
+        """A whole-dataset file in the stage folder (e.g. ``instances.json``), atomically."""
+        path = self.dir / _check_id(name)
+        atomic_write(path, lambda f: f.write(data))
+        return path
+
     # ----------------------------------------------------------------- trained model
     @property
     def model_path(self) -> Path:

@@ -70,8 +70,8 @@ def inspect_panel(run, image_id: str, out: Path | None = None, pixel: tuple[int,
             where = pixel or (image.shape[1] // 2, image.shape[0] // 2)
             heat = edge_heatmap(image, store.read_arrays(image_id), where)
             tiles.append(_tile(heat, f"{name}: edges of ({where[0]},{where[1]})", h))
-        if store.kind not in ("label", "soft"):
-            continue  # training stages have no per-image output
+        if store.kind not in ("label", "soft", "instances") or image_id not in run.ids(name):
+            continue  # training stages have no per-image output; val images skip train stages
         for variant in [*run.spec(name).variants(run.config), None]:
             title = name if variant is None else f"{name}/{variant}"
             if store.has(image_id, variant):

@@ -26,7 +26,7 @@ from models.backbones import DEPTHS, weights_path
 from .augment import scale_flip_crop, step_rng
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
 from .seeds import affinity_map
-from .training import release, train_loop
+from .training import release, sgd, train_loop
 
 VERSION = "2"  # 2: L_Ar divided by the number of pairs, as the released code
 
@@ -65,10 +65,7 @@ def run(ctx: StageContext) -> StageResult:
     offsets = offsets_of(config)
     torch.manual_seed(seed)
     model = AffinityNet(cfg.depth, cfg.weights).to(ctx.device)
-    backbone, new = model.param_groups()
-    base_lrs = [cfg.lr, cfg.lr * cfg.head_lr_mult]
-    opt = torch.optim.SGD([{"params": backbone, "lr": base_lrs[0]}, {"params": new, "lr": base_lrs[1]}],
-                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt, base_lrs = sgd(model, cfg)
     grid = cfg.crop // 8
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:

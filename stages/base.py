@@ -73,6 +73,7 @@ class Dataset(Protocol):
     def load_image(self, image_id: str) -> np.ndarray: ...
     def load_gt(self, image_id: str) -> np.ndarray | None: ...
     def load_weak(self, image_id: str) -> WeakLabels: ...
+    def gt_objects(self, image_id: str) -> list[tuple[int, np.ndarray]] | None: ...
 
 
 # --------------------------------------------------------------------------- IO protocols
@@ -80,7 +81,7 @@ class ItemReader(Protocol):
     """Read access to one upstream stage's per-image outputs."""
 
     stage: str
-    kind: str  # "label" | "soft" | "arrays" | "model"
+    kind: str  # "label" | "soft" | "arrays" | "model" | "instances" (instance-id PNGs)
 
     def has(self, image_id: str, variant: str | None = None) -> bool: ...
     def read_label(self, image_id: str, variant: str | None = None) -> np.ndarray: ...
@@ -92,8 +93,8 @@ class ItemReader(Protocol):
 
 class ItemWriter(Protocol):
     """Atomic writes into the running stage's folder: per-image items (``variant`` names an
-    extra map, written before the main item), and for training stages checkpoints and the
-    final model."""
+    extra map, written before the main item), for training stages checkpoints and the
+    final model, and whole-dataset files (``write_file``: e.g. a COCO JSON)."""
 
     def write_label(self, image_id: str, label: np.ndarray, variant: str | None = None) -> None: ...
     def write_soft(self, image_id: str, probs: np.ndarray, class_ids: np.ndarray) -> None: ...
@@ -101,6 +102,7 @@ class ItemWriter(Protocol):
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int = 2) -> Any: ...
     def latest_checkpoint(self) -> tuple[int, dict[str, Any]] | None: ...
     def write_model(self, state: dict[str, Any]) -> None: ...
+    def write_file(self, name: str, data: bytes) -> Any: ...
 
 
 # --------------------------------------------------------------------------- context
@@ -190,7 +192,8 @@ class StageSpec:
     """A registered stage.
 
     ``inputs(config)`` names the upstream stages for a run; ``output`` is ``label`` (PNG),
-    ``soft`` (float16 npz), ``arrays`` (named arrays, npz: graphs) or ``model``; ``version`` is bumped whenever the stage's numerics
+    ``soft`` (float16 npz), ``arrays`` (named arrays, npz: graphs), ``instances`` (instance-id
+    PNGs, not scored as semantic labels) or ``model``; ``version`` is bumped whenever the stage's numerics
     change, which invalidates its cached outputs (it is part of the fingerprint).
     ``per_image=False`` (training stages) runs once over all images, never sharded;
     ``parallel=False`` keeps per-image work in the main process (torch stages that batch on

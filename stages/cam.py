@@ -11,7 +11,6 @@ to the mIoU of the stored (alpha) labels.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -19,9 +18,9 @@ import numpy as np
 from models.cam import multiscale_cam, with_background
 from models.metrics import confusion_matrix, scores
 
-from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .base import STAGES, StageContext, StageResult, StageSpec
 from .cam_train import cam_enabled, load_trained
-from .training import release
+from .training import infer_items
 
 VERSION = "1"
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 13))
@@ -42,11 +41,7 @@ def _one(ctx: StageContext, image_id: str, model) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
-    model = load_trained(ctx.input("cam_train").read_model(), ctx.device)
-    result = run_items(ctx, functools.partial(_one, model=model), desc="CAM")
-    del model
-    release(ctx.device)
-    return result
+    return infer_items(ctx, load_trained(ctx.input("cam_train").read_model(), ctx.device), _one, "CAM")
 
 
 def threshold_sweep(ctx: StageContext) -> dict[str, Any]:

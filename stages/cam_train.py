@@ -25,7 +25,7 @@ from models.cam import CamNet, classification_loss
 
 from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
-from .training import release, train_loop
+from .training import release, sgd, train_loop
 
 VERSION = "1"
 
@@ -65,10 +65,7 @@ def run(ctx: StageContext) -> StageResult:
             "weights": cfg.weights}
     torch.manual_seed(seed)
     model = build_model(arch).to(ctx.device)
-    backbone, head = model.param_groups()
-    base_lrs = [cfg.lr, cfg.lr * cfg.head_lr_mult]
-    opt = torch.optim.SGD([{"params": backbone, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}],
-                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt, base_lrs = sgd(model, cfg)
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
         crops = [scale_flip_crop(ctx.dataset.load_image(ids[i]), step_rng(seed, step, j), cfg.scale_range,

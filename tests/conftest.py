@@ -32,6 +32,8 @@ TINY_TRAINING = {
     "cam": {"scales": [1.0]},
     "affinity_train": {"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
     "a2gnn": {"epochs": 2, "hidden": 16},
+    "final_train": {"arch": "deeplabv3_mobilenet_v3_large", "crop": 48, "batch_size": 2, "iterations": 2,
+                    "checkpoint_every": 1000},
 }
 
 
@@ -56,3 +58,48 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def demo_box_run(tmp_path_factory):
+    """configs/demo.yaml (what `make demo` runs) up to A²GNN, once per session."""
+    import yaml
+
+    from pipeline.config import config_from_dict
+    from pipeline.runner import make_run, run_local
+
+    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    data.update(output_root=str(tmp_path_factory.mktemp("demo") / "artifacts"), engine="local", workers=2)
+    run = make_run(config_from_dict(data, "configs/demo.yaml"))
+    run_local(run, ["box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph", "random_walk", "a2gnn"])
+    return run
+
+
+def kill_and_resume(tmp_path, monkeypatch, make_config, stage: str, module, fn_name: str, kill_at: int = 3):
+    """Train ``stage`` straight through, and again with ``module.fn_name`` raising on its
+    ``kill_at``-th call (a kill after the checkpoint at step 2), then rerun it. Checks the
+    rerun resumed at step 2 and returns both manifests and both saved models."""
+    from pipeline.runner import make_run, run_stage_local
+
+    straight = make_run(make_config(tmp_path / "a"))
+    m1 = run_stage_local(straight, stage)
+    killed = make_run(make_config(tmp_path / "b"))
+    calls = {"n": 0}
+    real = getattr(module, fn_name)
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(module, fn_name, dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage_local(killed, stage)
+    assert not killed.store(stage).has_model()
+    assert [p.name for p in killed.store(stage).checkpoints()] == ["ckpt-00000002.pt"]
+    monkeypatch.setattr(module, fn_name, real)
+    m2 = run_stage_local(killed, stage)
+    assert m2["info"]["resumed_from"] == 2 and m1["info"]["resumed_from"] == 0
+    assert m2["status"] == "complete"
+    return m1, m2, straight.store(stage).read_model(), killed.store(stage).read_model()

@@ -2,7 +2,6 @@
 double-loop references and hand-made cases."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

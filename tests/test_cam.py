@@ -8,7 +8,7 @@ from models.cam import CamNet, multiscale_cam, with_background
 from pipeline.runner import make_run, run_stage_local
 from stages.training import poly_lr
 
-from .conftest import demo_config
+from .conftest import demo_config, kill_and_resume
 
 
 @pytest.mark.parametrize("depth,stride", [(18, 8), (18, 16), (50, 16)])
@@ -95,30 +95,8 @@ def _tiny(tmp_path, **kw):
 def test_cam_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     import stages.cam_train as ct
 
-    straight = make_run(_tiny(tmp_path / "a"))
-    m1 = run_stage_local(straight, "cam_train")
-    state1 = straight.store("cam_train").read_model()
-
-    killed = make_run(_tiny(tmp_path / "b"))
-    calls = {"n": 0}
-    real = ct.classification_loss
-
-    def dying(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:  # step 3 of 4: after the checkpoint at step 2
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(ct, "classification_loss", dying)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage_local(killed, "cam_train")
-    assert not killed.store("cam_train").has_model()
-    assert [p.name for p in killed.store("cam_train").checkpoints()] == ["ckpt-00000002.pt"]
-    monkeypatch.setattr(ct, "classification_loss", real)
-    m2 = run_stage_local(killed, "cam_train")
-    assert m2["info"]["resumed_from"] == 2 and m1["info"]["resumed_from"] == 0
-    assert m2["status"] == "complete" and m2["counts"]["done"] == 4
-    state2 = killed.store("cam_train").read_model()
+    m1, m2, state1, state2 = kill_and_resume(tmp_path, monkeypatch, _tiny, "cam_train", ct, "classification_loss")
+    assert m2["counts"]["done"] == 4
     assert m2["info"]["loss_curve"] == pytest.approx(m1["info"]["loss_curve"], rel=1e-4)
     for key, value in state1["state_dict"].items():
         torch.testing.assert_close(state2["state_dict"][key], value, rtol=1e-4, atol=1e-5)

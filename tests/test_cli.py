@@ -49,7 +49,7 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     res = runner.invoke(app, ["status", str(path)])
     assert res.exit_code == 0 and "box_seeds" in res.output and "4/4" in res.output and "complete" in res.output
     res = runner.invoke(app, ["run", str(path)])
-    assert "all 7 stage(s) cached" in res.output
+    assert "all 10 stage(s) cached" in res.output
     res = runner.invoke(app, ["eval", str(path), "--stage", "seeds", "--map", "M_F"])
     assert res.exit_code == 2 and "has no map 'M_F'" in res.output  # no CAM, no fusion
     res = runner.invoke(app, ["eval", str(path), "--stage", "crf"])
@@ -61,6 +61,12 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     assert png.is_file()
     w, h = Image.open(png).size
     assert w > 8 * 160 and h > 120  # image, GT, box_seeds, seeds, graph edges, random_walk, a2gnn, crf side by side
+    res = runner.invoke(app, ["eval", str(path), "--stage", "final_eval", "--map", "crf"])
+    assert res.exit_code == 0 and "final_eval/crf: 2" in res.output and "mean" in res.output
+    res = runner.invoke(app, ["inspect", str(path), "val_0001"])
+    assert res.exit_code == 0, res.output
+    w, _ = Image.open(tmp_path / "art" / "cli" / "inspect" / "val_0001.png").size
+    assert 4 * 160 < w < 5 * 160  # image, GT, final_eval, final_eval/crf: the train stages are left out
     res = runner.invoke(app, ["inspect", str(path), "train_0001", "--pixel", "10,20"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["inspect", str(path), "train_0001", "--pixel", "999,20"])

@@ -2,24 +2,13 @@
 the demo and on the Weizmann horses."""
 import numpy as np
 import pytest
-import yaml
 
 from models.affinity import window_offsets
 from models.metrics import confusion_matrix, scores
 from pipeline.config import config_from_dict
 from pipeline.runner import make_run, run_local
 
-from .conftest import ROOT, demo_config
-
-
-@pytest.fixture(scope="session")
-def demo_box_run(tmp_path_factory):
-    """configs/demo.yaml (what `make demo` runs) up to A²GNN, once per session."""
-    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    data.update(output_root=str(tmp_path_factory.mktemp("demo") / "artifacts"), engine="local", workers=2)
-    run = make_run(config_from_dict(data, "configs/demo.yaml"))
-    run_local(run, ["box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph", "random_walk", "a2gnn"])
-    return run
+from .conftest import demo_config
 
 
 def _all_background_miou(run) -> float:
@@ -86,7 +75,7 @@ def test_random_walk_beats_the_seeds_it_starts_from(demo_box_run):
 @pytest.mark.parametrize("sup", ["scribble", "point"])
 def test_demo_superpixel_seeds_without_cam(tmp_path, sup):
     run = make_run(demo_config(tmp_path, supervision=sup, cam__enabled=False, workers=2))
-    assert run.names == ["seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf"]
+    assert run.names == ["seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf", "final_train", "final_eval"]
     m = run_local(run, ["seeds"])["seeds"]["metrics"]
     assert m["precision"] > 0.9
     assert m["coverage"] > (0.12 if sup == "scribble" else 0.003)

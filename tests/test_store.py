@@ -93,7 +93,7 @@ def test_force_recomputes_stage_and_downstream(tmp_path, counters):
     run_local(run, run.names)
     seeds.calls.clear(), crf.calls.clear()
     assert forced(run, ["box_seeds"]) == {"box_seeds", "seeds", "affinity_train", "graph", "random_walk", "a2gnn",
-                                             "crf"}
+                                             "crf", "final_train", "final_eval", "instances"}
     run_local(run, run.names, forced(run, ["box_seeds"]))
     assert len(seeds.calls) == len(crf.calls) == len(run.ids("crf"))
 

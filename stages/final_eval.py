@@ -1,0 +1,44 @@
+"""``final_eval``: the final model on the val split (thesis Table 3.1).
+
+Per image: the softmax of :class:`models.segmentation.DeepLab`, single scale or averaged
+over ``scales`` (and flips); its argmax is the main map, and with ``use_crf`` the dense-CRF
+post-processing of those probabilities (:func:`models.crf.crf_from_probs`, the released
+A²GNN inference parameters by default) is the ``crf`` map. Both are label PNGs, scored
+against GT like every label stage (per-class IoU and mIoU: ``metrics`` is the "w/o CRF"
+column, ``metrics.maps.crf`` the "w/ CRF" column), and shown by ``wsss inspect``.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+
+from models.crf import CrfParams, crf_from_probs
+from models.segmentation import predict_probs
+
+from .base import STAGES, StageContext, StageResult, StageSpec
+from .final_train import load_trained
+from .training import infer_items
+
+VERSION = "1"
+
+
+def _one(ctx: StageContext, image_id: str, model) -> dict:
+    cfg = ctx.cfg
+    image = ctx.dataset.load_image(image_id)
+    probs = predict_probs(model, image, cfg.scales, cfg.flip, ctx.device)
+    if cfg.use_crf:
+        ctx.out.write_label(image_id, crf_from_probs(image, probs, CrfParams.of(cfg.crf)).argmax(0).astype(np.uint8),
+                            "crf")
+    ctx.out.write_label(image_id, probs.argmax(0).astype(np.uint8))
+    return {}
+
+
+def run(ctx: StageContext) -> StageResult:
+    return infer_items(ctx, load_trained(ctx.input("final_train").read_model(), ctx.device), _one, "final model inference")
+
+
+SPEC = STAGES.register("final_eval", StageSpec(
+    name="final_eval", run=run, inputs=lambda config: ["final_train"], supervisions=("box", "scribble", "point", "image"),
+    output="label", version=VERSION, split="val", parallel=False,
+    variants=lambda config: ["crf"] if config.final_eval.use_crf else [],
+    description="final model on the val split (with and without CRF)"))

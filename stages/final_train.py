@@ -1,0 +1,132 @@
+"""``final_train``: the segmentation model trained on the pseudo-labels (thesis Sect. 3.5).
+
+torchvision DeepLabV3 (:class:`models.segmentation.DeepLab`) on the labels of the
+``input`` stage (``crf`` by default; 255 is ignored), or on the GT masks with
+``labels: gt`` (the fully supervised upper bound of Table 3.1, same settings). SGD with
+momentum, the head at ``head_lr_mult`` x the backbone's rate, poly decay per step::
+
+    L = CE(logits, Y; 255 ignored) [+ reg_weight * R_CRF(softmax(logits), image)]
+
+``R_CRF`` is Tang et al.'s relaxed dense-CRF loss on a local window
+(:func:`models.losses.dense_crf_loss`), the ``rloss`` option for training on pseudo-labels
+or scribbles. Augmentation: random rescale in ``scale_range``, flip, ``crop`` x ``crop``
+crop padded with 255 (and left out of the CRF loss). Mixed precision on CUDA (``amp``).
+
+The sample order and every crop are functions of (seed, step), and checkpoints hold the
+model, optimiser, loss history, RNG states (dropout) and AMP scaler, so a run killed after
+step k resumes at k and ends with the model an uninterrupted run gives.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.backbones import weights_path
+from models.losses import dense_crf_loss
+from models.segmentation import ARCHS, DeepLab
+
+from .augment import scale_flip_crop, step_rng
+from .base import IGNORE, STAGES, DataError, StageContext, StageResult, StageSpec
+from .training import release, sgd, train_loop
+
+VERSION = "1"
+
+
+def build_model(arch: dict[str, Any]) -> DeepLab:
+    return DeepLab(arch["arch"], arch["num_classes"], arch.get("weights", "none"))
+
+
+def load_trained(state: dict[str, Any], device: str) -> DeepLab:
+    """The trained model from a ``model.pt`` state, in eval mode on ``device``."""
+    model = build_model({**state["arch"], "weights": "none"})
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval()
+
+
+def label_source(ctx: StageContext) -> tuple[list[str], Callable[[str], np.ndarray]]:
+    """The training ids and ``id -> label map``: the input stage's labels (images it
+    failed on are left out), or the GT masks for ``labels: gt``."""
+    ids = sorted(ctx.ids)
+    if ctx.cfg.labels == "gt":
+        def gt(image_id: str) -> np.ndarray:
+            labels = ctx.dataset.load_gt(image_id)
+            if labels is None:
+                raise DataError(ctx.dataset.image_path(image_id), "final_train.labels is 'gt' but the image has no "
+                                                                  "GT mask")
+            return labels
+        return ids, gt
+    source = ctx.input(ctx.cfg.input)
+    return [i for i in ids if source.has(i)], source.labels_of
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, seed = ctx.cfg, ctx.config.seed
+    ids, labels_of = label_source(ctx)
+    if not ids:
+        raise ValueError(f"final_train: no training image has labels from '{cfg.input}'")
+    arch = {"arch": cfg.arch, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights}
+    torch.manual_seed(seed)
+    model = build_model(arch).to(ctx.device)
+    opt, base_lrs = sgd(model, cfg)
+    amp = cfg.amp and str(ctx.device).startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    device_type = "cuda" if amp else "cpu"
+    reg_curve: list[float] = []
+
+    def batch(picks: np.ndarray, step: int) -> tuple[torch.Tensor, ...]:
+        """Images, targets and the real-pixel mask (crop padding is False) of one step."""
+        images, targets, real = [], [], []
+        for j, i in enumerate(picks):
+            image, labels = ctx.dataset.load_image(ids[i]), labels_of(ids[i])
+            if labels.shape != image.shape[:2]:
+                raise DataError(ctx.dataset.image_path(ids[i]), f"image is {image.shape[1]}x{image.shape[0]} but "
+                                                               f"its labels are {labels.shape[1]}x{labels.shape[0]}")
+            crop, (target, inside) = scale_flip_crop(image, step_rng(seed, step, j), cfg.scale_range, cfg.crop,
+                                                     (labels, np.zeros_like(labels)))
+            images.append(crop)
+            targets.append(target)
+            real.append(inside != IGNORE)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(ctx.device)
+        return (x, torch.from_numpy(np.stack(targets)).long().to(ctx.device),
+                torch.from_numpy(np.stack(real)).to(ctx.device))
+
+    def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
+        x, y, real = batch(picks, step)
+        with torch.autocast(device_type, enabled=amp):
+            logits = model(x)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, y, ignore_index=IGNORE) if (y != IGNORE).any() else logits.sum() * 0.0
+        if cfg.reg_weight > 0:
+            reg = dense_crf_loss(logits, x, real, cfg.reg_radius, cfg.reg_scale, cfg.reg_sigma_xy, cfg.reg_sigma_rgb)
+            reg_curve.append(float(reg.detach()))
+            loss = loss + cfg.reg_weight * reg
+        return loss
+
+    info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn, scaler)
+    ctx.out.write_model({"arch": arch, "state_dict": model.state_dict(), "history": info["loss_curve"]})
+    del model, opt
+    release(ctx.device)
+    info.update(images=len(ids), labels=cfg.labels if cfg.labels == "gt" else cfg.input, amp=amp)
+    if reg_curve:
+        info["reg_loss_last"] = round(float(np.mean(reg_curve[-10:])), 5)
+    history = info["loss_curve"]
+    return StageResult(info=info, metrics={"final_loss": history[-1] if history else math.nan})
+
+
+def inputs(config) -> list[str]:
+    return [] if config.final_train.labels == "gt" else [config.final_train.input]
+
+
+def preflight(config) -> None:
+    """The backbone weights must be on disk before anything runs (nothing is downloaded)."""
+    weights_path(config.final_train.weights, ARCHS[config.final_train.arch][1])
+
+
+SPEC = STAGES.register("final_train", StageSpec(
+    name="final_train", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"),
+    output="model", version=VERSION, per_image=False, parallel=False, preflight=preflight,
+    description="DeepLabV3 trained on the pseudo-labels"))

@@ -1,0 +1,97 @@
+"""``instance_train``: Mask R-CNN on the box-supervised instance masks (thesis Sect. 3.4-3.5).
+
+torchvision's ``maskrcnn_resnet50_fpn`` (the thesis uses ResNet-101) trained on the
+``instances`` stage's masks with their boxes and classes: the sum of torchvision's RPN,
+box and mask losses; SGD with momentum and poly decay per step; horizontal flip from
+(seed, step), so a resumed run is the same run (see :func:`stages.training.train_loop`).
+
+Mask R-CNN needs torchvision's compiled RoIAlign and NMS. Where they did not load (this
+project's CPU-only torch with the CUDA torchvision 0.28.0 wheel) the run stops before any
+work with :data:`models.tvcompat.NEEDS_COMPILED_OPS`; it is off by default
+(``instance_train.enabled``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from models.backbones import freeze_batchnorm, load_state, weights_path
+from models.tvcompat import require_compiled_ops
+
+from .augment import step_rng
+from .base import STAGES, StageContext, StageResult, StageSpec
+from .instances import objects_of
+from .training import release, train_loop
+
+VERSION = "1"
+
+
+def build_model(num_classes: int, weights: str, min_size: int) -> torch.nn.Module:
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, min_size=min_size)
+    state = load_state(weights, "resnet50")
+    if state is not None:
+        model.backbone.body.load_state_dict(state, strict=False)
+        freeze_batchnorm(model.backbone.body)
+    return model
+
+
+def run(ctx: StageContext) -> StageResult:
+    require_compiled_ops("instance_train (Mask R-CNN)")
+    cfg, seed = ctx.cfg, ctx.config.seed
+    source = ctx.input("instances")
+    samples = []
+    for image_id in sorted(ctx.ids):
+        if not source.has(image_id):
+            continue
+        found = objects_of(source.read_label(image_id), ctx.dataset.load_weak(image_id).boxes)
+        if found:
+            samples.append((image_id, found))
+    if not samples:
+        raise ValueError("instance_train: no image has an instance mask")
+    torch.manual_seed(seed)
+    model = build_model(ctx.dataset.num_classes, cfg.weights, cfg.min_size).to(ctx.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
+        images, targets = [], []
+        for j, i in enumerate(picks):
+            image_id, found = samples[i]
+            image = ctx.dataset.load_image(image_id)
+            masks = np.stack([m for _, m, _ in found])
+            boxes = np.array([[b.x0, b.y0, b.x1, b.y1] for b, _, _ in found], np.float32)
+            if step_rng(seed, step, j).random() < 0.5:
+                image, masks = image[:, ::-1], masks[:, :, ::-1]
+                boxes[:, [0, 2]] = image.shape[1] - boxes[:, [2, 0]]
+            images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255).to(ctx.device))
+            targets.append({"boxes": torch.from_numpy(boxes).to(ctx.device),
+                            "labels": torch.tensor([b.cls for b, _, _ in found], device=ctx.device),
+                            "masks": torch.from_numpy(np.ascontiguousarray(masks)).to(torch.uint8).to(ctx.device)})
+        return sum(model(images, targets).values())
+
+    info = train_loop(ctx, model, opt, [cfg.lr], len(samples), step_fn)
+    ctx.out.write_model({"arch": {"num_classes": ctx.dataset.num_classes, "min_size": cfg.min_size},
+                         "state_dict": model.state_dict(), "history": info["loss_curve"]})
+    del model, opt
+    release(ctx.device)
+    history = info["loss_curve"]
+    return StageResult(info={**info, "images": len(samples)}, metrics={"final_loss": history[-1] if history else math.nan})
+
+
+def preflight(config) -> None:
+    """Stop before any work when the compiled ops or the backbone weights are missing."""
+    try:
+        require_compiled_ops("instance_train (Mask R-CNN)")
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    weights_path(config.instance_train.weights, "resnet50")
+
+
+SPEC = STAGES.register("instance_train", StageSpec(
+    name="instance_train", run=run, inputs=lambda config: ["instances"], supervisions=("box",), output="model",
+    version=VERSION, per_image=False, parallel=False, enabled=lambda config: config.instance_train.enabled,
+    preflight=preflight, description="Mask R-CNN on the instance pseudo-labels"))

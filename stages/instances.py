@@ -1,0 +1,134 @@
+"""``instances``: box-supervised instance masks from the pseudo-labels (thesis Sect. 3.4).
+
+"Given a bounding box, we directly assign pixels which locate inside a bounding box and
+share the same class with it to one instance." Where boxes overlap, a pixel goes to the
+smallest box that claims it (the more specific object). Per image: an instance-id PNG
+(0 background, k = the k-th box of the image); a box whose class has no pixel inside it
+yields no instance.
+
+Each instance's score (for AP, and for a detector trained on them) is the IoU of the
+mask's tight box with its given box: a mask that fills its box tightly is the one the MP
+loss's tightness prior expects. Once every image is done the stage writes
+``instances.json`` (COCO format, uncompressed RLE masks, ``score`` per annotation) and,
+where GT exists, scores mask AP^r at ``iou_thresholds`` (Table 3.2's metric).
+
+Training Mask R-CNN on these masks needs torchvision's compiled RoIAlign/NMS; see
+:func:`models.tvcompat.require_compiled_ops`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from models.metrics import mask_ap, match_instances
+
+from .base import STAGES, Box, DataError, StageContext, StageResult, StageSpec, run_items
+
+VERSION = "1"
+
+
+def instance_map(labels: np.ndarray, boxes: list[Box]) -> np.ndarray:
+    """uint8 instance ids: pixel -> 1 + index of the smallest box around it whose class it has."""
+    if len(boxes) > 254:
+        raise ValueError(f"{len(boxes)} boxes: instance PNGs hold at most 254 instances")
+    out = np.zeros(labels.shape, np.uint8)
+    for k in sorted(range(len(boxes)), key=lambda k: -boxes[k].area):  # large first, small overwrite
+        b = boxes[k]
+        window = (slice(b.y0, b.y1), slice(b.x0, b.x1))
+        out[window][labels[window] == b.cls] = k + 1
+    return out
+
+
+def instance_score(mask: np.ndarray, box: Box) -> float:
+    """IoU of the mask's tight box with the given box."""
+    ys, xs = np.nonzero(mask)
+    tight = Box(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1, box.cls)
+    iw = min(tight.x1, box.x1) - max(tight.x0, box.x0)
+    ih = min(tight.y1, box.y1) - max(tight.y0, box.y0)
+    inter = max(0, iw) * max(0, ih)
+    return inter / (tight.area + box.area - inter)
+
+
+def rle_encode(mask: np.ndarray) -> dict[str, Any]:
+    """COCO uncompressed RLE: run lengths over the column-major pixels, starting with 0s."""
+    flat = np.asarray(mask, bool).reshape(-1, order="F")
+    change = np.nonzero(flat[1:] != flat[:-1])[0] + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def rle_decode(rle: dict[str, Any]) -> np.ndarray:
+    h, w = rle["size"]
+    values = np.zeros(h * w, bool)
+    pos = 0
+    for k, n in enumerate(rle["counts"]):
+        if k % 2:
+            values[pos:pos + n] = True
+        pos += n
+    return values.reshape((h, w), order="F")
+
+
+def objects_of(instances: np.ndarray, boxes: list[Box]) -> list[tuple[Box, np.ndarray, float]]:
+    """(box, mask, score) of every non-empty instance of an image."""
+    out = []
+    for k, box in enumerate(boxes):
+        mask = instances == k + 1
+        if mask.any():
+            out.append((box, mask, instance_score(mask, box)))
+    return out
+
+
+def _one(ctx: StageContext, image_id: str) -> dict:
+    labels = ctx.input().read_label(image_id)
+    boxes = ctx.dataset.load_weak(image_id).boxes
+    if not boxes:
+        raise DataError(ctx.dataset.image_path(image_id), "no boxes: instance masks need box labels")
+    ctx.out.write_label(image_id, instance_map(labels, boxes))
+    return {}
+
+
+def run(ctx: StageContext) -> StageResult:
+    return run_items(ctx, _one, desc="instance masks")
+
+
+def report(ctx: StageContext) -> dict[str, Any]:
+    """Write ``instances.json`` (COCO) and score mask AP^r against GT objects."""
+    images, annotations, records = [], [], []
+    gt_counts: dict[int, int] = {}
+    scored = 0
+    for n, image_id in enumerate(sorted(i for i in ctx.ids if ctx.out.has(i))):
+        instances = ctx.out.read_label(image_id)
+        h, w = instances.shape
+        images.append({"id": n, "file_name": ctx.dataset.image_path(image_id), "wsss_id": image_id,
+                       "height": h, "width": w})
+        found = objects_of(instances, ctx.dataset.load_weak(image_id).boxes)
+        for box, mask, score in found:
+            annotations.append({"id": len(annotations) + 1, "image_id": n, "category_id": box.cls,
+                                "segmentation": rle_encode(mask), "area": int(mask.sum()),
+                                "bbox": [box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0],
+                                "score": round(score, 4), "iscrowd": 0})
+        gts = ctx.dataset.gt_objects(image_id)
+        if gts is None:
+            continue
+        scored += 1
+        for cls, _ in gts:
+            gt_counts[cls] = gt_counts.get(cls, 0) + 1
+        records += match_instances([(b.cls, s, m) for b, m, s in found], gts, ctx.cfg.iou_thresholds)
+    names = ctx.dataset.class_names
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": c, "name": names[c]} for c in range(1, len(names))]}
+    path = ctx.out.write_file("instances.json", json.dumps(coco).encode())
+    out: dict[str, Any] = {"instances": len(annotations), "coco_json": str(path)}
+    if scored:
+        out.update(mask_ap(records, gt_counts, ctx.cfg.iou_thresholds, names), scored_images=scored)
+    return out
+
+
+SPEC = STAGES.register("instances", StageSpec(
+    name="instances", run=run, inputs=lambda config: ["crf"], supervisions=("box",), output="instances",
+    version=VERSION, report=report, description="box-supervised instance masks (COCO JSON, mask AP)"))
