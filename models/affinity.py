@@ -23,7 +23,7 @@ logarithms is the released code's.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +65,29 @@ def valid_pairs(h: int, w: int, offsets: Sequence[tuple[int, int]], device=None)
     return shifted(ones, offsets)[0, :, 0] > 0
 
 
+def pair_reduce(x: torch.Tensor, offsets: Sequence[tuple[int, int]],
+                fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(N, K, H, W): ``fn(x, x shifted by o_k)`` for every offset, ``fn`` a *symmetric*
+    reduction of the channel axis of two (N, C, H, W) tensors to (N, H, W); 0 where the
+    neighbour is out of the image. One offset at a time, so wide features never need the
+    (N, K, C, H, W) stack; and ``fn`` runs once per pair {o, -o}: the map of -o is the map
+    of o moved by -o (``f(x_p, x_{p-o}) = f(x_q, x_{q+o})``, q = p - o), bit for bit."""
+    n, c, h, w = x.shape
+    r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    padded = F.pad(x, (r, r, r, r))
+    maps: dict[tuple[int, int], torch.Tensor] = {}
+    for dy, dx in offsets:
+        if (-dy, -dx) in maps:
+            moved = F.pad(maps[(-dy, -dx)], (r, r, r, r))
+            maps[(dy, dx)] = moved[:, r + dy:r + dy + h, r + dx:r + dx + w]
+        else:
+            maps[(dy, dx)] = fn(x, padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w])
+    return torch.stack([maps[o] for o in offsets], 1) * valid_pairs(h, w, offsets, x.device)
+
+
 def pair_distance(features: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
     """(N, K, H, W): mean over channels of |F(i) - F(i + o_k)| (0 where out of the image)."""
-    diff = (features[:, None] - shifted(features, offsets)).abs().mean(2)
-    return diff * valid_pairs(*features.shape[-2:], offsets, features.device)
+    return pair_reduce(features, offsets, lambda a, b: (a - b).abs().mean(1))
 
 
 def pair_affinity(features: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -90,15 +109,18 @@ def pair_labels(seeds: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> dict
     return {"bg_pos": same & (centre == 0), "fg_pos": same & (centre != 0), "neg": known & (nb != centre)}
 
 
-def affinity_class_loss(aff: torch.Tensor, pairs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """L_Ac = bg/4 + fg/4 + neg/2 (Eq. 3.10 as the released code weights it)."""
+def affinity_class_loss(aff: torch.Tensor, pairs: dict[str, torch.Tensor],
+                        weights: tuple[float, float, float] = (0.25, 0.25, 0.5)) -> dict[str, torch.Tensor]:
+    """L_Ac = bg/4 + fg/4 + neg/2 (Eq. 3.10 as the released code weights it); DFR's L_fd
+    (Eq. 11) is the same sum with ``weights`` (1, 1, 2). A set with no pairs gives 0."""
     def mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (values * mask).sum() / (mask.sum() + EPS)
 
     bg = mean(-torch.log(aff + EPS), pairs["bg_pos"])
     fg = mean(-torch.log(aff + EPS), pairs["fg_pos"])
     neg = mean(-torch.log(1.0 + EPS - aff), pairs["neg"])
-    return {"loss": bg / 4 + fg / 4 + neg / 2, "bg": bg, "fg": fg, "neg": neg}
+    w_bg, w_fg, w_neg = weights
+    return {"loss": w_bg * bg + w_fg * fg + w_neg * neg, "bg": bg, "fg": fg, "neg": neg}
 
 
 def gaussian_kernel(image: torch.Tensor, offsets: Sequence[tuple[int, int]], sigma_xy: float,

@@ -164,3 +164,54 @@ def multiscale_sum(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tens
         up = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)[0]
         total = up if total is None else total + up
     return total
+
+
+# --------------------------------------------------------------------------- Swin
+# name -> (torchvision builder whose ImageNet file seeds it, or None for the demo-only size)
+SWINS = {"swin_t": "swin_t", "swin_s": "swin_s", "swin_b": "swin_b", "swin_mini": None}
+
+
+class SwinBackbone(nn.Module):
+    """torchvision Swin Transformer as a 4-stage feature extractor (strides 4, 8, 16, 32),
+    each stage's output layer-normalised and returned NCHW, as mmseg's Swin for UperNet.
+
+    ``arch``: ``swin_t`` / ``swin_s`` / ``swin_b`` (torchvision's, ImageNet-1k weights from
+    the hub cache with ``weights: imagenet``; a path must hold a torchvision-layout Swin
+    state dict) or ``swin_mini`` (embed 32, depths 2-2-2-2, heads 1-2-4-8: a CPU-sized
+    variant for the demo and tests, ``weights: none`` only). Inputs of any size: the patch
+    merging pads odd sides.
+    """
+
+    def __init__(self, arch: str = "swin_t", weights: str = "none") -> None:
+        super().__init__()
+        if arch not in SWINS:
+            raise ValueError(f"unknown Swin '{arch}' (known: {', '.join(SWINS)})")
+        if SWINS[arch] is None:
+            if weights != "none":
+                raise WeightsError(f"{arch} is a demo-sized Swin without pretrained weights; use weights: none "
+                                   f"or swin_t / swin_s / swin_b")
+            from torchvision.models.swin_transformer import SwinTransformer
+
+            net, state = SwinTransformer([4, 4], 32, [2, 2, 2, 2], [1, 2, 4, 8], [7, 7],
+                                         stochastic_depth_prob=0.1), None
+        else:
+            net = getattr(torchvision.models, arch)(weights=None)
+            state = load_state(weights, arch)
+            if state is not None:
+                missing, _ = net.load_state_dict(state, strict=False)
+                if [k for k in missing if not k.startswith(("head.", "norm."))]:
+                    raise WeightsError(f"weights '{weights}' do not fit torchvision's {arch}: missing {missing[:4]}")
+        self.features = net.features
+        first = net.features[0][0].out_channels
+        self.channels = [first, first * 2, first * 4, first * 8]
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels)
+        self.pretrained = state is not None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(N, 3, H, W) normalised images -> 4 maps (N, C_k, ~H/2^(k+2), ~W/2^(k+2))."""
+        outs = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i % 2 == 1:  # features = [embed, stage1, merge, stage2, merge, stage3, merge, stage4]
+                outs.append(self.norms[i // 2](x).permute(0, 3, 1, 2).contiguous())
+        return outs

@@ -16,12 +16,15 @@ released gated-CRF code computes and what is implemented.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .affinity import IGNORE, image_kernel, shifted, window_offsets
+from .affinity import (IGNORE, affinity_class_loss, image_kernel, pair_distance, pair_labels, pair_reduce, shifted,
+                       window_offsets)
 from .graph import sample_grid
 
 
@@ -120,4 +123,127 @@ def consistency_check(labels: torch.Tensor, similarity: torch.Tensor, region: Wi
     out = labels.clone()
     box = out[y0:y1, x0:x1]
     box[(box == cls) & (similarity[y0:y1, x0:x1] < threshold)] = IGNORE
+    return out
+
+
+# --------------------------------------------------------------------------- DFR (Zhang et al.)
+def confident_labels(probs: torch.Tensor, gamma: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """M (Eq. 7): ``argmax_c P_c(i)`` where ``max_c P_c(i) > gamma``, else IGNORE (and IGNORE
+    on crop padding, ``valid`` False). ``probs`` (N, C, H, W) -> (N, H, W) long, no gradient."""
+    top, labels = probs.detach().max(1)
+    keep = top > gamma
+    if valid is not None:
+        keep &= valid
+    return torch.where(keep, labels, torch.full_like(labels, IGNORE))
+
+
+def dfr_kernel(images: torch.Tensor, size: tuple[int, int], offsets: Sequence[tuple[int, int]],
+               sigma_xy: float, sigma_rgb: float, feats: torch.Tensor | None = None,
+               sigma_feat: float = 50.0) -> torch.Tensor:
+    """K(i, j) of Eq. 6 on a grid of ``size`` (N, K, h, w):
+    ``exp(-|S_i - S_j|^2 / 2 s1^2 - |I_i - I_j|^2 / 2 s2^2 - |F_i - F_j|^2 / 2 s3^2)``.
+
+    S in grid cells, I the ImageNet-normalised RGB resized to the grid
+    (:func:`models.affinity.image_kernel`), F the feature-consistency features, *detached*:
+    the kernel passes no gradient into F. A term is switched off (Table 5) by an infinite
+    sigma (``math.inf``) or, for F, ``feats=None``; with ``sigma_xy`` and ``sigma_rgb`` alone
+    this is K_f of Eq. 13 and the kernel of Tang et al.'s dense-CRF (Potts) loss.
+    """
+    kernel = image_kernel(images, size, offsets, sigma_xy, sigma_rgb)
+    if feats is not None:
+        sq = pair_reduce(feats.detach(), offsets, lambda a, b: ((a - b) ** 2).sum(1))
+        kernel = kernel * torch.exp(-sq / (2 * sigma_feat ** 2))
+    return kernel
+
+
+def feature_distance_loss(distance: torch.Tensor, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L_fd (Eq. 10-11): ``D = exp(-|F_i - F_j|_1 / d)`` from ``distance`` = the channel-mean
+    L1 (:func:`models.affinity.pair_distance`); -log D averaged over background positives
+    and, separately, foreground positives, plus 2 x the mean of -log(1 - D) over negatives
+    (:func:`models.affinity.affinity_class_loss` with weights 1, 1, 2)."""
+    return affinity_class_loss(torch.exp(-distance), pairs, (1.0, 1.0, 2.0))["loss"]
+
+
+def feature_regularized_loss(distance: torch.Tensor, kernel: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """L_fr (Eq. 12): ``1/(N h w) sum_i sum_{(i, j) in R_A} K_f(i, j) |F_i - F_j|_1 / d``;
+    ``known`` (N, K, h, w) marks R_A, the window pairs whose labels M are both known."""
+    n, _, h, w = distance.shape
+    return (kernel * known * distance).sum() / (n * h * w)
+
+
+@dataclass(frozen=True)
+class DfrTerms:
+    """Which terms of Eq. 1 are on, and their hyper-parameters (DFR Sect. 4.2 defaults).
+
+    ``dfr``: L_dfr on the segmentation head (off = pCE only); ``kernel_xy`` /
+    ``kernel_rgb`` / ``kernel_feature``: the three factors of K (Eq. 6, Table 5);
+    ``fd`` / ``fr``: the feature-head losses (Table 4). pCE + Potts (Tang et al.) = ``dfr``
+    with ``kernel_feature``, ``fd`` and ``fr`` off.
+    """
+
+    dfr: bool = True
+    kernel_xy: bool = True
+    kernel_rgb: bool = True
+    kernel_feature: bool = True
+    fd: bool = True
+    fr: bool = True
+    radius: int = 5
+    sigma_xy: float = 6.0
+    sigma_rgb: float = 0.5
+    sigma_feat: float = 50.0
+    gamma: float = 0.98
+    lambda_dfr: float = 1e-2
+    lambda_feat: float = 1e-3
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether the feature consistency head takes part (Table 5: without the deep-feature
+        term the whole head is removed)."""
+        return (self.dfr and self.kernel_feature) or self.fd or self.fr
+
+
+def dfr_objective(logits: torch.Tensor, feats: torch.Tensor | None, images: torch.Tensor, scribbles: torch.Tensor,
+                  valid: torch.Tensor, terms: DfrTerms) -> dict[str, torch.Tensor]:
+    """Eq. 1: ``L = L_pce + l1 L_dfr + l2 (L_fd + L_fr)``, the switched-off terms left out.
+
+    ``logits`` (N, C, h, w) and ``feats`` (N, d, h, w) on the head's grid (stride 4);
+    ``images`` (N, 3, H, W) 0..255, ``scribbles`` (N, H, W) with IGNORE = unlabelled and
+    ``valid`` (N, H, W) = real pixels (False on crop padding), at input size. L_pce (Eq. 2)
+    is the CE of the logits upsampled to the input, over the scribbled pixels; the pairwise
+    terms live on the grid, over the (2r+1)^2 - 1 offsets of a square window (Eq. 3), pairs
+    touching padding excluded. Returns every computed term and ``loss``.
+    """
+    n, _, h, w = logits.shape
+    up = F.interpolate(logits, size=scribbles.shape[-2:], mode="bilinear", align_corners=False)
+    labelled = scribbles != IGNORE
+    out = {"pce": F.cross_entropy(up, scribbles.long(), ignore_index=IGNORE) if labelled.any() else up.sum() * 0.0}
+    loss = out["pce"]
+    if not (terms.dfr or terms.fd or terms.fr):
+        out["loss"] = loss
+        return out
+    offsets = window_offsets(terms.radius, "square")
+    real = F.interpolate(valid[:, None].float(), size=(h, w), mode="nearest")
+    real_pairs = real * shifted(real, offsets)[:, :, 0]
+    sxy = terms.sigma_xy if terms.kernel_xy else math.inf
+    srgb = terms.sigma_rgb if terms.kernel_rgb else math.inf
+    probs = torch.softmax(logits, 1)
+    if terms.dfr:
+        use_f = terms.kernel_feature and feats is not None
+        kernel = dfr_kernel(images, (h, w), offsets, sxy, srgb, feats if use_f else None, terms.sigma_feat)
+        out["dfr"] = potts_loss(probs, kernel * real_pairs, offsets)
+        loss = loss + terms.lambda_dfr * out["dfr"]
+    if (terms.fd or terms.fr) and feats is not None:
+        pairs = pair_labels(confident_labels(probs, terms.gamma, real[:, 0] > 0), offsets)
+        distance = pair_distance(feats, offsets)
+        feat_loss = logits.new_zeros(())
+        if terms.fd:
+            out["fd"] = feature_distance_loss(distance, pairs)
+            feat_loss = feat_loss + out["fd"]
+        if terms.fr:
+            known = pairs["bg_pos"] | pairs["fg_pos"] | pairs["neg"]
+            k_f = dfr_kernel(images, (h, w), offsets, terms.sigma_xy, terms.sigma_rgb)
+            out["fr"] = feature_regularized_loss(distance, k_f, known)
+            feat_loss = feat_loss + out["fr"]
+        loss = loss + terms.lambda_feat * feat_loss
+    out["loss"] = loss
     return out

@@ -1,4 +1,5 @@
-"""The final segmentation models, trained on pseudo-labels (thesis Sect. 3.4-3.5).
+"""The segmentation models: DeepLabV3 trained on pseudo-labels (thesis Sect. 3.4-3.5) and
+the single-stage DFR network trained on scribbles (DFR paper Sect. 3, 4.2).
 
 :class:`DeepLab` wraps torchvision's DeepLabV3 (ASPP head, output stride 8 for ResNets,
 16 for MobileNetV3) behind one interface: ``forward`` takes 0..255 RGB and returns logits
@@ -9,6 +10,12 @@ train at 10x the backbone's learning rate (DeepLab's convention).
 (torchvision's ImageNet file from the torch hub cache; never downloaded) or a path. As
 with :class:`models.backbones.ResNetBackbone`, a pretrained backbone keeps its BatchNorm
 statistics frozen.
+
+:class:`DfrNet`: Swin backbone (:class:`models.backbones.SwinBackbone`) -> UperNet fusion
+(:class:`UperFusion`: pyramid pooling on the deepest stage + FPN over the chosen stages,
+concatenated at stride 4 and fused by a 3x3 conv) -> one shared map feeding the semantic
+head (dropout 0.1 + 1x1 conv -> P) and the feature consistency head (1x1 conv + ReLU -> F,
+d = 128).
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .backbones import WeightsError, freeze_batchnorm, load_state, multiscale_sum, normalize
+from .backbones import SwinBackbone, WeightsError, freeze_batchnorm, load_state, multiscale_sum, normalize
 
 # arch -> (torchvision builder, ImageNet classifier whose weights seed the backbone, key prefix
 # of the classifier's backbone in its own state dict)
@@ -74,6 +81,90 @@ class DeepLab(nn.Module):
         """(backbone, head): the head trains at ``head_lr_mult`` x the backbone's rate."""
         return ([p for p in self.backbone.parameters() if p.requires_grad],
                 [p for p in self.head.parameters() if p.requires_grad])
+
+
+def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    """mmseg's ConvModule: conv (no bias) + BatchNorm + ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UperFusion(nn.Module):
+    """UperNet's feature fusion (Xiao et al. 2018, as mmseg's ``UPerHead`` up to
+    ``fpn_bottleneck``) over the backbone stages in ``stages`` (1-based, Table 6 of DFR):
+
+    ``L_top = conv3x3([x_top, up(conv1x1(pool_s(x_top))) for s in pool_scales])`` (PPM),
+    ``L_k = conv1x1(x_k) + up(L_{k+1})`` top-down, ``O_k = conv3x3(L_k)`` (``O_top = L_top``),
+    ``out = conv3x3(concat_k up(O_k))`` at the shallowest chosen stage, then resized to the
+    stride-4 grid of stage 1 so every choice yields the same map size.
+    """
+
+    def __init__(self, in_channels: Sequence[int], stages: Sequence[int] = (1, 2, 3, 4), channels: int = 512,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6)) -> None:
+        super().__init__()
+        self.stages = sorted(set(stages))
+        if not self.stages or not set(self.stages) <= {1, 2, 3, 4}:
+            raise ValueError(f"fusion stages must be a non-empty subset of 1-4, got {list(stages)}")
+        cins = [in_channels[s - 1] for s in self.stages]
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(p), conv_bn_relu(cins[-1], channels, 1))
+                                 for p in pool_scales)
+        self.ppm_bottleneck = conv_bn_relu(cins[-1] + len(pool_scales) * channels, channels, 3)
+        self.laterals = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in cins[:-1])
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in cins[:-1])
+        self.bottleneck = conv_bn_relu(len(cins) * channels, channels, 3)
+        self.channels = channels
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        xs = [feats[s - 1] for s in self.stages]
+        top = xs[-1]
+        pooled = [F.interpolate(m(top), size=top.shape[-2:], mode="bilinear", align_corners=False) for m in self.ppm]
+        levels = [conv(x) for conv, x in zip(self.laterals, xs[:-1])] + [self.ppm_bottleneck(torch.cat([top, *pooled], 1))]
+        for k in range(len(levels) - 1, 0, -1):
+            levels[k - 1] = levels[k - 1] + F.interpolate(levels[k], size=levels[k - 1].shape[-2:], mode="bilinear",
+                                                          align_corners=False)
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, levels[:-1])] + [levels[-1]]
+        size = outs[0].shape[-2:]
+        fused = self.bottleneck(torch.cat([outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False)
+                                                       for o in outs[1:]], 1))
+        grid = feats[0].shape[-2:]
+        return fused if fused.shape[-2:] == grid else F.interpolate(fused, size=grid, mode="bilinear",
+                                                                    align_corners=False)
+
+
+class DfrNet(nn.Module):
+    """The DFR network (Fig. 1-2): Swin -> :class:`UperFusion` -> shared map X;
+    ``P = softmax(conv1x1(dropout(X)))`` (semantic head), ``F = ReLU(conv1x1(X))``, d =
+    ``feature_dim`` channels (feature consistency head, training only)."""
+
+    def __init__(self, backbone: str, num_classes: int, weights: str = "none", stages: Sequence[int] = (1, 2, 3, 4),
+                 channels: int = 512, feature_dim: int = 128, feature_head: bool = True) -> None:
+        super().__init__()
+        self.backbone = SwinBackbone(backbone, weights)
+        self.fusion = UperFusion(self.backbone.channels, stages, channels)
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+        self.feature_head = nn.Sequential(nn.Conv2d(channels, feature_dim, 1), nn.ReLU()) if feature_head else None
+        self.num_classes = num_classes
+
+    def forward_train(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, 3, H, W) 0..255 -> (logits, F) on the stride-4 grid (F is None without the head)."""
+        shared = self.fusion(self.backbone(normalize(images)))
+        feats = self.feature_head(shared) if self.feature_head is not None else None
+        return self.classifier(shared), feats
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference (no feature head): logits (N, C, H, W), bilinear from the grid."""
+        logits = self.classifier(self.fusion(self.backbone(normalize(images))))
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(decayed, not decayed): norms, biases and Swin's relative position tables get no
+        weight decay (mmseg's Swin recipe)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim <= 1 or "relative_position_bias_table" in name or "norm" in name
+            (no_decay if skip else decay).append(p)
+        return decay, no_decay
 
 
 @torch.no_grad()

@@ -395,46 +395,64 @@ def bench_a2gnn(device: str, height: int, width: int, images: int, threads: int,
     return rows
 
 
-# --------------------------------------------------------------------------- final model
-def _final_train_step(arch: str, batch: int, crop: int, steps: int, amp: bool, reg: bool, device: str,
-                      threads: int) -> dict[str, Any]:
+# --------------------------------------------------------------------------- segmentation models
+def _seg_model(kind: str, arch: str, classes: int = 21):
+    """The DeepLab (``kind`` final) or DFR (``kind`` dfr) network of ``arch``, from scratch."""
+    from models.segmentation import DeepLab, DfrNet
+
+    return DeepLab(arch, classes) if kind == "final" else DfrNet(arch, classes)
+
+
+def _seg_train_step(kind: str, arch: str, batch: int, crop: int, steps: int, amp: bool, loss: str, device: str,
+                    threads: int) -> dict[str, Any]:
+    """One optimiser step per batch on random crops: DeepLab with CE (``loss`` ce / crf: +
+    the dense-CRF loss), or the DFR network with Eq. 1 (``loss`` pce / potts / dfr) on
+    scribble-like sparse labels."""
     import torch
     import torch.nn.functional as F
 
-    from models.losses import dense_crf_loss
-    from models.segmentation import DeepLab
+    from models.losses import DfrTerms, dense_crf_loss, dfr_objective
     from stages.training import optimizer_step
 
     torch.set_num_threads(threads)
-    model = DeepLab(arch, 21).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    model = _seg_model(kind, arch).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9) if kind == "final" else \
+        torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.01)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 255, (batch, 3, crop, crop), generator=gen).float().to(device)
     y = torch.randint(0, 21, (batch, crop, crop), generator=gen).to(device)
+    if kind == "dfr":
+        y[torch.rand(batch, crop, crop, generator=gen).to(device) > 0.03] = 255  # ~3% labelled, as VOC scribbles
     real = torch.ones(batch, crop, crop, dtype=torch.bool, device=device)
+    terms = {"pce": DfrTerms(dfr=False, fd=False, fr=False),
+             "potts": DfrTerms(kernel_feature=False, fd=False, fr=False), "dfr": DfrTerms()}.get(loss)
     use_amp = amp and device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
     def step() -> None:
         with torch.autocast("cuda" if use_amp else "cpu", enabled=use_amp):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        if reg:
-            loss = loss + 0.5 * dense_crf_loss(logits.float(), x, real, 5, 0.5, 6.0, 0.1)
-        optimizer_step(loss, opt, scaler)
+            out = model(x) if kind == "final" else model.forward_train(x)
+        if kind == "final":
+            value = F.cross_entropy(out.float(), y)
+            if loss == "crf":
+                value = value + 0.5 * dense_crf_loss(out.float(), x, real, 5, 0.5, 6.0, 0.1)
+        else:
+            logits, feats = out
+            value = dfr_objective(logits.float(), feats.float(), x, y, real, terms)["loss"]
+        optimizer_step(value, opt, scaler)
 
     return measured_repeat(step, steps, batch, device)
 
 
-def _final_infer(arch: str, scales: list[float], flip: bool, n: int, h: int, w: int, device: str,
-                 threads: int) -> dict[str, Any]:
+def _seg_infer(kind: str, arch: str, scales: list[float], flip: bool, n: int, h: int, w: int, device: str,
+               threads: int) -> dict[str, Any]:
     import torch
 
-    from models.segmentation import DeepLab, predict_probs
+    from models.segmentation import predict_probs
 
     torch.set_num_threads(threads)
     samples = demo_samples(n, h, w)
-    model = DeepLab(arch, 21).to(device).eval()
+    model = _seg_model(kind, arch).to(device).eval()
 
     def work() -> int:
         for image, _, _ in samples:
@@ -444,19 +462,37 @@ def _final_infer(arch: str, scales: list[float], flip: bool, n: int, h: int, w: 
     return measured(work, device, warmup=lambda: predict_probs(model, samples[0][0], [1.0], False, device))
 
 
+def _seg_rows(kind: str, arch: str, device: str, height: int, width: int, images: int, threads: int, batch: int,
+              crop: int, amp: bool, loss: str, multiscale: bool) -> list[dict[str, Any]]:
+    rows = []
+    r = in_child(_seg_train_step, kind, arch, batch, crop, max(1, images // batch), amp, loss, device, threads)
+    tags = (" amp" if amp and device.startswith("cuda") else "") + f" loss {loss}"
+    rows.append({"case": f"{kind}_train step {arch} batch {batch} crop {crop}{tags}", **r})
+    cases = [([1.0], False)] + ([([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], True)] if multiscale else [])
+    for scales, flip in cases:
+        r = in_child(_seg_infer, kind, arch, scales, flip, images, height, width, device, threads)
+        what = "single scale" if len(scales) == 1 else "scales 0.5-1.75 + flip"
+        rows.append({"case": f"{kind}_eval {arch} {what}", **r})
+    return rows
+
+
 @bench("final_train")
 def bench_final_train(device: str, height: int, width: int, images: int, threads: int,
                       arch: str = "deeplabv3_resnet50", batch: int = 10, crop: int = 321, amp: bool = True,
                       reg: bool = False, multiscale: bool = True, **_: Any) -> list[dict[str, Any]]:
     """Final-model training throughput (one SGD step per batch; ``amp`` on CUDA, ``reg`` adds
     the dense-CRF loss) and inference per image: single scale, and 6 scales + flip."""
-    rows = []
-    r = in_child(_final_train_step, arch, batch, crop, max(1, images // batch), amp, reg, device, threads)
-    tags = (" amp" if amp and device.startswith("cuda") else "") + (" + crf loss" if reg else "")
-    rows.append({"case": f"final_train step {arch} batch {batch} crop {crop}{tags}", **r})
-    cases = [([1.0], False)] + ([([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], True)] if multiscale else [])
-    for scales, flip in cases:
-        r = in_child(_final_infer, arch, scales, flip, images, height, width, device, threads)
-        what = "single scale" if len(scales) == 1 else "scales 0.5-1.75 + flip"
-        rows.append({"case": f"final_eval {arch} {what}", **r})
-    return rows
+    return _seg_rows("final", arch, device, height, width, images, threads, batch, crop, amp,
+                     "crf" if reg else "ce", multiscale)
+
+
+@bench("dfr_train")
+def bench_dfr_train(device: str, height: int, width: int, images: int, threads: int, arch: str = "swin_t",
+                    batch: int = 2, crop: int = 512, amp: bool = True, loss: str = "dfr", multiscale: bool = True,
+                    **_: Any) -> list[dict[str, Any]]:
+    """DFR training throughput (one AdamW step per batch of ``crop`` x ``crop``, Eq. 1 with
+    ``loss`` dfr / potts / pce; the paper's batch is 2 per GPU) and inference per image:
+    single scale, and 6 scales + flip (no feature head)."""
+    if loss not in ("dfr", "potts", "pce"):
+        raise ValueError(f"bench dfr_train: loss must be dfr, potts or pce, got {loss!r}")
+    return _seg_rows("dfr", arch, device, height, width, images, threads, batch, crop, amp, loss, multiscale)

@@ -320,6 +320,68 @@ class InstanceTrainConfig(Section):
     checkpoint_every: PositiveInt = 500
 
 
+SwinArch = Literal["swin_t", "swin_s", "swin_b", "swin_mini"]
+
+
+class DfrTrainConfig(Section):
+    """The single-stage DFR network trained on scribbles (DFR Sect. 3, 4.2; thesis Ch. 4).
+
+    Swin ``backbone`` (``swin_t`` default, ``swin_b`` as the paper, ``swin_mini`` CPU-sized
+    for the demo) + UperNet fusion of ``fusion_stages`` (Table 6) into ``channels``; semantic
+    head and feature consistency head (``feature_dim`` = d = 128). Eq. 1:
+    ``L = L_pce + lambda_dfr L_dfr + lambda_feat (L_fd + L_fr)``; the switches give Table 4
+    and 5 and the baselines: pCE only (``dfr: false, fd: false, fr: false``) and pCE + Potts
+    of Tang et al. (``kernel_feature: false, fd: false, fr: false``). Pairs: a square
+    window of ``radius`` on the stride-4 grid; kernel sigmas ``sigma_xy`` (grid cells),
+    ``sigma_rgb`` (ImageNet-normalised RGB), ``sigma_feat``; confident labels at ``gamma``.
+
+    AdamW (lr 3e-5, weight decay 0.01 of Sect. 4.2; none on norms, biases and position
+    tables), linear warm-up of ``warmup_iterations`` from ``warmup_ratio`` x lr, then poly
+    decay (power 1, mmseg); random rescale in ``scale_range``, flip, photometric distortion,
+    ``crop``; mixed precision on CUDA. ``labels``: ``scribble`` (or ``point``) weak labels.
+    """
+
+    backbone: SwinArch = "swin_t"
+    weights: str = "none"  # none | imagenet | /path/to/torchvision_swin_state_dict.pth
+    fusion_stages: list[Annotated[int, Field(ge=1, le=4)]] = [1, 2, 3, 4]
+    channels: PositiveInt = 512
+    feature_dim: PositiveInt = 128
+    labels: Literal["scribble", "point"] = "scribble"
+    dfr: bool = True
+    kernel_xy: bool = True
+    kernel_rgb: bool = True
+    kernel_feature: bool = True
+    fd: bool = True
+    fr: bool = True
+    radius: PositiveInt = 5
+    sigma_xy: PositiveFloat = 6.0
+    sigma_rgb: PositiveFloat = 0.5
+    sigma_feat: PositiveFloat = 50.0
+    gamma: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.98
+    lambda_dfr: Annotated[float, Field(ge=0.0)] = 1e-2
+    lambda_feat: Annotated[float, Field(ge=0.0)] = 1e-3
+    batch_size: PositiveInt = 16
+    iterations: PositiveInt = 40000
+    lr: PositiveFloat = 3e-5
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    poly_power: PositiveFloat = 1.0
+    warmup_iterations: Annotated[int, Field(ge=0)] = 1500
+    warmup_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-6
+    crop: Annotated[int, Field(ge=32)] = 512
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)
+    photometric: bool = True
+    checkpoint_every: PositiveInt = 1000
+    amp: bool = True
+
+
+class DfrEvalConfig(Section):
+    """Val-split inference of the DFR network (no feature head): ``scales`` (the paper's
+    multi-scale set is 0.5-1.75) and ``flip``, softmax averaged at image size."""
+
+    scales: list[PositiveFloat] = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    flip: bool = True
+
+
 class Config(Section):
     """A whole run. Defaults are the built-in demo (box supervision on synthetic data)."""
 
@@ -347,6 +409,8 @@ class Config(Section):
     final_eval: FinalEvalConfig = Field(default_factory=FinalEvalConfig)
     instances: InstancesConfig = Field(default_factory=InstancesConfig)
     instance_train: InstanceTrainConfig = Field(default_factory=InstanceTrainConfig)
+    dfr_train: DfrTrainConfig = Field(default_factory=DfrTrainConfig)
+    dfr_eval: DfrEvalConfig = Field(default_factory=DfrEvalConfig)
 
     @model_validator(mode="after")
     def _check_cam(self) -> "Config":

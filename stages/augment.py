@@ -54,6 +54,31 @@ def scale_flip_crop(image: np.ndarray, rng: np.random.Generator, scale_range: tu
     return random_crop(np.ascontiguousarray(image), crop, rng, tuple(np.ascontiguousarray(lab) for lab in labels))
 
 
+def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg's ``PhotoMetricDistortion`` on an RGB uint8 image, each part with p = 0.5:
+    brightness + U(-32, 32); contrast x U(0.5, 1.5), before or after (p = 0.5) saturation
+    x U(0.5, 1.5) and hue + U{-18..17} (OpenCV's 0-179 hue), in HSV; clipped to 0..255."""
+    def maybe(fn) -> None:
+        nonlocal img
+        if rng.integers(2):
+            img = fn(img)
+
+    img = image.astype(np.float32)
+    maybe(lambda x: x + rng.uniform(-32, 32))
+    contrast_first = bool(rng.integers(2))
+    if contrast_first:
+        maybe(lambda x: x * rng.uniform(0.5, 1.5))
+    hsv = cv2.cvtColor(np.clip(img, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.float32)
+    if rng.integers(2):
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
+    if rng.integers(2):
+        hsv[..., 0] = (hsv[..., 0] + rng.integers(-18, 18)) % 180
+    img = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+    if not contrast_first:
+        maybe(lambda x: x * rng.uniform(0.5, 1.5))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def step_rng(seed: int, step: int, index: int = 0) -> np.random.Generator:
     """The generator for one sample of one training step."""
     return np.random.default_rng([seed, step, index])

@@ -29,9 +29,8 @@ from models.backbones import weights_path
 from models.losses import dense_crf_loss
 from models.segmentation import ARCHS, DeepLab
 
-from .augment import scale_flip_crop, step_rng
 from .base import IGNORE, STAGES, DataError, StageContext, StageResult, StageSpec
-from .training import release, sgd, train_loop
+from .training import crop_batch, release, sgd, train_loop
 
 VERSION = "1"
 
@@ -77,25 +76,8 @@ def run(ctx: StageContext) -> StageResult:
     device_type = "cuda" if amp else "cpu"
     reg_curve: list[float] = []
 
-    def batch(picks: np.ndarray, step: int) -> tuple[torch.Tensor, ...]:
-        """Images, targets and the real-pixel mask (crop padding is False) of one step."""
-        images, targets, real = [], [], []
-        for j, i in enumerate(picks):
-            image, labels = ctx.dataset.load_image(ids[i]), labels_of(ids[i])
-            if labels.shape != image.shape[:2]:
-                raise DataError(ctx.dataset.image_path(ids[i]), f"image is {image.shape[1]}x{image.shape[0]} but "
-                                                               f"its labels are {labels.shape[1]}x{labels.shape[0]}")
-            crop, (target, inside) = scale_flip_crop(image, step_rng(seed, step, j), cfg.scale_range, cfg.crop,
-                                                     (labels, np.zeros_like(labels)))
-            images.append(crop)
-            targets.append(target)
-            real.append(inside != IGNORE)
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(ctx.device)
-        return (x, torch.from_numpy(np.stack(targets)).long().to(ctx.device),
-                torch.from_numpy(np.stack(real)).to(ctx.device))
-
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
-        x, y, real = batch(picks, step)
+        x, y, real = crop_batch(ctx, ids, picks, step, lambda i, image: labels_of(ids[i]))
         with torch.autocast(device_type, enabled=amp):
             logits = model(x)
         logits = logits.float()

@@ -14,13 +14,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .augment import epoch_order
-from .base import StageContext, StageResult, run_items
+from .augment import epoch_order, photometric, scale_flip_crop, step_rng
+from .base import IGNORE, DataError, StageContext, StageResult, run_items
 
 
-def poly_lr(base: float, step: int, total: int, power: float) -> float:
-    """lr_t = lr_0 (1 - t/T)^power."""
-    return base * (1.0 - step / total) ** power
+def poly_lr(base: float, step: int, total: int, power: float, warmup: int = 0, warmup_ratio: float = 1.0) -> float:
+    """lr_t = lr_0 (1 - t/T)^power, times mmseg's linear warm-up
+    ``1 - (1 - warmup_ratio)(1 - t/warmup)`` for the first ``warmup`` steps."""
+    lr = base * (1.0 - step / total) ** power
+    if step < warmup:
+        lr *= 1.0 - (1.0 - warmup_ratio) * (1.0 - step / warmup)
+    return lr
 
 
 def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optimizer, base_lrs: list[float],
@@ -57,7 +61,8 @@ def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optim
         epoch, k = divmod(step, steps_per_epoch)
         picks = epoch_order(seed, epoch, n_samples)[k * batch:(k + 1) * batch]
         for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = poly_lr(base, step, total, cfg.poly_power)
+            group["lr"] = poly_lr(base, step, total, cfg.poly_power, getattr(cfg, "warmup_iterations", 0),
+                                  getattr(cfg, "warmup_ratio", 1.0))
         loss = step_fn(picks, step)
         optimizer_step(loss, opt, scaler)
         running.append(float(loss.detach()))
@@ -86,6 +91,40 @@ def sgd(model: torch.nn.Module, cfg) -> tuple[torch.optim.SGD, list[float]]:
     opt = torch.optim.SGD([{"params": backbone, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}],
                           lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return opt, base_lrs
+
+
+def crop_batch(ctx: StageContext, ids: list[str], picks: np.ndarray, step: int,
+               labels_of: Callable[[int, np.ndarray], np.ndarray],
+               distort: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training batch: for sample ``picks[j]`` the image and ``labels_of(index, image)``
+    go through :func:`stages.augment.scale_flip_crop` (and :func:`stages.augment.photometric`
+    with ``distort``) with ``step_rng(seed, step, j)``. Returns images (N, 3, c, c) 0..255,
+    labels (N, c, c) long with 255 on padding, and the real-pixel mask (padding False)."""
+    images, targets, real = [], [], []
+    for j, i in enumerate(picks):
+        image = ctx.dataset.load_image(ids[i])
+        labels = labels_of(int(i), image)
+        if labels.shape != image.shape[:2]:
+            raise DataError(ctx.dataset.image_path(ids[i]), f"image is {image.shape[1]}x{image.shape[0]} but its "
+                                                           f"labels are {labels.shape[1]}x{labels.shape[0]}")
+        rng = step_rng(ctx.config.seed, step, j)
+        crop, (target, inside) = scale_flip_crop(image, rng, ctx.cfg.scale_range, ctx.cfg.crop,
+                                                 (labels, np.zeros_like(labels)))
+        images.append(photometric(crop, rng) if distort else crop)
+        targets.append(target)
+        real.append(inside != IGNORE)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(ctx.device)
+    return (x, torch.from_numpy(np.stack(targets)).long().to(ctx.device),
+            torch.from_numpy(np.stack(real)).to(ctx.device))
+
+
+def adamw(model: torch.nn.Module, cfg) -> tuple[torch.optim.AdamW, list[float]]:
+    """AdamW at ``cfg.lr`` over ``model.param_groups()`` = (decayed, not decayed): the second
+    group gets no weight decay; returns the optimiser and the base rates for the schedule."""
+    decay, no_decay = model.param_groups()
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    return opt, [cfg.lr, cfg.lr]
 
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:

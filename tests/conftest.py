@@ -34,6 +34,9 @@ TINY_TRAINING = {
     "a2gnn": {"epochs": 2, "hidden": 16},
     "final_train": {"arch": "deeplabv3_mobilenet_v3_large", "crop": 48, "batch_size": 2, "iterations": 2,
                     "checkpoint_every": 1000},
+    "dfr_train": {"backbone": "swin_mini", "channels": 16, "feature_dim": 8, "crop": 48, "batch_size": 2,
+                  "iterations": 2, "warmup_iterations": 0, "lr": 1e-3, "checkpoint_every": 1000},
+    "dfr_eval": {"scales": [1.0], "flip": False},
 }
 
 

@@ -210,7 +210,7 @@ def test_bench_final_train_rows(tmp_path):
                                    "--opt", "reg=true", "--json", str(tmp_path / "b.json")])
     assert res.exit_code == 0, res.output
     train, single, multi = json.loads((tmp_path / "b.json").read_text())
-    assert "crf loss" in train["case"] and train["images"] == 2 and "single scale" in single["case"]
+    assert "loss crf" in train["case"] and train["images"] == 2 and "single scale" in single["case"]
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (train, single, multi))
 
 

@@ -1,0 +1,31 @@
+"""``dfr_eval``: the DFR network on the val split (DFR Sect. 4.2): the semantic head only
+(no feature consistency head), softmax averaged over ``scales`` (0.5-1.75) and flips at
+image size, argmax as a label PNG; per-class IoU and mIoU against GT like every label
+stage, and shown by ``wsss inspect``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from models.segmentation import predict_probs
+
+from .base import STAGES, StageContext, StageResult, StageSpec
+from .dfr_train import load_trained
+from .training import infer_items
+
+VERSION = "1"
+
+
+def _one(ctx: StageContext, image_id: str, model) -> dict:
+    probs = predict_probs(model, ctx.dataset.load_image(image_id), ctx.cfg.scales, ctx.cfg.flip, ctx.device)
+    ctx.out.write_label(image_id, probs.argmax(0).astype(np.uint8))
+    return {}
+
+
+def run(ctx: StageContext) -> StageResult:
+    return infer_items(ctx, load_trained(ctx.input("dfr_train").read_model(), ctx.device), _one, "DFR inference")
+
+
+SPEC = STAGES.register("dfr_eval", StageSpec(
+    name="dfr_eval", run=run, inputs=lambda config: ["dfr_train"], supervisions=("dfr",), output="label",
+    version=VERSION, split="val", parallel=False, description="DFR network on the val split"))

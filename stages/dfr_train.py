@@ -1,0 +1,119 @@
+"""``dfr_train``: the single-stage DFR network trained straight on scribbles (DFR paper
+Eq. 1-13, Sect. 4.2; thesis Ch. 4). No pseudo-labels: the only supervision is the sparse
+label map (scribbles, or points with ``labels: point``; 255 = unlabelled).
+
+:class:`models.segmentation.DfrNet` (Swin + UperNet fusion, semantic head P, feature
+consistency head F) trained with :func:`models.losses.dfr_objective`::
+
+    L = L_pce + lambda_dfr L_dfr + lambda_feat (L_fd + L_fr)                     (Eq. 1)
+
+each term switchable (Table 4-5; pCE only and pCE + Potts are the baselines). AdamW with
+linear warm-up and poly decay; random rescale, flip, photometric distortion and crop
+(padding is 255 in the labels and left out of every pairwise term); mixed precision on
+CUDA. Checkpoints hold model, optimiser, loss history, RNG states and AMP scaler, and
+every crop is a function of (seed, step), so a killed run resumes exactly.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.backbones import SWINS, WeightsError, weights_path
+from models.losses import DfrTerms, dfr_objective
+from models.segmentation import DfrNet
+
+from .base import STAGES, DataError, StageContext, StageResult, StageSpec
+from .seeds import points_map
+from .training import adamw, crop_batch, release, train_loop
+
+VERSION = "1"
+TERMS = ("pce", "dfr", "fd", "fr")
+
+
+def terms_of(cfg) -> DfrTerms:
+    """The loss switches and hyper-parameters of a ``dfr_train`` config section."""
+    return DfrTerms(**{f: getattr(cfg, f) for f in DfrTerms.__dataclass_fields__})
+
+
+def build_model(arch: dict[str, Any]) -> DfrNet:
+    return DfrNet(arch["backbone"], arch["num_classes"], arch.get("weights", "none"), arch["fusion_stages"],
+                  arch["channels"], arch["feature_dim"], arch["feature_head"])
+
+
+def load_trained(state: dict[str, Any], device: str) -> DfrNet:
+    """The trained network from a ``model.pt`` state, in eval mode on ``device``."""
+    model = build_model({**state["arch"], "weights": "none"})
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval()
+
+
+def sparse_labels(ctx: StageContext, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+    """The image's scribble (or point) map, IGNORE where unlabelled."""
+    weak = ctx.dataset.load_weak(image_id)
+    if ctx.cfg.labels == "point":
+        return points_map(shape, weak.points)
+    if weak.scribbles is None:
+        raise DataError(ctx.dataset.image_path(image_id), "no scribbles (dfr_train.labels is 'scribble')")
+    return weak.scribbles
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, seed = ctx.cfg, ctx.config.seed
+    ids = sorted(ctx.ids)
+    terms = terms_of(cfg)
+    arch = {"backbone": cfg.backbone, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights,
+            "fusion_stages": list(cfg.fusion_stages), "channels": cfg.channels, "feature_dim": cfg.feature_dim,
+            "feature_head": terms.uses_features}
+    torch.manual_seed(seed)
+    model = build_model(arch).to(ctx.device)
+    opt, base_lrs = adamw(model, cfg)
+    amp = cfg.amp and str(ctx.device).startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    device_type = "cuda" if amp else "cpu"
+    curves: dict[str, list[float]] = {t: [] for t in TERMS}
+
+    @functools.lru_cache(maxsize=4096)  # synthesized scribbles cost ~0.1 s an image; keep them
+    def labels_of(i: int, shape: tuple[int, int]) -> np.ndarray:
+        return sparse_labels(ctx, ids[i], shape)
+
+    def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
+        x, y, real = crop_batch(ctx, ids, picks, step, lambda i, image: labels_of(i, image.shape[:2]),
+                                cfg.photometric)
+        with torch.autocast(device_type, enabled=amp):
+            logits, feats = model.forward_train(x)
+        out = dfr_objective(logits.float(), None if feats is None else feats.float(), x.float(), y, real, terms)
+        for t in TERMS:
+            if t in out:
+                curves[t].append(float(out[t].detach()))
+        return out["loss"]
+
+    info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn, scaler)
+    ctx.out.write_model({"arch": arch, "state_dict": model.state_dict(), "history": info["loss_curve"]})
+    del model, opt
+    release(ctx.device)
+    info.update(images=len(ids), labels=cfg.labels, amp=amp,
+                terms=[t for t in TERMS if curves[t]],
+                **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
+    history = info["loss_curve"]
+    return StageResult(info=info, metrics={"final_loss": history[-1] if history else math.nan})
+
+
+def preflight(config) -> None:
+    """Backbone weights must be on disk before anything runs (nothing is downloaded)."""
+    cfg = config.dfr_train
+    if SWINS[cfg.backbone] is None:
+        if cfg.weights != "none":
+            raise WeightsError(f"dfr_train.backbone {cfg.backbone} is demo-sized and has no pretrained weights; "
+                               f"use weights: none or swin_t / swin_s / swin_b")
+        return
+    weights_path(cfg.weights, SWINS[cfg.backbone])
+
+
+SPEC = STAGES.register("dfr_train", StageSpec(
+    name="dfr_train", run=run, inputs=lambda config: [], supervisions=("dfr",), output="model", version=VERSION,
+    per_image=False, parallel=False, preflight=preflight,
+    description="single-stage DFR network (Swin + UperNet) on scribbles"))
