@@ -66,9 +66,16 @@ def dense_crf_loss(logits: torch.Tensor, images: torch.Tensor, valid: torch.Tens
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     probs = F.interpolate(torch.softmax(logits, 1), size=size, mode="bilinear", align_corners=False)
     offsets = window_offsets(radius, "square")
-    real = F.interpolate(valid[:, None].to(probs.dtype), size=size, mode="nearest")
-    kernel = image_kernel(images, size, offsets, sigma_xy, sigma_rgb) * real * shifted(real, offsets)[:, :, 0]
-    return potts_loss(probs, kernel, offsets)
+    _, real_pairs = grid_validity(valid, size, offsets)
+    return potts_loss(probs, image_kernel(images, size, offsets, sigma_xy, sigma_rgb) * real_pairs, offsets)
+
+
+def grid_validity(valid: torch.Tensor, size: tuple[int, int],
+                  offsets: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (N, H, W) real-pixel mask (crop padding False) resized (nearest) to a grid of
+    ``size``: (N, h, w) bool, and (N, K, h, w) float = 1 where both ends of a pair are real."""
+    real = F.interpolate(valid[:, None].float(), size=size, mode="nearest")
+    return real[:, 0] > 0, real * shifted(real, offsets)[:, :, 0]
 
 
 Window = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
@@ -137,23 +144,14 @@ def confident_labels(probs: torch.Tensor, gamma: float, valid: torch.Tensor | No
     return torch.where(keep, labels, torch.full_like(labels, IGNORE))
 
 
-def dfr_kernel(images: torch.Tensor, size: tuple[int, int], offsets: Sequence[tuple[int, int]],
-               sigma_xy: float, sigma_rgb: float, feats: torch.Tensor | None = None,
-               sigma_feat: float = 50.0) -> torch.Tensor:
-    """K(i, j) of Eq. 6 on a grid of ``size`` (N, K, h, w):
-    ``exp(-|S_i - S_j|^2 / 2 s1^2 - |I_i - I_j|^2 / 2 s2^2 - |F_i - F_j|^2 / 2 s3^2)``.
-
-    S in grid cells, I the ImageNet-normalised RGB resized to the grid
-    (:func:`models.affinity.image_kernel`), F the feature-consistency features, *detached*:
-    the kernel passes no gradient into F. A term is switched off (Table 5) by an infinite
-    sigma (``math.inf``) or, for F, ``feats=None``; with ``sigma_xy`` and ``sigma_rgb`` alone
-    this is K_f of Eq. 13 and the kernel of Tang et al.'s dense-CRF (Potts) loss.
-    """
-    kernel = image_kernel(images, size, offsets, sigma_xy, sigma_rgb)
-    if feats is not None:
-        sq = pair_reduce(feats.detach(), offsets, lambda a, b: ((a - b) ** 2).sum(1))
-        kernel = kernel * torch.exp(-sq / (2 * sigma_feat ** 2))
-    return kernel
+def feature_kernel(feats: torch.Tensor, offsets: Sequence[tuple[int, int]], sigma: float) -> torch.Tensor:
+    """The deep-feature factor of K (Eq. 6), ``exp(-|F_i - F_j|^2 / 2 s3^2)`` (N, K, h, w), of
+    the *detached* features: the kernel passes no gradient into F. The position and colour
+    factors are :func:`models.affinity.image_kernel` (S in grid cells, I the
+    ImageNet-normalised RGB resized to the grid; an infinite sigma switches a factor off,
+    Table 5); with those two alone it is K_f of Eq. 13 and Tang et al.'s Potts kernel."""
+    sq = pair_reduce(feats.detach(), offsets, lambda a, b: ((a - b) ** 2).sum(1))
+    return torch.exp(-sq / (2 * sigma ** 2))
 
 
 def feature_distance_loss(distance: torch.Tensor, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -222,18 +220,24 @@ def dfr_objective(logits: torch.Tensor, feats: torch.Tensor | None, images: torc
         out["loss"] = loss
         return out
     offsets = window_offsets(terms.radius, "square")
-    real = F.interpolate(valid[:, None].float(), size=(h, w), mode="nearest")
-    real_pairs = real * shifted(real, offsets)[:, :, 0]
-    sxy = terms.sigma_xy if terms.kernel_xy else math.inf
-    srgb = terms.sigma_rgb if terms.kernel_rgb else math.inf
+    real, real_pairs = grid_validity(valid, (h, w), offsets)
+    kernels: dict[tuple[float, float], torch.Tensor] = {}  # K_f is the switched K's image part when all is on
+
+    def image_part(sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
+        if (sigma_xy, sigma_rgb) not in kernels:
+            kernels[sigma_xy, sigma_rgb] = image_kernel(images, (h, w), offsets, sigma_xy, sigma_rgb)
+        return kernels[sigma_xy, sigma_rgb]
+
     probs = torch.softmax(logits, 1)
     if terms.dfr:
-        use_f = terms.kernel_feature and feats is not None
-        kernel = dfr_kernel(images, (h, w), offsets, sxy, srgb, feats if use_f else None, terms.sigma_feat)
-        out["dfr"] = potts_loss(probs, kernel * real_pairs, offsets)
+        kernel = image_part(terms.sigma_xy if terms.kernel_xy else math.inf,
+                            terms.sigma_rgb if terms.kernel_rgb else math.inf) * real_pairs
+        if terms.kernel_feature and feats is not None:
+            kernel = kernel * feature_kernel(feats, offsets, terms.sigma_feat)
+        out["dfr"] = potts_loss(probs, kernel, offsets)
         loss = loss + terms.lambda_dfr * out["dfr"]
     if (terms.fd or terms.fr) and feats is not None:
-        pairs = pair_labels(confident_labels(probs, terms.gamma, real[:, 0] > 0), offsets)
+        pairs = pair_labels(confident_labels(probs, terms.gamma, real), offsets)
         distance = pair_distance(feats, offsets)
         feat_loss = logits.new_zeros(())
         if terms.fd:
@@ -241,8 +245,7 @@ def dfr_objective(logits: torch.Tensor, feats: torch.Tensor | None, images: torc
             feat_loss = feat_loss + out["fd"]
         if terms.fr:
             known = pairs["bg_pos"] | pairs["fg_pos"] | pairs["neg"]
-            k_f = dfr_kernel(images, (h, w), offsets, terms.sigma_xy, terms.sigma_rgb)
-            out["fr"] = feature_regularized_loss(distance, k_f, known)
+            out["fr"] = feature_regularized_loss(distance, image_part(terms.sigma_xy, terms.sigma_rgb), known)
             feat_loss = feat_loss + out["fr"]
         loss = loss + terms.lambda_feat * feat_loss
     out["loss"] = loss

@@ -412,7 +412,7 @@ def _seg_train_step(kind: str, arch: str, batch: int, crop: int, steps: int, amp
     import torch.nn.functional as F
 
     from models.losses import DfrTerms, dense_crf_loss, dfr_objective
-    from stages.training import optimizer_step
+    from stages.training import amp_setup, optimizer_step
 
     torch.set_num_threads(threads)
     model = _seg_model(kind, arch).to(device).train()
@@ -426,11 +426,10 @@ def _seg_train_step(kind: str, arch: str, batch: int, crop: int, steps: int, amp
     real = torch.ones(batch, crop, crop, dtype=torch.bool, device=device)
     terms = {"pce": DfrTerms(dfr=False, fd=False, fr=False),
              "potts": DfrTerms(kernel_feature=False, fd=False, fr=False), "dfr": DfrTerms()}.get(loss)
-    use_amp = amp and device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    use_amp, scaler, device_type = amp_setup(amp, device)
 
     def step() -> None:
-        with torch.autocast("cuda" if use_amp else "cpu", enabled=use_amp):
+        with torch.autocast(device_type, enabled=use_amp):
             out = model(x) if kind == "final" else model.forward_train(x)
         if kind == "final":
             value = F.cross_entropy(out.float(), y)

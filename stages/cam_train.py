@@ -25,7 +25,7 @@ from models.cam import CamNet, classification_loss
 
 from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
-from .training import release, sgd, train_loop
+from .training import release, sgd, train_loop, trained_model
 
 VERSION = "1"
 
@@ -47,9 +47,7 @@ def build_model(arch: dict[str, Any]) -> CamNet:
 
 def load_trained(state: dict[str, Any], device: str) -> CamNet:
     """The trained classifier from a ``model.pt`` state, in eval mode on ``device``."""
-    model = build_model({**state["arch"], "weights": "none"})
-    model.load_state_dict(state["state_dict"])
-    return model.to(device).eval()
+    return trained_model(state, build_model, device)
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -28,7 +28,7 @@ from models.segmentation import DfrNet
 
 from .base import STAGES, DataError, StageContext, StageResult, StageSpec
 from .seeds import points_map
-from .training import adamw, crop_batch, release, train_loop
+from .training import adamw, amp_setup, crop_batch, release, train_loop, trained_model
 
 VERSION = "1"
 TERMS = ("pce", "dfr", "fd", "fr")
@@ -46,9 +46,7 @@ def build_model(arch: dict[str, Any]) -> DfrNet:
 
 def load_trained(state: dict[str, Any], device: str) -> DfrNet:
     """The trained network from a ``model.pt`` state, in eval mode on ``device``."""
-    model = build_model({**state["arch"], "weights": "none"})
-    model.load_state_dict(state["state_dict"])
-    return model.to(device).eval()
+    return trained_model(state, build_model, device)
 
 
 def sparse_labels(ctx: StageContext, image_id: str, shape: tuple[int, int]) -> np.ndarray:
@@ -71,9 +69,7 @@ def run(ctx: StageContext) -> StageResult:
     torch.manual_seed(seed)
     model = build_model(arch).to(ctx.device)
     opt, base_lrs = adamw(model, cfg)
-    amp = cfg.amp and str(ctx.device).startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda") if amp else None
-    device_type = "cuda" if amp else "cpu"
+    amp, scaler, device_type = amp_setup(cfg.amp, ctx.device)
     curves: dict[str, list[float]] = {t: [] for t in TERMS}
 
     @functools.lru_cache(maxsize=4096)  # synthesized scribbles cost ~0.1 s an image; keep them

@@ -30,7 +30,7 @@ from models.losses import dense_crf_loss
 from models.segmentation import ARCHS, DeepLab
 
 from .base import IGNORE, STAGES, DataError, StageContext, StageResult, StageSpec
-from .training import crop_batch, release, sgd, train_loop
+from .training import amp_setup, crop_batch, release, sgd, train_loop, trained_model
 
 VERSION = "1"
 
@@ -41,9 +41,7 @@ def build_model(arch: dict[str, Any]) -> DeepLab:
 
 def load_trained(state: dict[str, Any], device: str) -> DeepLab:
     """The trained model from a ``model.pt`` state, in eval mode on ``device``."""
-    model = build_model({**state["arch"], "weights": "none"})
-    model.load_state_dict(state["state_dict"])
-    return model.to(device).eval()
+    return trained_model(state, build_model, device)
 
 
 def label_source(ctx: StageContext) -> tuple[list[str], Callable[[str], np.ndarray]]:
@@ -71,9 +69,7 @@ def run(ctx: StageContext) -> StageResult:
     torch.manual_seed(seed)
     model = build_model(arch).to(ctx.device)
     opt, base_lrs = sgd(model, cfg)
-    amp = cfg.amp and str(ctx.device).startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda") if amp else None
-    device_type = "cuda" if amp else "cpu"
+    amp, scaler, device_type = amp_setup(cfg.amp, ctx.device)
     reg_curve: list[float] = []
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:

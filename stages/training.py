@@ -118,6 +118,21 @@ def crop_batch(ctx: StageContext, ids: list[str], picks: np.ndarray, step: int,
             torch.from_numpy(np.stack(real)).to(ctx.device))
 
 
+def amp_setup(amp: bool, device: str) -> tuple[bool, torch.amp.GradScaler | None, str]:
+    """(AMP on?, its grad scaler, autocast device type): mixed precision only when asked
+    for (``amp``) on a CUDA device."""
+    amp = amp and str(device).startswith("cuda")
+    return amp, (torch.amp.GradScaler("cuda") if amp else None), ("cuda" if amp else "cpu")
+
+
+def trained_model(state: dict, build: Callable[[dict], torch.nn.Module], device: str) -> torch.nn.Module:
+    """The network of a ``model.pt`` state (``arch`` + ``state_dict``), rebuilt by ``build``
+    without pretrained weights (the state has them all), in eval mode on ``device``."""
+    model = build({**state["arch"], "weights": "none"})
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval()
+
+
 def adamw(model: torch.nn.Module, cfg) -> tuple[torch.optim.AdamW, list[float]]:
     """AdamW at ``cfg.lr`` over ``model.param_groups()`` = (decayed, not decayed): the second
     group gets no weight decay; returns the optimiser and the base rates for the schedule."""
