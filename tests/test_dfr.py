@@ -106,7 +106,7 @@ def test_the_deep_feature_kernel_passes_no_gradient_into_the_features():
     assert feats.grad is None and logits.grad.abs().sum() > 0
     # ... yet the features do shape the loss through K
     other = dfr_objective(logits.detach(), feats.detach() * 3, *rest, terms)["dfr"]
-    assert abs(float(other) - float(out["dfr"])) > 1e-4
+    assert abs(float(other) - float(out["dfr"].detach())) > 1e-4
 
 
 def test_baselines_pce_only_and_potts():
@@ -148,6 +148,17 @@ def test_swin_uperNet_shapes_and_fusion_choices():
     decay, no_decay = net.param_groups()
     assert len(decay) + len(no_decay) == len(list(net.parameters()))
     assert all(p.ndim > 1 for p in decay) and any(p.ndim > 1 for p in no_decay)  # position tables
+
+
+def test_config_section_and_loss_terms_agree_on_every_field_and_default():
+    """DfrTrainConfig (validated YAML) and DfrTerms (what the loss reads) list the same loss
+    fields; a default changed in one place only would make a config run differ from the paper."""
+    from pipeline.config import DfrTrainConfig
+    from stages.dfr_train import terms_of
+
+    cfg = DfrTrainConfig()
+    assert terms_of(cfg) == DfrTerms()
+    assert terms_of(cfg.model_copy(update={"fd": False, "radius": 3})) == DfrTerms(fd=False, radius=3)
 
 
 def test_swin_weights_are_never_downloaded(tmp_path, monkeypatch):
