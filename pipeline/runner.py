@@ -88,6 +88,21 @@ def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, id
 
 
 # --------------------------------------------------------------------------- the run
+def environment(device: str) -> dict[str, Any]:
+    """Where a stage last ran. Trained stages are bit-reproducible for one environment; another
+    torch build, CPU instruction set (AVX2 vs AVX512 kernels), thread count or GPU changes float
+    rounding, and a from-scratch network then ends a point or two away."""
+    import platform
+
+    import torch
+
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
+                           "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         return device
@@ -261,6 +276,7 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
         "config": run.config.section(name), "code_version": spec.version, "output": spec.output,
         "split": spec.split, "status": "partial" if todo else manifest.get("status", "partial"),
         "counts": {"total": len(ids), "done": len(ids) - len(todo), "failed": 0},
+        "environment": environment(resolve_device(run.config.device)),
     })
     store.write_manifest(manifest)
     store.set_current()

@@ -46,6 +46,10 @@ def test_interrupted_stage_resumes_with_only_the_rest(tmp_path, counters):
     manifest = run_local(make_run(demo_config(tmp_path)), ["box_seeds"])["box_seeds"]
     assert len(seeds.calls) == n - k
     assert manifest["status"] == "complete" and manifest["counts"] == {"total": n, "done": n, "failed": 0}
+    import torch  # the manifest says where it ran (float results depend on it)
+
+    env = manifest["environment"]
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["threads"] >= 1
 
 
 def test_config_change_recomputes_stage_and_downstream_only(tmp_path, counters):
