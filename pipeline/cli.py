@@ -2,7 +2,7 @@
 
     wsss run CONFIG [--from S] [--until S] [--only S] [--force S] [--set key=value]
     wsss status CONFIG            a table: stage, fingerprint, done/total, failed, time, metrics
-    wsss inspect CONFIG IMAGE_ID  one PNG panel: image, GT, every stage's labels, graph edges
+    wsss inspect CONFIG IMAGE_ID  one PNG panel: image, GT, weak labels, every stage's labels, graph edges
     wsss eval CONFIG --stage S    per-class IoU, mIoU, coverage, precision of one stage
     wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, tags) from GT
     wsss demo                     the whole pipeline on the built-in synthetic data
@@ -187,8 +187,8 @@ def inspect(config: Path = ConfigArg, image_id: str = typer.Argument(..., help="
             pixel: Optional[str] = typer.Option(None, help="X,Y of the pixel whose graph edges to show "
                                                            "(default: the image centre)."),
             overrides: Optional[list[str]] = SetOpt) -> None:
-    """Write one PNG panel: image, GT, every stage's labels for IMAGE_ID and the graph edges
-    of one pixel as a heat map; print its path."""
+    """Write one PNG panel: image, GT, the weak labels, every stage's labels for IMAGE_ID and
+    the graph edges of one pixel as a heat map; print its path."""
     from .visualize import inspect_panel
 
     the_run = _make_run(config, overrides)

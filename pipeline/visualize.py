@@ -1,5 +1,6 @@
-"""``wsss inspect``: one PNG panel per image (image, GT, every stage's labels, named; for a
-graph stage, the edge weights of one pixel's node as a heat map over the image)."""
+"""``wsss inspect``: one PNG panel per image (image, GT, the weak labels it trains from, every
+stage's labels, named; for a graph stage, the edge weights of one pixel's node as a heat map
+over the image)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +8,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from stages.base import DataError
+from stages.base import IGNORE, DataError, WeakLabels
 
 from .store import voc_palette
 
 _PALETTE = np.array(voc_palette(), np.uint8).reshape(256, 3)
 _PALETTE[255] = (235, 235, 220)  # unknown: light, visibly different from background black
+_WEAK_PALETTE = _PALETTE.copy()
+_WEAK_PALETTE[0] = (255, 255, 255)  # background strokes over a dimmed image
 
 
 def colourize(label: np.ndarray) -> np.ndarray:
@@ -52,6 +55,32 @@ def edge_heatmap(image: np.ndarray, graph: dict[str, np.ndarray], pixel: tuple[i
     return mixed
 
 
+def weak_kind(config) -> str:
+    """Which weak label the run trains from: box, scribble, point or image (tags)."""
+    return config.dfr_train.labels if config.supervision == "dfr" else config.supervision
+
+
+def weak_overlay(image: np.ndarray, weak: WeakLabels, kind: str) -> np.ndarray:
+    """The image dimmed to 40 %, with the weak labels of ``kind`` in their class colours:
+    box outlines (2 px), scribble strokes, points as 7x7 squares (background, black in the
+    label palette, drawn white); tags have no pixels."""
+    out = (0.4 * image).astype(np.uint8)
+    if kind == "scribble" and weak.scribbles is not None:
+        known = weak.scribbles != IGNORE
+        out[known] = _WEAK_PALETTE[weak.scribbles[known]]
+    elif kind == "point":
+        for p in weak.points:
+            out[max(p.y - 3, 0):p.y + 4, max(p.x - 3, 0):p.x + 4] = _WEAK_PALETTE[p.cls]
+    elif kind == "box":
+        for b in weak.boxes:
+            colour = _WEAK_PALETTE[b.cls]
+            out[b.y0:b.y1, b.x0:b.x0 + 2] = colour
+            out[b.y0:b.y1, max(b.x1 - 2, b.x0):b.x1] = colour
+            out[b.y0:b.y0 + 2, b.x0:b.x1] = colour
+            out[max(b.y1 - 2, b.y0):b.y1, b.x0:b.x1] = colour
+    return out
+
+
 def inspect_panel(run, image_id: str, out: Path | None = None, pixel: tuple[int, int] | None = None) -> Path:
     """Compose the panel for ``image_id`` and write it; returns the PNG path. ``pixel``
     (x, y; default the image centre) picks the node whose edges a graph stage shows."""
@@ -64,6 +93,11 @@ def inspect_panel(run, image_id: str, out: Path | None = None, pixel: tuple[int,
     gt = run.dataset.load_gt(image_id)
     if gt is not None:
         tiles.append(_tile(colourize(gt), "ground truth", h))
+    if image_id in run.dataset.ids("train"):  # what the run learns from
+        kind, weak = weak_kind(run.config), run.dataset.load_weak(image_id)
+        title = {"box": "boxes", "scribble": "scribbles", "point": "points"}.get(kind) or "tags: " + ", ".join(
+            run.dataset.class_names[t] for t in weak.tags)
+        tiles.append(_tile(weak_overlay(image, weak, kind), title, h))
     for name in run.names:
         store = run.store(name)
         if store.kind == "arrays" and store.has(image_id):

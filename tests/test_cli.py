@@ -1,6 +1,7 @@
 """The ``wsss`` commands (local engine, so no Prefect server is needed here)."""
 import json
 
+import numpy as np
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -73,6 +74,27 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     assert res.exit_code == 2 and "outside the 160x120 image" in res.output
     res = runner.invoke(app, ["inspect", str(path), "nope_1"])
     assert res.exit_code == 2 and "unknown image id" in res.output
+
+
+def test_weak_overlay_paints_each_kind_in_its_class_colour():
+    from pipeline.visualize import colourize, weak_overlay
+    from stages.base import IGNORE, Box, Point, WeakLabels
+
+    image = np.full((20, 30, 3), 200, np.uint8)
+    scrib = np.full((20, 30), IGNORE, np.uint8)
+    scrib[5, 3:9] = 1
+    scrib[0, 0] = 0
+    weak = WeakLabels(tags=[1, 2], boxes=[Box(10, 4, 20, 12, 2)], scribbles=scrib, points=[Point(25, 15, 3)])
+    dim = np.array([80, 80, 80], np.uint8)
+    c = {k: colourize(np.array([k], np.uint8))[0] for k in (1, 2, 3)}
+    s = weak_overlay(image, weak, "scribble")
+    assert (s[5, 3:9] == c[1]).all() and (s[0, 0] == 255).all() and (s[6, 3] == dim).all() and (s[4, 10] == dim).all()
+    b = weak_overlay(image, weak, "box")
+    assert (b[4:12, 10] == c[2]).all() and (b[11, 10:20] == c[2]).all() and (b[7, 15] == dim).all()
+    assert (b[12, 10] == dim).all() and (b[5, 3] == dim).all()  # half-open box; no scribbles drawn
+    p = weak_overlay(image, weak, "point")
+    assert (p[12:19, 22:29] == c[3]).all() and (p[11, 25] == dim).all()
+    assert (weak_overlay(image, weak, "image") == dim).all()
 
 
 def test_only_without_upstream_says_what_to_run(tmp_path):
