@@ -209,7 +209,10 @@ def dfr_objective(logits: torch.Tensor, feats: torch.Tensor | None, images: torc
     ``valid`` (N, H, W) = real pixels (False on crop padding), at input size. L_pce (Eq. 2)
     is the CE of the logits upsampled to the input, over the scribbled pixels; the pairwise
     terms live on the grid, over the (2r+1)^2 - 1 offsets of a square window (Eq. 3), pairs
-    touching padding excluded. Returns every computed term and ``loss``.
+    touching padding excluded. Returns every computed term and ``loss``, plus two detached
+    diagnostics: ``k_feature``, the mean deep-feature factor of K over real pairs (near 1 means
+    sigma_3 is wide for the scale of F and L_dfr acts as the Potts loss), and ``confident``, the
+    fraction of real pixels with a label in M (Eq. 7).
     """
     n, _, h, w = logits.shape
     up = F.interpolate(logits, size=scribbles.shape[-2:], mode="bilinear", align_corners=False)
@@ -233,11 +236,15 @@ def dfr_objective(logits: torch.Tensor, feats: torch.Tensor | None, images: torc
         kernel = image_part(terms.sigma_xy if terms.kernel_xy else math.inf,
                             terms.sigma_rgb if terms.kernel_rgb else math.inf) * real_pairs
         if terms.kernel_feature and feats is not None:
-            kernel = kernel * feature_kernel(feats, offsets, terms.sigma_feat)
+            k_feature = feature_kernel(feats, offsets, terms.sigma_feat)
+            kernel = kernel * k_feature
+            out["k_feature"] = (k_feature * real_pairs).sum() / real_pairs.sum().clamp(min=1)
         out["dfr"] = potts_loss(probs, kernel, offsets)
         loss = loss + terms.lambda_dfr * out["dfr"]
     if (terms.fd or terms.fr) and feats is not None:
-        pairs = pair_labels(confident_labels(probs, terms.gamma, real), offsets)
+        confident = confident_labels(probs, terms.gamma, real)
+        out["confident"] = (confident != IGNORE).sum() / real.sum().clamp(min=1)
+        pairs = pair_labels(confident, offsets)
         distance = pair_distance(feats, offsets)
         feat_loss = logits.new_zeros(())
         if terms.fd:

@@ -32,6 +32,7 @@ from .training import adamw, amp_setup, crop_batch, release, train_loop, trained
 
 VERSION = "1"
 TERMS = ("pce", "dfr", "fd", "fr")
+DIAGNOSTICS = ("k_feature", "confident")  # see models.losses.dfr_objective
 
 
 def terms_of(cfg) -> DfrTerms:
@@ -70,7 +71,7 @@ def run(ctx: StageContext) -> StageResult:
     model = build_model(arch).to(ctx.device)
     opt, base_lrs = adamw(model, cfg)
     amp, scaler, device_type = amp_setup(cfg.amp, ctx.device)
-    curves: dict[str, list[float]] = {t: [] for t in TERMS}
+    curves: dict[str, list[float]] = {t: [] for t in TERMS + DIAGNOSTICS}
 
     @functools.lru_cache(maxsize=4096)  # synthesized scribbles cost ~0.1 s an image; keep them
     def labels_of(i: int, shape: tuple[int, int]) -> np.ndarray:
@@ -82,7 +83,7 @@ def run(ctx: StageContext) -> StageResult:
         with torch.autocast(device_type, enabled=amp):
             logits, feats = model.forward_train(x)
         out = dfr_objective(logits.float(), None if feats is None else feats.float(), x.float(), y, real, terms)
-        for t in TERMS:
+        for t in curves:
             if t in out:
                 curves[t].append(float(out[t].detach()))
         return out["loss"]

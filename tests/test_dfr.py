@@ -29,7 +29,7 @@ def _naive_eq1(logits, feats, images, scribbles, valid, t: DfrTerms) -> dict:
     m = torch.where((probs.detach().max(1).values > t.gamma) & valid, probs.detach().argmax(1),
                     torch.full((n, h, w), IGNORE))  # Eq. 7
     dfr = fr = logits.new_zeros(())
-    bg, fg, neg = [], [], []
+    bg, fg, neg, k_feature = [], [], [], []
     for b, y, x in itertools.product(range(n), range(h), range(w)):
         for dy, dx in itertools.product(range(-t.radius, t.radius + 1), repeat=2):
             yy, xx = y + dy, x + dx
@@ -40,6 +40,7 @@ def _naive_eq1(logits, feats, images, scribbles, valid, t: DfrTerms) -> dict:
             e_f = ((feats[b, :, y, x] - feats[b, :, yy, xx]).detach() ** 2).sum() / (2 * t.sigma_feat ** 2)
             k = torch.exp(-(e_xy if t.kernel_xy else 0) - (e_rgb if t.kernel_rgb else 0)
                           - (e_f if t.kernel_feature else 0))  # Eq. 6
+            k_feature.append(torch.exp(-e_f))
             dfr = dfr + k * (1 - (probs[b, :, y, x] * probs[b, :, yy, xx]).sum())  # Eq. 5
             mi, mj = int(m[b, y, x]), int(m[b, yy, xx])
             if mi == IGNORE or mj == IGNORE:
@@ -58,6 +59,8 @@ def _naive_eq1(logits, feats, images, scribbles, valid, t: DfrTerms) -> dict:
     out["fr"] = fr / (n * h * w)
     out["loss"] = out["pce"] + t.lambda_dfr * out["dfr"] + t.lambda_feat * (out["fd"] + out["fr"])
     out["pairs"] = (len(bg), len(fg), len(neg))
+    out["k_feature"] = torch.stack(k_feature).mean()  # diagnostics: mean K_f factor, share of M known
+    out["confident"] = (m != IGNORE).sum() / valid.sum()
     return out
 
 
@@ -82,7 +85,8 @@ def test_every_dfr_term_matches_the_naive_pair_loop_values_and_gradients():
     ref_args = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
     ref = _naive_eq1(*ref_args, terms)
     assert min(ref["pairs"]) > 3, ref["pairs"]  # bg+, fg+ and negative pairs all present
-    for key in ("pce", "dfr", "fd", "fr", "loss"):
+    assert 0.05 < float(ref["k_feature"]) < 0.95 and 0.05 < float(ref["confident"]) < 0.95
+    for key in ("pce", "dfr", "fd", "fr", "loss", "k_feature", "confident"):
         assert float(ours[key].detach()) == pytest.approx(float(ref[key].detach()), rel=1e-4, abs=1e-6), key
     ours["loss"].backward()
     ref["loss"].backward()
@@ -197,6 +201,7 @@ def test_dfr_dag_and_stages(tmp_path):
     done = run_local(run, ["dfr_train", "dfr_eval"])
     info = done["dfr_train"]["info"]
     assert info["terms"] == ["pce", "dfr", "fd", "fr"] and info["steps"] == 2
+    assert 0 < info["k_feature_last"] <= 1 and 0 <= info["confident_last"] <= 1  # diagnostics in the manifest
     assert done["dfr_eval"]["counts"]["done"] == 2 and 0 <= done["dfr_eval"]["metrics"]["miou"] <= 1
     pce_only = make_run(_tiny_dfr(tmp_path / "p", dfr_train={**_tiny_dfr(tmp_path).dfr_train.model_dump(),
                                                               "dfr": False, "fd": False, "fr": False}))
