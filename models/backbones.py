@@ -171,6 +171,19 @@ def multiscale_sum(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tens
 SWINS = {"swin_t": "swin_t", "swin_s": "swin_s", "swin_b": "swin_b", "swin_mini": None}
 
 
+def swin_weights_path(arch: str, weights: str) -> Path | None:
+    """:func:`weights_path` for a Swin of :data:`SWINS`; the demo-sized one has no
+    pretrained weights, so anything but ``none`` is a :class:`WeightsError`."""
+    if arch not in SWINS:
+        raise ValueError(f"unknown Swin '{arch}' (known: {', '.join(SWINS)})")
+    if SWINS[arch] is None:
+        if weights != "none":
+            raise WeightsError(f"{arch} is a demo-sized Swin without pretrained weights; use weights: none "
+                               f"or swin_t / swin_s / swin_b")
+        return None
+    return weights_path(weights, SWINS[arch])
+
+
 class SwinBackbone(nn.Module):
     """torchvision Swin Transformer as a 4-stage feature extractor (strides 4, 8, 16, 32),
     each stage's output layer-normalised and returned NCHW, as mmseg's Swin for UperNet.
@@ -184,12 +197,8 @@ class SwinBackbone(nn.Module):
 
     def __init__(self, arch: str = "swin_t", weights: str = "none") -> None:
         super().__init__()
-        if arch not in SWINS:
-            raise ValueError(f"unknown Swin '{arch}' (known: {', '.join(SWINS)})")
+        swin_weights_path(arch, weights)
         if SWINS[arch] is None:
-            if weights != "none":
-                raise WeightsError(f"{arch} is a demo-sized Swin without pretrained weights; use weights: none "
-                                   f"or swin_t / swin_s / swin_b")
             from torchvision.models.swin_transformer import SwinTransformer
 
             net, state = SwinTransformer([4, 4], 32, [2, 2, 2, 2], [1, 2, 4, 8], [7, 7],

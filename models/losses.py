@@ -200,6 +200,18 @@ class DfrTerms:
         return (self.dfr and self.kernel_feature) or self.fd or self.fr
 
 
+DFR_PRESETS = {"pce": dict(dfr=False, fd=False, fr=False),  # partial CE alone
+               "potts": dict(kernel_feature=False, fd=False, fr=False),  # + Tang et al.'s Potts (XY + RGB)
+               "dfr": {}}  # Eq. 1 in full
+
+
+def dfr_preset(name: str) -> DfrTerms:
+    """The baselines and the full loss by name: ``pce``, ``potts`` or ``dfr``."""
+    if name not in DFR_PRESETS:
+        raise ValueError(f"DFR loss must be one of {', '.join(DFR_PRESETS)}, got {name!r}")
+    return DfrTerms(**DFR_PRESETS[name])
+
+
 def dfr_objective(logits: torch.Tensor, feats: torch.Tensor | None, images: torch.Tensor, scribbles: torch.Tensor,
                   valid: torch.Tensor, terms: DfrTerms) -> dict[str, torch.Tensor]:
     """Eq. 1: ``L = L_pce + l1 L_dfr + l2 (L_fd + L_fr)``, the switched-off terms left out.

@@ -411,7 +411,7 @@ def _seg_train_step(kind: str, arch: str, batch: int, crop: int, steps: int, amp
     import torch
     import torch.nn.functional as F
 
-    from models.losses import DfrTerms, dense_crf_loss, dfr_objective
+    from models.losses import dense_crf_loss, dfr_objective, dfr_preset
     from stages.training import amp_setup, optimizer_step
 
     torch.set_num_threads(threads)
@@ -424,8 +424,7 @@ def _seg_train_step(kind: str, arch: str, batch: int, crop: int, steps: int, amp
     if kind == "dfr":
         y[torch.rand(batch, crop, crop, generator=gen).to(device) > 0.03] = 255  # ~3% labelled, as VOC scribbles
     real = torch.ones(batch, crop, crop, dtype=torch.bool, device=device)
-    terms = {"pce": DfrTerms(dfr=False, fd=False, fr=False),
-             "potts": DfrTerms(kernel_feature=False, fd=False, fr=False), "dfr": DfrTerms()}.get(loss)
+    terms = dfr_preset(loss) if kind == "dfr" else None
     use_amp, scaler, device_type = amp_setup(amp, device)
 
     def step() -> None:
@@ -492,6 +491,7 @@ def bench_dfr_train(device: str, height: int, width: int, images: int, threads: 
     """DFR training throughput (one AdamW step per batch of ``crop`` x ``crop``, Eq. 1 with
     ``loss`` dfr / potts / pce; the paper's batch is 2 per GPU) and inference per image:
     single scale, and 6 scales + flip (no feature head)."""
-    if loss not in ("dfr", "potts", "pce"):
-        raise ValueError(f"bench dfr_train: loss must be dfr, potts or pce, got {loss!r}")
+    from models.losses import dfr_preset
+
+    dfr_preset(loss)  # an unknown name fails here, before any child process starts
     return _seg_rows("dfr", arch, device, height, width, images, threads, batch, crop, amp, loss, multiscale)

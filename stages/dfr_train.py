@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.backbones import SWINS, WeightsError, weights_path
+from models.backbones import swin_weights_path
 from models.losses import DfrTerms, dfr_objective
 from models.segmentation import DfrNet
 
 from .base import STAGES, DataError, StageContext, StageResult, StageSpec
-from .seeds import points_map
+from .seeds import sparse_labels
 from .training import adamw, amp_setup, crop_batch, release, train_loop, trained_model
 
 VERSION = "1"
@@ -50,14 +50,13 @@ def load_trained(state: dict[str, Any], device: str) -> DfrNet:
     return trained_model(state, build_model, device)
 
 
-def sparse_labels(ctx: StageContext, image_id: str, shape: tuple[int, int]) -> np.ndarray:
-    """The image's scribble (or point) map, IGNORE where unlabelled."""
-    weak = ctx.dataset.load_weak(image_id)
-    if ctx.cfg.labels == "point":
-        return points_map(shape, weak.points)
-    if weak.scribbles is None:
-        raise DataError(ctx.dataset.image_path(image_id), "no scribbles (dfr_train.labels is 'scribble')")
-    return weak.scribbles
+def training_labels(ctx: StageContext, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+    """The image's scribble (or point, ``dfr_train.labels``) map, IGNORE where unlabelled."""
+    weak = ctx.dataset.load_weak(image_id)  # a bad file raises its own DataError
+    try:
+        return sparse_labels(weak, ctx.cfg.labels, shape)
+    except ValueError as err:
+        raise DataError(ctx.dataset.image_path(image_id), f"{err} (dfr_train.labels is '{ctx.cfg.labels}')") from None
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -75,7 +74,7 @@ def run(ctx: StageContext) -> StageResult:
 
     @functools.lru_cache(maxsize=4096)  # synthesized scribbles cost ~0.1 s an image; keep them
     def labels_of(i: int, shape: tuple[int, int]) -> np.ndarray:
-        return sparse_labels(ctx, ids[i], shape)
+        return training_labels(ctx, ids[i], shape)
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
         x, y, real = crop_batch(ctx, ids, picks, step, lambda i, image: labels_of(i, image.shape[:2]),
@@ -101,13 +100,7 @@ def run(ctx: StageContext) -> StageResult:
 
 def preflight(config) -> None:
     """Backbone weights must be on disk before anything runs (nothing is downloaded)."""
-    cfg = config.dfr_train
-    if SWINS[cfg.backbone] is None:
-        if cfg.weights != "none":
-            raise WeightsError(f"dfr_train.backbone {cfg.backbone} is demo-sized and has no pretrained weights; "
-                               f"use weights: none or swin_t / swin_s / swin_b")
-        return
-    weights_path(cfg.weights, SWINS[cfg.backbone])
+    swin_weights_path(config.dfr_train.backbone, config.dfr_train.weights)
 
 
 SPEC = STAGES.register("dfr_train", StageSpec(

@@ -147,6 +147,16 @@ def points_map(shape: tuple[int, int], points: list[Point]) -> np.ndarray:
     return out
 
 
+def sparse_labels(weak: WeakLabels, kind: str, shape: tuple[int, int]) -> np.ndarray:
+    """The sparse label map of ``kind`` (``scribble``: the strokes; ``point``: one pixel a
+    point), IGNORE where unlabelled; a ValueError when scribbles are asked for and absent."""
+    if kind == "point":
+        return points_map(shape, weak.points)
+    if weak.scribbles is None:
+        raise ValueError("no scribbles for this image")
+    return weak.scribbles
+
+
 def merge_seeds(primary: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """``primary`` where known, else ``fallback`` (scribbles: M_S over M'_I)."""
     return np.where(primary != IGNORE, primary, fallback).astype(np.uint8)
@@ -193,12 +203,7 @@ def seed_maps(supervision: str, cfg, image: np.ndarray, weak: WeakLabels,
         return confident_box_seeds(maps["M_F"], from_box, maps["M_I_reliable"]), maps
     if supervision == "image":
         return maps["M_I_reliable"], maps
-    if supervision == "scribble":
-        if weak.scribbles is None:
-            raise ValueError("no scribbles for this image")
-        sparse = weak.scribbles
-    else:
-        sparse = points_map(image.shape[:2], weak.points)
+    sparse = sparse_labels(weak, supervision, image.shape[:2])
     if sparse.shape != image.shape[:2]:
         raise ValueError(f"the {supervision} map is {sparse.shape[::-1]} but the image is {image.shape[1::-1]}")
     m_g = expand_superpixels(sparse, superpixels(image, cfg.superpixels))
