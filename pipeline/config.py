@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
+                      model_validator)
+
+from stages.base import safe_name
 
 SUPERVISIONS = ("box", "scribble", "point", "image", "dfr")
 
@@ -25,7 +28,14 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------- datasets
-class DemoDataset(Section):
+class DatasetSection(Section):
+    """What every dataset kind shares: the input guard on image size."""
+
+    max_side: Annotated[int, Field(ge=32)] = 2048
+    oversize: Literal["downscale", "fail"] = "downscale"  # an image whose longer side is above max_side
+
+
+class DemoDataset(DatasetSection):
     """The project's own synthetic dataset (see ``pipeline/demo.py``)."""
 
     kind: Literal["demo"] = "demo"
@@ -36,7 +46,7 @@ class DemoDataset(Section):
     seed: int = 0
 
 
-class MasksDataset(Section):
+class MasksDataset(DatasetSection):
     """A folder of images and a folder of GT masks with the same file stems."""
 
     kind: Literal["masks"] = "masks"
@@ -53,7 +63,7 @@ class MasksDataset(Section):
     limit: PositiveInt | None = None
 
 
-class VocDataset(Section):
+class VocDataset(DatasetSection):
     """A VOCdevkit year folder (``.../VOCdevkit/VOC2012``)."""
 
     kind: Literal["voc"] = "voc"
@@ -385,7 +395,7 @@ class DfrEvalConfig(Section):
 class Config(Section):
     """A whole run. Defaults are the built-in demo (box supervision on synthetic data)."""
 
-    run: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = "demo"
+    run: str = "demo"
     output_root: str = "artifacts"
     supervision: Literal["box", "scribble", "point", "image", "dfr"] = "box"
     seed: int = 0
@@ -394,6 +404,8 @@ class Config(Section):
     shard_size: PositiveInt = 16
     engine: Literal["prefect", "local"] = "prefect"
     task_runner: Literal["thread", "process"] = "thread"
+    lock: Literal["wait", "refuse"] = "wait"  # a stage another run is computing: wait for it, or stop
+    min_usable: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # share of a training stage's images that must be usable
     dataset: DatasetConfig = Field(default_factory=DemoDataset)
     weak: WeakConfig = Field(default_factory=WeakConfig)
     box_seeds: BoxSeedsConfig = Field(default_factory=BoxSeedsConfig)
@@ -411,6 +423,11 @@ class Config(Section):
     instance_train: InstanceTrainConfig = Field(default_factory=InstanceTrainConfig)
     dfr_train: DfrTrainConfig = Field(default_factory=DfrTrainConfig)
     dfr_eval: DfrEvalConfig = Field(default_factory=DfrEvalConfig)
+
+    @field_validator("run")
+    @classmethod
+    def _check_run(cls, value: str) -> str:
+        return safe_name(value, "run name")
 
     @model_validator(mode="after")
     def _check_cam(self) -> "Config":

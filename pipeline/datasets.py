@@ -8,6 +8,7 @@ or folder raises at construction, before any work starts.
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
 import logging
 import xml.etree.ElementTree as ET
@@ -18,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from stages.base import IGNORE, Box, DataError, Point, WeakLabels
+from stages.base import IGNORE, Box, DataError, Point, WeakLabels, safe_name
 
 from . import demo as demo_gen
 from .config import Config, DemoDataset, MasksDataset, VocDataset, WeakConfig
@@ -30,15 +31,67 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 array; unreadable or truncated files raise :class:`DataError`."""
+    """RGB uint8 array; unreadable or truncated files raise :class:`DataError`.
+
+    8-bit modes (L, P, RGBA, CMYK, ...) go through PIL's ``convert("RGB")``; 16-bit
+    grayscale (``I;16*``, or ``I`` within 0..65535) is scaled by 255/65535, since
+    ``convert`` would clip every value above 255 to white; float images are refused.
+    """
     try:
         with Image.open(path) as img:
             img.load()  # decodes fully: a truncated file fails here, not later
+            if img.mode.startswith("I"):
+                return np.repeat(_gray16_to_8(np.asarray(img), path)[..., None], 3, axis=2)
+            if img.mode == "F":
+                raise DataError(path, "floating-point image: save it as 8- or 16-bit")
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, DataError):
+            raise
         raise DataError(path, f"unreadable or truncated image ({err})") from None
+
+
+def _gray16_to_8(raw: np.ndarray, path: Path) -> np.ndarray:
+    if raw.min() < 0 or raw.max() > 65535:
+        raise DataError(path, f"integer image with values {raw.min()}..{raw.max()}, outside 16 bits")
+    return np.round(raw.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_once(dataset: object, key: str, message: str) -> None:
+    """Log ``message`` the first time (per process) ``dataset`` hits the problem ``key``."""
+    if (str(dataset), key) not in _WARNED:
+        _WARNED.add((str(dataset), key))
+        log.warning("%s", message)
+
+
+def _file_hash(paths: list[Path], root: Path) -> str:
+    """Content hash of files (names relative to ``root`` included); absent files count too."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(root) if p.is_relative_to(root) else p).encode() + b"\0")
+        try:
+            with open(p, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        except FileNotFoundError:
+            h.update(b"absent")
+    return h.hexdigest()[:16]
+
+
+def scale_weak(weak: WeakLabels, scale: float, shape: tuple[int, int]) -> WeakLabels:
+    """Weak labels of an image resized by ``scale`` to ``shape`` (h, w): boxes grow outward
+    to whole pixels, points round, scribbles resize nearest."""
+    h, w = shape
+    boxes = [Box(int(np.floor(b.x0 * scale)), int(np.floor(b.y0 * scale)), min(w, int(np.ceil(b.x1 * scale))),
+                 min(h, int(np.ceil(b.y1 * scale))), b.cls) for b in weak.boxes]
+    points = [Point(min(w - 1, int(round(p.x * scale))), min(h - 1, int(round(p.y * scale))), p.cls)
+              for p in weak.points]
+    scribbles = None if weak.scribbles is None else cv2.resize(weak.scribbles, (w, h), interpolation=cv2.INTER_NEAREST)
+    return WeakLabels(tags=list(weak.tags), boxes=boxes, scribbles=scribbles, points=points)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -56,6 +109,8 @@ class _Base(abc.ABC):
     def __init__(self, weak: WeakConfig) -> None:
         self.weak_cfg = weak
 
+    cfg: Any  # the dataset's config section (max_side, oversize, ...)
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -65,11 +120,77 @@ class _Base(abc.ABC):
 
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
-        """Everything that defines the data (kind, root, options): the root of all fingerprints."""
+        """Everything that defines the images and GT (kind, root, options): the root of all
+        fingerprints. Weak labels are described apart (:meth:`weak_fingerprint`)."""
+
+    def weak_sources(self) -> list[Path]:
+        """The files weak labels are read from (none where they are synthesized from GT)."""
+        return []
+
+    def weak_fingerprint(self) -> str:
+        """Content hash of :meth:`weak_sources`: editing a weak-label file recomputes the
+        stages that read weak labels (and what follows them)."""
+        files = self.weak_sources()
+        return _file_hash(files, Path(getattr(self, "root", "."))) if files else "synthesized"
+
+    # Readers at the image's own size; the public loaders below apply the size guard.
+    @abc.abstractmethod
+    def _size(self, image_id: str) -> tuple[int, int]:
+        """(width, height) of what ``_read_image`` returns, without decoding it."""
+
+    @abc.abstractmethod
+    def _read_image(self, image_id: str) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _read_gt(self, image_id: str) -> np.ndarray | None: ...
+
+    @abc.abstractmethod
+    def _read_weak(self, image_id: str) -> WeakLabels: ...
+
+    def _read_instances(self, image_id: str) -> np.ndarray | None:
+        return None
+
+    def _target(self, image_id: str) -> tuple[float, tuple[int, int]] | None:
+        """(scale, (h, w)) when the image's longer side exceeds ``max_side`` and
+        ``oversize: downscale``; raises for ``oversize: fail``; None for images that fit."""
+        w, h = self._size(image_id)
+        limit = self.cfg.max_side
+        if max(w, h) <= limit:
+            return None
+        if self.cfg.oversize == "fail":
+            raise DataError(self.image_path(image_id), f"image is {w}x{h}, above dataset.max_side {limit}; raise "
+                                                       "max_side or set dataset.oversize: downscale")
+        scale = limit / max(w, h)
+        return scale, (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        image = self._read_image(image_id)
+        target = self._target(image_id)
+        if target is None:
+            return image
+        h, w = target[1]
+        warn_once(self.image_path(image_id), "oversize", f"{self.image_path(image_id)}: image is "
+                  f"{image.shape[1]}x{image.shape[0]}, above dataset.max_side {self.cfg.max_side}; working at {w}x{h}")
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+
+    def _nearest(self, image_id: str, labels: np.ndarray | None) -> np.ndarray | None:
+        target = None if labels is None else self._target(image_id)
+        if target is None:
+            return labels
+        h, w = target[1]
+        return cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
+
+    def load_gt(self, image_id: str) -> np.ndarray | None:
+        return self._nearest(image_id, self._read_gt(image_id))
 
     def load_instances(self, image_id: str) -> np.ndarray | None:
         """GT instance ids (0 background, 255 ignore) where the dataset has them."""
-        return None
+        return self._nearest(image_id, self._read_instances(image_id))
+
+    def load_weak(self, image_id: str) -> WeakLabels:
+        weak = self._read_weak(image_id)
+        target = self._target(image_id)
+        return weak if target is None else scale_weak(weak, *target)
 
     def gt_objects(self, image_id: str) -> list[tuple[int, np.ndarray]] | None:
         """GT objects ``(class, mask)`` for instance scoring, None without GT: the instance
@@ -98,7 +219,10 @@ class DemoData(_Base):
         self.class_names = list(demo_gen.CLASS_NAMES)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "demo", "generator": demo_gen.VERSION, **self.cfg.model_dump(), "weak": self.weak_cfg.model_dump()}
+        return {"kind": "demo", "generator": demo_gen.VERSION, **self.cfg.model_dump()}
+
+    def _size(self, image_id: str) -> tuple[int, int]:
+        return self.cfg.width, self.cfg.height
 
     def ids(self, split: str) -> list[str]:
         n = {"train": self.cfg.num_train, "val": self.cfg.num_val}.get(split)
@@ -115,16 +239,16 @@ class DemoData(_Base):
     def image_path(self, image_id: str) -> str:
         return f"demo:{image_id}"
 
-    def load_image(self, image_id: str) -> np.ndarray:
+    def _read_image(self, image_id: str) -> np.ndarray:
         return self._gen(image_id)[0]
 
-    def load_gt(self, image_id: str) -> np.ndarray:
+    def _read_gt(self, image_id: str) -> np.ndarray:
         return self._gen(image_id)[1]
 
-    def load_instances(self, image_id: str) -> np.ndarray:
+    def _read_instances(self, image_id: str) -> np.ndarray:
         return self._gen(image_id)[2]
 
-    def load_weak(self, image_id: str) -> WeakLabels:
+    def _read_weak(self, image_id: str) -> WeakLabels:
         _, semantic, instance = self._gen(image_id)
         return self._synthesize(image_id, semantic, instance, f"demo:{image_id}")
 
@@ -171,11 +295,30 @@ class MasksData(_Base):
 
     @staticmethod
     def _index(folder: Path) -> dict[str, Path]:
-        return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+        out = {}
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() not in IMAGE_EXTS:
+                continue
+            try:
+                out[safe_name(p.stem, "image id")] = p
+            except ValueError as err:
+                if not p.name.startswith("."):  # hidden files (e.g. macOS ._*) are skipped quietly
+                    log.warning("%s: skipped: %s", p, err)
+        return out
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "masks", **self.cfg.model_dump(), "root": str(self.root.resolve()),
-                "weak": self.weak_cfg.model_dump()}
+        return {"kind": "masks", **self.cfg.model_dump(), "root": str(self.root.resolve())}
+
+    def weak_sources(self) -> list[Path]:
+        if not self.cfg.weak_dir:
+            return []
+        root = Path(self.cfg.weak_dir)
+        scribbles = root / "scribbles"
+        return [root / f"{n}.json" for n in ("boxes", "points", "tags")] + (
+            sorted(scribbles.glob("*.png")) if scribbles.is_dir() else [])
+
+    def _size(self, image_id: str) -> tuple[int, int]:
+        return _image_size(self._masks[image_id])  # images are read at (or resized to) their mask's size
 
     def ids(self, split: str) -> list[str]:
         if split not in self._splits:
@@ -186,25 +329,43 @@ class MasksData(_Base):
         return str(self._images[image_id])
 
     def _mask_raw(self, image_id: str) -> np.ndarray:
+        """The mask's values: palette indices or gray levels (8-bit), or 16-bit values
+        rescaled to 8 bits for a thresholded mask and kept for a ``class_map``."""
         path = self._masks[image_id]
         try:
             with Image.open(path) as img:
                 img.load()
+                if img.mode.startswith("I"):
+                    raw = np.asarray(img)
+                    if self.cfg.class_map is None:
+                        return _gray16_to_8(raw, path) if raw.max() > 255 else raw.astype(np.uint8)
+                    return raw.astype(np.int64)
                 keep_indices = self.cfg.class_map is not None and img.mode in ("P", "L")
                 return np.asarray(img if keep_indices else img.convert("L"))
         except (OSError, SyntaxError) as err:
             raise DataError(path, f"unreadable or truncated mask ({err})") from None
 
-    def load_gt(self, image_id: str) -> np.ndarray:
-        raw = self._mask_raw(image_id)
+    def _read_gt(self, image_id: str) -> np.ndarray:
+        raw, path = self._mask_raw(image_id), self._masks[image_id]
         if self.cfg.class_map is not None:
-            lut = np.full(256, IGNORE, np.uint8)
+            known = np.isin(raw, list(self.cfg.class_map))
+            if not known.all():
+                odd = sorted(int(v) for v in np.unique(raw[~known]))[:8]
+                warn_once(self.mask_dir, "unmapped", f"{path}: mask values {odd} are not in dataset.class_map and "
+                          "are ignored (255); further masks of this dataset are not reported")
+            lut = np.full(max(256, int(raw.max()) + 1), IGNORE, np.uint8)
             for value, cls in self.cfg.class_map.items():
-                lut[value] = cls
+                if value < lut.size:
+                    lut[value] = cls
             return lut[raw]
+        top = int(raw.max())
+        if 0 < top < self.cfg.threshold:
+            warn_once(self.mask_dir, "below", f"{path}: every mask value is below dataset.threshold "
+                      f"{self.cfg.threshold} (max {top}), so the mask is all background; class indices need "
+                      "dataset.class_map (further masks of this dataset are not reported)")
         return (raw >= self.cfg.threshold).astype(np.uint8)
 
-    def load_image(self, image_id: str) -> np.ndarray:
+    def _read_image(self, image_id: str) -> np.ndarray:
         ipath, mpath = self._images[image_id], self._masks[image_id]
         image = read_image(ipath)
         mw, mh = _image_size(mpath)
@@ -224,9 +385,9 @@ class MasksData(_Base):
             self._weak_cache = {name: _read_json(root / f"{name}.json") for name in ("boxes", "points", "tags")}
         return self._weak_cache
 
-    def load_weak(self, image_id: str) -> WeakLabels:
+    def _read_weak(self, image_id: str) -> WeakLabels:
         if not self.cfg.weak_dir:
-            gt = self.load_gt(image_id)
+            gt = self._read_gt(image_id)
             return self._synthesize(image_id, gt, None, str(self._masks[image_id]))
         files = self._weak_files()
         root = Path(self.cfg.weak_dir)
@@ -295,27 +456,51 @@ class VocData(_Base):
     def describe(self) -> dict[str, Any]:
         return {"kind": "voc", **self.cfg.model_dump(), "root": str(self.root.resolve())}
 
+    def weak_sources(self) -> list[Path]:
+        files = sorted((self.root / "Annotations").glob("*.xml"))
+        if self.scribble_dir is not None:
+            files += sorted(p for p in self.scribble_dir.iterdir() if p.suffix in (".png", ".xml"))
+        return files + ([self.points_path] if self.points_path else [])
+
     def ids(self, split: str) -> list[str]:
         name = {"train": self.cfg.train_split, "val": self.cfg.val_split}.get(split, split)
         path = self.root / "ImageSets" / "Segmentation" / f"{name}.txt"
         if not path.is_file():
             raise DataError(path, f"split list for '{split}' not found")
-        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        ids = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    ids.append(safe_name(line.split()[0], "image id"))
+                except ValueError as err:
+                    raise DataError(path, f"line {n}: {err}") from None
         return ids[: self.cfg.limit] if self.cfg.limit else ids
+
+    def _size(self, image_id: str) -> tuple[int, int]:
+        return _image_size(Path(self.image_path(image_id)))
 
     def image_path(self, image_id: str) -> str:
         return str(self.root / "JPEGImages" / f"{image_id}.jpg")
 
-    def load_image(self, image_id: str) -> np.ndarray:
+    def _read_image(self, image_id: str) -> np.ndarray:
         return read_image(Path(self.image_path(image_id)))
 
-    def load_gt(self, image_id: str) -> np.ndarray | None:
+    def _read_gt(self, image_id: str) -> np.ndarray | None:
         if self.gt_dir is None:
             return None
         path = self.gt_dir / f"{image_id}.png"
-        return read_label_png(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        gt = read_label_png(path)
+        odd = (gt >= self.num_classes) & (gt != IGNORE)
+        if odd.any():
+            warn_once(self.gt_dir, "classes", f"{path}: GT values {sorted(set(np.unique(gt[odd]).tolist()))[:8]} are "
+                      f"not class ids (0..{self.num_classes - 1}) and are ignored (255); further GT files of this "
+                      "dataset are not reported")
+            gt = np.where(odd, IGNORE, gt).astype(np.uint8)
+        return gt
 
-    def load_instances(self, image_id: str) -> np.ndarray | None:
+    def _read_instances(self, image_id: str) -> np.ndarray | None:
         path = self.root / "SegmentationObject" / f"{image_id}.png"
         return read_label_png(path) if path.is_file() else None
 
@@ -390,7 +575,7 @@ class VocData(_Base):
             out.append(Point(int(p["x"]), int(p["y"]), cls))
         return out
 
-    def load_weak(self, image_id: str) -> WeakLabels:
+    def _read_weak(self, image_id: str) -> WeakLabels:
         width, height = _image_size(Path(self.image_path(image_id)))
         boxes = self._boxes(image_id, width, height)
         return WeakLabels(tags=sorted({b.cls for b in boxes}), boxes=boxes,

@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from .runner import begin_stage, execute_stage, finish_stage, run_from_json, shards
+from .runner import begin_stage, execute_stage, finish_stage, run_from_json, run_stages, shards
 
 
 @task(name="begin", cache_policy=NO_CACHE)
@@ -64,21 +64,18 @@ def publish(name: str, manifest: dict[str, Any]) -> None:
 @flow(name="wsss", log_prints=True)
 def wsss_flow(config_json: str, names: list[str], force: list[str]) -> dict[str, Any]:
     run = run_from_json(config_json)
-    cfg = run.config
-    parallel_shards = cfg.task_runner == "process"
-    out: dict[str, Any] = {}
-    for name in names:
-        store = run.store(name)
-        if store.is_complete() and name not in force:
-            out[name] = store.read_manifest()
-            continue
+    parallel_shards = run.config.task_runner == "process"
+
+    def execute(run, name: str, forced: bool) -> dict[str, Any]:
         t0 = time.time()
-        todo = begin_task(config_json, name, name in force)
+        todo = begin_task(config_json, name, forced)
         parts = shards(run, name, todo)
         futures = shard_task.map(config_json, name, parts, 1 if parallel_shards else None) if parts else []
         results = [f.result() for f in futures]
-        out[name] = finish_task(config_json, name, results, time.time() - t0, len(todo))
-    return out
+        return finish_task(config_json, name, results, time.time() - t0, len(todo))
+
+    # The loop, the locks and the skip decisions are the local engine's (runner.run_stages).
+    return run_stages(run, names, set(force), execute)
 
 
 def run_prefect(run, names: list[str], force: set[str]) -> dict[str, Any]:

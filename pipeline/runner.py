@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +24,46 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import stages  # noqa: F401  (importing the package registers every stage)
 from models.metrics import confusion_matrix, scores
-from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec
+from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec, describe_error
 
 from .config import Config, ConfigError, config_from_dict, dump_config
 from .datasets import build_dataset
-from .store import StageStore, atomic_write_text, fingerprint
+from .store import StageBusy, StageStore, atomic_write_text, fingerprint
 
 log = logging.getLogger("wsss")
 
 
 class PipelineError(RuntimeError):
     """A run that cannot go on, with a message for the user (missing upstream, dead worker)."""
+
+
+class StageFailed(PipelineError):
+    """A stage in which every image failed (downstream stages cannot run)."""
+
+    def __init__(self, name: str, failures: dict[str, str]) -> None:
+        self.name, self.failures = name, failures
+        first = "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:3])
+        more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+        super().__init__(f"{name}: every image failed, e.g. {first}{more}")
+
+    def __reduce__(self) -> tuple[Any, tuple[str, dict[str, str]]]:
+        return type(self), (self.name, self.failures)
+
+
+# Top-level config fields that never change a result: they say where and how a run executes.
+# Every other top-level field is a stage's own section or one of the fields a stage declares
+# in ``StageSpec.reads`` (dataset, weak, seed, supervision), which enter its fingerprint.
+RESULT_NEUTRAL = {
+    "run": "names the run folder",
+    "output_root": "where run folders live",
+    "device": "cpu / cuda: the same computation (float rounding aside, as recorded in the manifest's environment)",
+    "workers": "how many processes share the per-image work",
+    "shard_size": "how the per-image work is split into tasks",
+    "engine": "prefect or local: the same stage functions",
+    "task_runner": "how Prefect schedules the shards",
+    "lock": "what a second run does while another computes a stage",
+    "min_usable": "when a training stage refuses to start; it never changes which images it uses",
+}
 
 
 # --------------------------------------------------------------------------- progress
@@ -51,10 +81,27 @@ def track(items: list, desc: str) -> Iterator:
 
 
 # --------------------------------------------------------------------------- parallel map
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group; the main process ends the workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @functools.lru_cache(maxsize=4)
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
     # forkserver: children start clean (no Prefect/torch threads inherited through fork).
-    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                                  initializer=_worker_init)
+
+
+def stop_workers() -> None:
+    """End the worker processes at once (on SIGTERM / Ctrl-C): what they were writing is a
+    temp file that the next run removes, so nothing finished is lost."""
+    for pool in list(_POOLS):
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.kill()
+
+
+_POOLS: list[cf.ProcessPoolExecutor] = []
 
 
 def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, ids: list[str],
@@ -72,6 +119,8 @@ def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, id
                 yield image_id, out
             return
         pool = _pool(ctx.workers)
+        if pool not in _POOLS:
+            _POOLS.append(pool)
         futures = {pool.submit(fn, ctx, image_id): image_id for image_id in ids}
         try:
             for fut in cf.as_completed(futures):
@@ -184,14 +233,26 @@ def make_run(config: Config) -> Run:
             except (OSError, ValueError) as err:
                 raise ConfigError(f"{spec.name}: {err}") from None
     run = Run(config, dataset, dag, upstream=upstream)
-    data_fp = dataset.fingerprint()
+    reads = shared_reads(config, dataset)
     for spec in dag:
-        run.fingerprints[spec.name] = fingerprint({
-            "stage": spec.name, "version": spec.version, "config": config.section(spec.name),
-            "seed": config.seed, "dataset": data_fp, "split": spec.split,
-            "upstream": {u: run.fingerprints[u] for u in upstream[spec.name]},
-        })
+        run.fingerprints[spec.name] = fingerprint(fingerprint_payload(config, spec, reads, {
+            u: run.fingerprints[u] for u in upstream[spec.name]}))
     return run
+
+
+def shared_reads(config: Config, dataset: Any) -> dict[str, Any]:
+    """The values of the top-level fields a stage may declare in ``StageSpec.reads``:
+    the dataset description, the weak-label settings with the content hash of the weak-label
+    files the dataset reads, the seed and the supervision."""
+    return {"dataset": dataset.fingerprint(), "seed": config.seed, "supervision": config.supervision,
+            "weak": fingerprint({"settings": config.weak.model_dump(mode="json"), "files": dataset.weak_fingerprint()})}
+
+
+def fingerprint_payload(config: Config, spec: StageSpec, reads: dict[str, Any], upstream: dict[str, str]) -> dict:
+    """What a stage's fingerprint hashes: its name, code version, config section, split,
+    the top-level fields it reads and its upstream fingerprints."""
+    return {"stage": spec.name, "version": spec.version, "config": config.section(spec.name), "split": spec.split,
+            "reads": {k: reads[k] for k in spec.reads}, "upstream": upstream}
 
 
 @functools.lru_cache(maxsize=8)
@@ -225,11 +286,19 @@ def forced(run: Run, force: list[str] | None) -> set[str]:
 
 
 # --------------------------------------------------------------------------- one stage
+def per_image_inputs(run: Run, name: str) -> list[str]:
+    """Upstream stages with one output per image of this stage's split: an image missing
+    from any of them cannot be computed (or trained on) here."""
+    split = run.spec(name).split
+    return [u for u in run.upstream[name] if run.spec(u).per_image and run.spec(u).split == split]
+
+
 def done_ids(run: Run, name: str) -> set[str]:
-    """Images whose output exists; a training stage has all or none (its ``model.pt``)."""
+    """Images whose output exists; for a training stage, the images it trained on once its
+    ``model.pt`` exists (those it skipped are its failures)."""
     spec, store = run.spec(name), run.store(name)
     if not spec.per_image:
-        return set(run.ids(name)) if store.has_model() else set()
+        return set(run.ids(name)) - set(store.failures()) if store.has_model() else set()
     return store.done_ids()
 
 
@@ -244,6 +313,7 @@ def shards(run: Run, name: str, todo: list[str]) -> list[list[str]]:
 
 
 def stage_context(run: Run, name: str, ids: list[str], workers: int | None = None) -> StageContext:
+    """The context of one shard; a training stage's ``ids`` are the usable images it trains on."""
     spec, store, cfg = run.spec(name), run.store(name), run.config
     n_workers = (os.cpu_count() or 1) if cfg.workers == 0 else cfg.workers
     if workers is not None:
@@ -251,13 +321,69 @@ def stage_context(run: Run, name: str, ids: list[str], workers: int | None = Non
     if not spec.parallel:
         n_workers = 1
     return StageContext(
-        stage=name, cfg=getattr(cfg, name, None), config=cfg, dataset=run.dataset, ids=run.ids(name), todo=list(ids),
+        stage=name, cfg=getattr(cfg, name, None), config=cfg, dataset=run.dataset,
+        ids=run.ids(name) if spec.per_image else list(ids), todo=list(ids),
         out=store, upstream={u: run.store(u) for u in run.upstream[name]}, device=resolve_device(cfg.device),
         workers=n_workers, mapper=process_mapper)
 
 
+def check_usable(ctx: StageContext, image_id: str, upstreams: tuple[str, ...] = ()) -> None:
+    """Raise if a training stage cannot use the image: no output in a per-image upstream
+    stage (``upstreams``), an unreadable image, unreadable weak labels (stages that read
+    them), or the stage's own ``usable`` check."""
+    spec = STAGES.get(ctx.stage)
+    for up in upstreams:
+        if not ctx.upstream[up].has(image_id):
+            raise PipelineError(f"{up} failed for it: {ctx.upstream[up].failures().get(image_id, 'no output')}")
+    ctx.dataset.load_image(image_id)
+    if "weak" in spec.reads:
+        ctx.dataset.load_weak(image_id)
+    if spec.usable is not None:
+        spec.usable(ctx, image_id)
+
+
+def usable_ids(run: Run, name: str, ids: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(usable ids, ``id -> reason`` for the others) of a training stage, checked in parallel."""
+    ctx = stage_context(run, name, ids)
+    ctx.workers = (os.cpu_count() or 1) if run.config.workers == 0 else run.config.workers
+    check = functools.partial(check_usable, upstreams=tuple(per_image_inputs(run, name)))
+    bad: dict[str, str] = {}
+    for image_id, outcome in process_mapper(check, ctx, ids, f"{name}: checking inputs"):
+        if isinstance(outcome, BaseException):
+            bad[image_id] = f"skipped: {describe_error(outcome)}"
+    return [i for i in ids if i not in bad], bad
+
+
+def needs_work(run: Run, name: str, force: bool = False) -> str | None:
+    """Why the stage must run now, or None when its stored outputs can be used as they are.
+
+    Failures are not results: a stage with failed images retries them (only them); a
+    training stage that skipped images retrains, with everything downstream, once one of
+    them has become usable. Damaged files (missing, changed size) are recomputed.
+    """
+    spec, store = run.spec(name), run.store(name)
+    m = store.read_manifest()
+    if force:
+        return "forced"
+    if m is None:
+        return "not run"
+    if m.get("status") != "complete":
+        return str(m.get("status", "partial"))
+    bad = store.damaged(m)
+    if bad:
+        return f"{len(bad)} damaged file(s), e.g. {next(iter(bad))} ({next(iter(bad.values()))})"
+    failed = store.failures()
+    if not failed:
+        return None
+    if spec.per_image:
+        return f"retrying {len(failed)} failed image(s)"
+    now_usable, _ = usable_ids(run, name, sorted(failed))
+    return f"retrain: {len(now_usable)} skipped image(s) now usable" if now_usable else None
+
+
 def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
-    """Prepare the stage folder and return the image ids still to compute."""
+    """Prepare the stage folder and return the image ids still to compute (a training
+    stage: the usable images, or none when its model exists). Call with the stage lock held."""
     spec, store = run.spec(name), run.store(name)
     for up in run.upstream[name]:
         if not run.store(up).is_complete():
@@ -265,9 +391,27 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
                                f"computed for this config; run without --only, or with --from {up}")
     if force and store.dir.exists():
         shutil.rmtree(store.dir)
+    store.clean_temp()
+    for rel in store.repair():
+        log.warning("%s: %s was missing or damaged; computing it again", name, rel)
     ids = run.ids(name)
-    done = done_ids(run, name)
-    todo = [i for i in ids if i not in done]
+    if spec.per_image:
+        done = store.done_ids()
+        todo = [i for i in ids if i not in done]
+        blocked = upstream_failures(run, name, todo)
+    else:
+        todo, blocked = ([], {}) if store.has_model() else usable_ids(run, name, ids)
+        if len(todo) < run.config.min_usable * len(ids) and not store.has_model():
+            first = "; ".join(f"{k}: {v}" for k, v in list(blocked.items())[:3])
+            raise PipelineError(f"{name}: only {len(todo)} of {len(ids)} {spec.split} images are usable, below "
+                                f"min_usable {run.config.min_usable} (e.g. {first})")
+    for image_id in ids:
+        if image_id in blocked:
+            store.record_failure(image_id, blocked[image_id])
+        elif image_id in todo:
+            store.clear_failure(image_id)
+    if spec.per_image:
+        todo = [i for i in todo if i not in blocked]
     manifest = store.read_manifest() or {
         "stage": name, "fingerprint": store.fingerprint, "created": time.time(),
     }
@@ -275,12 +419,26 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
         "upstream": {u: run.fingerprints[u] for u in run.upstream[name]},
         "config": run.config.section(name), "code_version": spec.version, "output": spec.output,
         "split": spec.split, "status": "partial" if todo else manifest.get("status", "partial"),
-        "counts": {"total": len(ids), "done": len(ids) - len(todo), "failed": 0},
+        "counts": {"total": len(ids), "done": len(done_ids(run, name) & set(ids)), "failed": len(store.failures())},
         "environment": environment(resolve_device(run.config.device)),
     })
     store.write_manifest(manifest)
     store.set_current()
     return todo
+
+
+def upstream_failures(run: Run, name: str, todo: list[str]) -> dict[str, str]:
+    """``id -> reason`` for the images of ``todo`` that a per-image upstream stage has no
+    output for (it failed on them): they are recorded as failed here without any work."""
+    out: dict[str, str] = {}
+    for up in per_image_inputs(run, name):
+        store = run.store(up)
+        done, failed = store.done_ids(), None
+        for image_id in todo:
+            if image_id not in done and image_id not in out:
+                failed = store.failures() if failed is None else failed
+                out[image_id] = f"skipped: {up} failed for it: {failed.get(image_id, 'no output')}"
+    return out
 
 
 def execute_stage(run: Run, name: str, ids: list[str], workers: int | None = None) -> StageResult:
@@ -341,8 +499,12 @@ def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float
     if computed:
         timings.update(last_run_s=round(seconds, 3), last_run_images=computed,
                        per_image_s=round(seconds / computed, 4))
+    if missing:
+        status = "partial"
+    else:  # every image attempted; a stage with nothing to show for it has failed
+        status = "failed" if failures and not done & set(ids) else "complete"
     manifest.update({
-        "status": "complete" if not missing else "partial",
+        "status": status,
         "counts": {"total": len(ids), "done": len(done & set(ids)), "failed": len(failures)},
         "failures": failures, "timings": timings, "bytes": store.bytes_on_disk(),
     })
@@ -361,15 +523,58 @@ def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float
         metrics.update(spec.report(stage_context(run, name, [])))
     if metrics:
         manifest["metrics"] = metrics
+    manifest["files"] = store.inventory()  # what status and the next run check (see StageStore.damaged)
     store.write_manifest(manifest)
     return manifest
 
 
 def run_stage_local(run: Run, name: str, force: bool = False) -> dict[str, Any]:
-    """begin -> one shard with the process pool -> finish, in this process."""
-    store = run.store(name)
-    if store.is_complete() and not force:
-        return store.read_manifest() or {}
+    """begin -> one shard with the process pool -> finish, in this process; a stage whose
+    outputs can be used as they are is returned as it is (see :func:`needs_work`)."""
+    if needs_work(run, name, force) is None:
+        return run.store(name).read_manifest() or {}
+    return _execute_local(run, name, force)
+
+
+def run_stages(run: Run, names: list[str], force: set[str] | None = None,
+               execute: Callable[[Run, str, bool], dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """The stage loop both engines share: each stage under its fingerprint's lock (a second
+    run waits, or with ``lock: refuse`` stops, and then finds the stage done), skipped when
+    :func:`needs_work` says its outputs stand, else run by ``execute(run, name, force)``
+    (default: in this process). A training stage retrained because skipped images became
+    usable takes everything downstream with it. A stage in which every image failed stops
+    the run (:class:`StageFailed`)."""
+    execute = execute or _execute_local
+    forced_now = set(force or ())
+    save_resolved_config(run)
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        store = run.store(name)
+        try:
+            with store.locked(wait=run.config.lock == "wait", on_wait=log.warning):
+                why = needs_work(run, name, name in forced_now)
+                if why is None:
+                    out[name] = store.read_manifest() or {}
+                    continue
+                if why.startswith("retrain"):
+                    log.warning("%s: %s; training again (and recomputing %s)", name, why,
+                                ", ".join(run.downstream(name)) or "nothing downstream")
+                    forced_now.add(name)
+                    for down in run.downstream(name):
+                        forced_now.add(down)
+                        if down not in names and run.store(down).dir.exists():
+                            shutil.rmtree(run.store(down).dir)
+                elif why != "not run":
+                    log.info("%s: %s", name, why)
+                out[name] = execute(run, name, name in forced_now)
+        except StageBusy as err:
+            raise PipelineError(str(err)) from None
+        if out[name].get("status") == "failed":
+            raise StageFailed(name, out[name].get("failures", {}))
+    return out
+
+
+def _execute_local(run: Run, name: str, force: bool) -> dict[str, Any]:
     t0 = time.time()
     todo = begin_stage(run, name, force)
     results = [execute_stage(run, name, todo)] if todo else []
@@ -389,10 +594,9 @@ def save_resolved_config(run: Run) -> Path:
 
 
 def run_local(run: Run, names: list[str], force: set[str] | None = None) -> dict[str, dict[str, Any]]:
-    save_resolved_config(run)
-    return {n: run_stage_local(run, n, n in (force or set())) for n in names}
+    return run_stages(run, names, force)
 
 
 def pending(run: Run, names: list[str], force: set[str]) -> list[str]:
-    """Stages that would do work (not complete, or forced)."""
-    return [n for n in names if n in force or not run.store(n).is_complete()]
+    """Stages that would do work now (see :func:`needs_work`)."""
+    return [n for n in names if needs_work(run, n, n in force) is not None]

@@ -19,19 +19,26 @@ its ``model.pt`` exists.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from stages.base import DataError
+from stages.base import DataError, safe_name
+
+class StageBusy(RuntimeError):
+    """Another run holds the stage's lock (and ``lock: refuse``)."""
+
 
 LABEL_EXT = ".png"
 SOFT_EXT = ".npz"  # soft maps and named arrays (graphs)
@@ -43,20 +50,33 @@ def fingerprint(payload: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _file_mode() -> int:
+    """0666 less the process umask: what ``open()`` would give (``mkstemp`` gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+TEMP_SUFFIX = ".tmp"
+
+
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> int:
     """Write through ``write(fileobj)`` to a temp file beside ``path``, fsync, rename.
 
     Returns the number of bytes written. On any error the temp file is removed and
-    ``path`` is untouched.
+    ``path`` is untouched. The file gets the umask's permissions, as a plain ``open`` would.
+    A killed writer leaves its ``.<name>.*.tmp`` behind; :meth:`StageStore.clean_temp`
+    removes those when the stage starts again.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()
+            os.fchmod(f.fileno(), _file_mode())
         os.replace(tmp, path)
         return size
     except BaseException:
@@ -110,12 +130,6 @@ def read_label_png(path: Path) -> np.ndarray:
         raise DataError(path, f"unreadable label PNG ({err})") from None
 
 
-def _check_id(image_id: str) -> str:
-    if not image_id or "/" in image_id or "\\" in image_id or image_id.startswith("."):
-        raise ValueError(f"invalid image id {image_id!r}")
-    return image_id
-
-
 class StageStore:
     """One stage's folder for one fingerprint: items, failures, manifest, checkpoints."""
 
@@ -131,8 +145,8 @@ class StageStore:
 
     # ----------------------------------------------------------------- items
     def item_path(self, image_id: str, variant: str | None = None) -> Path:
-        folder = self.items_dir if variant is None else self.items_dir / _check_id(variant)
-        return folder / f"{_check_id(image_id)}{self.ext}"
+        folder = self.items_dir if variant is None else self.items_dir / safe_name(variant, "map name")
+        return folder / f"{safe_name(image_id, 'image id')}{self.ext}"
 
     def has(self, image_id: str, variant: str | None = None) -> bool:
         return self.item_path(image_id, variant).is_file()
@@ -192,7 +206,7 @@ class StageStore:
 
     def write_file(self, name: str, data: bytes) -> Path:
         """A whole-dataset file in the stage folder (e.g. ``instances.json``), atomically."""
-        path = self.dir / _check_id(name)
+        path = self.dir / safe_name(name, "file name")
         atomic_write(path, lambda f: f.write(data))
         return path
 
@@ -243,7 +257,7 @@ class StageStore:
 
     # ----------------------------------------------------------------- failures
     def record_failure(self, image_id: str, message: str) -> None:
-        path = self.failed_dir / f"{_check_id(image_id)}.json"
+        path = self.failed_dir / f"{safe_name(image_id, 'image id')}.json"
         atomic_write_text(path, json.dumps({"id": image_id, "error": message, "time": time.time()}))
 
     def clear_failure(self, image_id: str) -> None:
@@ -279,8 +293,111 @@ class StageStore:
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
 
     def is_complete(self) -> bool:
+        """Every image attempted (some may have failed) and every file the manifest lists intact."""
         m = self.read_manifest()
-        return bool(m and m.get("status") == "complete")
+        return bool(m and m.get("status") == "complete") and not self.damaged(m)
+
+    # ----------------------------------------------------------------- inventory
+    def inventory(self) -> dict[str, int]:
+        """The files the stage wrote, ``relative path -> bytes``: items, extra maps, the model
+        and stage files; not the manifest, failures, checkpoints or temp files."""
+        out: dict[str, int] = {}
+        if not self.dir.is_dir():
+            return out
+        for root, dirs, files in os.walk(self.dir):
+            rel = os.path.relpath(root, self.dir)
+            if rel == ".":
+                dirs[:] = [d for d in dirs if d != "failed"]
+            for name in files:
+                if name.startswith(".") or (rel == "." and (name == "manifest.json" or name.startswith("ckpt-"))):
+                    continue
+                try:
+                    out[name if rel == "." else f"{rel}/{name}"] = os.path.getsize(os.path.join(root, name))
+                except FileNotFoundError:  # removed while we listed
+                    continue
+        return out
+
+    def damaged(self, manifest: dict[str, Any] | None = None) -> dict[str, str]:
+        """Files the manifest lists (``files``) that are gone or changed size since it was
+        written: ``relative path -> what is wrong``. Files written later are not listed and
+        need no check: every write is atomic."""
+        m = self.read_manifest() if manifest is None else manifest
+        listed = (m or {}).get("files") or {}
+        out = {}
+        for rel, size in listed.items():
+            try:
+                now = os.path.getsize(self.dir / rel)
+            except OSError:
+                out[rel] = "missing"
+                continue
+            if now != size:
+                out[rel] = f"{now} bytes, the manifest says {size}"
+        return out
+
+    def repair(self) -> list[str]:
+        """Delete what :meth:`damaged` found, and for a damaged item or extra map the image's
+        main item too, so the image counts as not done and is computed again; a damaged
+        ``model.pt`` is retrained from the last checkpoint. Returns the paths."""
+        bad = self.damaged()
+        for rel in bad:
+            (self.dir / rel).unlink(missing_ok=True)
+            parts = Path(rel).parts
+            if parts[0] == "items":
+                image_id = Path(parts[-1]).name[: -len(self.ext)] if parts[-1].endswith(self.ext) else None
+                if image_id:
+                    self.item_path(image_id).unlink(missing_ok=True)
+        return sorted(bad)
+
+    def clean_temp(self) -> int:
+        """Remove the temp files of writes that were killed (call with the stage lock held)."""
+        n = 0
+        if self.dir.is_dir():
+            for root, _, files in os.walk(self.dir):
+                for name in files:
+                    if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                        Path(root, name).unlink(missing_ok=True)
+                        n += 1
+        return n
+
+    # ----------------------------------------------------------------- lock
+    @property
+    def lock_path(self) -> Path:
+        # Beside the fingerprint folder, not in it: --force deletes that folder under the lock.
+        return self.run_dir / self.stage / f".{self.fingerprint}.lock"
+
+    @contextlib.contextmanager
+    def locked(self, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold this stage fingerprint's lock (``flock``: the kernel drops it when the holder
+        dies, so a killed run never leaves a stale lock). If another run holds it: block when
+        ``wait`` (after calling ``on_wait`` with who holds it), else raise :class:`StageBusy`."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self.lock_holder()
+                if not wait:
+                    raise StageBusy(f"{self.stage} (fingerprint {self.fingerprint}) is being computed by another run "
+                                    f"({holder}); run again when it is done, or set lock: wait") from None
+                if on_wait is not None:
+                    on_wait(f"{self.stage} (fingerprint {self.fingerprint}) is being computed by another run "
+                            f"({holder}); waiting for it")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.time()}).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def lock_holder(self) -> str:
+        try:
+            rec = json.loads(self.lock_path.read_text() or "{}")
+            since = time.strftime("%H:%M:%S", time.localtime(rec["since"]))
+            return f"pid {rec['pid']} on {rec['host']}, since {since}"
+        except (OSError, ValueError, KeyError):
+            return "another process"
 
     def bytes_on_disk(self) -> int:
         total = 0

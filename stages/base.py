@@ -9,6 +9,7 @@ what a stage may rely on, so the dependency direction stays pipeline -> stages -
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, Iterator, Protocol, TypeVar
 
@@ -19,12 +20,36 @@ IGNORE = 255
 
 
 class DataError(ValueError):
-    """Bad input data. The message names the file and what is wrong with it."""
+    """Bad input data. The message names the file and what is wrong with it.
+
+    Picklable (``__reduce__``), so a worker process hands it back intact: the default
+    exception pickling re-calls ``__init__`` with the formatted message alone, which fails
+    for two arguments and breaks the process pool.
+    """
 
     def __init__(self, path: object, problem: str) -> None:
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return type(self), (self.path, self.problem)
+
+
+_SAFE_NAME = re.compile(r"^[^./\\\x00-\x1f\s][^/\\\x00-\x1f]*(?<=\S)$")
+
+
+def safe_name(value: str, what: str) -> str:
+    """``value`` if it can name one file or folder inside the artifacts folder, else ValueError.
+
+    The one check for run names, image ids and map names: no path separator, no control
+    character, no leading dot (so never ``.`` or ``..``, nor a name like the store's hidden
+    temp files), no leading or trailing space, at most 200 characters.
+    """
+    if not isinstance(value, str) or len(value) > 200 or not _SAFE_NAME.match(value):
+        raise ValueError(f"{what} {value!r} cannot name a file inside the artifacts folder (no '/' or '\\', "
+                         "no leading '.', no control characters or edge spaces, at most 200 characters)")
+    return value
 
 
 # --------------------------------------------------------------------------- weak labels
@@ -89,6 +114,7 @@ class ItemReader(Protocol):
     def read_arrays(self, image_id: str) -> dict[str, np.ndarray]: ...
     def labels_of(self, image_id: str, variant: str | None = None) -> np.ndarray: ...
     def read_model(self) -> dict[str, Any]: ...
+    def failures(self) -> dict[str, str]: ...
 
 
 class ItemWriter(Protocol):
@@ -201,6 +227,12 @@ class StageSpec:
     ``report(ctx)`` adds stage-specific metrics once all images are done (``ctx.out`` is
     then readable too); ``preflight(config)`` checks what the stage will need (weights
     files, ...) when the run is built, so a missing file stops the run before any work.
+    ``usable(ctx, image_id)`` (training stages) raises when the stage cannot train on an
+    image beyond the common checks (readable image and weak labels, upstream outputs).
+    ``reads`` names the top-level config fields beyond the stage's own section that change
+    its results (``dataset``, ``weak``: the weak-label settings *and* files, ``seed``,
+    ``supervision``); they enter its fingerprint, and a stage that reads ``weak`` checks
+    each image's weak labels before training on it.
     """
 
     name: str
@@ -217,6 +249,8 @@ class StageSpec:
     variants: Callable[[Any], list[str]] = lambda config: []
     report: Callable[[StageContext], dict[str, Any]] | None = None
     preflight: Callable[[Any], None] | None = None
+    reads: tuple[str, ...] = ("dataset",)
+    usable: Callable[[StageContext, str], None] | None = None
 
 
 S = TypeVar("S")
