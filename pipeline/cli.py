@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -79,7 +80,9 @@ def status_table(run) -> Table:
             table.add_row(name, store.fingerprint, "not run", f"0/{len(run.ids(name))}", "-", "-", "-", "-", "-")
             continue
         c, met = m.get("counts", {}), m.get("metrics", {})
-        table.add_row(name, store.fingerprint, m.get("status", "?"), f"{c.get('done', 0)}/{c.get('total', 0)}",
+        damaged = store.damaged(m)
+        state = f"damaged: {len(damaged)} file(s) missing or changed" if damaged else m.get("status", "?")
+        table.add_row(name, store.fingerprint, state, f"{c.get('done', 0)}/{c.get('total', 0)}",
                       str(c.get("failed", 0)), _fmt(m.get("timings", {}).get("total_s"), 1), _fmt(met.get("miou")),
                       _fmt(met.get("coverage")), _fmt(met.get("precision")))
         for label, sub in extra_rows(met):
@@ -97,10 +100,15 @@ def extra_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
-def _print_failures(run) -> None:
+def _print_failures(run, most: int = 5) -> None:
+    """The first ``most`` failures of each stage (all of them are in its manifest)."""
     for name in run.names:
-        for image_id, msg in run.store(name).failures().items():
+        failures = run.store(name).failures()
+        for image_id, msg in list(failures.items())[:most]:
             err_console.print(f"[yellow]{name}: {image_id} failed:[/] {msg}", highlight=False)
+        if len(failures) > most:
+            err_console.print(f"[yellow]{name}: {len(failures) - most} more failed image(s)[/] (`wsss status` counts "
+                              f"them; {run.store(name).failed_dir} has each reason)", highlight=False)
 
 
 @app.command()
@@ -119,7 +127,9 @@ def run(config: Path = ConfigArg,
 
 
 def execute(the_run, only=None, start=None, until=None, force=None) -> None:
-    from .runner import PipelineError, forced, pending, run_local, save_resolved_config, select
+    """Run the selected stages; exit 1 (with the first reasons) when a stage failed for
+    every image, 2 for config and data errors that stop the run before the work."""
+    from .runner import PipelineError, StageFailed, forced, pending, run_local, save_resolved_config, select
 
     try:
         names = select(the_run, only, start, until)
@@ -136,12 +146,17 @@ def execute(the_run, only=None, start=None, until=None, force=None) -> None:
         else:
             from .flow import run_prefect
 
-            save_resolved_config(the_run)
             run_prefect(the_run, names, to_force)
+    except StageFailed as err:
+        console.print(status_table(the_run))
+        _print_failures(the_run)
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise typer.Exit(1)
     except (ConfigError, DataError, PipelineError) as err:
         _fail(str(err))
     console.print(status_table(the_run))
     _print_failures(the_run)
+    console.print(f"artifacts: {the_run.run_dir}", highlight=False)
 
 
 @app.command()
@@ -171,6 +186,12 @@ def eval_cmd(config: Path = ConfigArg, stage: str = typer.Option(..., "--stage",
         _fail(str(err))
     if not metrics:
         _fail(f"stage '{stage}' has no labeled images with ground truth yet (run it first)")
+    store = the_run.store(stage)
+    damaged, manifest = store.damaged(), store.read_manifest() or {}
+    if damaged or manifest.get("status") != "complete":
+        err_console.print(f"[yellow]warning:[/] {stage} is {'damaged' if damaged else manifest.get('status', 'not run')}"
+                          f"{f' ({len(damaged)} file(s) missing or changed)' if damaged else ''}: these scores cover "
+                          f"the {metrics['images']} images it has; run it again to complete it", highlight=False)
     table = Table(title=f"{stage}{'' if map_name is None else '/' + map_name}: {metrics['images']} images")
     table.add_column("class")
     table.add_column("IoU", justify="right")
@@ -298,12 +319,35 @@ def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds,
         json_out.write_text(json.dumps(rows, indent=2))
 
 
-def main() -> None:
+STOP_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """SIGTERM / Ctrl-C: one line, end every child process (the process pool, Prefect's
+    temporary server) and exit 130 / 143 at once. Every finished item, checkpoint and
+    manifest is on disk (atomic writes); a write cut short is a temp file the next run removes."""
     try:
-        app()
-    except KeyboardInterrupt:
-        err_console.print("interrupted: finished images are kept; rerun the same command to resume")
-        sys.exit(130)
+        err_console.print("stopped; run again to resume", highlight=False)
+        from .runner import stop_workers
+
+        stop_workers()
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(STOP_CODES.get(signum, 1))
+
+
+def main() -> None:
+    for sig in STOP_CODES:
+        signal.signal(sig, _stop)
+    app()
 
 
 if __name__ == "__main__":

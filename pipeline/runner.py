@@ -327,6 +327,15 @@ def stage_context(run: Run, name: str, ids: list[str], workers: int | None = Non
         workers=n_workers, mapper=process_mapper)
 
 
+class Skipped(Exception):
+    """An image a stage cannot use because an upstream stage failed on it."""
+
+
+def skip_reason(upstream: str, message: str) -> str:
+    """Why an image is skipped: the first stage's failure, not a chain of "skipped"."""
+    return message if message.startswith("skipped: ") else f"skipped: {upstream} failed for it: {message}"
+
+
 def check_usable(ctx: StageContext, image_id: str, upstreams: tuple[str, ...] = ()) -> None:
     """Raise if a training stage cannot use the image: no output in a per-image upstream
     stage (``upstreams``), an unreadable image, unreadable weak labels (stages that read
@@ -334,7 +343,7 @@ def check_usable(ctx: StageContext, image_id: str, upstreams: tuple[str, ...] = 
     spec = STAGES.get(ctx.stage)
     for up in upstreams:
         if not ctx.upstream[up].has(image_id):
-            raise PipelineError(f"{up} failed for it: {ctx.upstream[up].failures().get(image_id, 'no output')}")
+            raise Skipped(skip_reason(up, ctx.upstream[up].failures().get(image_id, "no output")))
     ctx.dataset.load_image(image_id)
     if "weak" in spec.reads:
         ctx.dataset.load_weak(image_id)
@@ -350,7 +359,7 @@ def usable_ids(run: Run, name: str, ids: list[str]) -> tuple[list[str], dict[str
     bad: dict[str, str] = {}
     for image_id, outcome in process_mapper(check, ctx, ids, f"{name}: checking inputs"):
         if isinstance(outcome, BaseException):
-            bad[image_id] = f"skipped: {describe_error(outcome)}"
+            bad[image_id] = str(outcome) if isinstance(outcome, Skipped) else f"skipped: {describe_error(outcome)}"
     return [i for i in ids if i not in bad], bad
 
 
@@ -437,7 +446,7 @@ def upstream_failures(run: Run, name: str, todo: list[str]) -> dict[str, str]:
         for image_id in todo:
             if image_id not in done and image_id not in out:
                 failed = store.failures() if failed is None else failed
-                out[image_id] = f"skipped: {up} failed for it: {failed.get(image_id, 'no output')}"
+                out[image_id] = skip_reason(up, failed.get(image_id, "no output"))
     return out
 
 
