@@ -296,6 +296,16 @@ def test_unexpected_mask_values_are_warned_about_once_per_dataset(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="wsss.data"):
         gt = mapped.load_gt("a"), mapped.load_gt("b")
     assert caplog.text.count("mask values [1] are not in dataset.class_map") == 1 and gt[0].max() == 255
+    caplog.clear()
+    voc = tmp_path / "VOC"
+    for d in ("JPEGImages", "ImageSets/Segmentation", "SegmentationClass"):
+        (voc / d).mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(np.full((4, 6), 40, np.uint8), mode="L").save(voc / "SegmentationClass" / f"{name}.png")
+    data = VocData(VocDataset(root=str(voc)), WeakConfig())
+    with caplog.at_level(logging.WARNING, logger="wsss.data"):
+        assert (data.load_gt("a") == 255).all() and (data.load_gt("b") == 255).all()
+    assert caplog.text.count("GT values [40] are not class ids (0..20)") == 1
 
 
 # --------------------------------------------------------------------------- 7: names stay inside the artifacts folder
