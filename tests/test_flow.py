@@ -30,3 +30,25 @@ def test_flow_runs_stages_over_shards_and_publishes_metrics(tmp_path, prefect_ha
 
     keys = asyncio.run(artifact_keys())
     assert {"box-seeds-metrics", "crf-metrics", "crf-metrics-summary"} <= keys
+
+
+def test_flow_with_process_shards_records_a_bad_image_and_stops_on_a_failed_stage(tmp_path, horses, prefect_harness):
+    """Prefect's process task runner: failures cross two process boundaries intact."""
+    import pytest
+
+    from pipeline.config import config_from_dict
+    from pipeline.runner import StageFailed
+
+    from .test_reliability import horse_config, horse_subset
+
+    root = horse_subset(tmp_path, horses, 4)
+    (root / "rgb" / "horse003.jpg").write_bytes(b"")
+    cfg = horse_config(tmp_path, root, engine="prefect", task_runner="process", workers=2, shard_size=2)
+    out = run_prefect(make_run(config_from_dict(cfg)), ["box_seeds", "seeds"], set())
+    assert out["box_seeds"]["counts"] == {"total": 4, "done": 3, "failed": 1}
+    assert "horse003.jpg: unreadable" in out["box_seeds"]["failures"]["horse003"]
+    assert out["seeds"]["failures"]["horse003"].startswith("skipped: box_seeds failed for it: ")
+    for k in (1, 2, 4):
+        (root / "rgb" / f"horse{k:03d}.jpg").write_bytes(b"")
+    with pytest.raises(StageFailed, match="box_seeds: every image failed"):  # a new run: nothing done before
+        run_prefect(make_run(config_from_dict({**cfg, "run": "all_bad"})), ["box_seeds", "seeds"], set())
