@@ -301,6 +301,7 @@ def test_unexpected_mask_values_are_warned_about_once_per_dataset(tmp_path, capl
     for d in ("JPEGImages", "ImageSets/Segmentation", "SegmentationClass"):
         (voc / d).mkdir(parents=True)
     for name in ("a", "b"):
+        Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(voc / "JPEGImages" / f"{name}.jpg")
         Image.fromarray(np.full((4, 6), 40, np.uint8), mode="L").save(voc / "SegmentationClass" / f"{name}.png")
     data = VocData(VocDataset(root=str(voc)), WeakConfig())
     with caplog.at_level(logging.WARNING, logger="wsss.data"):
