@@ -120,6 +120,24 @@ def mp_loss(logits: torch.Tensor, feats: torch.Tensor, boxes: list[tuple[Window,
     return ce / n_ce + dis / n_dis, protos
 
 
+def prototype_similarity(feats: torch.Tensor, proto: torch.Tensor, centred: bool = True) -> torch.Tensor:
+    """The similarity Eq. 3.28 tests: the cosine of each node feature ``feats`` (D, h, w)
+    to a box prototype ``proto`` (D,), (h, w).
+
+    ``centred`` (default): ``cos(h_i - mu, p - mu)`` with ``mu`` the image's mean node
+    feature. The A²GNN node features are non-negative (ReLU embedding, attention layers
+    that output convex combinations), so the raw cosine is >= 0 everywhere and a check at
+    0, as released, never removes a seed. Centred, 0 separates the features on the
+    prototype's side of the image average from those on the far side, which is the check
+    the thesis describes (seeds whose features disagree with their box's MP nodes).
+    ``centred=False``: the released raw cosine.
+    """
+    if centred:
+        mu = feats.mean((1, 2))
+        feats, proto = feats - mu[:, None, None], proto - mu
+    return F.cosine_similarity(feats, proto[:, None, None], dim=0)
+
+
 def consistency_check(labels: torch.Tensor, similarity: torch.Tensor, region: Window, cls: int,
                       threshold: float = 0.0) -> torch.Tensor:
     """Eq. 3.27-3.28: seed pixels of class ``cls`` inside ``region`` whose cosine similarity

@@ -12,6 +12,8 @@ partial seed maps::
 
 An unlabeled pixel counts against its GT class's IoU (a seed map is scored as a
 segmentation); classes absent from both GT and prediction are NaN and left out of the mean.
+``lost`` names the classes present in the GT that no pixel is labelled as: a label map
+with no background, or one that dropped a class, is degenerate whatever its mIoU.
 """
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ def scores(conf: np.ndarray, class_names: list[str] | None = None) -> dict[str, 
         "coverage": float(labeled / total) if total else float("nan"),
         "precision": float(tp.sum() / labeled) if labeled else float("nan"),
         "pixels": int(total),
+        # classes the GT has but the labels never predict (e.g. no background at all)
+        "lost": [names[k] for k in range(c) if conf[k].sum() > 0 and conf[:, k].sum() == 0],
     }
 
 

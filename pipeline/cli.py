@@ -101,8 +101,13 @@ def extra_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _print_failures(run, most: int = 5) -> None:
-    """The first ``most`` failures of each stage (all of them are in its manifest)."""
+    """The first ``most`` failures of each stage (all of them are in its manifest), and the
+    stages whose labels lost a class the GT has."""
+    from .runner import degenerate
+
     for name in run.names:
+        for warning in degenerate(name, (run.store(name).read_manifest() or {}).get("metrics", {})):
+            err_console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
         failures = run.store(name).failures()
         for image_id, msg in list(failures.items())[:most]:
             err_console.print(f"[yellow]{name}: {image_id} failed:[/] {msg}", highlight=False)
@@ -275,8 +280,9 @@ def _print_ladder(the_run) -> None:
             continue
         rows = [(label, m)] + [(f"  {sub_label}", sub) for sub_label, sub in extra_rows(m)]
         for row_label, sub in rows:
+            lost = f"   [bold yellow]no {', '.join(sub['lost'])} pixel![/]" if sub.get("lost") else ""
             console.print(f"  {row_label:<34} mIoU {_fmt(sub.get('miou'))}   coverage {_fmt(sub.get('coverage'))}   "
-                          f"precision {_fmt(sub.get('precision'))}", highlight=False)
+                          f"precision {_fmt(sub.get('precision'))}{lost}", highlight=False)
 
 
 @app.command("bench")

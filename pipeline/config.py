@@ -235,7 +235,9 @@ class A2gnnConfig(Section):
     ``path``: how the affinity attention layer runs: ``grid`` (tiled, the fast exact path;
     several images at once, ``batch``), ``edges`` (PyG message passing) or ``dense`` (the
     released N x N form); the GCN / GAT / AGNN baselines always run on edge lists. ``consistency_threshold``: seeds
-    less similar (cosine) to their box's prototype are dropped; 0 as released.
+    less similar (cosine) to their box's prototype are dropped; 0 as released. ``consistency_similarity``:
+    ``centred`` compares mean-centred features (the check acts, as the thesis describes), ``raw`` the released
+    cosine of non-negative features (>= 0, so at threshold 0 it never removes a seed).
     """
 
     layer: Literal["a2gnn", "gcn", "gat", "agnn"] = "a2gnn"
@@ -257,6 +259,7 @@ class A2gnnConfig(Section):
     mp: bool = True
     consistency: bool = True
     consistency_threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.0
+    consistency_similarity: Literal["centred", "raw"] = "centred"
     rw_weight: Annotated[float, Field(ge=0.0)] = 3.0  # tags and points: (P + w P_rw) / (1 + w)
 
 

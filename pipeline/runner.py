@@ -532,9 +532,21 @@ def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float
         metrics.update(spec.report(stage_context(run, name, [])))
     if metrics:
         manifest["metrics"] = metrics
+    for warning in degenerate(name, metrics):
+        log.warning("%s", warning)
     manifest["files"] = store.inventory()  # what status and the next run check (see StageStore.damaged)
     store.write_manifest(manifest)
     return manifest
+
+
+def degenerate(name: str, metrics: dict[str, Any]) -> list[str]:
+    """Warnings for label maps that lost a class the GT has (no background at all, say)."""
+    out = []
+    for label, m in [(name, metrics), *((f"{name}/{v}", sub) for v, sub in metrics.get("maps", {}).items())]:
+        if m.get("lost"):
+            out.append(f"{label}: no pixel is labelled {', '.join(m['lost'])}, although the ground truth has "
+                       f"{'it' if len(m['lost']) == 1 else 'them'}: these labels are degenerate")
+    return out
 
 
 def run_stage_local(run: Run, name: str, force: bool = False) -> dict[str, Any]:

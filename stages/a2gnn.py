@@ -17,6 +17,7 @@ seed labels M_g (``seeds``)::
 - consistency checking (boxes, Eq. 3.27-3.28): every epoch, seed pixels of a box's class
   whose feature (cosine on the grid, upsampled) is less similar to the box prototype than
   ``consistency_threshold`` become unknown; removals accumulate, as in the released code.
+  The cosine is of mean-centred features (:func:`models.losses.prototype_similarity`).
 
 Schedule: Adam; phase 1 (``epochs``) without ``L_reg`` and the check, phase 2 (``epochs``)
 with everything. Defaults by supervision as released: boxes 150 + 150 epochs, lr 0.035,
@@ -29,9 +30,11 @@ tags and points the result is fused with the random walk, ``(P + rw_weight P_rw)
 
 Non-negative features: the embedding ends in a ReLU and each attention layer outputs
 convex combinations of its inputs, so every node feature is non-negative and every cosine
-is >= 0. In the released code (and here with the defaults) the dropping of negative-cosine
-neighbours and the consistency check at similarity 0 therefore never act; a positive
-``consistency_threshold`` makes the check remove seeds.
+is >= 0. In the released code the dropping of negative-cosine neighbours and the
+consistency check at similarity 0 therefore never act. Here the check compares
+mean-centred features (``consistency_similarity: centred``, the default), so it removes the
+seeds whose features lie on the far side of the image average from their box's MP nodes,
+as the thesis describes; ``raw`` is the released, inert form.
 
 Images of the same size and class count are trained together as stacked independent
 models (``batch``; :class:`models.a2gnn.GridGraph` path only): each model has its own
@@ -51,7 +54,7 @@ import torch
 from models.a2gnn import A2GNN, DenseGraph, GridGraph
 from models.affinity import IGNORE, image_kernel, window_offsets
 from models.graph import from_grid
-from models.losses import Window, consistency_check, mp_loss, potts_loss, seed_ce
+from models.losses import Window, consistency_check, mp_loss, potts_loss, prototype_similarity, seed_ce
 
 from .base import STAGES, Box, StageContext, StageResult, StageSpec, describe_error
 from .graph import STRIDE, load_affinity, node_features_of
@@ -121,10 +124,10 @@ def _graph_of(problems: list[Problem], cfg, radius: int, device: str):
 
 
 def _check(labels: torch.Tensor, feats: torch.Tensor, protos: list[torch.Tensor], boxes: list[tuple[Window, int]],
-           threshold: float) -> torch.Tensor:
+           threshold: float, centred: bool) -> torch.Tensor:
     """Consistency checking of one image's labels against its boxes' prototypes."""
     for (window, cls), proto in zip(boxes, protos):
-        cos = torch.nn.functional.cosine_similarity(feats, proto[:, None, None], dim=0)
+        cos = prototype_similarity(feats, proto, centred)
         labels = consistency_check(labels, from_grid(cos[None], labels.shape, STRIDE)[0], window, cls, threshold)
     return labels
 
@@ -167,7 +170,8 @@ def fit(problems: list[Problem], cfg, radius: int, device: str) -> tuple[torch.T
                 mp, protos = mp_loss(up[i], feats_grid[i], p.boxes, STRIDE)
                 loss = loss + mp
                 if phase2 and cfg.consistency:
-                    labels[i] = _check(labels[i], feats_grid[i].detach(), protos, p.boxes, cfg.consistency_threshold)
+                    labels[i] = _check(labels[i], feats_grid[i].detach(), protos, p.boxes, cfg.consistency_threshold,
+                                       cfg.consistency_similarity == "centred")
         loss = loss + seed_ce(up, labels).sum()
         if phase2 and cfg.reg_weight > 0:
             # potts_loss averages over the batch; the models' losses are summed

@@ -19,6 +19,10 @@ GrabCut runs on a crop around each box (``crop_margin`` x the box size on every 
 makes small boxes in big images cheap. OpenCV's RNG is seeded per box, so results are
 deterministic. A box thinner than ``min_box_side`` cannot give GrabCut a foreground model;
 it stays unknown (255).
+
+Extra map ``grabcut_filled``: the same GrabCut with every unknown pixel taken as background,
+i.e. what one call of OpenCV's GrabCut per box gives a user with no pipeline at all. It is
+the reference row of every box run's ladder: a later stage earns its place by beating it.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ import numpy as np
 
 from .base import IGNORE, STAGES, Box, StageContext, StageResult, StageSpec, run_items
 
-VERSION = "1"
+VERSION = "2"  # 2: the grabcut_filled reference map
+FILLED = "grabcut_filled"
 
 
 def _grabcut_box(image: np.ndarray, box: Box, iterations: int, crop_margin: float | None,
@@ -79,12 +84,18 @@ def grabcut_seeds(image: np.ndarray, boxes: list[Box], iterations: int = 5,
     return labels
 
 
+def grabcut_filled(labels: np.ndarray) -> np.ndarray:
+    """M_B with its unknown pixels (GrabCut background inside boxes, too-thin boxes) as background."""
+    return np.where(labels == IGNORE, 0, labels).astype(np.uint8)
+
+
 def _one(ctx: StageContext, image_id: str) -> dict:
     image = ctx.dataset.load_image(image_id)
     weak = ctx.dataset.load_weak(image_id)
     cfg = ctx.cfg
     labels = grabcut_seeds(image, weak.boxes, cfg.iterations, cfg.crop_margin, cfg.min_box_side,
                            seed=ctx.config.seed)
+    ctx.out.write_label(image_id, grabcut_filled(labels), FILLED)
     ctx.out.write_label(image_id, labels)
     return {"boxes": len(weak.boxes)}
 
@@ -95,4 +106,5 @@ def run(ctx: StageContext) -> StageResult:
 
 SPEC = STAGES.register("box_seeds", StageSpec(
     name="box_seeds", run=run, inputs=lambda config: [], supervisions=("box",),
-    output="label", version=VERSION, description="GrabCut seeds from boxes (Eq. 3.2-3.3)", reads=("dataset", "weak", "seed")))
+    output="label", version=VERSION, variants=lambda config: [FILLED], description="GrabCut seeds from boxes (Eq. 3.2-3.3)",
+    reads=("dataset", "weak", "seed")))

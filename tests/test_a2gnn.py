@@ -228,3 +228,25 @@ def test_consistency_check_unlabels_only_dissimilar_box_class_pixels():
     assert labels[0, 1] == 2  # the input is not modified
     stricter = consistency_check(labels, similarity, (0, 3, 1, 3), cls=2, threshold=0.15)
     assert stricter[1, 1] == 255 and stricter[0, 2] == 2  # 0.1 < 0.15 <= 0.2
+
+
+def test_centred_consistency_check_removes_a_seed_that_points_away_from_its_box_prototype():
+    """Non-negative node features (as A²GNN's): the raw cosine is >= 0 everywhere, so the
+    released check at 0 keeps every seed; centred on the image mean it removes the seed whose
+    feature lies on the background side and keeps the ones like the prototype."""
+    from models.losses import prototype_similarity
+
+    feats = torch.tensor([[1.0, 0.0, 0.0, 1.0],   # channel 0: background-like
+                          [0.0, 1.0, 1.0, 0.1]])[:, None, :]  # (D=2, h=1, w=4)
+    proto = torch.tensor([0.0, 1.0])  # the box's MP nodes are foreground-like
+    labels = torch.tensor([[0, 1, 1, 1]])  # pixel 3: a class-1 seed whose feature is background-like
+    raw = prototype_similarity(feats, proto, centred=False)[0]
+    assert (raw >= 0).all()
+    assert consistency_check(labels, raw[None], (0, 1, 0, 4), cls=1).tolist() == [[0, 1, 1, 1]]  # inert
+    centred = prototype_similarity(feats, proto)[0]
+    mu = feats.mean((1, 2))
+    naive = [float(torch.dot(feats[:, 0, k] - mu, proto - mu) / ((feats[:, 0, k] - mu).norm() * (proto - mu).norm()))
+             for k in range(4)]
+    torch.testing.assert_close(centred, torch.tensor(naive))
+    assert centred[1] > 0.99 and centred[3] < 0
+    assert consistency_check(labels, centred[None], (0, 1, 0, 4), cls=1).tolist() == [[0, 1, 1, 255]]

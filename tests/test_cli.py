@@ -1,7 +1,9 @@
 """The ``wsss`` commands (local engine, so no Prefect server is needed here)."""
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -140,3 +142,22 @@ def test_missing_imagenet_weights_stop_the_run_before_any_work(tmp_path, monkeyp
     res = runner.invoke(app, ["run", str(path)])
     assert res.exit_code == 2 and "cam_train:" in res.output and "never downloads" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "art").exists()
+
+
+def test_voc_configs_are_the_thesis_settings_and_missing_weights_stop_them(tmp_path, monkeypatch):
+    """configs/voc_{box,scribble,point,image}.yaml: CAM net, affinity net and final model from
+    ImageNet weights, the final model DeepLabV3-ResNet101; without the files each stage stops
+    before any work and says where to put them."""
+    from pipeline.config import load_config
+    from pipeline.runner import build_dag
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    root = Path(__file__).resolve().parent.parent
+    for name in ("box", "scribble", "point", "image"):
+        cfg = load_config(root / "configs" / f"voc_{name}.yaml")
+        assert cfg.final_train.arch == "deeplabv3_resnet101"
+        assert cfg.cam_train.weights == cfg.affinity_train.weights == cfg.final_train.weights == "imagenet"
+        for spec in build_dag(cfg)[0]:
+            if spec.name in ("cam_train", "affinity_train", "final_train"):
+                with pytest.raises(OSError, match=f"{tmp_path}/torch/hub/checkpoints/resnet.*never downloads"):
+                    spec.preflight(cfg)

@@ -49,3 +49,12 @@ def test_absent_class_is_nan_and_excluded():
     gt = np.zeros((2, 2), np.uint8)
     s = scores(confusion_matrix(gt.copy(), gt, 3))
     assert s["iou"]["1"] is None and s["miou"] == 1.0
+
+
+def test_lost_names_gt_classes_that_no_pixel_is_labelled():
+    gt = np.array([[0, 0, 1], [1, 2, 255]])
+    everything_fg = np.array([[1, 1, 1], [1, 2, 0]])  # the only background "prediction" sits on an ignored pixel
+    assert scores(confusion_matrix(everything_fg, gt, 3), ["bg", "a", "b"])["lost"] == ["bg"]
+    assert scores(confusion_matrix(gt, gt, 3))["lost"] == []
+    partial = np.array([[0, 255, 1], [1, 255, 255]])  # class 2 only unlabeled: lost too
+    assert scores(confusion_matrix(partial, gt, 3), ["bg", "a", "b"])["lost"] == ["b"]
