@@ -59,6 +59,8 @@ class MasksDataset(DatasetSection):
     resize: Literal["error", "image_to_mask"] = "error"
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
     split_seed: int = 0
+    train_list: str | None = None  # split lists (ids, one a line; relative to root): replace val_fraction
+    val_list: str | None = None
     weak_dir: str | None = None
     limit: PositiveInt | None = None
 

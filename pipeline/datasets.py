@@ -285,13 +285,39 @@ class MasksData(_Base):
         all_ids = sorted(set(self._images) & set(masks))
         if not all_ids:
             raise DataError(self.root, f"no image in {cfg.images}/ has a mask in {cfg.masks}/")
-        if cfg.limit:
-            all_ids = all_ids[: cfg.limit]
-        order = np.random.default_rng(cfg.split_seed).permutation(len(all_ids))
-        n_val = int(round(cfg.val_fraction * len(all_ids)))
-        val = {all_ids[k] for k in order[:n_val]}
-        self._splits = {"train": [i for i in all_ids if i not in val], "val": [i for i in all_ids if i in val]}
+        if cfg.train_list or cfg.val_list:
+            self._splits = {split: self._read_list(name, set(all_ids)) if name else []
+                            for split, name in (("train", cfg.train_list), ("val", cfg.val_list))}
+            if cfg.limit:
+                self._splits = {k: v[: cfg.limit] for k, v in self._splits.items()}
+        else:
+            if cfg.limit:
+                all_ids = all_ids[: cfg.limit]
+            order = np.random.default_rng(cfg.split_seed).permutation(len(all_ids))
+            n_val = int(round(cfg.val_fraction * len(all_ids)))
+            val = {all_ids[k] for k in order[:n_val]}
+            self._splits = {"train": [i for i in all_ids if i not in val], "val": [i for i in all_ids if i in val]}
         self._weak_cache: dict[str, Any] | None = None
+
+    def _read_list(self, name: str, known: set[str]) -> list[str]:
+        """A split list (one id per line, relative to the root or absolute): ids must be safe
+        names with an image and a mask."""
+        path = self.root / name
+        if not path.is_file():
+            raise DataError(path, "split list not found")
+        ids = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                image_id = safe_name(line.split()[0], "image id")
+            except ValueError as err:
+                raise DataError(path, f"line {n}: {err}") from None
+            if image_id not in known:
+                raise DataError(path, f"line {n}: '{image_id}' has no image in {self.cfg.images}/ with a mask in "
+                                      f"{self.cfg.masks}/")
+            ids.append(image_id)
+        return ids
 
     @staticmethod
     def _index(folder: Path) -> dict[str, Path]:

@@ -1,6 +1,7 @@
 """Readers (voc, masks) and every kind of bad input, on tiny files made here."""
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,3 +127,32 @@ def test_horses_reader(horses):
     strict = MasksData(MasksDataset(root=str(horses), images="rgb", masks="figure_ground"), WeakConfig())
     with pytest.raises(DataError, match=r"horse001\.jpg: image is 800x590 but its mask"):
         strict.load_image("horse001")
+
+
+def test_camvid_config_keeps_its_split_lists_and_maps_stuff_to_background(horses):
+    from pipeline.config import load_config
+    from pipeline.datasets import build_dataset
+
+    root = horses.parent / "camvid"
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "camvid_box.yaml", [f"dataset.root={root}"])
+    data = build_dataset(cfg)
+    train, val = data.ids("train"), data.ids("val")
+    assert len(train) == 123 and len(val) == 51 and not set(train) & set(val)
+    assert train == (root / "train.txt").read_text().split()
+    gt = data.load_gt(train[0])
+    assert set(np.unique(gt)) <= {0, 1, 2, 3, 255} and (gt == 1).any()  # cars
+    raw = np.asarray(Image.open(root / "masks" / f"{train[0]}.png"))
+    assert ((gt == 0) == np.isin(raw, range(8))).all() and ((gt == 255) == (raw == 11)).all()
+
+
+def test_masks_split_lists_name_the_bad_line(masks):
+    (masks / "train.txt").write_text("x\nnope\n")
+    with pytest.raises(DataError, match=r"train\.txt: line 2: 'nope' has no image"):
+        MasksData(MasksDataset(root=str(masks), train_list="train.txt"), WeakConfig())
+    (masks / "train.txt").write_text("x\n../y\n")
+    with pytest.raises(DataError, match=r"train\.txt: line 2: image id '\.\./y' cannot name a file"):
+        MasksData(MasksDataset(root=str(masks), train_list="train.txt"), WeakConfig())
+    (masks / "train.txt").write_text("x\ny\n")
+    (masks / "val.txt").write_text("z\n")
+    data = MasksData(MasksDataset(root=str(masks), train_list="train.txt", val_list="val.txt"), WeakConfig())
+    assert data.ids("train") == ["x", "y"] and data.ids("val") == ["z"]
