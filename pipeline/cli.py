@@ -194,7 +194,8 @@ def eval_cmd(config: Path = ConfigArg, stage: str = typer.Option(..., "--stage",
     store = the_run.store(stage)
     damaged, manifest = store.damaged(), store.read_manifest() or {}
     if damaged or manifest.get("status") != "complete":
-        err_console.print(f"[yellow]warning:[/] {stage} is {'damaged' if damaged else manifest.get('status', 'not run')}"
+        state = "damaged" if damaged else manifest.get("status", "not run")
+        err_console.print(f"[yellow]warning:[/] {stage} is {state}"
                           f"{f' ({len(damaged)} file(s) missing or changed)' if damaged else ''}: these scores cover "
                           f"the {metrics['images']} images it has; run it again to complete it", highlight=False)
     table = Table(title=f"{stage}{'' if map_name is None else '/' + map_name}: {metrics['images']} images")

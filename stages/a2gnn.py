@@ -319,4 +319,5 @@ def inputs(config) -> list[str]:
 SPEC = STAGES.register("a2gnn", StageSpec(
     name="a2gnn", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"),
     output="soft", version=VERSION, parallel=False,
-    description="per-image A2GNN: CE + MP + lambda L_reg, consistency checking", reads=("dataset", "weak", "seed", "supervision")))
+    description="per-image A2GNN: CE + MP + lambda L_reg, consistency checking",
+    reads=("dataset", "weak", "seed", "supervision")))
