@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -341,10 +342,8 @@ def _stop(signum: int, frame: Any) -> None:
         import psutil
 
         for child in psutil.Process().children(recursive=True):
-            try:
+            with contextlib.suppress(psutil.Error):  # already gone
                 child.kill()
-            except psutil.Error:
-                pass
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
