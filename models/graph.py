@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .affinity import pair_affinity, valid_pairs
+from .affinity import IGNORE, pair_affinity, pair_labels, shifted, valid_pairs
 
 EDGE_THRESHOLD = 1e-3
 
@@ -131,3 +131,41 @@ def sample_grid(maps: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, stride: 
     top = maps[:, y0, x0] * (1 - lx) + maps[:, y0, x1] * lx
     bottom = maps[:, y1, x0] * (1 - lx) + maps[:, y1, x1] * lx
     return (top * (1 - ly) + bottom * ly).t()
+
+
+def cell_labels(labels: torch.Tensor, n_classes: int, stride: int = 8, purity: float = 0.75) -> torch.Tensor:
+    """(H, W) label map -> (h, w) grid labels: the class covering at least ``purity`` of a
+    cell's pixels, IGNORE for mixed cells (ignored pixels count against purity)."""
+    onehot = torch.stack([(labels == c) for c in range(n_classes)]).to(torch.float32)
+    frac, cls = to_grid(onehot, stride).max(0)
+    return torch.where(frac >= purity, cls, torch.full_like(cls, IGNORE))
+
+
+def pair_confusion(edge_index: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int],
+                   offsets: Sequence[tuple[int, int]], cells: torch.Tensor, involved: torch.Tensor,
+                   threshold: float = 0.5) -> torch.Tensor:
+    """How well a graph's affinities separate the classes: counts (2, 2) over window pairs
+    (i, i + o) whose two cells have a label in ``cells`` (h, w; IGNORE = skip) and at least one
+    of which is ``involved`` (h, w bool)::
+
+        [[same class, D > t   same class, D <= t]
+         [different, D > t    different, D <= t]]
+
+    D is the stored edge weight, 0 for window pairs the graph dropped (D <= sigma)."""
+    h, w = grid
+    index = {o: k for k, o in enumerate(offsets)}
+    d = torch.zeros(len(offsets), h, w)
+    src, dst = edge_index.long()
+    pairs = src != dst
+    sy, sx, ty, tx = src[pairs] // w, src[pairs] % w, dst[pairs] // w, dst[pairs] % w
+    k = torch.tensor([index.get((int(a), int(b)), -1) for a, b in zip(ty - sy, tx - sx)], dtype=torch.long)
+    if (k < 0).any():
+        raise ValueError("the graph has edges outside the given window offsets")
+    d[k, sy, sx] = weight[pairs].float()
+    labels = pair_labels(cells[None], offsets)
+    inv = involved[None, None].float()
+    touch = ((inv + shifted(inv, offsets)[:, :, 0]) > 0)[0] & valid_pairs(h, w, offsets)
+    same = (labels["bg_pos"] | labels["fg_pos"])[0] & touch
+    diff = labels["neg"][0] & touch
+    high = d > threshold
+    return torch.tensor([[(same & high).sum(), (same & ~high).sum()], [(diff & high).sum(), (diff & ~high).sum()]])

@@ -29,10 +29,15 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------- datasets
 class DatasetSection(Section):
-    """What every dataset kind shares: the input guard on image size."""
+    """What every dataset kind shares: the working image size. ``max_side``: the input guard
+    (``oversize``). ``min_side``: an image whose shorter side is below it is upscaled
+    (bilinear; GT and weak labels follow) so the stride-8 grid of the affinity net, graph and
+    A2GNN has enough nodes (a 200x150 horse gives 25x19); every stage then works, and writes,
+    at that working size. ``null``: images are used at their own size (VOC-size data)."""
 
     max_side: Annotated[int, Field(ge=32)] = 2048
     oversize: Literal["downscale", "fail"] = "downscale"  # an image whose longer side is above max_side
+    min_side: Annotated[int, Field(ge=8)] | None = None
 
 
 class DemoDataset(DatasetSection):
@@ -95,9 +100,13 @@ class WeakConfig(Section):
 
 # --------------------------------------------------------------------------- stages
 class BoxSeedsConfig(Section):
-    """GrabCut seeds from boxes (thesis Eq. 3.2-3.3)."""
+    """GrabCut seeds from boxes (thesis Eq. 3.2-3.3). ``inside_background``: what GrabCut's
+    background inside a box becomes: ``unknown`` (Eq. 3.2, 255; the thesis, where ImageNet
+    features tell background inside a box from the object) or ``background`` (the
+    "GrabCut filled" map; for from-scratch features, see the README's box ladder)."""
 
     iterations: PositiveInt = 5
+    inside_background: Literal["unknown", "background"] = "unknown"
     crop_margin: Annotated[float, Field(ge=0.0)] | None = 0.5
     min_box_side: Annotated[int, Field(ge=2)] = 4
 
@@ -220,13 +229,16 @@ class RandomWalkConfig(Section):
     ``source``: what is propagated. ``cam``: the CAM foreground with background
     ``(1 - max)^alpha`` (PSA; the default for tags and points); ``seeds``: the seed map M_g,
     one-hot on known pixels and zero on unknown ones (the default for boxes and scribbles,
-    whose seeds are the better start); ``auto`` picks by supervision.
+    whose seeds are the better start); ``auto`` picks by supervision. ``keep_seeds`` (seeds
+    source only): the known seed pixels keep their label and only the unknown ones take the
+    walk's (label propagation with clamped labels), so the walk can only add to its seeds.
     """
 
     beta: PositiveFloat = 8.0
     logt: Annotated[int, Field(ge=0, le=12)] = 8
     alpha: PositiveFloat = 16.0
     source: Literal["auto", "cam", "seeds"] = "auto"
+    keep_seeds: bool = True
 
 
 class A2gnnConfig(Section):

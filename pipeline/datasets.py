@@ -151,16 +151,20 @@ class _Base(abc.ABC):
         return None
 
     def _target(self, image_id: str) -> tuple[float, tuple[int, int]] | None:
-        """(scale, (h, w)) when the image's longer side exceeds ``max_side`` and
-        ``oversize: downscale``; raises for ``oversize: fail``; None for images that fit."""
+        """(scale, (h, w)) of the working size: down when the image's longer side exceeds
+        ``max_side`` (``oversize: downscale``; ``fail`` raises), up when its shorter side is
+        below ``min_side`` (never past ``max_side``); None for images used as they are."""
         w, h = self._size(image_id)
-        limit = self.cfg.max_side
-        if max(w, h) <= limit:
+        limit, low = self.cfg.max_side, self.cfg.min_side
+        if max(w, h) > limit:
+            if self.cfg.oversize == "fail":
+                raise DataError(self.image_path(image_id), f"image is {w}x{h}, above dataset.max_side {limit}; "
+                                                           "raise max_side or set dataset.oversize: downscale")
+            scale = limit / max(w, h)
+        elif low is not None and min(w, h) < low:
+            scale = min(low / min(w, h), limit / max(w, h))
+        else:
             return None
-        if self.cfg.oversize == "fail":
-            raise DataError(self.image_path(image_id), f"image is {w}x{h}, above dataset.max_side {limit}; raise "
-                                                       "max_side or set dataset.oversize: downscale")
-        scale = limit / max(w, h)
         return scale, (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
 
     def load_image(self, image_id: str) -> np.ndarray:
@@ -168,10 +172,14 @@ class _Base(abc.ABC):
         target = self._target(image_id)
         if target is None:
             return image
-        h, w = target[1]
-        warn_once(self.image_path(image_id), "oversize", f"{self.image_path(image_id)}: image is "
-                  f"{image.shape[1]}x{image.shape[0]}, above dataset.max_side {self.cfg.max_side}; working at {w}x{h}")
-        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+        (h, w), shape = target[1], f"{image.shape[1]}x{image.shape[0]}"
+        if target[0] < 1:
+            warn_once(self.image_path(image_id), "oversize", f"{self.image_path(image_id)}: image is {shape}, above "
+                      f"dataset.max_side {self.cfg.max_side}; working at {w}x{h}")
+            return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+        warn_once(self.name, "upscale", f"{self.name}: images with a side below dataset.min_side {self.cfg.min_side} "
+                  f"are upscaled to work on (first: {Path(self.image_path(image_id)).name} {shape} -> {w}x{h})")
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
 
     def _nearest(self, image_id: str, labels: np.ndarray | None) -> np.ndarray | None:
         target = None if labels is None else self._target(image_id)

@@ -20,6 +20,10 @@ makes small boxes in big images cheap. OpenCV's RNG is seeded per box, so result
 deterministic. A box thinner than ``min_box_side`` cannot give GrabCut a foreground model;
 it stays unknown (255).
 
+``inside_background: background`` writes the filled map below as M_B itself: GrabCut's
+background inside a box becomes background seeds instead of unknown (not the thesis; for
+from-scratch features, which cannot tell the background inside a box from the object).
+
 Extra map ``grabcut_filled``: the same GrabCut with every unknown pixel taken as background,
 i.e. what one call of OpenCV's GrabCut per box gives a user with no pipeline at all. It is
 the reference row of every box run's ladder: a later stage earns its place by beating it.
@@ -95,8 +99,9 @@ def _one(ctx: StageContext, image_id: str) -> dict:
     cfg = ctx.cfg
     labels = grabcut_seeds(image, weak.boxes, cfg.iterations, cfg.crop_margin, cfg.min_box_side,
                            seed=ctx.config.seed)
-    ctx.out.write_label(image_id, grabcut_filled(labels), FILLED)
-    ctx.out.write_label(image_id, labels)
+    filled = grabcut_filled(labels)
+    ctx.out.write_label(image_id, filled, FILLED)
+    ctx.out.write_label(image_id, filled if cfg.inside_background == "background" else labels)
     return {"boxes": len(weak.boxes)}
 
 

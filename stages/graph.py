@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from models.affinity import AffinityNet, window_offsets
-from models.graph import grid_edges, node_features
+from models.graph import cell_labels, grid_edges, node_features, pair_confusion, to_grid
 
-from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
+from .seeds import affinity_map
 from .training import release
 
 VERSION = "1"
@@ -86,9 +87,25 @@ def run(ctx: StageContext) -> StageResult:
     return result
 
 
+def pair_scores(counts: torch.Tensor) -> dict[str, float]:
+    """Precision / recall of "same class" (D > 0.5) and "different" (D <= 0.5) from
+    :func:`models.graph.pair_confusion` counts."""
+    (ss, sd), (ds, dd) = counts.double().tolist()
+    ratio = lambda a, b: round(a / b, 4) if b else float("nan")  # noqa: E731
+    return {"same_precision": ratio(ss, ss + ds), "same_recall": ratio(ss, ss + sd),
+            "diff_precision": ratio(dd, dd + sd), "diff_recall": ratio(dd, dd + ds)}
+
+
 def report(ctx: StageContext) -> dict[str, Any]:
-    """Graph size: nodes and edges per node (self-loop included); the manifest has the bytes."""
+    """Graph size (nodes, edges per node with the self-loop; the manifest has the bytes) and,
+    where the dataset has GT, how well D separates the classes on the GT cells (purity 0.75):
+    ``pairs`` over every window pair, ``pairs_unseeded`` over the pairs touching a cell the
+    affinity net had no label for (mostly unknown in its seed map): what the graph adds."""
     nodes = edges = files = 0
+    counts = {"pairs": torch.zeros(2, 2, dtype=torch.long), "pairs_unseeded": torch.zeros(2, 2, dtype=torch.long)}
+    state = ctx.input("affinity_train").read_model()
+    offsets = window_offsets(state["radius"], state["neighbourhood"])
+    n_classes, variant = ctx.dataset.num_classes, affinity_map(ctx.config)
     for image_id in ctx.ids:
         if not ctx.out.has(image_id):
             continue
@@ -96,12 +113,25 @@ def report(ctx: StageContext) -> dict[str, Any]:
         nodes += int(np.prod(g["grid"]))
         edges += int(g["weight"].size)
         files += 1
+        gt = ctx.dataset.load_gt(image_id)
+        if gt is None:
+            continue
+        grid = tuple(int(v) for v in g["grid"])
+        cells = cell_labels(torch.from_numpy(gt.astype(np.int64)), n_classes, STRIDE)
+        seeds = torch.from_numpy(ctx.input("seeds").read_label(image_id, variant) == IGNORE).float()
+        edge_index, weight = torch.from_numpy(g["edge_index"]), torch.from_numpy(g["weight"])
+        for key, involved in (("pairs", torch.ones(grid, dtype=torch.bool)),
+                              ("pairs_unseeded", to_grid(seeds[None], STRIDE)[0] >= 0.5)):
+            counts[key] += pair_confusion(edge_index, weight, grid, offsets, cells, involved)
     if not files:
         return {}
-    return {"nodes_per_image": round(nodes / files, 1), "edges_per_node": round(edges / max(nodes, 1), 2)}
+    out: dict[str, Any] = {"nodes_per_image": round(nodes / files, 1), "edges_per_node": round(edges / max(nodes, 1), 2)}
+    out.update({key: pair_scores(c) for key, c in counts.items() if c.sum() > 0})
+    return out
 
 
 SPEC = STAGES.register("graph", StageSpec(
-    name="graph", run=run, inputs=lambda config: ["affinity_train"], supervisions=("box", "scribble", "point", "image"),
+    name="graph", run=run, supervisions=("box", "scribble", "point", "image"),
     output="arrays", version=VERSION, parallel=False, report=report,
+    inputs=lambda config: ["affinity_train", "seeds"],  # seeds: only the report reads them
     description="image -> grid graph (E_ij = D(i,j) > 1e-3, self-loops)"))

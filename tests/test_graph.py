@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.affinity import AffinityNet, window_offsets
-from models.graph import from_grid, grid_edges, node_features, random_walk, random_walk_dense, sample_grid, to_grid
+from models.affinity import IGNORE, AffinityNet, window_offsets
+from models.graph import (cell_labels, from_grid, grid_edges, node_features, pair_confusion, random_walk,
+                          random_walk_dense, sample_grid, to_grid)
 from stages.graph import image_graph, node_features_of
-from stages.random_walk import cam_scores, propagate, seed_scores
+from stages.random_walk import cam_scores, keep_known, propagate, seed_scores
 
 
 def _naive_edges(f, radius, shape, threshold):
@@ -123,6 +124,25 @@ def test_propagation_stays_inside_connected_components():
     assert probs[1, 4, 11] > 0.9 and probs[0, 4, 20] > 0.9
 
 
+def test_keep_seeds_restores_the_seeds_the_walk_changed():
+    """All cells linked with equal weight: the walk averages the labels everywhere, so the
+    seeds themselves come out mixed; ``keep_known`` puts them back and leaves the unknown."""
+    n = 4
+    src, dst = np.meshgrid(np.arange(n), np.arange(n))
+    graph = {"edge_index": np.stack([src.ravel(), dst.ravel()]).astype(np.int32),
+             "weight": np.ones(n * n, np.float16), "grid": np.array([1, n], np.int32)}
+    seeds = np.full((8, 32), 255, np.uint8)
+    seeds[:, :8], seeds[:, 24:] = 1, 0
+    scores, ids = seed_scores(seeds)
+    walked = propagate(graph, scores, beta=1.0, logt=2)
+    assert abs(walked[1, 4, 2] - 0.5) < 0.05  # the seed of class 1 is now a coin flip
+    kept = keep_known(walked, scores)
+    np.testing.assert_array_equal(kept[:, :, :8], scores[:, :, :8])
+    np.testing.assert_array_equal(kept[:, :, 24:], scores[:, :, 24:])
+    np.testing.assert_array_equal(kept[:, :, 8:24], walked[:, :, 8:24])
+    assert kept.dtype == walked.dtype
+
+
 def test_image_graph_features_stored_or_recomputed_agree():
     torch.manual_seed(0)
     model = AffinityNet(18).eval()
@@ -202,3 +222,38 @@ def test_sample_grid_equals_the_upsampled_map_at_those_pixels(stride):
     torch.testing.assert_close(grad_a, grad_b)
     batch = from_grid(maps.detach()[None].expand(2, -1, -1, -1), size, stride)
     torch.testing.assert_close(batch[1], up.detach())
+
+
+def test_pair_confusion_matches_a_naive_count():
+    """Every window pair counted by hand from a dense affinity table."""
+    rng = np.random.default_rng(3)
+    h, w = 5, 6
+    offsets = window_offsets(2)
+    f_a = torch.from_numpy(rng.random((4, h, w)).astype(np.float32)) * 3
+    edge_index, weight = grid_edges(f_a, offsets, threshold=0.2)
+    cells = torch.from_numpy(rng.integers(0, 3, (h, w)))
+    cells[0, 0] = IGNORE
+    involved = torch.from_numpy(rng.random((h, w)) < 0.3)
+    got = pair_confusion(edge_index, weight, (h, w), offsets, cells, involved, threshold=0.5)
+    dense = {(int(a), int(b)): float(v) for a, b, v in zip(*edge_index, weight)}
+    want = np.zeros((2, 2), np.int64)
+    for y in range(h):
+        for x in range(w):
+            for dy, dx in offsets:
+                ty, tx = y + dy, x + dx
+                if not (0 <= ty < h and 0 <= tx < w) or IGNORE in (int(cells[y, x]), int(cells[ty, tx])):
+                    continue
+                if not (involved[y, x] or involved[ty, tx]):
+                    continue
+                high = dense.get((y * w + x, ty * w + tx), 0.0) > 0.5
+                want[int(cells[y, x] != cells[ty, tx]), int(not high)] += 1
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert want.sum() > 20 and want[0, 0] > 0 and want[1, 1] > 0
+
+
+def test_cell_labels_need_a_pure_cell():
+    labels = torch.zeros(8, 16, dtype=torch.long)
+    labels[:, 8:13] = 1  # the right cell is 5/8 class 1
+    labels[0, 0] = IGNORE
+    assert cell_labels(labels, 2, stride=8, purity=0.75).tolist() == [[0, IGNORE]]
+    assert cell_labels(labels, 2, stride=8, purity=0.5).tolist() == [[0, 1]]

@@ -285,6 +285,22 @@ def test_oversize_images_are_downscaled_or_failed(tmp_path, caplog):
         strict.load_image("a")
 
 
+def test_small_images_are_upscaled_to_min_side_with_their_labels(tmp_path, caplog):
+    root = make_masks(tmp_path)  # 300x200
+    data = MasksData(MasksDataset(root=str(root), min_side=400, val_fraction=0.0), WeakConfig())
+    with caplog.at_level(logging.WARNING, logger="wsss.data"):
+        image = data.load_image("a")
+    assert image.shape == (400, 600, 3) and "upscaled to work on (first: a.png 300x200 -> 600x400)" in caplog.text
+    gt = data.load_gt("a")
+    assert gt.shape == (400, 600) and set(np.unique(gt)) == {0, 1}
+    box = data.load_weak("a").boxes[0]
+    assert (box.x0, box.y0, box.x1, box.y1) == (200, 100, 400, 200)  # (100, 50, 200, 100) * 2
+    capped = MasksData(MasksDataset(root=str(root), min_side=400, max_side=450, val_fraction=0.0), WeakConfig())
+    assert capped.load_image("a").shape == (300, 450, 3)  # never past max_side
+    assert MasksData(MasksDataset(root=str(root), min_side=200, val_fraction=0.0), WeakConfig()).load_image("a").shape \
+        == (200, 300, 3)  # already large enough: as it is
+
+
 def test_unexpected_mask_values_are_warned_about_once_per_dataset(tmp_path, caplog):
     root = make_masks(tmp_path, size=(60, 40), values=(0, 1))  # class indices, read with the default threshold 128
     data = MasksData(MasksDataset(root=str(root), val_fraction=0.0), WeakConfig())
