@@ -1,6 +1,6 @@
-"""Quality floors of the box ladder on small real subsets (the shipped configs, training
-shortened): a propagation stage must not fall below the seeds it starts from, and the CRF
-must not fall below what it refines (thesis Table 3.4 climbs at every stage)."""
+"""Quality floors of the box ladder on small real subsets: the shipped configs with their
+training shortened. Each stage is held against the map it starts from (thesis Table 3.4
+climbs at every stage), and the last one against one plain GrabCut call per box."""
 from pathlib import Path
 
 import pytest
@@ -12,19 +12,41 @@ ROOT = Path(__file__).resolve().parent.parent
 LADDER = ["box_seeds", "seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf"]
 SHORT = ["affinity_train.epochs=3", "affinity_train.crop=128", "affinity_train.batch_size=4",
          "a2gnn.epochs=30", "a2gnn.hidden=64", "engine=local", "workers=2"]
+SUBSETS = {"horses": ("horses_box.yaml", "weizmann_horse", 8), "camvid": ("camvid_box.yaml", "camvid", 8)}
+_RUNS: dict[str, dict] = {}
 
 
-@pytest.mark.parametrize("config, data, limit, floor", [
-    ("horses_box.yaml", "weizmann_horse", 8, 0.6),
-    ("camvid_box.yaml", "camvid", 3, 0.3),
-])
-def test_box_ladder_never_drops_below_its_seeds(tmp_path, horses, config, data, limit, floor):
-    cfg = load_config(ROOT / "configs" / config, [f"dataset.root={horses.parent / data}", f"dataset.limit={limit}",
-                                                  f"output_root={tmp_path}", *SHORT])
-    run = make_run(cfg)
-    run_local(run, LADDER)
-    m = {s: run.store(s).read_manifest()["metrics"] for s in ("box_seeds", "random_walk", "a2gnn", "crf")}
-    seeds = m["box_seeds"]["miou"]
-    assert m["random_walk"]["miou"] >= seeds, m
-    assert m["a2gnn"]["miou"] >= seeds, m
-    assert m["crf"]["miou"] >= m["a2gnn"]["miou"] - 0.01 and m["crf"]["miou"] > floor, m
+def ladder(name: str, horses: Path, tmp_path_factory) -> dict[str, float]:
+    """mIoU of each box stage on the subset (one run per subset and session)."""
+    if name not in _RUNS:
+        config, data, limit = SUBSETS[name]
+        run = make_run(load_config(ROOT / "configs" / config, [
+            f"dataset.root={horses.parent / data}", f"dataset.limit={limit}",
+            f"output_root={tmp_path_factory.mktemp(name)}", *SHORT]))
+        run_local(run, LADDER)
+        metrics = {s: run.store(s).read_manifest()["metrics"] for s in ("box_seeds", "random_walk", "a2gnn", "crf")}
+        _RUNS[name] = {s: m["miou"] for s, m in metrics.items()}
+        _RUNS[name]["grabcut_filled"] = metrics["box_seeds"]["maps"]["grabcut_filled"]["miou"]
+        print(name, {k: round(v, 4) for k, v in _RUNS[name].items()})
+    return _RUNS[name]
+
+
+# (subset, stage, the map it must not fall below). One point of slack: a stage that only
+# reorders float sums moves these 8-image runs by a few thousandths between environments.
+CASES = [
+    ("horses", "random_walk", "box_seeds"),
+    ("horses", "a2gnn", "box_seeds"),
+    ("horses", "crf", "a2gnn"),
+    ("horses", "crf", "grabcut_filled"),
+    ("camvid", "random_walk", "box_seeds"),
+    ("camvid", "a2gnn", "box_seeds"),
+    ("camvid", "a2gnn", "grabcut_filled"),
+    ("camvid", "crf", "a2gnn"),
+]
+SLACK = 0.01
+
+
+@pytest.mark.parametrize("subset, stage, start", CASES, ids=[f"{c[0]}-{c[1]}-vs-{c[2]}" for c in CASES])
+def test_box_stage_does_not_fall_below_what_it_starts_from(horses, tmp_path_factory, subset, stage, start):
+    m = ladder(subset, horses, tmp_path_factory)
+    assert m[stage] >= m[start] - SLACK, m
