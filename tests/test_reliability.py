@@ -270,35 +270,32 @@ def make_masks(tmp_path: Path, size=(300, 200), values=(0, 255)) -> Path:
     return root
 
 
-def test_oversize_images_are_downscaled_or_failed(tmp_path, caplog):
-    root = make_masks(tmp_path)
-    data = MasksData(MasksDataset(root=str(root), max_side=100, val_fraction=0.0), WeakConfig())
+@pytest.mark.parametrize("limits, shape, message, box", [
+    ({"max_side": 100}, (67, 100), "above dataset.max_side 100; working at 100x67",
+     (33, 16, 67, 34)),  # (100, 50, 200, 100) * 1/3, grown to whole pixels
+    ({"min_side": 400}, (400, 600), "upscaled to work on (first: a.png 300x200 -> 600x400)", (200, 100, 400, 200)),
+])
+def test_images_outside_the_size_limits_are_resized_with_their_labels(tmp_path, caplog, limits, shape, message, box):
+    root = make_masks(tmp_path)  # 300x200
+    data = MasksData(MasksDataset(root=str(root), val_fraction=0.0, **limits), WeakConfig())
     with caplog.at_level(logging.WARNING, logger="wsss.data"):
         image = data.load_image("a")
-    assert image.shape == (67, 100, 3) and "above dataset.max_side 100; working at 100x67" in caplog.text
+    assert image.shape == (*shape, 3) and message in caplog.text
     gt = data.load_gt("a")
-    assert gt.shape == (67, 100) and set(np.unique(gt)) == {0, 1}
-    box = data.load_weak("a").boxes[0]
-    assert (box.x0, box.y0, box.x1, box.y1) == (33, 16, 67, 34)  # (100, 50, 200, 100) * 1/3, grown to whole pixels
+    assert gt.shape == shape and set(np.unique(gt)) == {0, 1}
+    b = data.load_weak("a").boxes[0]
+    assert (b.x0, b.y0, b.x1, b.y1) == box
+
+
+def test_oversize_fail_and_the_min_side_limits(tmp_path):
+    root = make_masks(tmp_path)
     strict = MasksData(MasksDataset(root=str(root), max_side=100, oversize="fail", val_fraction=0.0), WeakConfig())
     with pytest.raises(DataError, match=r"a\.png: image is 300x200, above dataset.max_side 100"):
         strict.load_image("a")
-
-
-def test_small_images_are_upscaled_to_min_side_with_their_labels(tmp_path, caplog):
-    root = make_masks(tmp_path)  # 300x200
-    data = MasksData(MasksDataset(root=str(root), min_side=400, val_fraction=0.0), WeakConfig())
-    with caplog.at_level(logging.WARNING, logger="wsss.data"):
-        image = data.load_image("a")
-    assert image.shape == (400, 600, 3) and "upscaled to work on (first: a.png 300x200 -> 600x400)" in caplog.text
-    gt = data.load_gt("a")
-    assert gt.shape == (400, 600) and set(np.unique(gt)) == {0, 1}
-    box = data.load_weak("a").boxes[0]
-    assert (box.x0, box.y0, box.x1, box.y1) == (200, 100, 400, 200)  # (100, 50, 200, 100) * 2
     capped = MasksData(MasksDataset(root=str(root), min_side=400, max_side=450, val_fraction=0.0), WeakConfig())
     assert capped.load_image("a").shape == (300, 450, 3)  # never past max_side
-    assert MasksData(MasksDataset(root=str(root), min_side=200, val_fraction=0.0), WeakConfig()).load_image("a").shape \
-        == (200, 300, 3)  # already large enough: as it is
+    big = MasksData(MasksDataset(root=str(root), min_side=200, val_fraction=0.0), WeakConfig())
+    assert big.load_image("a").shape == (200, 300, 3)  # already large enough: as it is
 
 
 def test_unexpected_mask_values_are_warned_about_once_per_dataset(tmp_path, caplog):
