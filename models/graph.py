@@ -153,12 +153,17 @@ def pair_confusion(edge_index: torch.Tensor, weight: torch.Tensor, grid: tuple[i
 
     D is the stored edge weight, 0 for window pairs the graph dropped (D <= sigma)."""
     h, w = grid
-    index = {o: k for k, o in enumerate(offsets)}
+    r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    lookup = torch.full((2 * r + 1, 2 * r + 1), -1, dtype=torch.long)  # (dy + r, dx + r) -> offset index
+    for k, (dy, dx) in enumerate(offsets):
+        lookup[dy + r, dx + r] = k
     d = torch.zeros(len(offsets), h, w)
     src, dst = edge_index.long()
     pairs = src != dst
     sy, sx, ty, tx = src[pairs] // w, src[pairs] % w, dst[pairs] // w, dst[pairs] % w
-    k = torch.tensor([index.get((int(a), int(b)), -1) for a, b in zip(ty - sy, tx - sx)], dtype=torch.long)
+    dy, dx = ty - sy, tx - sx
+    inside = (dy.abs() <= r) & (dx.abs() <= r)
+    k = torch.where(inside, lookup[(dy + r).clamp(0, 2 * r), (dx + r).clamp(0, 2 * r)], -1)
     if (k < 0).any():
         raise ValueError("the graph has edges outside the given window offsets")
     d[k, sy, sx] = weight[pairs].float()

@@ -26,6 +26,7 @@ import torch
 from models.affinity import AffinityNet, window_offsets
 from models.graph import cell_labels, grid_edges, node_features, pair_confusion, to_grid
 
+from .affinity_train import offsets_of
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
 from .seeds import affinity_map
 from .training import release
@@ -103,8 +104,7 @@ def report(ctx: StageContext) -> dict[str, Any]:
     affinity net had no label for (mostly unknown in its seed map): what the graph adds."""
     nodes = edges = files = 0
     counts = {"pairs": torch.zeros(2, 2, dtype=torch.long), "pairs_unseeded": torch.zeros(2, 2, dtype=torch.long)}
-    state = ctx.input("affinity_train").read_model()
-    offsets = window_offsets(state["radius"], state["neighbourhood"])
+    offsets = offsets_of(ctx.config)  # what the checkpoint records (same fingerprint)
     n_classes, variant = ctx.dataset.num_classes, affinity_map(ctx.config)
     for image_id in ctx.ids:
         if not ctx.out.has(image_id):

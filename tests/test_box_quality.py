@@ -27,7 +27,6 @@ def ladder(name: str, horses: Path, tmp_path_factory) -> dict[str, float]:
         metrics = {s: run.store(s).read_manifest()["metrics"] for s in ("box_seeds", "random_walk", "a2gnn", "crf")}
         _RUNS[name] = {s: m["miou"] for s, m in metrics.items()}
         _RUNS[name]["grabcut_filled"] = metrics["box_seeds"]["maps"]["grabcut_filled"]["miou"]
-        print(name, {k: round(v, 4) for k, v in _RUNS[name].items()})
     return _RUNS[name]
 
 
