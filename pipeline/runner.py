@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,16 +82,20 @@ def track(items: list, desc: str) -> Iterator:
 
 
 # --------------------------------------------------------------------------- parallel map
-def _worker_init() -> None:
+def _worker_init(threads: int) -> None:
     # Ctrl-C reaches the whole process group; the main process ends the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The workers share the cores: torch in each would otherwise start one thread per core.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=4)
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
     # forkserver: children start clean (no Prefect/torch threads inherited through fork).
     return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                                  initializer=_worker_init)
+                                  initializer=_worker_init, initargs=(max(1, (os.cpu_count() or 1) // workers),))
 
 
 def stop_workers() -> None:
@@ -318,12 +323,13 @@ def stage_context(run: Run, name: str, ids: list[str], workers: int | None = Non
     n_workers = (os.cpu_count() or 1) if cfg.workers == 0 else cfg.workers
     if workers is not None:
         n_workers = workers
-    if not spec.parallel:
+    device = resolve_device(cfg.device)
+    if not spec.parallel or (spec.parallel == "cpu" and device != "cpu"):
         n_workers = 1
     return StageContext(
         stage=name, cfg=getattr(cfg, name, None), config=cfg, dataset=run.dataset,
         ids=run.ids(name) if spec.per_image else list(ids), todo=list(ids),
-        out=store, upstream={u: run.store(u) for u in run.upstream[name]}, device=resolve_device(cfg.device),
+        out=store, upstream={u: run.store(u) for u in run.upstream[name]}, device=device,
         workers=n_workers, mapper=process_mapper)
 
 

@@ -24,7 +24,9 @@ with everything. Defaults by supervision as released: boxes 150 + 150 epochs, lr
 lambda_1 0.01; others 50 + 50, lr 0.03, lambda_1 0.3, no MP loss, no check.
 
 Output: the softmax of the upsampled logits over ``[0] + the image's classes`` (the
-released code uses all 21 VOC classes; absent classes can only add errors), float16. For
+released code uses all 21 VOC classes; absent classes can only add errors), float16; for
+boxes, each class keeps its probability only inside its own boxes (``box_constraint``,
+:func:`models.boxes.restrict_to_boxes`). For
 tags and points the result is fused with the random walk, ``(P + rw_weight P_rw) /
 (1 + rw_weight)`` (Sect. 3.6.1: 1:3).
 
@@ -36,7 +38,8 @@ mean-centred features (``consistency_similarity: centred``, the default), so it 
 seeds whose features lie on the far side of the image average from their box's MP nodes,
 as the thesis describes; ``raw`` is the released, inert form.
 
-Images of the same size and class count are trained together as stacked independent
+On the CPU the images run in worker processes (``workers``; each loads the affinity net
+once); on a GPU in the main process. Images of the same size and class count are trained together as stacked independent
 models (``batch``; :class:`models.a2gnn.GridGraph` path only): each model has its own
 random generator (seeded from ``seed`` and the image id), so an image's result does not
 depend on what it was batched with.
@@ -52,6 +55,7 @@ import numpy as np
 import torch
 
 from models.a2gnn import A2GNN, DenseGraph, GridGraph
+from models.boxes import restrict_to_boxes
 from models.affinity import IGNORE, image_kernel, window_offsets
 from models.graph import from_grid
 from models.losses import Window, consistency_check, mp_loss, potts_loss, prototype_similarity, seed_ce
@@ -61,7 +65,7 @@ from .graph import STRIDE, load_affinity, node_features_of
 from .affinity_train import radius_of
 from .training import release
 
-VERSION = "1"
+VERSION = "2"
 
 BOX_DEFAULTS = {"epochs": 150, "lr": 0.035, "reg_weight": 0.01}
 OTHER_DEFAULTS = {"epochs": 50, "lr": 0.03, "reg_weight": 0.3}
@@ -74,7 +78,7 @@ def settings(config) -> Any:
     box = config.supervision == "box"
     fill = {k: v for k, v in (BOX_DEFAULTS if box else OTHER_DEFAULTS).items() if getattr(cfg, k) is None}
     if not box:
-        fill.update(mp=False, consistency=False)
+        fill.update(mp=False, consistency=False, box_constraint=False)
     if cfg.layer != "a2gnn":
         fill.update(path="edges")  # the torch_geometric baselines run on edge lists
     return cfg.model_copy(update=fill)
@@ -182,6 +186,8 @@ def fit(problems: list[Problem], cfg, radius: int, device: str) -> tuple[torch.T
     with torch.no_grad():
         logits, _ = model(x, graph, edge_weight)
         probs = torch.softmax(from_grid(logits.transpose(1, 2).reshape(m, c, h, w), size, STRIDE), 1).cpu()
+    if cfg.box_constraint:
+        probs = torch.stack([restrict_to_boxes(pr, p.boxes) for pr, p in zip(probs, problems)])
     removed = (known - (labels != IGNORE).sum((1, 2))).cpu()
     facts = [{"check_removed": float(r) / max(int(k), 1)} for r, k in zip(removed, known.cpu())]
     return probs, facts
@@ -235,8 +241,23 @@ def batches(keys: list, size: int) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------- IO
-def _problem(ctx: StageContext, image_id: str, class_ids: np.ndarray, boxes: list[Box], affinity,
-             cfg) -> Problem:
+@functools.lru_cache(maxsize=1)
+def _affinity(path: str, mtime_ns: int, device: str):
+    """The affinity net of a checkpoint, loaded once per process (workers included);
+    ``mtime_ns`` tells a retrained checkpoint at the same path apart."""
+    return load_affinity(torch.load(path, map_location="cpu", weights_only=False), device)[0]
+
+
+def _affinity_of(ctx: StageContext):
+    """The affinity net that recomputes node features, or None when the graphs store them."""
+    if "affinity_train" not in ctx.upstream:
+        return None
+    path = ctx.input("affinity_train").model_path
+    return _affinity(str(path), path.stat().st_mtime_ns, ctx.device)
+
+
+def _problem(ctx: StageContext, image_id: str, class_ids: np.ndarray, boxes: list[Box], cfg) -> Problem:
+    affinity = _affinity_of(ctx)
     graph = ctx.input("graph").read_arrays(image_id)
     image = ctx.dataset.load_image(image_id)
     return make_problem(image, ctx.input("seeds").read_label(image_id), class_ids, boxes,
@@ -246,14 +267,14 @@ def _problem(ctx: StageContext, image_id: str, class_ids: np.ndarray, boxes: lis
                         cfg, image_seed(ctx.config.seed, image_id))
 
 
-def _run_group(ctx: StageContext, key: str, groups: dict[str, list[str]], meta: dict[str, tuple], affinity,
-               cfg, radius: int) -> dict[str, Any]:
+def _run_group(ctx: StageContext, key: str, groups: dict[str, list[str]], meta: dict[str, tuple], cfg,
+               radius: int) -> dict[str, Any]:
     """Train one group of images together and write their outputs; returns the per-image
     failures and facts. ``meta``: each image's (class ids, boxes)."""
     failures, problems, ids = {}, [], []
     for image_id in groups[key]:
         try:
-            problems.append(_problem(ctx, image_id, *meta[image_id], affinity, cfg))
+            problems.append(_problem(ctx, image_id, *meta[image_id], cfg))
         except Exception as err:  # noqa: BLE001 - one bad image does not stop its group
             failures[image_id] = describe_error(err)
             continue
@@ -286,10 +307,9 @@ def run(ctx: StageContext) -> StageResult:
         keys.append((seeds.shape, len(meta[image_id][0])))
     ids, batch = list(meta), cfg.batch if cfg.path == "grid" else 1
     groups = {str(k): [ids[i] for i in chunk] for k, chunk in enumerate(batches(keys, batch))}
-    state = ctx.input("affinity_train").read_model() if "affinity_train" in ctx.upstream else None
-    affinity = load_affinity(state, ctx.device)[0] if state is not None else None
-    fn = functools.partial(_run_group, groups=groups, meta=meta, affinity=affinity, cfg=cfg,
-                           radius=radius_of(ctx.config))
+    if "affinity_train" in ctx.upstream and not ctx.input("affinity_train").has_model():
+        ctx.input("affinity_train").read_model()  # the error that names the missing file
+    fn = functools.partial(_run_group, groups=groups, meta=meta, cfg=cfg, radius=radius_of(ctx.config))
     for key, outcome in ctx.map_items(fn, ids=list(groups), desc=f"a2gnn ({len(ctx.todo)} images)"):
         if isinstance(outcome, BaseException):
             result.failures.update({image_id: describe_error(outcome) for image_id in groups[key]})
@@ -302,7 +322,7 @@ def run(ctx: StageContext) -> StageResult:
                        fused_random_walk=fuses_random_walk(ctx.config))
     if cfg.consistency and facts:
         result.info["check_removed_mean"] = round(float(np.mean([f["check_removed"] for f in facts])), 4)
-    del affinity
+    _affinity.cache_clear()
     release(ctx.device)
     return result
 
@@ -318,6 +338,6 @@ def inputs(config) -> list[str]:
 
 SPEC = STAGES.register("a2gnn", StageSpec(
     name="a2gnn", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"),
-    output="soft", version=VERSION, parallel=False,
+    output="soft", version=VERSION, parallel="cpu",
     description="per-image A2GNN: CE + MP + lambda L_reg, consistency checking",
     reads=("dataset", "weak", "seed", "supervision")))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterable, Iterator, Protocol, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -223,7 +223,7 @@ class StageSpec:
     change, which invalidates its cached outputs (it is part of the fingerprint).
     ``per_image=False`` (training stages) runs once over all images, never sharded;
     ``parallel=False`` keeps per-image work in the main process (torch stages that batch on
-    one device); ``variants(config)`` names extra label maps scored next to the main one;
+    one device), ``parallel="cpu"`` only on a GPU; ``variants(config)`` names extra label maps scored next to the main one;
     ``report(ctx)`` adds stage-specific metrics once all images are done (``ctx.out`` is
     then readable too); ``preflight(config)`` checks what the stage will need (weights
     files, ...) when the run is built, so a missing file stops the run before any work.
@@ -245,7 +245,7 @@ class StageSpec:
     split: str = "train"
     enabled: Callable[[Any], bool] = lambda config: True
     description: str = ""
-    parallel: bool = True
+    parallel: bool | Literal["cpu"] = True
     variants: Callable[[Any], list[str]] = lambda config: []
     report: Callable[[StageContext], dict[str, Any]] | None = None
     preflight: Callable[[Any], None] | None = None

@@ -7,6 +7,7 @@ import torch
 
 from models.a2gnn import A2GNN, AffinityAttention, DenseGraph, GridGraph
 from models.affinity import gaussian_kernel, window_offsets
+from models.boxes import restrict_to_boxes
 from models.graph import from_grid, grid_edges
 from models.losses import consistency_check, mp_loss, mp_nodes, potts_loss, seed_ce
 
@@ -250,3 +251,27 @@ def test_centred_consistency_check_removes_a_seed_that_points_away_from_its_box_
     torch.testing.assert_close(centred, torch.tensor(naive))
     assert centred[1] > 0.99 and centred[3] < 0
     assert consistency_check(labels, centred[None], (0, 1, 0, 4), cls=1).tolist() == [[0, 1, 1, 255]]
+
+
+def test_restrict_to_boxes_matches_a_naive_loop():
+    probs = torch.softmax(torch.randn(4, 12, 15, generator=torch.Generator().manual_seed(0)), 0)
+    boxes = [((2, 8, 3, 9), 1), ((5, 12, 10, 15), 1), ((0, 4, 0, 5), 2)]  # class 3: no box, not restricted
+    out = restrict_to_boxes(probs, boxes)
+    for y in range(12):
+        for x in range(15):
+            allowed = torch.tensor([1.0, 0.0, 0.0, 1.0])
+            for (y0, y1, x0, x1), c in boxes:
+                if y0 <= y < y1 and x0 <= x < x1:
+                    allowed[c] = 1.0
+            expected = probs[:, y, x] * allowed / (probs[:, y, x] * allowed).sum()
+            assert torch.allclose(out[:, y, x], expected, atol=1e-6), (y, x)
+    assert out[1, 0, 0] == 0 and out[2, 0, 0] > 0 and out[2, 11, 14] == 0 and out[1, 11, 14] > 0
+
+
+def test_restrict_to_boxes_gives_background_where_only_excluded_classes_had_mass():
+    probs = torch.zeros(3, 4, 4)
+    probs[1] = 1.0  # all mass on class 1, whose only box is the top-left 2x2
+    out = restrict_to_boxes(probs, [((0, 2, 0, 2), 1), ((2, 4, 2, 4), 2)])
+    assert torch.equal(out[:, :2, :2], probs[:, :2, :2])
+    assert torch.equal(out[0, 2:, :], torch.ones(2, 4)) and torch.equal(out[0, :, 2:], torch.ones(4, 2))
+    assert out.sum(0).eq(1).all()
