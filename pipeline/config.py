@@ -84,7 +84,25 @@ class VocDataset(DatasetSection):
     limit: PositiveInt | None = None
 
 
-DatasetConfig = Annotated[Union[DemoDataset, MasksDataset, VocDataset], Field(discriminator="kind")]
+class CocoDataset(DatasetSection):
+    """An image folder and a COCO instances JSON per split (paths relative to ``root``):
+    categories with any ids -> class ids 1..K by id; boxes -> box supervision, categories
+    present -> tags; masks (polygons or RLE), where given, -> GT (``iscrowd`` ignored).
+    ``points``: the project's points JSON (``{image id: [{x, y, cls}]}``, ``cls`` a class id
+    or category name); ``scribbles``: a folder of scribble PNGs (class ids, 255 elsewhere).
+    Without them, points and scribbles are synthesized from the masks (when there are any)."""
+
+    kind: Literal["coco"] = "coco"
+    root: str
+    images: str = "images"
+    train_json: str
+    val_json: str | None = None
+    points: str | None = None
+    scribbles: str | None = None
+    limit: PositiveInt | None = None
+
+
+DatasetConfig = Annotated[Union[DemoDataset, MasksDataset, VocDataset, CocoDataset], Field(discriminator="kind")]
 
 
 class WeakConfig(Section):

@@ -1,4 +1,5 @@
-"""Dataset readers: ``demo`` (synthetic), ``masks`` (images + GT masks), ``voc`` (VOCdevkit).
+"""Dataset readers: ``demo`` (synthetic), ``masks`` (images + GT masks), ``voc`` (VOCdevkit),
+``coco`` (image folder + COCO instances JSON).
 
 Each reader is a small picklable object (paths and options, no open files) with the
 interface of :class:`stages.base.Dataset`. Bad files raise :class:`DataError` naming the
@@ -8,6 +9,7 @@ or folder raises at construction, before any work starts.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +24,8 @@ from PIL import Image
 from stages.base import IGNORE, Box, DataError, Point, WeakLabels, safe_name
 
 from . import demo as demo_gen
-from .config import Config, DemoDataset, MasksDataset, VocDataset, WeakConfig
+from . import coco
+from .config import CocoDataset, Config, DemoDataset, MasksDataset, VocDataset, WeakConfig
 from .store import fingerprint, read_label_png
 from .weak import clip_boxes, image_rng, instances_from_semantic, synthesize
 
@@ -102,12 +105,20 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DataError(path, f"unreadable image ({err})") from None
 
 
+# The weak labels each supervision reads beyond the tags (every kind reads tags); a dataset
+# reads or synthesizes the others only when asked for everything (``supervision=None``).
+WEAK_NEEDS: dict[str, frozenset[str]] = {"box": frozenset({"boxes"}), "image": frozenset(),
+                                         "point": frozenset({"points"}), "scribble": frozenset({"scribbles"})}
+ALL_WEAK = frozenset({"boxes", "points", "scribbles"})
+
+
 class _Base(abc.ABC):
     name: str
     class_names: list[str]
 
-    def __init__(self, weak: WeakConfig) -> None:
+    def __init__(self, weak: WeakConfig, supervision: str | None = None) -> None:
         self.weak_cfg = weak
+        self.needs = WEAK_NEEDS.get(supervision, ALL_WEAK) if supervision else ALL_WEAK
 
     cfg: Any  # the dataset's config section (max_side, oversize, ...)
 
@@ -220,8 +231,8 @@ class _Base(abc.ABC):
 class DemoData(_Base):
     """Synthetic images generated on the fly; ids are ``train_0007`` / ``val_0003``."""
 
-    def __init__(self, cfg: DemoDataset, weak: WeakConfig) -> None:
-        super().__init__(weak)
+    def __init__(self, cfg: DemoDataset, weak: WeakConfig, supervision: str | None = None) -> None:
+        super().__init__(weak, supervision)
         self.cfg = cfg
         self.name = "demo"
         self.class_names = list(demo_gen.CLASS_NAMES)
@@ -272,8 +283,8 @@ class MasksData(_Base):
     ``weak_dir`` (written by ``wsss prepare``) or are synthesized on the fly, identically.
     """
 
-    def __init__(self, cfg: MasksDataset, weak: WeakConfig) -> None:
-        super().__init__(weak)
+    def __init__(self, cfg: MasksDataset, weak: WeakConfig, supervision: str | None = None) -> None:
+        super().__init__(weak, supervision)
         self.cfg = cfg
         self.root = Path(cfg.root)
         self.name = self.root.name
@@ -466,8 +477,8 @@ class VocData(_Base):
     optional ScribbleSup XML / PNG scribbles and a points JSON (``{id: [{x, y, cls}]}``,
     ``cls`` a VOC class id or name)."""
 
-    def __init__(self, cfg: VocDataset, weak: WeakConfig) -> None:
-        super().__init__(weak)
+    def __init__(self, cfg: VocDataset, weak: WeakConfig, supervision: str | None = None) -> None:
+        super().__init__(weak, supervision)
         self.cfg = cfg
         self.root = Path(cfg.root)
         self.name = self.root.name
@@ -616,11 +627,133 @@ class VocData(_Base):
                           scribbles=self._scribbles(image_id, width, height), points=self._point_list(image_id))
 
 
+# --------------------------------------------------------------------------- coco
+class CocoData(_Base):
+    """An image folder with a COCO instances JSON per split (see :mod:`pipeline.coco`).
+    Image ids are the file names' stems. The parsed JSON is cached per process and not
+    pickled: a worker process parses it once, lazily."""
+
+    def __init__(self, cfg: CocoDataset, weak: WeakConfig, supervision: str | None = None) -> None:
+        super().__init__(weak, supervision)
+        self.cfg = cfg
+        self.root = Path(cfg.root)
+        self.name = self.root.name
+        self.image_dir = self.root / cfg.images
+        for d in (self.root, self.image_dir):
+            if not d.is_dir():
+                raise DataError(d, "dataset folder not found")
+        self.json = {"train": self.root / cfg.train_json}
+        if cfg.val_json:
+            self.json["val"] = self.root / cfg.val_json
+        indexes = {split: coco.load(path) for split, path in self.json.items()}  # fails here, before any work
+        first = indexes["train"]
+        for split, index in indexes.items():
+            if index.categories != first.categories:
+                raise DataError(self.json[split], f"its categories differ from {self.json['train']}'s")
+        self.class_names = first.class_names
+        self._ids = {split: sorted(index.images)[: cfg.limit] if cfg.limit else sorted(index.images)
+                     for split, index in indexes.items()}
+        self._split_of = {i: split for split, ids in self._ids.items() for i in ids}
+        self._has_masks = {split: index.has_masks() for split, index in indexes.items()}
+        self.scribble_dir = self.root / cfg.scribbles if cfg.scribbles else None
+        if self.scribble_dir is not None and not self.scribble_dir.is_dir():
+            raise DataError(self.scribble_dir, "scribble folder not found")
+        self.points_path = self.root / cfg.points if cfg.points else None
+        if self.points_path is not None and not self.points_path.is_file():
+            raise DataError(self.points_path, "points file not found")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "coco", **self.cfg.model_dump(), "root": str(self.root.resolve())}
+
+    def weak_sources(self) -> list[Path]:
+        files = list(self.json.values()) + ([self.points_path] if self.points_path else [])
+        return files + (sorted(self.scribble_dir.glob("*.png")) if self.scribble_dir else [])
+
+    def ids(self, split: str) -> list[str]:
+        if split not in ("train", "val"):
+            raise DataError(self.root, f"unknown split '{split}' (train, val)")
+        return list(self._ids.get(split, []))
+
+    def _entry(self, image_id: str) -> tuple[coco.CocoImage, Path]:
+        split = self._split_of.get(image_id)
+        if split is None:
+            raise DataError(self.root, f"image '{image_id}' is in none of the COCO files")
+        return coco.load(self.json[split]).images[image_id], self.json[split]
+
+    def image_path(self, image_id: str) -> str:
+        return str(self.image_dir / self._entry(image_id)[0].file_name)
+
+    def _size(self, image_id: str) -> tuple[int, int]:
+        entry = self._entry(image_id)[0]
+        return entry.width, entry.height
+
+    def _read_image(self, image_id: str) -> np.ndarray:
+        entry, source = self._entry(image_id)
+        image = read_image(Path(self.image_path(image_id)))
+        if image.shape[:2] != (entry.height, entry.width):
+            raise DataError(self.image_path(image_id), f"image is {image.shape[1]}x{image.shape[0]} but {source} says "
+                                                       f"{entry.width}x{entry.height}")
+        return image
+
+    def _rasterized(self, image_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        split = self._split_of.get(image_id)
+        if split is None or not self._has_masks[split]:
+            return None
+        return coco.rasterize(self._entry(image_id)[0])
+
+    def _read_gt(self, image_id: str) -> np.ndarray | None:
+        r = self._rasterized(image_id)
+        return None if r is None else r[0]
+
+    def _read_instances(self, image_id: str) -> np.ndarray | None:
+        r = self._rasterized(image_id)
+        return None if r is None else r[1]
+
+    def _class_of(self, value: Any, source: Path) -> int:
+        if isinstance(value, str):
+            if value not in self.class_names:
+                raise DataError(source, f"unknown class name '{value}'")
+            return self.class_names.index(value)
+        if not 0 <= int(value) < self.num_classes:
+            raise DataError(source, f"unknown class id {value} (the dataset has {self.num_classes} classes)")
+        return int(value)
+
+    def _read_weak(self, image_id: str) -> WeakLabels:
+        entry, source = self._entry(image_id)
+        boxes = [Box(*coco.box_window(a.bbox), a.cls) for a in entry.annotations if not a.crowd]
+        boxes = clip_boxes(boxes, entry.width, entry.height, f"{source} [{entry.file_name}]", log)
+        # points / scribbles: from their files, else synthesized from the masks when the
+        # supervision needs them and the image has an object mask
+        r = None
+        if ("points" in self.needs and self.points_path is None) or \
+                ("scribbles" in self.needs and self.scribble_dir is None):
+            r = self._rasterized(image_id)
+        synthesized = None
+        if r is not None and ((r[0] != 0) & (r[0] != IGNORE)).any():
+            synthesized = self._synthesize(image_id, r[0], r[1], str(source))
+        points: list[Point] = []
+        if "points" in self.needs and self.points_path is not None:
+            points = [Point(int(p["x"]), int(p["y"]), self._class_of(p["cls"], self.points_path))
+                      for p in _json_cached(self.points_path).get(image_id, [])]
+        elif "points" in self.needs and synthesized is not None:
+            points = synthesized.points
+        scribbles = None
+        if "scribbles" in self.needs and self.scribble_dir is not None:
+            spath = self.scribble_dir / f"{image_id}.png"
+            scribbles = read_label_png(spath) if spath.is_file() else None
+        elif "scribbles" in self.needs and synthesized is not None:
+            scribbles = synthesized.scribbles
+        tags = sorted({a.cls for a in entry.annotations})
+        return WeakLabels(tags=tags, boxes=boxes, scribbles=scribbles, points=points)
+
+
+@functools.lru_cache(maxsize=8)
+def _json_cached(path: Path) -> Any:
+    return _read_json(path)
+
+
 def build_dataset(config: Config):
     """The dataset reader a config names (errors here stop the run before any work)."""
     d = config.dataset
-    if isinstance(d, DemoDataset):
-        return DemoData(d, config.weak)
-    if isinstance(d, MasksDataset):
-        return MasksData(d, config.weak)
-    return VocData(d, config.weak)
+    kind = {DemoDataset: DemoData, MasksDataset: MasksData, CocoDataset: CocoData, VocDataset: VocData}[type(d)]
+    return kind(d, config.weak, config.supervision)

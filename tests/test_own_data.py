@@ -1,0 +1,121 @@
+"""Bring your own data: COCO instances JSON, VOC trees with any classes, weak labels without
+GT; results out with ``export`` and ``predict``."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipeline.config import config_from_dict
+from pipeline.datasets import build_dataset, read_image
+from stages.base import IGNORE, DataError
+
+from .conftest import TINY_TRAINING
+
+HORSE_IDS = ["horse001", "horse002", "horse003", "horse004"]
+
+
+def horse_mask(horses: Path, image_id: str) -> np.ndarray:
+    mask = np.asarray(Image.open(horses / "figure_ground" / f"{image_id}.jpg").convert("L")) >= 128
+    image = Image.open(horses / "rgb" / f"{image_id}.jpg")
+    if image.size != mask.shape[::-1]:
+        mask = cv2.resize(mask.astype(np.uint8), image.size, interpolation=cv2.INTER_NEAREST).astype(bool)
+    return mask
+
+
+def coco_tree(tmp_path: Path, horses: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A COCO folder over 4 horse images (symlinked): horse 1 as compressed RLE, horse 2 as
+    polygons, horse 3 with an extra crowd region, horse 4 with a box only; plus annotations
+    with an unknown category and an empty segmentation. Category ids are not contiguous."""
+    root = tmp_path / "coco"
+    (root / "images").mkdir(parents=True)
+    images, anns, masks = [], [], {}
+    for k, image_id in enumerate(HORSE_IDS):
+        os.symlink(horses / "rgb" / f"{image_id}.jpg", root / "images" / f"{image_id}.jpg")
+        w, h = Image.open(horses / "rgb" / f"{image_id}.jpg").size
+        images.append({"id": 100 + k, "file_name": f"{image_id}.jpg", "width": w, "height": h})
+        mask = horse_mask(horses, image_id)
+        masks[image_id] = mask
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        box = [float(v) for v in mask_utils.toBbox(rle)]
+        if k == 1:
+            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+            seg = [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+        elif k == 3:
+            seg = []
+        else:
+            seg = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        anns.append({"id": 10 * k + 1, "image_id": 100 + k, "category_id": 17, "bbox": box, "segmentation": seg,
+                     "iscrowd": 0, "area": float(mask.sum())})
+        if k == 2:
+            crowd = np.zeros_like(mask)
+            crowd[:10, :10] = True
+            crowd_rle = mask_utils.encode(np.asfortranarray(crowd.astype(np.uint8)))
+            anns.append({"id": 10 * k + 2, "image_id": 100 + k, "category_id": 17, "bbox": [0, 0, 10, 10],
+                         "segmentation": {"size": crowd_rle["size"], "counts": crowd_rle["counts"].decode("ascii")},
+                         "iscrowd": 1})
+    anns.append({"id": 99, "image_id": 100, "category_id": 5, "bbox": [1, 1, 5, 5], "segmentation": [], "iscrowd": 0})
+    data = {"images": images, "annotations": anns,
+            "categories": [{"id": 17, "name": "horse"}, {"id": 3, "name": "zebra"}]}
+    (root / "train.json").write_text(json.dumps(data))
+    return root, masks
+
+
+def coco_config(root: Path, tmp_path: Path, **extra):
+    return config_from_dict({"run": "c", "output_root": str(tmp_path / "artifacts"), "supervision": "box",
+                             "engine": "local", "workers": 1,
+                             "dataset": {"kind": "coco", "root": str(root), "train_json": "train.json", **extra},
+                             "cam": {"enabled": False}, **TINY_TRAINING}, "<test>")
+
+
+def test_coco_json_round_trips_boxes_masks_and_categories(horses, tmp_path, caplog):
+    root, masks = coco_tree(tmp_path, horses)
+    with caplog.at_level(logging.WARNING, logger="wsss.data"):
+        data = build_dataset(coco_config(root, tmp_path))
+    # category ids 3 and 17 -> classes 1 and 2, in id order
+    assert data.class_names == ["background", "zebra", "horse"]
+    assert data.ids("train") == HORSE_IDS and data.ids("val") == []
+    assert any("annotation 99 skipped: unknown category id 5" in r.message for r in caplog.records)
+    assert any("annotation 31" in r.message and "no segmentation" in r.message for r in caplog.records)
+    for image_id in HORSE_IDS:
+        mask = masks[image_id]
+        weak = data.load_weak(image_id)
+        ys, xs = np.nonzero(mask)
+        assert [(b.x0, b.y0, b.x1, b.y1, b.cls) for b in weak.boxes] == \
+            [(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 2)]
+        assert weak.tags == [2]
+        assert read_image(Path(data.image_path(image_id))).shape[:2] == mask.shape
+    gt = data.load_gt("horse001")
+    assert np.array_equal(gt, mask_to_class(masks["horse001"]))  # RLE: exact
+    gt = data.load_gt("horse002")
+    inter = ((gt == 2) & masks["horse002"]).sum()
+    # polygons trace the outer pixel centres (no holes, half a pixel in): close, not exact
+    assert inter / ((gt == 2) | masks["horse002"]).sum() > 0.9 and inter / masks["horse002"].sum() > 0.9
+    gt = data.load_gt("horse003")
+    assert (gt[:10, :10][~masks["horse003"][:10, :10]] == IGNORE).all()  # crowd region
+    gt = data.load_gt("horse004")  # a box without a mask: its pixels are unknown
+    b = data.load_weak("horse004").boxes[0]
+    assert (gt[b.y0:b.y1, b.x0:b.x1] == IGNORE).all() and (gt == IGNORE).sum() == (b.y1 - b.y0) * (b.x1 - b.x0)
+    inst = data.load_instances("horse001")
+    assert set(np.unique(inst)) == {0, 1}
+
+
+def mask_to_class(mask: np.ndarray) -> np.ndarray:
+    return np.where(mask, 2, 0).astype(np.uint8)
+
+
+def test_coco_errors_name_the_file(horses, tmp_path):
+    root, _ = coco_tree(tmp_path, horses)
+    (root / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="bad.json.*malformed JSON"):
+        build_dataset(coco_config(root, tmp_path, val_json="bad.json"))
+    (root / "other.json").write_text(json.dumps({"images": [], "categories": [{"id": 1, "name": "cat"}]}))
+    with pytest.raises(DataError, match="other.json.*categories differ"):
+        build_dataset(coco_config(root, tmp_path, val_json="other.json"))
