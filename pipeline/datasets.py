@@ -280,7 +280,11 @@ class MasksData(_Base):
     or mapped through ``class_map`` (mask value -> class id; unmapped values -> 255).
     Images whose size differs from their mask stop with an error naming both files, unless
     ``resize: image_to_mask`` (same aspect ratio required). Weak labels come from
-    ``weak_dir`` (written by ``wsss prepare``) or are synthesized on the fly, identically.
+    ``weak_dir`` (written by ``wsss prepare``, or your own) or are synthesized on the fly,
+    identically. With ``weak_dir`` the masks are optional: every image is used, scored where
+    it has a mask; of ``boxes.json``, ``points.json``, ``scribbles/`` only what the
+    supervision needs is read (and must exist), ``tags.json`` where present (else the
+    classes the other labels name).
     """
 
     def __init__(self, cfg: MasksDataset, weak: WeakConfig, supervision: str | None = None) -> None:
@@ -290,20 +294,30 @@ class MasksData(_Base):
         self.name = self.root.name
         self.class_names = list(cfg.class_names)
         self.image_dir, self.mask_dir = self.root / cfg.images, self.root / cfg.masks
-        for d in (self.root, self.image_dir, self.mask_dir):
+        # With weak_dir the masks are optional (GT where there is one: scores only there).
+        needed = (self.root, self.image_dir) if cfg.weak_dir else (self.root, self.image_dir, self.mask_dir)
+        for d in needed:
             if not d.is_dir():
                 raise DataError(d, "dataset folder not found")
         if cfg.weak_dir and not Path(cfg.weak_dir).is_dir():
             raise DataError(cfg.weak_dir, "weak-label folder not found (make it with `wsss prepare`)")
         self._images = self._index(self.image_dir)
-        masks = self._index(self.mask_dir)
-        unpaired = sorted(set(self._images) - set(masks))
-        if unpaired:
-            log.warning("%s: %d image(s) without a mask are skipped (e.g. %s)", self.mask_dir, len(unpaired), unpaired[0])
+        masks = self._index(self.mask_dir) if self.mask_dir.is_dir() else {}
         self._masks = masks
-        all_ids = sorted(set(self._images) & set(masks))
+        if cfg.weak_dir:
+            all_ids = sorted(self._images)
+            for name in ("boxes", "points", "tags"):
+                if name != "tags" and name in self.needs and not (Path(cfg.weak_dir) / f"{name}.json").is_file():
+                    raise DataError(Path(cfg.weak_dir) / f"{name}.json", "file not found (the supervision needs it)")
+        else:
+            unpaired = sorted(set(self._images) - set(masks))
+            if unpaired:
+                log.warning("%s: %d image(s) without a mask are skipped (e.g. %s); weak labels from files "
+                            "(dataset.weak_dir) need no mask", self.mask_dir, len(unpaired), unpaired[0])
+            all_ids = sorted(set(self._images) & set(masks))
         if not all_ids:
-            raise DataError(self.root, f"no image in {cfg.images}/ has a mask in {cfg.masks}/")
+            raise DataError(self.root, f"no image in {cfg.images}/ has a mask in {cfg.masks}/" if not cfg.weak_dir
+                            else f"no image in {cfg.images}/")
         if cfg.train_list or cfg.val_list:
             self._splits = {split: self._read_list(name, set(all_ids)) if name else []
                             for split, name in (("train", cfg.train_list), ("val", cfg.val_list))}
@@ -359,11 +373,12 @@ class MasksData(_Base):
             return []
         root = Path(self.cfg.weak_dir)
         scribbles = root / "scribbles"
-        return [root / f"{n}.json" for n in ("boxes", "points", "tags")] + (
-            sorted(scribbles.glob("*.png")) if scribbles.is_dir() else [])
+        return [root / f"{n}.json" for n in ("boxes", "points", "tags") if n == "tags" or n in self.needs] + (
+            sorted(scribbles.glob("*.png")) if scribbles.is_dir() and "scribbles" in self.needs else [])
 
     def _size(self, image_id: str) -> tuple[int, int]:
-        return _image_size(self._masks[image_id])  # images are read at (or resized to) their mask's size
+        # images are read at (or resized to) their mask's size
+        return _image_size(self._masks.get(image_id, self._images[image_id]))
 
     def ids(self, split: str) -> list[str]:
         if split not in self._splits:
@@ -390,7 +405,9 @@ class MasksData(_Base):
         except (OSError, SyntaxError) as err:
             raise DataError(path, f"unreadable or truncated mask ({err})") from None
 
-    def _read_gt(self, image_id: str) -> np.ndarray:
+    def _read_gt(self, image_id: str) -> np.ndarray | None:
+        if image_id not in self._masks:
+            return None
         raw, path = self._mask_raw(image_id), self._masks[image_id]
         if self.cfg.class_map is not None:
             known = np.isin(raw, list(self.cfg.class_map))
@@ -411,8 +428,10 @@ class MasksData(_Base):
         return (raw >= self.cfg.threshold).astype(np.uint8)
 
     def _read_image(self, image_id: str) -> np.ndarray:
-        ipath, mpath = self._images[image_id], self._masks[image_id]
+        ipath, mpath = self._images[image_id], self._masks.get(image_id)
         image = read_image(ipath)
+        if mpath is None:
+            return image
         mw, mh = _image_size(mpath)
         h, w = image.shape[:2]
         if (w, h) == (mw, mh):
@@ -424,28 +443,43 @@ class MasksData(_Base):
                                    "dataset.resize: image_to_mask to resize images to their masks")
         return cv2.resize(image, (mw, mh), interpolation=cv2.INTER_AREA)
 
-    def _weak_files(self) -> dict[str, Any]:
+    def _weak_file(self, name: str) -> dict[str, Any] | None:
+        """``weak_dir/<name>.json`` (parsed once), None where the file is absent."""
         if self._weak_cache is None:
-            root = Path(self.cfg.weak_dir)
-            self._weak_cache = {name: _read_json(root / f"{name}.json") for name in ("boxes", "points", "tags")}
-        return self._weak_cache
+            self._weak_cache = {}
+        if name not in self._weak_cache:
+            path = Path(self.cfg.weak_dir) / f"{name}.json"
+            self._weak_cache[name] = _read_json(path) if path.is_file() else None
+        return self._weak_cache[name]
 
     def _read_weak(self, image_id: str) -> WeakLabels:
         if not self.cfg.weak_dir:
             gt = self._read_gt(image_id)
             return self._synthesize(image_id, gt, None, str(self._masks[image_id]))
-        files = self._weak_files()
         root = Path(self.cfg.weak_dir)
-        if image_id not in files["boxes"]:
-            raise DataError(root / "boxes.json", f"no entry for image '{image_id}'")
-        mw, mh = _image_size(self._masks[image_id])
-        boxes = [Box(*map(int, b[:4]), self._check_cls(int(b[4]), root / "boxes.json")) for b in files["boxes"][image_id]]
-        boxes = clip_boxes(boxes, mw, mh, f"{root / 'boxes.json'} [{image_id}]", log)
-        points = [Point(int(p["x"]), int(p["y"]), self._check_cls(int(p["cls"]), root / "points.json"))
-                  for p in files["points"].get(image_id, [])]
+        boxes: list[Box] = []
+        if "boxes" in self.needs and (entries := self._weak_file("boxes")) is not None:
+            if image_id not in entries:
+                raise DataError(root / "boxes.json", f"no entry for image '{image_id}'")
+            boxes = [Box(*map(int, b[:4]), self._check_cls(int(b[4]), root / "boxes.json")) for b in entries[image_id]]
+            boxes = clip_boxes(boxes, *self._size(image_id), f"{root / 'boxes.json'} [{image_id}]", log)
+        points: list[Point] = []
+        if "points" in self.needs and (entries := self._weak_file("points")) is not None:
+            points = [Point(int(p["x"]), int(p["y"]), self._check_cls(int(p["cls"]), root / "points.json"))
+                      for p in entries.get(image_id, [])]
+        scribbles = None
         spath = root / "scribbles" / f"{image_id}.png"
-        scribbles = read_label_png(spath) if spath.is_file() else None
-        return WeakLabels(tags=list(files["tags"].get(image_id, [])), boxes=boxes, scribbles=scribbles, points=points)
+        if "scribbles" in self.needs and spath.is_file():
+            scribbles = read_label_png(spath)
+        tag_file = self._weak_file("tags")
+        if tag_file is not None:
+            tags = [self._check_cls(int(t), root / "tags.json") for t in tag_file.get(image_id, [])]
+        else:  # the classes the other labels name
+            named = {b.cls for b in boxes} | {p.cls for p in points}
+            if scribbles is not None:
+                named |= set(np.unique(scribbles[scribbles != IGNORE]).tolist())
+            tags = sorted(c for c in named if c != 0)
+        return WeakLabels(tags=tags, boxes=boxes, scribbles=scribbles, points=points)
 
     def _check_cls(self, cls: int, source: Path) -> int:
         if not 0 <= cls < self.num_classes:

@@ -72,7 +72,7 @@ def coco_config(root: Path, tmp_path: Path, **extra):
     return config_from_dict({"run": "c", "output_root": str(tmp_path / "artifacts"), "supervision": "box",
                              "engine": "local", "workers": 1,
                              "dataset": {"kind": "coco", "root": str(root), "train_json": "train.json", **extra},
-                             "cam": {"enabled": False}, **TINY_TRAINING}, "<test>")
+                             **TINY_TRAINING, "cam": {"enabled": False}}, "<test>")
 
 
 def test_coco_json_round_trips_boxes_masks_and_categories(horses, tmp_path, caplog):
@@ -119,3 +119,34 @@ def test_coco_errors_name_the_file(horses, tmp_path):
     (root / "other.json").write_text(json.dumps({"images": [], "categories": [{"id": 1, "name": "cat"}]}))
     with pytest.raises(DataError, match="other.json.*categories differ"):
         build_dataset(coco_config(root, tmp_path, val_json="other.json"))
+
+
+def test_boxes_without_masks_run_to_crf_without_scores(horses, tmp_path):
+    from pipeline.runner import make_run, run_local
+
+    root = tmp_path / "mine"
+    (root / "photos").mkdir(parents=True)
+    boxes = {}
+    for image_id in HORSE_IDS:
+        os.symlink(horses / "rgb" / f"{image_id}.jpg", root / "photos" / f"{image_id}.jpg")
+        ys, xs = np.nonzero(horse_mask(horses, image_id))
+        boxes[image_id] = [[int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1, 1]]
+    (root / "weak").mkdir()
+    (root / "weak" / "boxes.json").write_text(json.dumps(boxes))
+    config = config_from_dict({
+        "run": "mine", "output_root": str(tmp_path / "artifacts"), "supervision": "box", "engine": "local",
+        "workers": 1, "dataset": {"kind": "masks", "root": str(root), "images": "photos", "threshold": None,
+                                  "class_names": ["background", "horse"], "weak_dir": str(root / "weak"),
+                                  "val_fraction": 0.0},
+        **TINY_TRAINING, "cam": {"enabled": False}}, "<test>")
+    run = make_run(config)
+    assert run.dataset.ids("train") == HORSE_IDS and run.dataset.load_gt("horse001") is None
+    assert run.dataset.load_weak("horse002").tags == [1]  # no tags.json: the boxes' classes
+    run_local(run, ["box_seeds", "seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf"])
+    manifest = run.store("crf").read_manifest()
+    assert manifest["status"] == "complete" and manifest["counts"] == {"total": 4, "done": 4, "failed": 0}
+    assert "miou" not in manifest.get("metrics", {})
+    for image_id in HORSE_IDS:
+        labels = run.store("crf").read_label(image_id)
+        assert labels.shape == read_image(root / "photos" / f"{image_id}.jpg").shape[:2]
+        assert set(np.unique(labels)) <= {0, 1}
