@@ -71,10 +71,14 @@ class MasksDataset(DatasetSection):
 
 
 class VocDataset(DatasetSection):
-    """A VOCdevkit year folder (``.../VOCdevkit/VOC2012``)."""
+    """A VOCdevkit-style folder (``.../VOCdevkit/VOC2012`` or your own): ``JPEGImages``
+    (``.jpg`` or ``.png``), ``Annotations`` XML boxes, optional ``ImageSets/Segmentation``
+    lists (absent: every annotated image is train, val is empty), optional GT PNGs.
+    ``class_names``: the classes, background first (default VOC's 20 and their aliases)."""
 
     kind: Literal["voc"] = "voc"
     root: str
+    class_names: list[str] | None = None
     train_split: str = "train"
     val_split: str = "val"
     gt_dir: Literal["auto", "SegmentationClassAug", "SegmentationClass", "none"] = "auto"

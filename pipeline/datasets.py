@@ -507,19 +507,26 @@ VOC_ALIASES = {"plane": "aeroplane", "airplane": "aeroplane", "bike": "bicycle",
 
 
 class VocData(_Base):
-    """A VOCdevkit year folder: JPEGImages, Annotations, ImageSets/Segmentation, GT PNGs,
-    optional ScribbleSup XML / PNG scribbles and a points JSON (``{id: [{x, y, cls}]}``,
-    ``cls`` a VOC class id or name)."""
+    """A VOCdevkit-style folder: JPEGImages (.jpg / .png), Annotations, optional
+    ImageSets/Segmentation and GT PNGs, optional ScribbleSup XML / PNG scribbles and a points
+    JSON (``{id: [{x, y, cls}]}``, ``cls`` a class id or name); the classes from
+    ``dataset.class_names`` (default VOC's)."""
 
     def __init__(self, cfg: VocDataset, weak: WeakConfig, supervision: str | None = None) -> None:
         super().__init__(weak, supervision)
         self.cfg = cfg
         self.root = Path(cfg.root)
         self.name = self.root.name
-        self.class_names = list(VOC_CLASSES)
-        for d in (self.root, self.root / "JPEGImages", self.root / "ImageSets" / "Segmentation"):
+        self.class_names = list(cfg.class_names or VOC_CLASSES)
+        if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
+            raise DataError(self.root, f"dataset.class_names needs background and at least one class, no "
+                                       f"repeats: {self.class_names}")
+        self.aliases = VOC_ALIASES if cfg.class_names is None else {}
+        for d in (self.root, self.root / "JPEGImages"):
             if not d.is_dir():
                 raise DataError(d, "VOC folder not found")
+        self._images = {p.stem: p for p in sorted((self.root / "JPEGImages").iterdir())
+                        if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
         self.gt_dir: Path | None = None
         if cfg.gt_dir != "none":
             names = ["SegmentationClassAug", "SegmentationClass"] if cfg.gt_dir == "auto" else [cfg.gt_dir]
@@ -543,7 +550,14 @@ class VocData(_Base):
 
     def ids(self, split: str) -> list[str]:
         name = {"train": self.cfg.train_split, "val": self.cfg.val_split}.get(split, split)
-        path = self.root / "ImageSets" / "Segmentation" / f"{name}.txt"
+        lists = self.root / "ImageSets" / "Segmentation"
+        path = lists / f"{name}.txt"
+        if not lists.is_dir() and split in ("train", "val"):
+            # no lists at all: every image with an Annotations XML is train, val is empty
+            annotated = [] if split == "val" else sorted(
+                p.stem for p in (self.root / "Annotations").glob("*.xml") if p.stem in self._images)
+            warn_once(self.root, "no-lists", f"{lists}: no split lists; every annotated image is train, val is empty")
+            return annotated[: self.cfg.limit] if self.cfg.limit else annotated
         if not path.is_file():
             raise DataError(path, f"split list for '{split}' not found")
         ids = []
@@ -559,7 +573,7 @@ class VocData(_Base):
         return _image_size(Path(self.image_path(image_id)))
 
     def image_path(self, image_id: str) -> str:
-        return str(self.root / "JPEGImages" / f"{image_id}.jpg")
+        return str(self._images.get(image_id, self.root / "JPEGImages" / f"{image_id}.jpg"))
 
     def _read_image(self, image_id: str) -> np.ndarray:
         return read_image(Path(self.image_path(image_id)))
@@ -584,11 +598,15 @@ class VocData(_Base):
         return read_label_png(path) if path.is_file() else None
 
     def class_id(self, name: str, source: object) -> int:
-        key = name.strip().lower()
-        key = VOC_ALIASES.get(key, key)
-        if key not in VOC_CLASSES:
-            raise DataError(source, f"unknown class name '{name}'")
-        return VOC_CLASSES.index(key)
+        key = name.strip()
+        if key in self.class_names:
+            return self.class_names.index(key)
+        key = key.lower()
+        key = self.aliases.get(key, key)
+        lowered = [c.lower() for c in self.class_names]
+        if key not in lowered:
+            raise DataError(source, f"unknown class name '{name}' (dataset.class_names: {', '.join(self.class_names)})")
+        return lowered.index(key)
 
     def _parse_xml(self, path: Path) -> ET.Element:
         try:

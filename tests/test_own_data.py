@@ -150,3 +150,54 @@ def test_boxes_without_masks_run_to_crf_without_scores(horses, tmp_path):
         labels = run.store("crf").read_label(image_id)
         assert labels.shape == read_image(root / "photos" / f"{image_id}.jpg").shape[:2]
         assert set(np.unique(labels)) <= {0, 1}
+
+
+def voc_tree(tmp_path: Path, horses: Path) -> Path:
+    """A VOC-style folder with its own class names, .png images, GT PNGs and no ImageSets."""
+    root = tmp_path / "myvoc"
+    for d in ("JPEGImages", "Annotations", "SegmentationClass"):
+        (root / d).mkdir(parents=True)
+    for image_id in HORSE_IDS:
+        image = Image.open(horses / "rgb" / f"{image_id}.jpg").convert("RGB")
+        image.save(root / "JPEGImages" / f"{image_id}.png")
+        mask = horse_mask(horses, image_id)
+        Image.fromarray(np.where(mask, 1, 0).astype(np.uint8)).save(root / "SegmentationClass" / f"{image_id}.png")
+        ys, xs = np.nonzero(mask)
+        (root / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><object><name>Horse</name><bndbox><xmin>{xs.min() + 1}</xmin><ymin>{ys.min() + 1}</ymin>"
+            f"<xmax>{xs.max() + 1}</xmax><ymax>{ys.max() + 1}</ymax></bndbox></object></annotation>")
+    return root
+
+
+def test_voc_tree_with_own_classes_and_png_images_runs_to_crf(horses, tmp_path):
+    from pipeline.runner import make_run, run_local
+
+    root = voc_tree(tmp_path, horses)
+    config = config_from_dict({
+        "run": "v", "output_root": str(tmp_path / "artifacts"), "supervision": "box", "engine": "local",
+        "workers": 1, "dataset": {"kind": "voc", "root": str(root), "class_names": ["background", "Horse"]},
+        **TINY_TRAINING, "cam": {"enabled": False}}, "<test>")
+    run = make_run(config)
+    assert run.dataset.ids("train") == HORSE_IDS and run.dataset.ids("val") == []
+    mask = horse_mask(horses, "horse003")
+    ys, xs = np.nonzero(mask)
+    assert [(b.x0, b.y0, b.x1, b.y1, b.cls) for b in run.dataset.load_weak("horse003").boxes] == \
+        [(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 1)]
+    run_local(run, ["box_seeds", "seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf"])
+    manifest = run.store("crf").read_manifest()
+    assert manifest["counts"] == {"total": 4, "done": 4, "failed": 0}
+    assert manifest["metrics"]["miou"] > 0.5  # scored against the GT PNGs
+
+
+def test_voc_unknown_class_names_the_file_and_the_classes(horses, tmp_path):
+    root = voc_tree(tmp_path, horses)
+    (root / "Annotations" / "horse002.xml").write_text(
+        "<annotation><object><name>zebra</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax>"
+        "</bndbox></object></annotation>")
+    config = config_from_dict({"run": "v", "output_root": str(tmp_path / "a"), "dataset": {
+        "kind": "voc", "root": str(root), "class_names": ["background", "Horse"]}}, "<test>")
+    data = build_dataset(config)
+    with pytest.raises(DataError, match=r"horse002\.xml: unknown class name 'zebra' \(dataset.class_names: "
+                                        r"background, Horse\)"):
+        data.load_weak("horse002")
+    assert data.load_weak("horse001").boxes[0].cls == 1
