@@ -5,6 +5,7 @@
     wsss inspect CONFIG IMAGE_ID  one PNG panel: image, GT, weak labels, every stage's labels, graph edges
     wsss eval CONFIG --stage S    per-class IoU, mIoU, coverage, precision of one stage
     wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, tags) from GT
+    wsss export CONFIG --out DIR  a stage's labels as palette PNGs (mmseg layout) or COCO JSON
     wsss demo                     the whole pipeline on the built-in synthetic data
     wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train, random_walk, a2gnn)
 """
@@ -163,6 +164,27 @@ def execute(the_run, only=None, start=None, until=None, force=None) -> None:
     console.print(status_table(the_run))
     _print_failures(the_run)
     console.print(f"artifacts: {the_run.run_dir}", highlight=False)
+
+
+@app.command()
+def export(config: Path = ConfigArg,
+           stage: str = typer.Option("crf", "--stage", help="The stage whose labels to export."),
+           out: Path = typer.Option(..., "--out", help="Folder to write (created)."),
+           fmt: str = typer.Option("png", "--format", help="png (an mmseg-ready folder) or coco (RLE JSON)."),
+           soft: bool = typer.Option(False, "--soft", help="Also write the probability maps (soft stages)."),
+           overrides: Optional[list[str]] = SetOpt) -> None:
+    """Write a stage's labels out of the artifact store, at each image's own size."""
+    from .export import ExportError, export as export_stage
+
+    the_run = _make_run(config, overrides)
+    try:
+        the_run.spec(stage)
+        summary = export_stage(the_run, stage, out, fmt, soft)
+    except (ConfigError, DataError, ExportError) as err:
+        _fail(str(err))
+    console.print(f"exported {summary['images']} {summary['split']} image(s) of {stage} "
+                  f"({summary['fingerprint']}) to {out}" + (f": {summary['coco_json']}" if "coco_json" in summary
+                                                              else ""), highlight=False)
 
 
 @app.command()

@@ -196,14 +196,3 @@ def rasterize(image: CocoImage) -> tuple[np.ndarray, np.ndarray]:
     semantic[unknown & ~covered] = IGNORE
     instance[unknown & ~covered] = IGNORE
     return semantic, instance
-
-
-def encode(mask: np.ndarray) -> dict:
-    """A bool (H, W) mask as compressed RLE with a JSON-ready ``counts`` string."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
-def area_and_box(rle: dict) -> tuple[float, list[float]]:
-    return float(mask_utils.area(rle)), [float(v) for v in mask_utils.toBbox(rle)]

@@ -717,6 +717,10 @@ class CocoData(_Base):
     def describe(self) -> dict[str, Any]:
         return {"kind": "coco", **self.cfg.model_dump(), "root": str(self.root.resolve())}
 
+    def coco_categories(self) -> list[int]:
+        """The COCO category id of classes 1..K (``wsss export --format coco`` writes them back)."""
+        return [cid for cid, _ in coco.load(self.json["train"]).categories]
+
     def weak_sources(self) -> list[Path]:
         files = list(self.json.values()) + ([self.points_path] if self.points_path else [])
         return files + (sorted(self.scribble_dir.glob("*.png")) if self.scribble_dir else [])

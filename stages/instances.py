@@ -9,7 +9,7 @@ yields no instance.
 Each instance's score (for AP, and for a detector trained on them) is the IoU of the
 mask's tight box with its given box: a mask that fills its box tightly is the one the MP
 loss's tightness prior expects. Once every image is done the stage writes
-``instances.json`` (COCO format, uncompressed RLE masks, ``score`` per annotation) and,
+``instances.json`` (COCO format, compressed RLE masks, ``score`` per annotation) and,
 where GT exists, scores mask AP^r at ``iou_thresholds`` (Table 3.2's metric).
 
 Training Mask R-CNN on these masks needs torchvision's compiled RoIAlign/NMS; see
@@ -21,6 +21,7 @@ import json
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from models.metrics import mask_ap, match_instances
 
@@ -52,25 +53,9 @@ def instance_score(mask: np.ndarray, box: Box) -> float:
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:
-    """COCO uncompressed RLE: run lengths over the column-major pixels, starting with 0s."""
-    flat = np.asarray(mask, bool).reshape(-1, order="F")
-    change = np.nonzero(flat[1:] != flat[:-1])[0] + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:
-        counts = [0, *counts]
-    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
-
-
-def rle_decode(rle: dict[str, Any]) -> np.ndarray:
-    h, w = rle["size"]
-    values = np.zeros(h * w, bool)
-    pos = 0
-    for k, n in enumerate(rle["counts"]):
-        if k % 2:
-            values[pos:pos + n] = True
-        pos += n
-    return values.reshape((h, w), order="F")
+    """A bool (H, W) mask as COCO compressed RLE (pycocotools), ``counts`` a JSON-ready string."""
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def objects_of(instances: np.ndarray, boxes: list[Box]) -> list[tuple[Box, np.ndarray, float]]:

@@ -2,11 +2,13 @@
 final_eval (multi-scale, CRF column), instances (RLE, mask AP), and the demo's final model
 against its GT-trained upper bound."""
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_utils
 
 from models.affinity import window_offsets
 from models.backbones import multiscale_sum, normalize
@@ -15,7 +17,7 @@ from models.metrics import average_precision, mask_ap, match_instances
 from pipeline.config import Config, config_from_dict
 from pipeline.runner import make_run, run_local
 from stages.base import Box
-from stages.instances import instance_map, instance_score, rle_decode, rle_encode
+from stages.instances import instance_map, instance_score, rle_encode
 
 from .conftest import demo_config, kill_and_resume
 
@@ -89,11 +91,13 @@ def test_multiscale_sum_resizes_flips_back_and_sums():
 
 
 # --------------------------------------------------------------------------- instances
-def test_rle_is_coco_column_major_and_round_trips():
-    assert rle_encode(np.array([[0, 1], [1, 1]], bool)) == {"counts": [1, 3], "size": [2, 2]}
-    assert rle_encode(np.array([[1, 0], [0, 0]], bool)) == {"counts": [0, 1, 3], "size": [2, 2]}
+def test_rle_is_pycocotools_compressed_and_round_trips():
     mask = np.random.default_rng(0).random((7, 9)) > 0.6
-    np.testing.assert_array_equal(rle_decode(rle_encode(mask)), mask)
+    rle = rle_encode(mask)
+    assert isinstance(rle["counts"], str) and rle["size"] == [7, 9]
+    json.dumps(rle)  # JSON-ready
+    np.testing.assert_array_equal(mask_utils.decode({**rle, "counts": rle["counts"].encode()}).astype(bool), mask)
+    assert mask_utils.area({**rle, "counts": rle["counts"].encode()}) == mask.sum()
 
 
 def test_instance_map_gives_overlaps_to_the_smaller_box_and_keeps_the_class():

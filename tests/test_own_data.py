@@ -201,3 +201,78 @@ def test_voc_unknown_class_names_the_file_and_the_classes(horses, tmp_path):
                                         r"background, Horse\)"):
         data.load_weak("horse002")
     assert data.load_weak("horse001").boxes[0].cls == 1
+
+
+@pytest.fixture(scope="module")
+def small_box_run(tmp_path_factory):
+    """A tiny demo box run up to the instance masks (demo images at a 2x working size, so
+    export has to bring the labels back to the images' own size)."""
+    from pipeline.runner import make_run, run_local
+
+    from .conftest import demo_config
+
+    run = make_run(demo_config(tmp_path_factory.mktemp("export"), supervision="box", dataset__min_side=240))
+    run_local(run, [n for n in run.names if n in ("box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph",
+                                                   "random_walk", "a2gnn", "crf", "instances")])
+    return run
+
+
+def test_export_png_reads_back_equal_to_the_items_at_the_images_own_size(small_box_run, tmp_path):
+    from pipeline.export import export
+    from pipeline.store import read_label_png
+
+    run = small_box_run
+    summary = export(run, "crf", tmp_path / "out", "png")
+    ids = run.ids("crf")
+    assert summary["images"] == len(ids) == 6
+    assert (tmp_path / "out" / "splits" / "train.txt").read_text().split() == ids
+    meta = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert meta["classes"] == run.dataset.class_names and meta["fingerprint"] == run.store("crf").fingerprint
+    for image_id in ids:
+        item = run.store("crf").read_label(image_id)
+        assert item.shape == (240, 320)  # the working size
+        exported = read_label_png(tmp_path / "out" / "ann_dir" / "train" / f"{image_id}.png")
+        assert exported.shape == (120, 160)  # the demo image's own size
+        np.testing.assert_array_equal(exported, item[::2, ::2])  # nearest, exactly 2x
+        assert Image.open(tmp_path / "out" / "ann_dir" / "train" / f"{image_id}.png").mode == "P"
+    # soft maps, when asked for
+    export(run, "a2gnn", tmp_path / "soft", "png", soft=True)
+    with np.load(tmp_path / "soft" / "soft" / "train" / f"{ids[0]}.npz") as z:
+        probs, class_ids = z["probs"], z["class_ids"]
+    assert probs.shape[1:] == (120, 160) and probs.shape[0] == len(class_ids)
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=1e-2)
+
+
+def test_export_coco_loads_in_pycocotools_with_the_same_masks(small_box_run, tmp_path):
+    from pycocotools.coco import COCO
+
+    from pipeline.export import export
+
+    run = small_box_run
+    for stage in ("crf", "instances"):
+        summary = export(run, stage, tmp_path / stage, "coco")
+        coco_api = COCO(summary["coco_json"])
+        assert sorted(c["name"] for c in coco_api.loadCats(coco_api.getCatIds())) == sorted(run.dataset.class_names[1:])
+        assert len(coco_api.getImgIds()) == 6 and summary["annotations"] > 0
+        for img in coco_api.loadImgs(coco_api.getImgIds()):
+            if stage == "crf":
+                labels = run.store("crf").read_label(img["wsss_id"])[::2, ::2]
+            else:
+                labels = run.store("instances").read_label(img["wsss_id"])[::2, ::2]
+            for ann in coco_api.loadAnns(coco_api.getAnnIds(imgIds=img["id"])):
+                mask = coco_api.annToMask(ann).astype(bool)
+                if stage == "crf":
+                    np.testing.assert_array_equal(mask, labels == ann["category_id"])
+                else:
+                    assert 0 < ann["score"] <= 1 and mask.sum() > 0
+                    ids, counts = np.unique(labels[mask], return_counts=True)
+                    assert len(ids) == 1 and ids[0] > 0  # one whole instance of the stored map
+
+
+def test_export_refuses_what_it_cannot_write(small_box_run, tmp_path):
+    from pipeline.export import ExportError, export
+
+    with pytest.raises(ExportError, match="writes model outputs"):
+        export(small_box_run, "affinity_train", tmp_path, "png")
+    with pytest.raises(ExportError, match="unknown export format 'tiff'"):
+        export(small_box_run, "crf", tmp_path, "tiff")
