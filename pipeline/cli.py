@@ -6,6 +6,7 @@
     wsss eval CONFIG --stage S    per-class IoU, mIoU, coverage, precision of one stage
     wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, tags) from GT
     wsss export CONFIG --out DIR  a stage's labels as palette PNGs (mmseg layout) or COCO JSON
+    wsss predict CONFIG --images DIR --out DIR   the trained model on new images
     wsss demo                     the whole pipeline on the built-in synthetic data
     wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train, random_walk, a2gnn)
 """
@@ -185,6 +186,24 @@ def export(config: Path = ConfigArg,
     console.print(f"exported {summary['images']} {summary['split']} image(s) of {stage} "
                   f"({summary['fingerprint']}) to {out}" + (f": {summary['coco_json']}" if "coco_json" in summary
                                                               else ""), highlight=False)
+
+
+@app.command()
+def predict(config: Path = ConfigArg,
+            images: Path = typer.Option(..., "--images", help="Folder of images to label."),
+            out: Path = typer.Option(..., "--out", help="Folder for the label PNGs (created)."),
+            overrides: Optional[list[str]] = SetOpt) -> None:
+    """The run's trained model (final_train, or dfr_train) on new images: one palette PNG each."""
+    from .predict import PredictError, predict as predict_images
+
+    _setup_logging()
+    the_run = _make_run(config, overrides)
+    try:
+        summary = predict_images(the_run, images, out)
+    except (ConfigError, PredictError) as err:
+        _fail(str(err))
+    console.print(f"{summary['written']} label PNG(s) in {out} ({summary['model']} {summary['fingerprint']})"
+                  + (f"; {len(summary['failed'])} image(s) failed" if summary["failed"] else ""), highlight=False)
 
 
 @app.command()

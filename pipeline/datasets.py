@@ -97,6 +97,20 @@ def scale_weak(weak: WeakLabels, scale: float, shape: tuple[int, int]) -> WeakLa
     return WeakLabels(tags=list(weak.tags), boxes=boxes, scribbles=scribbles, points=points)
 
 
+def working_size(width: int, height: int, cfg) -> tuple[float, tuple[int, int]] | None:
+    """(scale, (h, w)) of the size every stage works at (``cfg`` a dataset section): down
+    when the longer side exceeds ``max_side``, up when the shorter side is below ``min_side``
+    (never past ``max_side``); None for an image used as it is."""
+    limit, low = cfg.max_side, cfg.min_side
+    if max(width, height) > limit:
+        scale = limit / max(width, height)
+    elif low is not None and min(width, height) < low:
+        scale = min(low / min(width, height), limit / max(width, height))
+    else:
+        return None
+    return scale, (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as img:
@@ -162,21 +176,13 @@ class _Base(abc.ABC):
         return None
 
     def _target(self, image_id: str) -> tuple[float, tuple[int, int]] | None:
-        """(scale, (h, w)) of the working size: down when the image's longer side exceeds
-        ``max_side`` (``oversize: downscale``; ``fail`` raises), up when its shorter side is
-        below ``min_side`` (never past ``max_side``); None for images used as they are."""
+        """:func:`working_size` of the image (None: used as it is)."""
         w, h = self._size(image_id)
-        limit, low = self.cfg.max_side, self.cfg.min_side
-        if max(w, h) > limit:
-            if self.cfg.oversize == "fail":
-                raise DataError(self.image_path(image_id), f"image is {w}x{h}, above dataset.max_side {limit}; "
-                                                           "raise max_side or set dataset.oversize: downscale")
-            scale = limit / max(w, h)
-        elif low is not None and min(w, h) < low:
-            scale = min(low / min(w, h), limit / max(w, h))
-        else:
-            return None
-        return scale, (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+        if max(w, h) > self.cfg.max_side and self.cfg.oversize == "fail":
+            raise DataError(self.image_path(image_id), f"image is {w}x{h}, above dataset.max_side "
+                                                       f"{self.cfg.max_side}; raise max_side or set dataset.oversize: "
+                                                       "downscale")
+        return working_size(w, h, self.cfg)
 
     def load_image(self, image_id: str) -> np.ndarray:
         image = self._read_image(image_id)

@@ -213,7 +213,7 @@ def small_box_run(tmp_path_factory):
 
     run = make_run(demo_config(tmp_path_factory.mktemp("export"), supervision="box", dataset__min_side=240))
     run_local(run, [n for n in run.names if n in ("box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph",
-                                                   "random_walk", "a2gnn", "crf", "instances")])
+                                                   "random_walk", "a2gnn", "crf", "instances", "final_train")])
     return run
 
 
@@ -276,3 +276,31 @@ def test_export_refuses_what_it_cannot_write(small_box_run, tmp_path):
         export(small_box_run, "affinity_train", tmp_path, "png")
     with pytest.raises(ExportError, match="unknown export format 'tiff'"):
         export(small_box_run, "crf", tmp_path, "tiff")
+
+
+def test_predict_writes_one_png_per_image_at_its_own_size(small_box_run, tmp_path):
+    from pipeline.predict import predict
+    from pipeline.store import read_label_png
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    sizes = {"a": (90, 130), "b": (121, 161), "c": (200, 150)}
+    rng = np.random.default_rng(0)
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    summary = predict(small_box_run, folder, tmp_path / "out")
+    assert summary["written"] == 3 and list(summary["failed"]) == ["broken.jpg"]
+    for name, shape in sizes.items():
+        labels = read_label_png(tmp_path / "out" / f"{name}.png")
+        assert labels.shape == shape and labels.max() < small_box_run.dataset.num_classes
+
+
+def test_predict_without_a_trained_model_says_what_to_run(tmp_path):
+    from pipeline.predict import PredictError, predict
+    from pipeline.runner import make_run
+
+    from .conftest import demo_config
+
+    with pytest.raises(PredictError, match="no trained final_train model.*--until final_train"):
+        predict(make_run(demo_config(tmp_path)), tmp_path, tmp_path / "out")
