@@ -210,8 +210,22 @@ def predict(config: Path = ConfigArg,
 def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> None:
     """A table of every stage: fingerprint, done/total, failures, time and metrics."""
     the_run = _make_run(config, overrides)
+    if not the_run.run_dir.is_dir():
+        _fail(f"no run folder at {the_run.run_dir.resolve()} (output_root '{the_run.config.output_root}' is relative "
+              f"to the folder you run wsss from: {Path.cwd()}); nothing has run for this config there")
     console.print(status_table(the_run))
     _print_failures(the_run)
+    _print_loss_curves(the_run)
+
+
+def _print_loss_curves(run) -> None:
+    """Where each training stage drew its loss curve."""
+    from stages.training import LOSS_CURVE
+
+    for name in run.names:
+        path = run.store(name).dir / LOSS_CURVE
+        if path.is_file():
+            console.print(f"{name} loss curve: {path}", highlight=False)
 
 
 @app.command("eval")
@@ -376,7 +390,8 @@ def _stop(signum: int, frame: Any) -> None:
     temporary server) and exit 130 / 143 at once. Every finished item, checkpoint and
     manifest is on disk (atomic writes); a write cut short is a temp file the next run removes."""
     try:
-        err_console.print("stopped; run again to resume", highlight=False)
+        err_console.print(f"{'interrupted' if signum == signal.SIGINT else 'stopped'}; run again to resume",
+                          highlight=False)
         from .runner import stop_workers
 
         stop_workers()

@@ -10,6 +10,7 @@ the same way to spread shards over a cluster.
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
@@ -21,31 +22,39 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from .runner import begin_stage, execute_stage, finish_stage, run_from_json, run_stages, shards
 
 
-@task(name="begin", cache_policy=NO_CACHE)
+# Task runs are named "<stage>/begin", "<stage>/shard-<k>", "<stage>/finish" in the UI.
+@task(name="begin", task_run_name="{name}/begin", cache_policy=NO_CACHE)
 def begin_task(config_json: str, name: str, force: bool) -> list[str]:
     return begin_stage(run_from_json(config_json), name, force)
 
 
-@task(name="shard", cache_policy=NO_CACHE)
-def shard_task(config_json: str, name: str, ids: list[str], workers: int | None) -> dict[str, Any]:
+@task(name="shard", task_run_name="{name}/shard-{index}", cache_policy=NO_CACHE)
+def shard_task(config_json: str, name: str, index: int, ids: list[str], workers: int | None) -> dict[str, Any]:
     result = execute_stage(run_from_json(config_json), name, ids, workers=workers)
     return {"failures": result.failures, "info": result.info, "metrics": result.metrics}
 
 
-@task(name="finish", cache_policy=NO_CACHE)
+@task(name="finish", task_run_name="{name}/finish", cache_policy=NO_CACHE)
 def finish_task(config_json: str, name: str, shard_results: list[dict[str, Any]], seconds: float,
                 computed: int) -> dict[str, Any]:
     from stages.base import StageResult
 
+    run = run_from_json(config_json)
     results = [StageResult(**r) for r in shard_results]
-    manifest = finish_stage(run_from_json(config_json), name, results, seconds, computed)
-    publish(name, manifest)
+    manifest = finish_stage(run, name, results, seconds, computed)
+    publish(run.config.run, name, manifest)
     return manifest
 
 
-def publish(name: str, manifest: dict[str, Any]) -> None:
-    """Stage metrics as Prefect artifacts (they show in the UI next to the flow run)."""
-    key = f"{name.replace('_', '-')}-metrics"
+def artifact_key(run_name: str, stage: str, what: str) -> str:
+    """``<run>-<stage>-<what>`` in the lowercase letters, digits and dashes Prefect keys allow."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"{run_name}-{stage}-{what}".lower())).strip("-")
+
+
+def publish(run_name: str, name: str, manifest: dict[str, Any]) -> None:
+    """Stage metrics as Prefect artifacts (they show in the UI next to the flow run), keyed
+    by run and stage so two runs' artifacts stay apart."""
+    key = artifact_key(run_name, name, "metrics")
     metrics = manifest.get("metrics") or {}
     rows = [{"class": k, "iou": None if v is None else round(v, 4)} for k, v in metrics.get("iou", {}).items()]
     if rows:
@@ -70,7 +79,8 @@ def wsss_flow(config_json: str, names: list[str], force: list[str]) -> dict[str,
         t0 = time.time()
         todo = begin_task(config_json, name, forced)
         parts = shards(run, name, todo)
-        futures = shard_task.map(config_json, name, parts, 1 if parallel_shards else None) if parts else []
+        futures = shard_task.map(config_json, name, list(range(len(parts))), parts,
+                                 1 if parallel_shards else None) if parts else []
         results = [f.result() for f in futures]
         return finish_task(config_json, name, results, time.time() - t0, len(todo))
 

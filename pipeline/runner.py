@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import stages  # noqa: F401  (importing the package registers every stage)
 from models.metrics import confusion_matrix, scores
-from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec, describe_error
+from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec, describe_error, progress_bar
 
 from .config import Config, ConfigError, config_from_dict, dump_config
 from .datasets import build_dataset
@@ -68,11 +67,6 @@ RESULT_NEUTRAL = {
 
 
 # --------------------------------------------------------------------------- progress
-def progress_bar() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
-
-
 def track(items: list, desc: str) -> Iterator:
     with progress_bar() as bar:
         task = bar.add_task(desc, total=len(items))

@@ -14,9 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Protocol, TypeVar
 
 import numpy as np
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 IGNORE = 255
 """Label value for unknown / ignored pixels everywhere in the project."""
+
+
+def progress_bar(*extra: ProgressColumn) -> Progress:
+    """The one progress bar of the CLI: description, bar, done/total, ``extra`` columns
+    (a training loop adds its loss and rate), elapsed, ETA."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
 
 
 class DataError(ValueError):

@@ -13,9 +13,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+from rich.progress import TextColumn
 
 from .augment import epoch_order, photometric, scale_flip_crop, step_rng
-from .base import IGNORE, DataError, StageContext, StageResult, run_items
+from .base import IGNORE, DataError, StageContext, StageResult, progress_bar, run_items
 
 
 def poly_lr(base: float, step: int, total: int, power: float, warmup: int = 0, warmup_ratio: float = 1.0) -> float:
@@ -57,29 +58,72 @@ def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optim
         ctx.log.info("%s: resuming from step %d of %d", ctx.stage, start, total)
     model.train()
     t0 = time.time()
-    for step in range(start, total):
-        epoch, k = divmod(step, steps_per_epoch)
-        picks = epoch_order(seed, epoch, n_samples)[k * batch:(k + 1) * batch]
-        for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = poly_lr(base, step, total, cfg.poly_power, getattr(cfg, "warmup_iterations", 0),
-                                  getattr(cfg, "warmup_ratio", 1.0))
-        loss = step_fn(picks, step)
-        optimizer_step(loss, opt, scaler)
-        running.append(float(loss.detach()))
-        if k == steps_per_epoch - 1 or step + 1 == total:
-            history.append(round(float(np.mean(running)), 5))
-            running = []
-            if (epoch + 1) % max(1, n_epochs // 10) == 0 or step + 1 == total:
-                ctx.log.info("%s: epoch %d/%d loss %.4f (%.1f s)", ctx.stage, epoch + 1, n_epochs, history[-1],
-                             time.time() - t0)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                     "running": running, "rng": _get_rng()}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            ctx.out.save_checkpoint(step + 1, state)
+    bar = progress_bar(TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"))
+    with bar:
+        task = bar.add_task(f"{ctx.stage} (steps)", total=total, completed=start, loss="-", rate="")
+        for step in range(start, total):
+            epoch, k = divmod(step, steps_per_epoch)
+            picks = epoch_order(seed, epoch, n_samples)[k * batch:(k + 1) * batch]
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = poly_lr(base, step, total, cfg.poly_power, getattr(cfg, "warmup_iterations", 0),
+                                      getattr(cfg, "warmup_ratio", 1.0))
+            loss = step_fn(picks, step)
+            optimizer_step(loss, opt, scaler)
+            running.append(float(loss.detach()))
+            rate = (step + 1 - start) / max(time.time() - t0, 1e-9)
+            bar.update(task, advance=1, loss=f"{np.mean(running[-20:]):.4f}",
+                       rate=f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step")
+            if k == steps_per_epoch - 1 or step + 1 == total:
+                history.append(round(float(np.mean(running)), 5))
+                running = []
+                if (epoch + 1) % max(1, n_epochs // 10) == 0 or step + 1 == total:
+                    ctx.log.info("%s: epoch %d/%d loss %.4f (%.1f s)", ctx.stage, epoch + 1, n_epochs, history[-1],
+                                 time.time() - t0)
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+                state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                         "running": running, "rng": _get_rng()}
+                if scaler is not None:
+                    state["scaler"] = scaler.state_dict()
+                ctx.out.save_checkpoint(step + 1, state)
+    ctx.out.write_file(LOSS_CURVE, loss_curve_png(history, f"{ctx.stage}: mean loss per epoch"))
     return {"steps": total, "epochs": n_epochs, "loss_curve": history,
             "train_seconds": round(time.time() - t0, 2), "resumed_from": start}
+
+
+LOSS_CURVE = "loss_curve.png"
+
+
+def loss_curve_png(history: list[float], title: str, size: tuple[int, int] = (480, 300)) -> bytes:
+    """A line plot of ``history`` (one value per epoch) as PNG bytes: axes, the first and
+    last epoch, the lowest and highest loss."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 56, 12, 24, 30
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 6), title, fill=(0, 0, 0))
+    draw.rectangle((left, top, w - right, h - bottom), outline=(0, 0, 0))
+    values = [v for v in history if np.isfinite(v)]
+    if values:
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        n = len(history)
+        xs = [left + (w - right - left) * (k / max(n - 1, 1)) for k in range(n)]
+        ys = [h - bottom - (h - bottom - top) * ((v - lo) / span) for v in history]
+        if n > 1:
+            draw.line(list(zip(xs, ys)), fill=(31, 119, 180), width=2)
+        for x, y in zip(xs, ys):
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(31, 119, 180))
+        draw.text((4, top - 4), f"{hi:.4g}", fill=(0, 0, 0))
+        draw.text((4, h - bottom - 8), f"{lo:.4g}", fill=(0, 0, 0))
+        draw.text((left, h - bottom + 6), "epoch 1", fill=(0, 0, 0))
+        draw.text((w - right - 60, h - bottom + 6), f"epoch {n}", fill=(0, 0, 0))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def sgd(model: torch.nn.Module, cfg) -> tuple[torch.optim.SGD, list[float]]:

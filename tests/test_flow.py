@@ -22,14 +22,21 @@ def test_flow_runs_stages_over_shards_and_publishes_metrics(tmp_path, prefect_ha
     assert out["a2gnn"]["counts"]["done"] == 5
     assert out["crf"]["metrics"]["miou"] > 0.7
 
-    async def artifact_keys():
+    async def keys_and_names():
         async with get_client() as client:
-            return {a.key for a in await client.read_artifacts()}
+            return {a.key for a in await client.read_artifacts()}, {t.name for t in await client.read_task_runs()}
 
     import asyncio
 
-    keys = asyncio.run(artifact_keys())
-    assert {"box-seeds-metrics", "crf-metrics", "crf-metrics-summary"} <= keys
+    keys, task_runs = asyncio.run(keys_and_names())
+    assert {"t-box-seeds-metrics", "t-crf-metrics", "t-crf-metrics-summary"} <= keys  # run "t"
+    assert {"box_seeds/begin", "box_seeds/shard-0", "box_seeds/shard-2", "crf/finish"} <= task_runs
+
+
+def test_artifact_keys_are_valid_prefect_keys():
+    from pipeline.flow import artifact_key
+
+    assert artifact_key("Horses_box v2", "box_seeds", "metrics") == "horses-box-v2-box-seeds-metrics"
 
 
 def test_flow_with_process_shards_records_a_bad_image_and_stops_on_a_failed_stage(tmp_path, horses, prefect_harness):
