@@ -1,13 +1,15 @@
-"""``wsss inspect``: one PNG panel per image (image, GT, the weak labels it trains from, every
-stage's labels, named; for a graph stage, the edge weights of one pixel's node as a heat map
-over the image)."""
+"""``wsss inspect``: one PNG per image, a grid of titled panels (image, GT, the weak labels it
+trains from, every stage's labels with its mIoU against GT where known; for a graph stage
+the edge weights of one pixel's node as a heat map), a legend of the class colours below.
+Unknown pixels (255) are hatched; instance maps use one colour per instance."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
+from models.metrics import confusion_matrix, scores
 from stages.base import IGNORE, DataError, WeakLabels
 
 from .store import voc_palette
@@ -22,14 +24,86 @@ def colourize(label: np.ndarray) -> np.ndarray:
     return _PALETTE[label]
 
 
-def _tile(array: np.ndarray, title: str, height: int) -> Image.Image:
+def hatch(rgb: np.ndarray, unknown: np.ndarray, period: int = 6) -> np.ndarray:
+    """``rgb`` with the ``unknown`` pixels drawn as grey / white diagonal stripes."""
+    ys, xs = np.indices(unknown.shape)
+    stripes = np.where(((ys + xs) // (period // 2)) % 2 == 0, 150, 245).astype(np.uint8)
+    out = rgb.copy()
+    out[unknown] = stripes[unknown][:, None]
+    return out
+
+
+def label_image(label: np.ndarray) -> np.ndarray:
+    """A label map in the class palette, unknown hatched."""
+    return hatch(colourize(label), label == IGNORE)
+
+
+def instance_image(instances: np.ndarray) -> np.ndarray:
+    """An instance-id map, one colour per instance (hues spread by the golden ratio), black
+    background, unknown hatched."""
+    ids = np.arange(256)
+    hue = (ids * 0.618034) % 1.0
+    rgb = np.stack([np.clip(np.abs(hue * 6 - 3) - 1, 0, 1), np.clip(2 - np.abs(hue * 6 - 2), 0, 1),
+                    np.clip(2 - np.abs(hue * 6 - 4), 0, 1)], 1)
+    table = (60 + 195 * rgb).astype(np.uint8)
+    table[0] = 0
+    return hatch(table[instances], instances == IGNORE)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _tile(array: np.ndarray, title: str, height: int, width: int | None = None) -> Image.Image:
+    """The array scaled to ``height`` (nearest), on a white tile with the title above."""
     img = Image.fromarray(array)
     if img.height != height:
         img = img.resize((max(1, round(img.width * height / img.height)), height), Image.NEAREST)
-    tile = Image.new("RGB", (img.width, height + 16), (255, 255, 255))
-    tile.paste(img, (0, 16))
-    ImageDraw.Draw(tile).text((3, 2), title, fill=(0, 0, 0))
+    tile = Image.new("RGB", (max(width or 0, img.width), height + _TITLE), (255, 255, 255))
+    tile.paste(img, (0, _TITLE))
+    ImageDraw.Draw(tile).text((3, 3), title, fill=(0, 0, 0), font=_font(14))
     return tile
+
+
+_TITLE = 22
+
+
+def legend(class_names: list[str], width: int) -> Image.Image:
+    """Swatches of every class colour with its name, and the unknown hatch, wrapped to ``width``."""
+    font = _font(14)
+    entries = [(colourize(np.full((14, 14), k, np.uint8)), name) for k, name in enumerate(class_names)]
+    entries.append((label_image(np.full((14, 14), IGNORE, np.uint8)), "unknown (255)"))
+    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [22 + int(draw_probe.textlength(name, font=font)) + 16 for _, name in entries]
+    rows, x = 1, 0
+    for w in widths:
+        if x + w > width and x > 0:
+            rows, x = rows + 1, 0
+        x += w
+    out = Image.new("RGB", (width, rows * 22 + 6), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    x = y = 0
+    for (swatch, name), w in zip(entries, widths):
+        if x + w > width and x > 0:
+            x, y = 0, y + 22
+        out.paste(Image.fromarray(swatch), (x + 4, y + 5))
+        draw.rectangle((x + 3, y + 4, x + 18, y + 19), outline=(0, 0, 0))
+        draw.text((x + 24, y + 4), name, fill=(0, 0, 0), font=font)
+        x += w
+    return out
+
+
+def grid(tiles: list[Image.Image], columns: int, gap: int = 6) -> Image.Image:
+    """Tiles in rows of ``columns``, each cell as wide as the widest tile."""
+    cell_w, cell_h = max(t.width for t in tiles), max(t.height for t in tiles)
+    rows = -(-len(tiles) // columns)
+    out = Image.new("RGB", (columns * cell_w + (columns - 1) * gap, rows * cell_h + (rows - 1) * gap), (255, 255, 255))
+    for k, t in enumerate(tiles):
+        out.paste(t, ((k % columns) * (cell_w + gap), (k // columns) * (cell_h + gap)))
+    return out
 
 
 def edge_heatmap(image: np.ndarray, graph: dict[str, np.ndarray], pixel: tuple[int, int],
@@ -81,43 +155,55 @@ def weak_overlay(image: np.ndarray, weak: WeakLabels, kind: str) -> np.ndarray:
     return out
 
 
-def inspect_panel(run, image_id: str, out: Path | None = None, pixel: tuple[int, int] | None = None) -> Path:
-    """Compose the panel for ``image_id`` and write it; returns the PNG path. ``pixel``
+def _miou(labels: np.ndarray, gt: np.ndarray | None, num_classes: int) -> str:
+    if gt is None or labels.shape != gt.shape:
+        return ""
+    value = scores(confusion_matrix(labels, gt, num_classes))["miou"]
+    return "" if value is None or np.isnan(value) else f"  mIoU {value:.3f}"
+
+
+def inspect_panel(run, image_id: str, out: Path | None = None, pixel: tuple[int, int] | None = None,
+                  columns: int = 4) -> Path:
+    """Compose the grid for ``image_id`` and write it; returns the PNG path. ``pixel``
     (x, y; default the image centre) picks the node whose edges a graph stage shows."""
     known = {i for name in run.names for i in run.ids(name)}
     if image_id not in known:
         raise DataError(run.dataset.name, f"unknown image id '{image_id}' (e.g. {sorted(known)[:3]})")
     image = run.dataset.load_image(image_id)
-    h = max(image.shape[0], 96)
-    tiles = [_tile(image, image_id, h)]
+    n_classes = run.dataset.num_classes
+    h = max(image.shape[0], 200)
+    panels: list[tuple[np.ndarray, str]] = [(image, image_id)]
     gt = run.dataset.load_gt(image_id)
     if gt is not None:
-        tiles.append(_tile(colourize(gt), "ground truth", h))
+        panels.append((label_image(gt), "ground truth"))
     if image_id in run.dataset.ids("train"):  # what the run learns from
         kind, weak = weak_kind(run.config), run.dataset.load_weak(image_id)
         title = {"box": "boxes", "scribble": "scribbles", "point": "points"}.get(kind) or "tags: " + ", ".join(
             run.dataset.class_names[t] for t in weak.tags)
-        tiles.append(_tile(weak_overlay(image, weak, kind), title, h))
+        panels.append((weak_overlay(image, weak, kind), title))
     for name in run.names:
         store = run.store(name)
         if store.kind == "arrays" and store.has(image_id):
             where = pixel or (image.shape[1] // 2, image.shape[0] // 2)
-            heat = edge_heatmap(image, store.read_arrays(image_id), where)
-            tiles.append(_tile(heat, f"{name}: edges of ({where[0]},{where[1]})", h))
+            panels.append((edge_heatmap(image, store.read_arrays(image_id), where),
+                           f"{name}: edges of ({where[0]},{where[1]})"))
         if store.kind not in ("label", "soft", "instances") or image_id not in run.ids(name):
             continue  # training stages have no per-image output; val images skip train stages
         for variant in [*run.spec(name).variants(run.config), None]:
             title = name if variant is None else f"{name}/{variant}"
-            if store.has(image_id, variant):
-                tiles.append(_tile(colourize(store.labels_of(image_id, variant)), title, h))
+            if not store.has(image_id, variant):
+                panels.append((np.full((image.shape[0], image.shape[1], 3), 255, np.uint8), f"{title} (not run)"))
+            elif store.kind == "instances":
+                panels.append((instance_image(store.read_label(image_id, variant)), title))
             else:
-                blank = np.full((image.shape[0], image.shape[1], 3), 255, np.uint8)
-                tiles.append(_tile(blank, f"{title} (not run)", h))
-    panel = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), h + 16), (255, 255, 255))
-    x = 0
-    for t in tiles:
-        panel.paste(t, (x, 0))
-        x += t.width + 4
+                labels = store.labels_of(image_id, variant)
+                panels.append((label_image(labels), title + _miou(labels, gt, n_classes)))
+    tiles = [_tile(array, title, h) for array, title in panels]
+    body = grid(tiles, min(columns, len(tiles)))
+    key = legend(run.dataset.class_names, body.width)
+    panel = Image.new("RGB", (body.width, body.height + key.height + 8), (255, 255, 255))
+    panel.paste(body, (0, 0))
+    panel.paste(key, (0, body.height + 8))
     path = out or run.run_dir / "inspect" / f"{image_id}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     panel.save(path)

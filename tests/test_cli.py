@@ -63,19 +63,34 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     png = tmp_path / "art" / "cli" / "inspect" / "train_0001.png"
     assert png.is_file()
     w, h = Image.open(png).size
-    assert w > 8 * 160 and h > 120  # image, GT, box_seeds, seeds, graph edges, random_walk, a2gnn, crf side by side
+    # a grid of 4 columns, tiles 200 px high + title: image, GT, boxes, box_seeds (+ GrabCut filled), seeds,
+    # graph edges, random_walk, a2gnn, crf, ... in 3 or more rows, the legend below
+    assert 4 * 200 < w < 4 * 300 and h > 3 * 222
     res = runner.invoke(app, ["eval", str(path), "--stage", "final_eval", "--map", "crf"])
     assert res.exit_code == 0 and "final_eval/crf: 2" in res.output and "mean" in res.output
     res = runner.invoke(app, ["inspect", str(path), "val_0001"])
     assert res.exit_code == 0, res.output
-    w, _ = Image.open(tmp_path / "art" / "cli" / "inspect" / "val_0001.png").size
-    assert 4 * 160 < w < 5 * 160  # image, GT, final_eval, final_eval/crf: the train stages are left out
+    w, h = Image.open(tmp_path / "art" / "cli" / "inspect" / "val_0001.png").size
+    assert h < 2 * 222  # one row: image, GT, final_eval, final_eval/crf (the train stages are left out) + legend
     res = runner.invoke(app, ["inspect", str(path), "train_0001", "--pixel", "10,20"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["inspect", str(path), "train_0001", "--pixel", "999,20"])
     assert res.exit_code == 2 and "outside the 160x120 image" in res.output
     res = runner.invoke(app, ["inspect", str(path), "nope_1"])
     assert res.exit_code == 2 and "unknown image id" in res.output
+
+
+def test_label_and_instance_images_hatch_unknown_and_colour_instances_apart():
+    from pipeline.visualize import colourize, instance_image, label_image
+    from stages.base import IGNORE
+
+    labels = np.array([[0, 1, IGNORE, IGNORE, IGNORE, IGNORE]], np.uint8).repeat(6, 0)
+    rgb = label_image(labels)
+    assert (rgb[:, 0] == colourize(np.uint8(0))).all() and (rgb[:, 1] == colourize(np.uint8(1))).all()
+    hatched = rgb[:, 2:].reshape(-1, 3)
+    assert len({tuple(v) for v in hatched}) == 2 and all(v[0] == v[1] == v[2] for v in hatched)  # grey stripes
+    inst = instance_image(np.array([[0, 1, 2, 3]], np.uint8))
+    assert (inst[0, 0] == 0).all() and len({tuple(v) for v in inst[0, 1:]}) == 3
 
 
 def test_weak_overlay_paints_each_kind_in_its_class_colour():
