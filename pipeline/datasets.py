@@ -701,9 +701,13 @@ class CocoData(_Base):
             if not d.is_dir():
                 raise DataError(d, "dataset folder not found")
         self.json = {"train": self.root / cfg.train_json}
+        indexes = {"train": coco.load(self.json["train"])}  # fails here, before any work
         if cfg.val_json:
-            self.json["val"] = self.root / cfg.val_json
-        indexes = {split: coco.load(path) for split, path in self.json.items()}  # fails here, before any work
+            try:
+                indexes["val"] = coco.load(self.root / cfg.val_json)
+                self.json["val"] = self.root / cfg.val_json
+            except DataError as err:  # training can go on; the val stages get no images
+                log.warning("%s; the val split is empty", err)
         first = indexes["train"]
         for split, index in indexes.items():
             if index.categories != first.categories:
@@ -782,8 +786,9 @@ class CocoData(_Base):
 
     def _read_weak(self, image_id: str) -> WeakLabels:
         entry, source = self._entry(image_id)
-        boxes = [Box(*coco.box_window(a.bbox), a.cls) for a in entry.annotations if not a.crowd]
-        boxes = clip_boxes(boxes, entry.width, entry.height, f"{source} [{entry.file_name}]", log)
+        boxes = [b for a in entry.annotations if not a.crowd
+                 for b in clip_boxes([Box(*coco.box_window(a.bbox), a.cls)], entry.width, entry.height,
+                                     f"{source}: annotation {a.ann_id} ({entry.file_name})", log)]
         # points / scribbles: from their files, else synthesized from the masks when the
         # supervision needs them and the image has an object mask
         r = None

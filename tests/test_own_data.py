@@ -111,11 +111,28 @@ def mask_to_class(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, 2, 0).astype(np.uint8)
 
 
-def test_coco_errors_name_the_file(horses, tmp_path):
+def test_coco_errors_name_the_file_and_the_annotation(horses, tmp_path, caplog):
     root, _ = coco_tree(tmp_path, horses)
     (root / "bad.json").write_text("{not json")
     with pytest.raises(DataError, match="bad.json.*malformed JSON"):
-        build_dataset(coco_config(root, tmp_path, val_json="bad.json"))
+        build_dataset(coco_config(root, tmp_path, train_json="bad.json"))
+    with caplog.at_level(logging.WARNING, logger="wsss.data"):
+        data = build_dataset(coco_config(root, tmp_path, val_json="bad.json"))  # train goes on
+    assert data.ids("val") == [] and len(data.ids("train")) == 4
+    assert any("bad.json" in r.message and "malformed JSON" in r.message for r in caplog.records)
+    data_json = json.loads((root / "train.json").read_text())
+    data_json["annotations"][0]["bbox"] = [-20.0, -10.0, 60.0, 40.0]  # partly outside the image
+    data_json["annotations"].append({"id": 77, "image_id": 101, "category_id": 17, "bbox": [5000, 5000, 10, 10],
+                                     "iscrowd": 0})  # wholly outside
+    (root / "edited.json").write_text(json.dumps(data_json))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wsss.data"):
+        data = build_dataset(coco_config(root, tmp_path, train_json="edited.json"))
+        assert [(b.x0, b.y0, b.x1, b.y1) for b in data.load_weak("horse001").boxes] == [(0, 0, 40, 30)]
+        assert len(data.load_weak("horse002").boxes) == 1
+    said = [r.message for r in caplog.records]
+    assert any("annotation 1 (horse001.jpg)" in m and "clipped" in m for m in said)
+    assert any("annotation 77 (horse002.jpg)" in m and "dropped" in m for m in said)
     (root / "other.json").write_text(json.dumps({"images": [], "categories": [{"id": 1, "name": "cat"}]}))
     with pytest.raises(DataError, match="other.json.*categories differ"):
         build_dataset(coco_config(root, tmp_path, val_json="other.json"))
