@@ -40,6 +40,7 @@ class CocoImage:
     file_name: str
     width: int
     height: int
+    coco_id: int = -1
     annotations: list[Annotation] = field(default_factory=list)
     unsegmented: bool = False  # an object without a mask: the GT is unknown around it
 
@@ -92,8 +93,8 @@ def parse(path: Path) -> CocoIndex:
     for entry in data["images"]:
         try:
             stem = safe_name(Path(str(entry["file_name"])).stem, "image id")
-            image = CocoImage(str(entry["file_name"]), int(entry["width"]), int(entry["height"]))
             coco_id = int(entry["id"])
+            image = CocoImage(str(entry["file_name"]), int(entry["width"]), int(entry["height"]), coco_id)
         except (KeyError, TypeError, ValueError) as err:
             log.warning("%s: image entry %s skipped: %s", path, entry.get("id", "?") if isinstance(entry, dict) else
                         "?", err if isinstance(err, ValueError) else f"missing or bad field {err}")
@@ -196,3 +197,25 @@ def rasterize(image: CocoImage) -> tuple[np.ndarray, np.ndarray]:
     semantic[unknown & ~covered] = IGNORE
     instance[unknown & ~covered] = IGNORE
     return semantic, instance
+
+
+def points_by_image(data: Any, index: CocoIndex, path: Path) -> dict[str, list[tuple[float, float, Any]]]:
+    """Click points per image id from either form of a points file: the project's
+    ``{image id: [{"x", "y", "cls"}]}`` or a COCO-style, keypoint-free file whose
+    ``annotations`` carry ``image_id``, ``category_id`` and ``point: [x, y]`` (``cls`` is then
+    the COCO category id, returned as ``("category", id)``)."""
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        stems = {im.coco_id: stem for stem, im in index.images.items()}
+        out: dict[str, list[tuple[float, float, Any]]] = {}
+        for ann in data["annotations"]:
+            try:
+                stem = stems[ann["image_id"]]
+                x, y = (float(v) for v in ann["point"])
+                out.setdefault(stem, []).append((x, y, ("category", int(ann["category_id"]))))
+            except (KeyError, TypeError, ValueError):
+                log.warning("%s: point annotation %s skipped: needs a known image_id, category_id and point [x, y]",
+                            path, ann.get("id", "?") if isinstance(ann, dict) else "?")
+        return out
+    if not isinstance(data, dict):
+        raise DataError(path, "a points file is {image id: [{x, y, cls}]} or COCO-style with 'annotations'")
+    return {stem: [(p["x"], p["y"], p["cls"]) for p in entries] for stem, entries in data.items()}

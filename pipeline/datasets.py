@@ -776,6 +776,12 @@ class CocoData(_Base):
         return None if r is None else r[1]
 
     def _class_of(self, value: Any, source: Path) -> int:
+        """A class id from a class id, a category name or ``("category", COCO id)``."""
+        if isinstance(value, tuple):
+            ids = self.coco_categories()
+            if value[1] not in ids:
+                raise DataError(source, f"unknown category id {value[1]}")
+            return ids.index(value[1]) + 1
         if isinstance(value, str):
             if value not in self.class_names:
                 raise DataError(source, f"unknown class name '{value}'")
@@ -786,7 +792,7 @@ class CocoData(_Base):
 
     def _read_weak(self, image_id: str) -> WeakLabels:
         entry, source = self._entry(image_id)
-        boxes = [b for a in entry.annotations if not a.crowd
+        boxes = [b for a in entry.annotations if not a.crowd and "boxes" in self.needs
                  for b in clip_boxes([Box(*coco.box_window(a.bbox), a.cls)], entry.width, entry.height,
                                      f"{source}: annotation {a.ann_id} ({entry.file_name})", log)]
         # points / scribbles: from their files, else synthesized from the masks when the
@@ -800,8 +806,8 @@ class CocoData(_Base):
             synthesized = self._synthesize(image_id, r[0], r[1], str(source))
         points: list[Point] = []
         if "points" in self.needs and self.points_path is not None:
-            points = [Point(int(p["x"]), int(p["y"]), self._class_of(p["cls"], self.points_path))
-                      for p in _json_cached(self.points_path).get(image_id, [])]
+            clicks = _coco_points(str(self.points_path), str(source)).get(image_id, [])
+            points = [Point(int(round(x)), int(round(y)), self._class_of(cls, self.points_path)) for x, y, cls in clicks]
         elif "points" in self.needs and synthesized is not None:
             points = synthesized.points
         scribbles = None
@@ -814,9 +820,10 @@ class CocoData(_Base):
         return WeakLabels(tags=tags, boxes=boxes, scribbles=scribbles, points=points)
 
 
-@functools.lru_cache(maxsize=8)
-def _json_cached(path: Path) -> Any:
-    return _read_json(path)
+@functools.lru_cache(maxsize=4)
+def _coco_points(points: str, instances: str) -> dict[str, list]:
+    """The clicks of a points file per image id, read once per process."""
+    return coco.points_by_image(_read_json(Path(points)), coco.load(Path(instances)), Path(points))
 
 
 def build_dataset(config: Config):

@@ -321,3 +321,21 @@ def test_predict_without_a_trained_model_says_what_to_run(tmp_path):
 
     with pytest.raises(PredictError, match="no trained final_train model.*--until final_train"):
         predict(make_run(demo_config(tmp_path)), tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("form", ["project", "coco"])
+def test_coco_points_from_either_points_file(horses, tmp_path, form):
+    root, _ = coco_tree(tmp_path, horses)
+    if form == "project":
+        points = {"horse001": [{"x": 100, "y": 80, "cls": "horse"}, {"x": 5, "y": 5, "cls": 0}]}
+    else:
+        points = {"annotations": [{"id": 1, "image_id": 100, "category_id": 17, "point": [100.4, 79.6]},
+                                  {"id": 2, "image_id": 100, "category_id": 3, "point": [5, 5]},
+                                  {"id": 3, "image_id": 555, "category_id": 17, "point": [1, 1]}]}
+    (root / "points.json").write_text(json.dumps(points))
+    config = config_from_dict({"run": "p", "output_root": str(tmp_path / "a"), "supervision": "point", "dataset": {
+        "kind": "coco", "root": str(root), "train_json": "train.json", "points": "points.json"}}, "<test>")
+    data = build_dataset(config)
+    got = [(p.x, p.y, p.cls) for p in data.load_weak("horse001").points]
+    assert got == ([(100, 80, 2), (5, 5, 0)] if form == "project" else [(100, 80, 2), (5, 5, 1)])
+    assert data.load_weak("horse002").points == [] and data.load_weak("horse001").boxes == []  # only what points need
