@@ -22,12 +22,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-import stages  # noqa: F401  (importing the package registers every stage)
+import stages
 from models.metrics import confusion_matrix, scores
 from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec, describe_error, progress_bar
 
 from .config import Config, ConfigError, config_from_dict, dump_config
 from .datasets import build_dataset
+
+stages.load_all()
 from .store import StageBusy, StageStore, atomic_write_text, fingerprint
 
 log = logging.getLogger("wsss")
@@ -202,23 +204,27 @@ class Run:
 
 
 def build_dag(config: Config) -> tuple[list[StageSpec], dict[str, list[str]]]:
-    """Registered stages that apply to the config's supervision, in registration order."""
-    dag, upstream = [], {}
-    for name in STAGES.names():
-        spec = STAGES.get(name)
-        if config.supervision not in spec.supervisions or not spec.enabled(config):
-            continue
-        inputs = spec.inputs(config)
+    """The registered stages that apply to the config's supervision, ordered from their
+    declared inputs (a topological order; ties keep registration order)."""
+    specs = {name: STAGES.get(name) for name in STAGES.names()}
+    upstream = {name: spec.inputs(config) for name, spec in specs.items()
+                if config.supervision in spec.supervisions and spec.enabled(config)}
+    if not upstream:
+        raise ConfigError(f"no stage is implemented yet for supervision '{config.supervision}' "
+                          f"(registered: {', '.join(STAGES.names())})")
+    for name, inputs in upstream.items():
         missing = [u for u in inputs if u not in upstream]
         if missing:
             raise ConfigError(f"stage '{name}' needs {missing}, which do not run for supervision "
                               f"'{config.supervision}'")
-        dag.append(spec)
-        upstream[name] = inputs
-    if not dag:
-        raise ConfigError(f"no stage is implemented yet for supervision '{config.supervision}' "
-                          f"(registered: {', '.join(STAGES.names())})")
-    return dag, upstream
+    order: list[str] = []
+    while len(order) < len(upstream):
+        ready = [n for n in upstream if n not in order and all(u in order for u in upstream[n])]
+        if not ready:
+            cycle = sorted(n for n in upstream if n not in order)
+            raise ConfigError(f"the stages {cycle} depend on each other in a cycle")
+        order.append(ready[0])
+    return [specs[n] for n in order], upstream
 
 
 def make_run(config: Config) -> Run:

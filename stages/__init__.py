@@ -1,8 +1,17 @@
-"""One module per stage; importing this package registers them all in ``STAGES``.
-
-Registration order is the DAG's topological order.
+"""One module per stage; :func:`load_all` imports them, and each registers itself in
+``STAGES`` (see :mod:`stages.base`). The package itself imports nothing heavy, so the CLI
+starts without torch; the DAG order comes from the stages' declared inputs
+(:func:`pipeline.runner.build_dag`), not from the order of ``MODULES``.
 """
-from .base import STAGES, StageContext, StageResult, StageSpec  # noqa: F401
-from . import box_seeds, cam_train, cam, seeds, affinity_train, graph, random_walk, a2gnn, crf  # noqa: F401,E402
-from . import final_train, final_eval, instances, instance_train  # noqa: F401,E402
-from . import dfr_train, dfr_eval  # noqa: F401,E402
+from __future__ import annotations
+
+import importlib
+
+MODULES = ("box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf",
+           "final_train", "final_eval", "instances", "instance_train", "dfr_train", "dfr_eval")
+
+
+def load_all() -> None:
+    """Import every stage module (each registers its :class:`stages.base.StageSpec`)."""
+    for name in MODULES:
+        importlib.import_module(f"{__name__}.{name}")

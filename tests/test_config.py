@@ -52,3 +52,27 @@ def test_shipped_configs_validate():
 
     for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_the_dag_follows_the_declared_inputs_not_the_registration_order(monkeypatch):
+    from pipeline.config import config_from_dict
+    from pipeline.runner import build_dag
+    from stages.base import STAGES
+
+    config = config_from_dict({"supervision": "box"}, "<test>")
+    dag, upstream = build_dag(config)
+    names = [s.name for s in dag]
+    assert names[:3] == ["box_seeds", "cam_train", "cam"] and names.index("graph") < names.index("a2gnn")
+    monkeypatch.setattr(STAGES, "_items", dict(reversed(list(STAGES._items.items()))))
+    reordered = [s.name for s in build_dag(config)[0]]
+    assert sorted(reordered) == sorted(names)
+    for name, inputs in upstream.items():
+        assert all(reordered.index(u) < reordered.index(name) for u in inputs)
+
+
+def test_the_cli_starts_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
