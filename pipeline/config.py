@@ -16,7 +16,6 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 
 from stages.base import safe_name
 
-SUPERVISIONS = ("box", "scribble", "point", "image", "dfr")
 
 
 class ConfigError(ValueError):

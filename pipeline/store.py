@@ -1,6 +1,6 @@
 """The artifact store: the single source of truth for caching and resume.
 
-Layout (ARCHITECTURE.md)::
+Layout (README, "The artifact store")::
 
     <run>/config.yaml
     <run>/<stage>/<fingerprint>/manifest.json
@@ -417,11 +417,3 @@ class StageStore:
             pass
         os.symlink(self.fingerprint, tmp)
         os.replace(tmp, link)
-
-
-def current_fingerprint(run_dir: Path, stage: str) -> str | None:
-    link = Path(run_dir) / stage / "current"
-    try:
-        return os.readlink(link)
-    except OSError:
-        return None

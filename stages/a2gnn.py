@@ -339,5 +339,4 @@ def inputs(config) -> list[str]:
 SPEC = STAGES.register("a2gnn", StageSpec(
     name="a2gnn", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"),
     output="soft", version=VERSION, parallel="cpu",
-    description="per-image A2GNN: CE + MP + lambda L_reg, consistency checking",
     reads=("dataset", "weak", "seed", "supervision")))

@@ -101,4 +101,4 @@ def preflight(config) -> None:
 SPEC = STAGES.register("affinity_train", StageSpec(
     name="affinity_train", run=run, inputs=lambda config: ["seeds"], supervisions=("box", "scribble", "point", "image"),
     output="model", version=VERSION, per_image=False, parallel=False, preflight=preflight,
-    description="affinity CNN (L_Ac + 3 L_Ar)", reads=("dataset", "seed", "supervision")))
+    reads=("dataset", "seed", "supervision")))

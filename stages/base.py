@@ -253,7 +253,6 @@ class StageSpec:
     per_image: bool = True
     split: str = "train"
     enabled: Callable[[Any], bool] = lambda config: True
-    description: str = ""
     parallel: bool | Literal["cpu"] = True
     variants: Callable[[Any], list[str]] = lambda config: []
     report: Callable[[StageContext], dict[str, Any]] | None = None

@@ -111,5 +111,4 @@ def run(ctx: StageContext) -> StageResult:
 
 SPEC = STAGES.register("box_seeds", StageSpec(
     name="box_seeds", run=run, inputs=lambda config: [], supervisions=("box",),
-    output="label", version=VERSION, variants=lambda config: [FILLED],
-    description="GrabCut seeds from boxes (Eq. 3.2-3.3)", reads=("dataset", "weak", "seed")))
+    output="label", version=VERSION, variants=lambda config: [FILLED], reads=("dataset", "weak", "seed")))

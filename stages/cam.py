@@ -69,4 +69,4 @@ def threshold_sweep(ctx: StageContext) -> dict[str, Any]:
 SPEC = STAGES.register("cam", StageSpec(
     name="cam", run=run, inputs=lambda config: ["cam_train"], supervisions=("box", "scribble", "point", "image"),
     output="soft", version=VERSION, parallel=False, enabled=cam_enabled,
-    report=threshold_sweep, description="multi-scale CAMs with background (1-max)^alpha", reads=("dataset", "weak")))
+    report=threshold_sweep, reads=("dataset", "weak")))

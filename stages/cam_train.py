@@ -91,4 +91,4 @@ def preflight(config) -> None:
 SPEC = STAGES.register("cam_train", StageSpec(
     name="cam_train", run=run, inputs=lambda config: [], supervisions=("box", "scribble", "point", "image"),
     output="model", version=VERSION, per_image=False, parallel=False, enabled=cam_enabled, preflight=preflight,
-    description="multi-label classifier for CAMs", reads=("dataset", "weak", "seed")))
+    reads=("dataset", "weak", "seed")))

@@ -60,4 +60,4 @@ def inputs(config) -> list[str]:
 
 SPEC = STAGES.register("crf", StageSpec(
     name="crf", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"), output="label", version=VERSION,
-    description="dense CRF refinement", reads=("dataset", "supervision")))
+    reads=("dataset", "supervision")))

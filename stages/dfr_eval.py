@@ -28,4 +28,4 @@ def run(ctx: StageContext) -> StageResult:
 
 SPEC = STAGES.register("dfr_eval", StageSpec(
     name="dfr_eval", run=run, inputs=lambda config: ["dfr_train"], supervisions=("dfr",), output="label",
-    version=VERSION, split="val", parallel=False, description="DFR network on the val split"))
+    version=VERSION, split="val", parallel=False))

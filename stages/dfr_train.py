@@ -105,5 +105,4 @@ def preflight(config) -> None:
 
 SPEC = STAGES.register("dfr_train", StageSpec(
     name="dfr_train", run=run, inputs=lambda config: [], supervisions=("dfr",), output="model", version=VERSION,
-    per_image=False, parallel=False, preflight=preflight,
-    description="single-stage DFR network (Swin + UperNet) on scribbles", reads=("dataset", "weak", "seed")))
+    per_image=False, parallel=False, preflight=preflight, reads=("dataset", "weak", "seed")))

@@ -40,5 +40,4 @@ def run(ctx: StageContext) -> StageResult:
 SPEC = STAGES.register("final_eval", StageSpec(
     name="final_eval", run=run, inputs=lambda config: ["final_train"], supervisions=("box", "scribble", "point", "image"),
     output="label", version=VERSION, split="val", parallel=False,
-    variants=lambda config: ["crf"] if config.final_eval.use_crf else [],
-    description="final model on the val split (with and without CRF)"))
+    variants=lambda config: ["crf"] if config.final_eval.use_crf else []))

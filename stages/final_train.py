@@ -106,5 +106,4 @@ def preflight(config) -> None:
 
 SPEC = STAGES.register("final_train", StageSpec(
     name="final_train", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"),
-    output="model", version=VERSION, per_image=False, parallel=False, preflight=preflight,
-    description="DeepLabV3 trained on the pseudo-labels", reads=("dataset", "seed")))
+    output="model", version=VERSION, per_image=False, parallel=False, preflight=preflight, reads=("dataset", "seed")))

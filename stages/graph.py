@@ -133,5 +133,4 @@ def report(ctx: StageContext) -> dict[str, Any]:
 SPEC = STAGES.register("graph", StageSpec(
     name="graph", run=run, supervisions=("box", "scribble", "point", "image"),
     output="arrays", version=VERSION, parallel=False, report=report,
-    inputs=lambda config: ["affinity_train", "seeds"],  # seeds: only the report reads them
-    description="image -> grid graph (E_ij = D(i,j) > 1e-3, self-loops)"))
+    inputs=lambda config: ["affinity_train", "seeds"]))  # seeds: only the report reads them

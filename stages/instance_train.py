@@ -94,4 +94,4 @@ def preflight(config) -> None:
 SPEC = STAGES.register("instance_train", StageSpec(
     name="instance_train", run=run, inputs=lambda config: ["instances"], supervisions=("box",), output="model",
     version=VERSION, per_image=False, parallel=False, enabled=lambda config: config.instance_train.enabled,
-    preflight=preflight, description="Mask R-CNN on the instance pseudo-labels", reads=("dataset", "weak", "seed")))
+    preflight=preflight, reads=("dataset", "weak", "seed")))

@@ -116,5 +116,5 @@ def report(ctx: StageContext) -> dict[str, Any]:
 
 SPEC = STAGES.register("instances", StageSpec(
     name="instances", run=run, inputs=lambda config: ["crf"], supervisions=("box",), output="instances",
-    version=VERSION, report=report, description="box-supervised instance masks (COCO JSON, mask AP)",
+    version=VERSION, report=report,
     reads=("dataset", "weak")))

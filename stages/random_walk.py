@@ -101,5 +101,4 @@ def inputs(config) -> list[str]:
 
 SPEC = STAGES.register("random_walk", StageSpec(
     name="random_walk", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"),
-    output="soft", version=VERSION, parallel=False,
-    description="random walk M T^(2^logt), T = col-normalised A^beta", reads=("dataset", "supervision")))
+    output="soft", version=VERSION, parallel=False, reads=("dataset", "supervision")))

@@ -240,5 +240,5 @@ def inputs(config) -> list[str]:
 
 SPEC = STAGES.register("seeds", StageSpec(
     name="seeds", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"), output="label",
-    version=VERSION, variants=variants, description="seed maps M_I, M'_I, M_F, M_g, M_S, M_P",
+    version=VERSION, variants=variants,
     reads=("dataset", "weak", "supervision")))

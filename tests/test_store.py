@@ -1,4 +1,4 @@
-"""Resume, invalidation and atomicity of the artifact store (ARCHITECTURE.md contract)."""
+"""Resume, invalidation and atomicity of the artifact store (the README's store contract)."""
 import shutil
 
 import numpy as np
