@@ -312,7 +312,8 @@ def _a2gnn_problems(n: int, h: int, w: int, radius: int, channels: int, seed_fra
     from models.affinity import IGNORE, window_offsets
     from models.graph import grid_edges, to_grid
     from pipeline.config import A2gnnConfig
-    from stages.a2gnn import BOX_DEFAULTS, class_index, classes_of, make_problem
+    from stages.a2gnn import class_index, classes_of, make_problem
+    from stages.routing import A2GNN_BOX_DEFAULTS as BOX_DEFAULTS
 
     cfg = A2gnnConfig(**BOX_DEFAULTS)
     out = []
@@ -337,7 +338,8 @@ def _a2gnn_fit(path: str, layer: str, batch: int, epochs: int, n: int, h: int, w
 
     from models.metrics import confusion_matrix, scores
     from pipeline.config import A2gnnConfig
-    from stages.a2gnn import BOX_DEFAULTS, batches, fit
+    from stages.a2gnn import batches, fit
+    from stages.routing import A2GNN_BOX_DEFAULTS as BOX_DEFAULTS
 
     torch.set_num_threads(threads)
     cfg = A2gnnConfig(**{**BOX_DEFAULTS, "epochs": epochs}, path=path, layer=layer)

@@ -61,32 +61,12 @@ from models.graph import from_grid
 from models.losses import Window, consistency_check, mp_loss, potts_loss, prototype_similarity, seed_ce
 
 from .base import STAGES, Box, StageContext, StageResult, StageSpec, describe_error
-from .graph import STRIDE, load_affinity, node_features_of
-from .affinity_train import radius_of
+from .affinity_train import load_affinity
+from .graph import node_features_of
+from .routing import STRIDE, a2gnn_settings, fuses_random_walk, radius_of
 from .training import release
 
 VERSION = "2"
-
-BOX_DEFAULTS = {"epochs": 150, "lr": 0.035, "reg_weight": 0.01}
-OTHER_DEFAULTS = {"epochs": 50, "lr": 0.03, "reg_weight": 0.3}
-
-
-def settings(config) -> Any:
-    """The ``a2gnn`` section with the supervision's defaults filled in (``None`` fields),
-    and the box-only terms off for other supervisions."""
-    cfg = config.a2gnn
-    box = config.supervision == "box"
-    fill = {k: v for k, v in (BOX_DEFAULTS if box else OTHER_DEFAULTS).items() if getattr(cfg, k) is None}
-    if not box:
-        fill.update(mp=False, consistency=False, box_constraint=False)
-    if cfg.layer != "a2gnn":
-        fill.update(path="edges")  # the torch_geometric baselines run on edge lists
-    return cfg.model_copy(update=fill)
-
-
-def fuses_random_walk(config) -> bool:
-    return config.supervision in ("image", "point") and config.a2gnn.rw_weight > 0
-
 
 def image_seed(seed: int, image_id: str) -> int:
     """A per-image random seed: the same image gets the same model whatever its batch."""
@@ -291,7 +271,7 @@ def _run_group(ctx: StageContext, key: str, groups: dict[str, list[str]], meta: 
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg = settings(ctx.config)
+    cfg = a2gnn_settings(ctx.config)
     result, facts = StageResult(), []
     # One pass over the seeds and weak labels: each image's classes and boxes, and the
     # (size, class count) that decides which images can train stacked.

@@ -15,6 +15,8 @@ momentum, poly decay, 10x rate on the new layers; checkpoints and exact resume t
 """
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 import torch
@@ -25,19 +27,17 @@ from models.backbones import DEPTHS, weights_path
 
 from .augment import scale_flip_crop, step_rng
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
-from .seeds import affinity_map
+from .routing import affinity_map, offsets_of, radius_of
 from .training import release, sgd, train_loop
 
 VERSION = "2"  # 2: L_Ar divided by the number of pairs, as the released code
 
 
-def radius_of(config) -> int:
-    r = config.affinity_train.radius
-    return r if r is not None else (4 if config.supervision == "box" else 5)
-
-
-def offsets_of(config) -> list[tuple[int, int]]:
-    return window_offsets(radius_of(config), config.affinity_train.neighbourhood)
+def load_affinity(state: dict[str, Any], device: str) -> tuple[AffinityNet, list[tuple[int, int]]]:
+    """The trained affinity net (eval mode) and the offsets it was trained with."""
+    model = AffinityNet(state["arch"]["depth"], "none")
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval(), window_offsets(state["radius"], state["neighbourhood"])
 
 
 def affinity_loss(model: AffinityNet, images: torch.Tensor, seeds: torch.Tensor, valid: torch.Tensor,

@@ -19,7 +19,8 @@ from models.cam import multiscale_cam, with_background
 from models.metrics import confusion_matrix, scores
 
 from .base import STAGES, StageContext, StageResult, StageSpec
-from .cam_train import cam_enabled, load_trained
+from .cam_train import load_trained
+from .routing import cam_enabled
 from .training import infer_items
 
 VERSION = "1"

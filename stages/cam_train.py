@@ -25,6 +25,7 @@ from models.cam import CamNet, classification_loss
 
 from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .routing import cam_enabled
 from .training import release, sgd, train_loop, trained_model
 
 VERSION = "1"
@@ -77,10 +78,6 @@ def run(ctx: StageContext) -> StageResult:
     release(ctx.device)
     history = info["loss_curve"]
     return StageResult(info=info, metrics={"final_loss": history[-1] if history else math.nan})
-
-
-def cam_enabled(config) -> bool:
-    return config.cam.enabled
 
 
 def preflight(config) -> None:

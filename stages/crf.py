@@ -13,7 +13,7 @@ import numpy as np
 from models.crf import CrfParams, crf_from_labels, crf_from_probs
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
-from .random_walk import source_of
+from .routing import source_of
 
 VERSION = "1"
 

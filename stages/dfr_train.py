@@ -27,7 +27,7 @@ from models.losses import DfrTerms, dfr_objective
 from models.segmentation import DfrNet
 
 from .base import STAGES, DataError, StageContext, StageResult, StageSpec
-from .seeds import sparse_labels
+from .sparse import sparse_labels
 from .training import adamw, amp_setup, crop_batch, release, train_loop, trained_model
 
 VERSION = "1"

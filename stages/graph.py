@@ -23,23 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.affinity import AffinityNet, window_offsets
+from models.affinity import AffinityNet
 from models.graph import cell_labels, grid_edges, node_features, pair_confusion, to_grid
 
-from .affinity_train import offsets_of
+from .affinity_train import load_affinity
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
-from .seeds import affinity_map
+from .routing import STRIDE, affinity_map, offsets_of
 from .training import release
 
 VERSION = "1"
-STRIDE = 8
-
-
-def load_affinity(state: dict[str, Any], device: str) -> tuple[AffinityNet, list[tuple[int, int]]]:
-    """The trained affinity net (eval mode) and the offsets it was trained with."""
-    model = AffinityNet(state["arch"]["depth"], "none")
-    model.load_state_dict(state["state_dict"])
-    return model.to(device).eval(), window_offsets(state["radius"], state["neighbourhood"])
 
 
 @torch.no_grad()

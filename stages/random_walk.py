@@ -25,19 +25,9 @@ import torch
 from models.graph import from_grid, random_walk, to_grid
 
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
-from .cam_train import cam_enabled
-from .graph import STRIDE
+from .routing import STRIDE, source_of
 
 VERSION = "2"  # 2: keep_seeds
-
-
-def source_of(config) -> str:
-    """The stage whose output is propagated: ``cam`` or ``seeds``."""
-    source = config.random_walk.source
-    if source == "auto":
-        use_cam = config.supervision in ("image", "point") and cam_enabled(config)
-        return "cam" if use_cam else "seeds"
-    return source
 
 
 def cam_scores(probs: np.ndarray, class_ids: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:

@@ -45,9 +45,9 @@ from skimage.segmentation import slic
 
 from models.crf import CrfParams, crf_from_probs
 
-from .base import (IGNORE, STAGES, Box, DataError, Point, StageContext, StageResult, StageSpec, WeakLabels,
-                   run_items)
-from .cam_train import cam_enabled
+from .base import IGNORE, STAGES, Box, DataError, StageContext, StageResult, StageSpec, WeakLabels, run_items
+from .routing import cam_enabled
+from .sparse import sparse_labels
 
 VERSION = "1"
 
@@ -138,25 +138,6 @@ def expand_superpixels(sparse: np.ndarray, segments: np.ndarray) -> np.ndarray:
     return out
 
 
-def points_map(shape: tuple[int, int], points: list[Point]) -> np.ndarray:
-    """A sparse label map with one pixel per point."""
-    out = np.full(shape, IGNORE, np.uint8)
-    for p in points:
-        if 0 <= p.y < shape[0] and 0 <= p.x < shape[1]:
-            out[p.y, p.x] = p.cls
-    return out
-
-
-def sparse_labels(weak: WeakLabels, kind: str, shape: tuple[int, int]) -> np.ndarray:
-    """The sparse label map of ``kind`` (``scribble``: the strokes; ``point``: one pixel a
-    point), IGNORE where unlabelled; a ValueError when scribbles are asked for and absent."""
-    if kind == "point":
-        return points_map(shape, weak.points)
-    if weak.scribbles is None:
-        raise ValueError("no scribbles for this image")
-    return weak.scribbles
-
-
 def merge_seeds(primary: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """``primary`` where known, else ``fallback`` (scribbles: M_S over M'_I)."""
     return np.where(primary != IGNORE, primary, fallback).astype(np.uint8)
@@ -174,13 +155,6 @@ def variants(config) -> list[str]:
         return []
     extra = {"box": ["M_F"], "scribble": ["affinity"], "point": ["affinity"]}
     return ["M_I", "M_I_reliable", *extra.get(config.supervision, [])]
-
-
-def affinity_map(config) -> str | None:
-    """Which map the affinity CNN trains on (None: the main map M_g)."""
-    if config.supervision in ("scribble", "point") and cam_enabled(config):
-        return "affinity"
-    return None
 
 
 def seed_maps(supervision: str, cfg, image: np.ndarray, weak: WeakLabels,

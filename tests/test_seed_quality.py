@@ -125,9 +125,10 @@ def test_a2gnn_result_does_not_depend_on_the_batch(demo_box_run):
     """Re-training three images one at a time gives what the stage stored for them when it
     trained them stacked with others (same per-image seeds)."""
     from pipeline.runner import stage_context
-    from stages.a2gnn import _problem, classes_of, fit, settings
-    from stages.affinity_train import radius_of
-    from stages.graph import load_affinity
+    from stages.a2gnn import _problem, classes_of, fit
+    from stages.routing import a2gnn_settings as settings
+    from stages.routing import radius_of
+    from stages.affinity_train import load_affinity
 
     run = demo_box_run
     assert run.config.a2gnn.batch > 1

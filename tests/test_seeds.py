@@ -2,8 +2,9 @@
 import numpy as np
 
 from stages.base import Box, Point
-from stages.seeds import (confident_box_seeds, expand_superpixels, fuse_box_cam, merge_seeds, points_map,
-                          reliable_cam_labels, top_ratio_mask)
+from stages.seeds import (confident_box_seeds, expand_superpixels, fuse_box_cam, merge_seeds, reliable_cam_labels,
+                          top_ratio_mask)
+from stages.sparse import points_map
 
 X = 255
 
