@@ -1,7 +1,10 @@
 """Seed quality end to end: the demo config's CAM + box fusion, scribble/point expansion on
 the demo and on the Weizmann horses."""
+import os
+
 import numpy as np
 import pytest
+import torch
 
 from models.affinity import window_offsets
 from models.metrics import confusion_matrix, scores
@@ -125,21 +128,30 @@ def test_a2gnn_result_does_not_depend_on_the_batch(demo_box_run):
     """Re-training three images one at a time gives what the stage stored for them when it
     trained them stacked with others (same per-image seeds)."""
     from pipeline.runner import stage_context
-    from stages.a2gnn import _problem, classes_of, fit
-    from stages.routing import a2gnn_settings as settings
-    from stages.routing import radius_of
-    from stages.affinity_train import load_affinity
+    from stages.routing import a2gnn_settings, radius_of
 
     run = demo_box_run
     assert run.config.a2gnn.batch > 1
     ids = run.ids("a2gnn")[:3]
     ctx = stage_context(run, "a2gnn", ids)
-    cfg = settings(run.config)
-    affinity = load_affinity(ctx.input("affinity_train").read_model(), "cpu")[0]
+    cfg = a2gnn_settings(run.config)
+    # the stage trained in worker processes, each with cores // workers torch threads: the
+    # same thread count gives the same float sums
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.workers))
+    try:
+        _refit_and_compare(run, ctx, ids, cfg, radius_of)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _refit_and_compare(run, ctx, ids, cfg, radius_of) -> None:
+    from stages.a2gnn import _problem, classes_of, fit
+
     for image_id in ids:
         weak = run.dataset.load_weak(image_id)
         class_ids = classes_of(run.store("seeds").read_label(image_id), weak)
-        problem = _problem(ctx, image_id, class_ids, weak.boxes, affinity, cfg)
+        problem = _problem(ctx, image_id, class_ids, weak.boxes, cfg)
         probs = fit([problem], cfg, radius_of(run.config), "cpu")[0][0].numpy()
         stored, stored_ids = run.store("a2gnn").read_soft(image_id)
         assert list(stored_ids) == list(class_ids)
