@@ -148,8 +148,8 @@ T = TypeVar("T")
 class StageContext:
     """Everything a stage gets. Picklable, so per-image work can run in worker processes.
 
-    ``map_items`` and ``track`` are bound by the pipeline (process pool, rich progress);
-    the defaults here run sequentially so a stage can be driven by hand in a test.
+    ``map_items`` runs on the pipeline's ``mapper`` (a process pool with a progress bar)
+    when one is bound; without it, sequentially, so a stage can be driven by hand in a test.
     """
 
     stage: str
