@@ -20,9 +20,9 @@ Three exact paths compute it, chosen by the type of ``graph`` in ``forward``: an
 ``edge_index`` runs PyG message passing (any graph: grid graphs, superpixel graphs); a
 :class:`GridGraph` runs batched dense products over tiles of the grid, each tile against
 the tile grown by the radius (a block-banded form of the dense matrix; the fast path); a
-:class:`DenseGraph` is the released code's N x N formulation (tests, benchmark). A loop
-over the K window offsets on (K, h, w) tensors was measured too and lost: it is
-memory-bound, K small ops per layer.
+:class:`DenseGraph` is the released code's N x N formulation (tests, benchmark). Tiles
+rather than a loop over the K window offsets on (K, h, w) tensors, because that loop is
+memory-bound: K small ops per layer.
 
 Independent models: ``A2GNN(..., models=M)`` holds M models' weights stacked on a leading
 axis and runs them on M graphs of the same grid at once (``x`` (M, N, d), a stacked
