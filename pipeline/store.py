@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from stages.base import DataError, safe_name
+from stages.base import DataError, labels_from_soft, safe_name
 
 class StageBusy(RuntimeError):
     """Another run holds the stage's lock (and ``lock: refuse``)."""
@@ -201,7 +201,7 @@ class StageStore:
         """A hard label map whatever the output kind (argmax of soft maps)."""
         if self.kind == "soft":
             probs, ids = self.read_soft(image_id)
-            return np.asarray(ids, np.uint8)[probs.argmax(0)]
+            return labels_from_soft(probs, ids)
         return self.read_label(image_id, variant)
 
     def write_file(self, name: str, data: bytes) -> Path:

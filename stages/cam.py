@@ -18,7 +18,7 @@ import numpy as np
 from models.cam import multiscale_cam, with_background
 from models.metrics import confusion_matrix, scores
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, StageContext, StageResult, StageSpec, labels_from_soft
 from .cam_train import load_trained
 from .routing import cam_enabled
 from .training import infer_items
@@ -58,7 +58,7 @@ def threshold_sweep(ctx: StageContext) -> dict[str, Any]:
         fg = probs[1:].astype(np.float32)
         for k, t in enumerate(THRESHOLDS):
             stack = np.concatenate([np.full((1, *fg.shape[1:]), t, np.float32), fg])
-            conf[k] += confusion_matrix(np.asarray(class_ids, np.uint8)[stack.argmax(0)], gt, c)
+            conf[k] += confusion_matrix(labels_from_soft(stack, class_ids), gt, c)
         seen += 1
     if not seen:
         return {}

@@ -12,7 +12,7 @@ import numpy as np
 
 from models.crf import CrfParams, crf_from_labels, crf_from_probs
 
-from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .base import STAGES, StageContext, StageResult, StageSpec, labels_from_soft, run_items
 from .routing import source_of
 
 VERSION = "1"
@@ -36,7 +36,7 @@ def _one(ctx: StageContext, image_id: str) -> dict:
     if source.kind == "soft":
         probs, class_ids = source.read_soft(image_id)
         q = crf_from_probs(image, probs.astype(np.float32), CrfParams.of(ctx.cfg))
-        labels = np.asarray(class_ids, np.uint8)[q.argmax(0)]
+        labels = labels_from_soft(q, class_ids)
     else:
         labels = crf_from_labels(image, source.read_label(image_id), CrfParams.of(ctx.cfg), ctx.cfg.gt_prob)
     ctx.out.write_label(image_id, labels)

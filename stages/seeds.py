@@ -45,7 +45,8 @@ from skimage.segmentation import slic
 
 from models.crf import CrfParams, crf_from_probs
 
-from .base import IGNORE, STAGES, Box, DataError, StageContext, StageResult, StageSpec, WeakLabels, run_items
+from .base import (IGNORE, STAGES, Box, DataError, StageContext, StageResult, StageSpec, WeakLabels, labels_from_soft,
+                   run_items)
 from .routing import cam_enabled
 from .sparse import sparse_labels
 
@@ -55,7 +56,7 @@ VERSION = "1"
 # --------------------------------------------------------------------------- numerics
 def cam_labels(probs: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
     """M_I: the class id of the highest score per pixel."""
-    return np.asarray(class_ids, np.uint8)[probs.argmax(0)]
+    return labels_from_soft(probs, class_ids)
 
 
 def top_ratio_mask(labels: np.ndarray, score: np.ndarray, ratio: float) -> np.ndarray:
