@@ -2,6 +2,7 @@
 GT; results out with ``export`` and ``predict``."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -339,3 +340,16 @@ def test_coco_points_from_either_points_file(horses, tmp_path, form):
     got = [(p.x, p.y, p.cls) for p in data.load_weak("horse001").points]
     assert got == ([(100, 80, 2), (5, 5, 0)] if form == "project" else [(100, 80, 2), (5, 5, 1)])
     assert data.load_weak("horse002").points == [] and data.load_weak("horse001").boxes == []  # only what points need
+
+
+def test_training_stages_draw_their_loss_curve(small_box_run):
+    from stages.training import LOSS_CURVE, loss_curve_png
+
+    for stage in ("affinity_train", "final_train"):
+        path = small_box_run.store(stage).dir / LOSS_CURVE
+        with Image.open(path) as img:
+            assert img.size == (480, 300) and img.mode == "RGB"
+        assert LOSS_CURVE in small_box_run.store(stage).read_manifest()["files"]
+    # the curve is drawn: a falling history leaves its line's colour in the plot
+    pixels = np.asarray(Image.open(io.BytesIO(loss_curve_png([3.0, 2.0, 1.5, 1.0], "t"))))
+    assert ((pixels == (31, 119, 180)).all(-1)).sum() > 100
