@@ -163,6 +163,10 @@ class _Base(abc.ABC):
     def _size(self, image_id: str) -> tuple[int, int]:
         """(width, height) of what ``_read_image`` returns, without decoding it."""
 
+    def file_size(self, image_id: str) -> tuple[int, int]:
+        """(width, height) of the image file as the user has it (``export`` writes at it)."""
+        return self._size(image_id)
+
     @abc.abstractmethod
     def _read_image(self, image_id: str) -> np.ndarray: ...
 
@@ -385,6 +389,9 @@ class MasksData(_Base):
     def _size(self, image_id: str) -> tuple[int, int]:
         # images are read at (or resized to) their mask's size
         return _image_size(self._masks.get(image_id, self._images[image_id]))
+
+    def file_size(self, image_id: str) -> tuple[int, int]:
+        return _image_size(self._images[image_id])
 
     def ids(self, split: str) -> list[str]:
         if split not in self._splits:

@@ -35,8 +35,9 @@ class ExportError(ValueError):
 
 
 def own_size(dataset, image_id: str) -> tuple[int, int]:
-    """(h, w) of the image as the user has it (stages may work at a resized working size)."""
-    w, h = dataset._size(image_id)
+    """(h, w) of the image file as the user has it (stages may work at a resized working
+    size, and a ``masks`` dataset at its masks' size)."""
+    w, h = dataset.file_size(image_id)
     return h, w
 
 

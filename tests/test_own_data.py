@@ -353,3 +353,13 @@ def test_training_stages_draw_their_loss_curve(small_box_run):
     # the curve is drawn: a falling history leaves its line's colour in the plot
     pixels = np.asarray(Image.open(io.BytesIO(loss_curve_png([3.0, 2.0, 1.5, 1.0], "t"))))
     assert ((pixels == (31, 119, 180)).all(-1)).sum() > 100
+
+
+def test_export_size_is_the_image_files_not_the_masks(horses):
+    """The horses' masks are larger than their photos (``resize: image_to_mask``): stages work at
+    the mask's size, export writes at the photo's."""
+    config = config_from_dict({"dataset": {"kind": "masks", "root": str(horses), "images": "rgb",
+                                           "masks": "figure_ground", "resize": "image_to_mask"}}, "<test>")
+    data = build_dataset(config)
+    assert data.file_size("horse002") == Image.open(horses / "rgb" / "horse002.jpg").size == (250, 197)
+    assert data.load_image("horse002").shape[:2] == (212, 269)  # the mask's size
