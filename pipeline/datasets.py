@@ -772,7 +772,9 @@ class CocoData(_Base):
         split = self._split_of.get(image_id)
         if split is None or not self._has_masks[split]:
             return None
-        return coco.rasterize(self._entry(image_id)[0])
+        path = self.json[split]
+        semantic, instance = _coco_raster(str(path), path.stat().st_mtime_ns, image_id)
+        return semantic.copy(), instance.copy()
 
     def _read_gt(self, image_id: str) -> np.ndarray | None:
         r = self._rasterized(image_id)
@@ -825,6 +827,13 @@ class CocoData(_Base):
             scribbles = synthesized.scribbles
         tags = sorted({a.cls for a in entry.annotations})
         return WeakLabels(tags=tags, boxes=boxes, scribbles=scribbles, points=points)
+
+
+@functools.lru_cache(maxsize=32)
+def _coco_raster(instances: str, mtime_ns: int, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """One image's (semantic, instance) maps, decoded once: GT, instance scoring and weak-label
+    synthesis all read them (``mtime_ns`` tells an edited file apart)."""
+    return coco.rasterize(coco.load(Path(instances)).images[image_id])
 
 
 @functools.lru_cache(maxsize=4)

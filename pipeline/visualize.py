@@ -57,12 +57,12 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _tile(array: np.ndarray, title: str, height: int, width: int | None = None) -> Image.Image:
+def _tile(array: np.ndarray, title: str, height: int) -> Image.Image:
     """The array scaled to ``height`` (nearest), on a white tile with the title above."""
     img = Image.fromarray(array)
     if img.height != height:
         img = img.resize((max(1, round(img.width * height / img.height)), height), Image.NEAREST)
-    tile = Image.new("RGB", (max(width or 0, img.width), height + _TITLE), (255, 255, 255))
+    tile = Image.new("RGB", (img.width, height + _TITLE), (255, 255, 255))
     tile.paste(img, (0, _TITLE))
     ImageDraw.Draw(tile).text((3, 3), title, fill=(0, 0, 0), font=_font(14))
     return tile
