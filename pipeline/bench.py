@@ -156,7 +156,7 @@ def _seeds(kind: str, n: int, h: int, w: int, threads: int) -> dict[str, Any]:
     import cv2
 
     from models.cam import with_background
-    from stages.box_seeds import grabcut_seeds
+    from models.grabcut import grabcut_seeds
     from stages.seeds import seed_maps
 
     from .config import SeedsConfig

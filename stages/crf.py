@@ -5,17 +5,23 @@ Input (``crf.input: auto``): the most refined upstream stage the supervision typ
 points), else ``seeds`` (M_g). Hard labels become a unary with ``gt_prob`` on the label (unknown
 pixels uniform, see :func:`models.crf.unary_from_labels`); probabilities are used as
 -log p. Output: a full label map. Images run in parallel across worker processes.
+
+``grabcut_refine`` (boxes): the CRF's labels then start one GrabCut per box
+(:func:`models.grabcut.grabcut_refine`); the output is the refined map, and the CRF's own is
+kept as the extra map ``dense_crf`` so the ladder shows what each step adds.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from models.crf import CrfParams, crf_from_labels, crf_from_probs
+from models.grabcut import grabcut_refine
 
 from .base import STAGES, StageContext, StageResult, StageSpec, labels_from_soft, run_items
 from .routing import source_of
 
 VERSION = "1"
+DENSE = "dense_crf"
 
 # The refinement candidates, most refined first; `auto` takes the first one in the DAG.
 CANDIDATES = ("a2gnn", "random_walk", "seeds", "box_seeds")
@@ -39,8 +45,18 @@ def _one(ctx: StageContext, image_id: str) -> dict:
         labels = labels_from_soft(q, class_ids)
     else:
         labels = crf_from_labels(image, source.read_label(image_id), CrfParams.of(ctx.cfg), ctx.cfg.gt_prob)
+    if _refines(ctx.config):
+        ctx.out.write_label(image_id, labels, DENSE)
+        gc = ctx.config.box_seeds  # in the fingerprint through box_seeds upstream
+        labels = grabcut_refine(image, labels, ctx.dataset.load_weak(image_id).boxes, gc.iterations,
+                                gc.crop_margin, gc.min_box_side, seed=ctx.config.seed,
+                                min_iou=ctx.cfg.grabcut_min_iou)
     ctx.out.write_label(image_id, labels)
     return {}
+
+
+def _refines(config) -> bool:
+    return config.crf.grabcut_refine and config.supervision == "box"
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -60,4 +76,5 @@ def inputs(config) -> list[str]:
 
 SPEC = STAGES.register("crf", StageSpec(
     name="crf", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"), output="label", version=VERSION,
-    reads=("dataset", "supervision")))
+    variants=lambda config: [DENSE] if _refines(config) else [],
+    reads=("dataset", "supervision", "seed")))

@@ -4,7 +4,7 @@ from pydensecrf.utils import unary_from_labels as reference_unary
 
 from models.crf import CrfParams, crf_from_labels, crf_from_probs, unary_from_labels
 from stages.base import IGNORE, Box
-from stages.box_seeds import grabcut_seeds
+from models.grabcut import grabcut_refine, grabcut_seeds
 
 
 def scene():
@@ -51,6 +51,37 @@ def test_box_covering_whole_image_and_tiny_box():
     assert (lab == 1).any() and (lab != 0).all()
     tiny = grabcut_seeds(img, [Box(5, 5, 7, 30, 1)], min_box_side=4)
     assert (tiny[5:30, 5:7] == IGNORE).all() and (tiny[:, 8:] == 0).all()
+
+
+def test_grabcut_refine_snaps_a_blocky_map_to_the_object_edges():
+    img, boxes = scene()
+    truth = np.zeros(img.shape[:2], np.uint8)
+    truth[20:50, 15:45] = 1
+    truth[35:65, 40:70] = 2
+    # A stride-8-like map: each square grown to its box (the whole margin labelled).
+    blocky = np.zeros_like(truth)
+    for b in boxes:
+        blocky[b.y0:b.y1, b.x0:b.x1] = b.cls
+    blocky[0:4, 0:4] = 2  # a class-2 pixel outside every box: left alone
+    out = grabcut_refine(img, blocky, boxes, iterations=3)
+    assert out[0, 0] == 2 and (out[5:10, 80:] == 0).all()
+    core = truth[8:] > 0
+    assert (out[8:] == truth[8:])[core].mean() > 0.97 and (out == truth)[10:].mean() > 0.98
+    assert (blocky == truth)[10:].mean() < 0.91  # the snap is the refinement's doing
+    assert (grabcut_refine(img, blocky, boxes, iterations=3) == out).all()
+
+
+def test_grabcut_refine_keeps_the_map_where_grabcut_disagrees():
+    img, boxes = scene()
+    # Class 1 labelled on the grey margin only: GrabCut's result barely overlaps it.
+    wrong = np.zeros(img.shape[:2], np.uint8)
+    wrong[17:20, 12:48] = 1
+    free = grabcut_refine(img, wrong, boxes[:1], iterations=3)
+    assert (free == wrong).mean() < 0.99  # without the guard GrabCut rewrites the box
+    kept = grabcut_refine(img, wrong, boxes[:1], iterations=3, min_iou=0.5)
+    assert (kept == wrong).all()
+    thin = grabcut_refine(img, wrong, [Box(12, 17, 14, 53, 1)], min_box_side=4)
+    assert (thin == wrong).all()  # a box too thin for GrabCut keeps its labels
 
 
 def test_grabcut_is_deterministic():
