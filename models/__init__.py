@@ -1,6 +1,5 @@
 """Torch modules, losses and numerics. No file IO, no Prefect, no config parsing.
 
-Importing this package first makes torchvision importable on a CPU-only torch
-(see :mod:`models.tvcompat`).
+Modules that import torchvision import :mod:`models.tvcompat` first (it makes torchvision
+importable on a CPU-only torch); :mod:`models.types` loads without torch.
 """
-from . import tvcompat  # noqa: F401  (must run before any torchvision import)

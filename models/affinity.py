@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import ResNetBackbone, normalize
+from .types import IGNORE
 
-IGNORE = 255
 EPS = 1e-5
 
 

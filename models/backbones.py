@@ -21,7 +21,9 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision
+
+from . import tvcompat  # noqa: F401  (before torchvision: CPU-only torch)
+import torchvision  # noqa: E402
 from torch import nn
 
 DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}

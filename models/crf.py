@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-IGNORE = 255
+from .types import IGNORE
+
 
 
 @dataclass(frozen=True)

@@ -25,31 +25,18 @@ rest of the box as probable background, outside the box definite background): th
 models are fitted to the propagated labels, and the graph cut snaps their stride-8 outline to
 the image edges. Re-running GrabCut on a better mask is Khoreva et al.'s "Simple Does It"
 (CVPR 2017) recursion; it is not in the thesis.
-
-Boxes are any objects with ``x0, y0, x1, y1`` (half-open pixel bounds), ``cls`` and ``area``.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
 
-IGNORE = 255
+from .types import IGNORE, Box
 
 
-class BoxLike(Protocol):
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    cls: int
-
-    @property
-    def area(self) -> int: ...
-
-
-def grabcut_box(image: np.ndarray, box: BoxLike, iterations: int, crop_margin: float | None,
+def grabcut_box(image: np.ndarray, box: Box, iterations: int, crop_margin: float | None,
                 seed: int, init: np.ndarray | None = None) -> np.ndarray:
     """Foreground mask (bool, image-sized, False outside the box) of GrabCut on one box.
 
@@ -89,16 +76,16 @@ def grabcut_box(image: np.ndarray, box: BoxLike, iterations: int, crop_margin: f
     return fg & box_only
 
 
-def _usable(box: BoxLike, min_box_side: int) -> bool:
+def _usable(box: Box, min_box_side: int) -> bool:
     return min(box.x1 - box.x0, box.y1 - box.y0) >= min_box_side
 
 
-def _largest_first(boxes: Sequence[BoxLike]) -> list[int]:
+def _largest_first(boxes: Sequence[Box]) -> list[int]:
     """Box order in which a smaller box's foreground overwrites a larger one's."""
     return sorted(range(len(boxes)), key=lambda k: -boxes[k].area)
 
 
-def grabcut_seeds(image: np.ndarray, boxes: Sequence[BoxLike], iterations: int = 5,
+def grabcut_seeds(image: np.ndarray, boxes: Sequence[Box], iterations: int = 5,
                   crop_margin: float | None = 0.5, min_box_side: int = 4, seed: int = 0) -> np.ndarray:
     """M_B of Eq. 3.3 for an RGB uint8 image and its boxes; uint8 labels, 255 = unknown
     (a box thinner than ``min_box_side`` stays unknown)."""
@@ -118,7 +105,7 @@ def grabcut_filled(labels: np.ndarray) -> np.ndarray:
     return np.where(labels == IGNORE, 0, labels).astype(np.uint8)
 
 
-def grabcut_refine(image: np.ndarray, labels: np.ndarray, boxes: Sequence[BoxLike], iterations: int = 5,
+def grabcut_refine(image: np.ndarray, labels: np.ndarray, boxes: Sequence[Box], iterations: int = 5,
                    crop_margin: float | None = 0.5, min_box_side: int = 4, seed: int = 0,
                    min_iou: float = 0.0) -> np.ndarray:
     """GrabCut per box started from ``labels`` (a full label map, no 255).

@@ -27,7 +27,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .affinity import IGNORE, pair_affinity, pair_labels, shifted, valid_pairs
+from .affinity import pair_affinity, pair_labels, shifted, valid_pairs
+from .types import IGNORE
 
 EDGE_THRESHOLD = 1e-3
 

@@ -23,9 +23,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .affinity import (IGNORE, affinity_class_loss, image_kernel, pair_distance, pair_labels, pair_reduce, shifted,
+from .affinity import (affinity_class_loss, image_kernel, pair_distance, pair_labels, pair_reduce, shifted,
                        window_offsets)
 from .graph import sample_grid
+from .types import IGNORE
 
 
 def seed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

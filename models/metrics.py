@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-IGNORE = 255
+from .types import IGNORE
+
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int = IGNORE) -> np.ndarray:

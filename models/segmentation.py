@@ -24,7 +24,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
+
+from . import tvcompat  # noqa: F401  (before torchvision: CPU-only torch)
+import torchvision  # noqa: E402
 from torch import nn
 
 from .backbones import SwinBackbone, WeightsError, freeze_batchnorm, load_state, multiscale_sum, normalize

@@ -309,7 +309,8 @@ def _a2gnn_problems(n: int, h: int, w: int, radius: int, channels: int, seed_fra
     synthesized boxes."""
     import torch
 
-    from models.affinity import IGNORE, window_offsets
+    from models.affinity import window_offsets
+    from models.types import IGNORE
     from models.graph import grid_edges, to_grid
     from pipeline.config import A2gnnConfig
     from stages.a2gnn import class_index, classes_of, make_problem

@@ -56,7 +56,8 @@ import torch
 
 from models.a2gnn import A2GNN, DenseGraph, GridGraph
 from models.boxes import restrict_to_boxes
-from models.affinity import IGNORE, image_kernel, window_offsets
+from models.affinity import image_kernel, window_offsets
+from models.types import IGNORE
 from models.graph import from_grid
 from models.losses import Window, consistency_check, mp_loss, potts_loss, prototype_similarity, seed_ce
 

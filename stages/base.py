@@ -17,8 +17,7 @@ import numpy as np
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-IGNORE = 255
-"""Label value for unknown / ignored pixels everywhere in the project."""
+from models.types import IGNORE, Box, Point, WeakLabels  # noqa: F401  (re-exported for stages and datasets)
 
 
 def progress_bar(*extra: ProgressColumn) -> Progress:
@@ -61,39 +60,7 @@ def safe_name(value: str, what: str) -> str:
     return value
 
 
-# --------------------------------------------------------------------------- weak labels
-@dataclass(frozen=True)
-class Box:
-    """An object box in pixel coordinates, half-open: columns x0..x1-1, rows y0..y1-1."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    cls: int
-
-    @property
-    def area(self) -> int:
-        return max(0, self.x1 - self.x0) * max(0, self.y1 - self.y0)
-
-
-@dataclass(frozen=True)
-class Point:
-    x: int
-    y: int
-    cls: int
-
-
-@dataclass
-class WeakLabels:
-    """Every kind of cheap label an image may carry; a dataset fills what it has."""
-
-    tags: list[int] = field(default_factory=list)
-    boxes: list[Box] = field(default_factory=list)
-    scribbles: np.ndarray | None = None  # HxW uint8, class id on strokes, IGNORE elsewhere
-    points: list[Point] = field(default_factory=list)
-
-
+# --------------------------------------------------------------------------- datasets
 class Dataset(Protocol):
     """What stages may ask of a dataset (implemented in ``pipeline/datasets.py``)."""
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.affinity import IGNORE, AffinityNet, window_offsets
+from models.affinity import AffinityNet, window_offsets
+from models.types import IGNORE
 from models.graph import (cell_labels, from_grid, grid_edges, node_features, pair_confusion, random_walk,
                           random_walk_dense, sample_grid, to_grid)
 from stages.graph import image_graph, node_features_of

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-import models  # noqa: F401  (installs the compat shim before torchvision)
+from models import tvcompat  # installs the compat shim before torchvision
 import torchvision
-from models import tvcompat
 
 
 def test_resnet50_forward():
