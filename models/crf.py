@@ -11,28 +11,10 @@ present in the input only (as PSA/IRN do): fewer labels, same answer for absent 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
-
 import numpy as np
 
+from .params import CrfParams
 from .types import IGNORE
-
-
-
-@dataclass(frozen=True)
-class CrfParams:
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
-    iterations: int = 10
-
-    @classmethod
-    def of(cls, source: Any) -> "CrfParams":
-        """The parameters read from any object with these attribute names (a config section)."""
-        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
 
 
 def unary_from_labels(labels: np.ndarray, n_labels: int, gt_prob: float) -> np.ndarray:

@@ -17,7 +17,6 @@ released gated-CRF code computes and what is implemented.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from .affinity import (affinity_class_loss, image_kernel, pair_distance, pair_labels, pair_reduce, shifted,
                        window_offsets)
 from .graph import sample_grid
+from .params import DfrTerms
 from .types import IGNORE
 
 
@@ -186,37 +186,6 @@ def feature_regularized_loss(distance: torch.Tensor, kernel: torch.Tensor, known
     ``known`` (N, K, h, w) marks R_A, the window pairs whose labels M are both known."""
     n, _, h, w = distance.shape
     return (kernel * known * distance).sum() / (n * h * w)
-
-
-@dataclass(frozen=True)
-class DfrTerms:
-    """Which terms of Eq. 1 are on, and their hyper-parameters (DFR Sect. 4.2 defaults).
-
-    ``dfr``: L_dfr on the segmentation head (off = pCE only); ``kernel_xy`` /
-    ``kernel_rgb`` / ``kernel_feature``: the three factors of K (Eq. 6, Table 5);
-    ``fd`` / ``fr``: the feature-head losses (Table 4). pCE + Potts (Tang et al.) = ``dfr``
-    with ``kernel_feature``, ``fd`` and ``fr`` off.
-    """
-
-    dfr: bool = True
-    kernel_xy: bool = True
-    kernel_rgb: bool = True
-    kernel_feature: bool = True
-    fd: bool = True
-    fr: bool = True
-    radius: int = 5
-    sigma_xy: float = 6.0
-    sigma_rgb: float = 0.5
-    sigma_feat: float = 50.0
-    gamma: float = 0.98
-    lambda_dfr: float = 1e-2
-    lambda_feat: float = 1e-3
-
-    @property
-    def uses_features(self) -> bool:
-        """Whether the feature consistency head takes part (Table 5: without the deep-feature
-        term the whole head is removed)."""
-        return (self.dfr and self.kernel_feature) or self.fd or self.fr
 
 
 DFR_PRESETS = {"pce": dict(dfr=False, fd=False, fr=False),  # partial CE alone

@@ -14,6 +14,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
+from models.params import CrfParams, DfrTerms
 from stages.base import safe_name
 
 
@@ -132,15 +133,8 @@ class BoxSeedsConfig(Section):
     min_box_side: Annotated[int, Field(ge=2)] = 4
 
 
-class DenseCrfParams(Section):
+class DenseCrfParams(CrfParams, Section):
     """Dense CRF kernels (defaults: PSA's ``crf_inference``, which A2GNN's seeds follow)."""
-
-    gaussian_sxy: PositiveFloat = 3.0
-    gaussian_compat: PositiveFloat = 3.0
-    bilateral_sxy: PositiveFloat = 80.0
-    bilateral_srgb: PositiveFloat = 13.0
-    bilateral_compat: PositiveFloat = 10.0
-    iterations: PositiveInt = 10
 
 
 class InferenceCrfParams(DenseCrfParams):
@@ -148,11 +142,8 @@ class InferenceCrfParams(DenseCrfParams):
     call on the propagated probabilities), which are sharper than PSA's seed CRF."""
 
     gaussian_sxy: PositiveFloat = 2.0
-    gaussian_compat: PositiveFloat = 3.0
     bilateral_sxy: PositiveFloat = 50.0
     bilateral_srgb: PositiveFloat = 5.0
-    bilateral_compat: PositiveFloat = 10.0
-    iterations: PositiveInt = 10
 
 
 class CrfConfig(InferenceCrfParams):
@@ -383,7 +374,7 @@ class InstanceTrainConfig(Section):
 SwinArch = Literal["swin_t", "swin_s", "swin_b", "swin_mini"]
 
 
-class DfrTrainConfig(Section):
+class DfrTrainConfig(DfrTerms, Section):
     """The single-stage DFR network trained on scribbles (DFR Sect. 3, 4.2; thesis Ch. 4).
 
     Swin ``backbone`` (``swin_t`` default, ``swin_b`` as the paper, ``swin_mini`` CPU-sized
@@ -407,19 +398,6 @@ class DfrTrainConfig(Section):
     channels: PositiveInt = 512
     feature_dim: PositiveInt = 128
     labels: Literal["scribble", "point"] = "scribble"
-    dfr: bool = True
-    kernel_xy: bool = True
-    kernel_rgb: bool = True
-    kernel_feature: bool = True
-    fd: bool = True
-    fr: bool = True
-    radius: PositiveInt = 5
-    sigma_xy: PositiveFloat = 6.0
-    sigma_rgb: PositiveFloat = 0.5
-    sigma_feat: PositiveFloat = 50.0
-    gamma: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.98
-    lambda_dfr: Annotated[float, Field(ge=0.0)] = 1e-2
-    lambda_feat: Annotated[float, Field(ge=0.0)] = 1e-3
     batch_size: PositiveInt = 16
     iterations: PositiveInt = 40000
     lr: PositiveFloat = 3e-5

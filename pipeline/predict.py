@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.crf import CrfParams, crf_from_probs
+from models.crf import crf_from_probs
 from models.segmentation import predict_probs
 from stages.base import DataError
 
@@ -45,7 +45,7 @@ def predict_labels(model, image: np.ndarray, config, device: str) -> np.ndarray:
     cfg = config.dfr_eval if dfr else config.final_eval
     probs = predict_probs(model, work, cfg.scales, cfg.flip, device)
     if not dfr and cfg.use_crf:
-        probs = crf_from_probs(work, probs, CrfParams.of(cfg.crf))
+        probs = crf_from_probs(work, probs, cfg.crf)
     labels = probs.argmax(0).astype(np.uint8)
     return labels if target is None else cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.crf import CrfParams, crf_from_labels, crf_from_probs
+from models.crf import crf_from_labels, crf_from_probs
 from models.grabcut import grabcut_refine
 
 from .base import STAGES, StageContext, StageResult, StageSpec, labels_from_soft, run_items
@@ -41,10 +41,10 @@ def _one(ctx: StageContext, image_id: str) -> dict:
     image = ctx.dataset.load_image(image_id)
     if source.kind == "soft":
         probs, class_ids = source.read_soft(image_id)
-        q = crf_from_probs(image, probs.astype(np.float32), CrfParams.of(ctx.cfg))
+        q = crf_from_probs(image, probs.astype(np.float32), ctx.cfg)
         labels = labels_from_soft(q, class_ids)
     else:
-        labels = crf_from_labels(image, source.read_label(image_id), CrfParams.of(ctx.cfg), ctx.cfg.gt_prob)
+        labels = crf_from_labels(image, source.read_label(image_id), ctx.cfg, ctx.cfg.gt_prob)
     if _refines(ctx.config):
         ctx.out.write_label(image_id, labels, DENSE)
         gc = ctx.config.box_seeds  # in the fingerprint through box_seeds upstream

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from models.backbones import swin_weights_path
-from models.losses import DfrTerms, dfr_objective
+from models.losses import dfr_objective
 from models.segmentation import DfrNet
 
 from .base import STAGES, DataError, StageContext, StageResult, StageSpec
@@ -33,11 +33,6 @@ from .training import adamw, amp_setup, crop_batch, release, train_loop, trained
 VERSION = "1"
 TERMS = ("pce", "dfr", "fd", "fr")
 DIAGNOSTICS = ("k_feature", "confident")  # see models.losses.dfr_objective
-
-
-def terms_of(cfg) -> DfrTerms:
-    """The loss switches and hyper-parameters of a ``dfr_train`` config section."""
-    return DfrTerms(**{f: getattr(cfg, f) for f in DfrTerms.__dataclass_fields__})
 
 
 def build_model(arch: dict[str, Any]) -> DfrNet:
@@ -62,7 +57,7 @@ def training_labels(ctx: StageContext, image_id: str, shape: tuple[int, int]) ->
 def run(ctx: StageContext) -> StageResult:
     cfg, seed = ctx.cfg, ctx.config.seed
     ids = sorted(ctx.ids)
-    terms = terms_of(cfg)
+    terms = cfg  # the section is a DfrTerms (models.params)
     arch = {"backbone": cfg.backbone, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights,
             "fusion_stages": list(cfg.fusion_stages), "channels": cfg.channels, "feature_dim": cfg.feature_dim,
             "feature_head": terms.uses_features}

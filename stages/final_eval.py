@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.crf import CrfParams, crf_from_probs
+from models.crf import crf_from_probs
 from models.segmentation import predict_probs
 
 from .base import STAGES, StageContext, StageResult, StageSpec
@@ -27,7 +27,7 @@ def _one(ctx: StageContext, image_id: str, model) -> dict:
     image = ctx.dataset.load_image(image_id)
     probs = predict_probs(model, image, cfg.scales, cfg.flip, ctx.device)
     if cfg.use_crf:
-        ctx.out.write_label(image_id, crf_from_probs(image, probs, CrfParams.of(cfg.crf)).argmax(0).astype(np.uint8),
+        ctx.out.write_label(image_id, crf_from_probs(image, probs, cfg.crf).argmax(0).astype(np.uint8),
                             "crf")
     ctx.out.write_label(image_id, probs.argmax(0).astype(np.uint8))
     return {}

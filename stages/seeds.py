@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from skimage.segmentation import slic
 
-from models.crf import CrfParams, crf_from_probs
+from models.crf import crf_from_probs
 
 from .base import (IGNORE, STAGES, Box, DataError, StageContext, StageResult, StageSpec, WeakLabels, labels_from_soft,
                    run_items)
@@ -169,7 +169,7 @@ def seed_maps(supervision: str, cfg, image: np.ndarray, weak: WeakLabels,
         maps["M_I"] = cam_labels(probs, class_ids)
         crf = None
         if cfg.crf_agreement and len(class_ids) > 1:
-            crf = cam_labels(crf_from_probs(image, probs, CrfParams.of(cfg.crf)), class_ids)
+            crf = cam_labels(crf_from_probs(image, probs, cfg.crf), class_ids)
         maps["M_I_reliable"] = reliable_cam_labels(probs, class_ids, cfg.reliable_ratio, crf)
     if supervision == "box":
         if cam is None:
