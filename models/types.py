@@ -5,11 +5,27 @@ No torch here: the CLI and the stage registry import this without loading torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
 IGNORE = 255
 """Label value for unknown / ignored pixels everywhere in the project."""
+
+
+class Supervision(StrEnum):
+    """What a run's weak labels are: object boxes, scribbles, points or image tags (the
+    A²GNN pipeline), or scribbles into the single-stage DFR branch."""
+
+    BOX = "box"
+    SCRIBBLE = "scribble"
+    POINT = "point"
+    IMAGE = "image"
+    DFR = "dfr"
+
+
+PIPELINE = (Supervision.BOX, Supervision.SCRIBBLE, Supervision.POINT, Supervision.IMAGE)
+"""The supervisions of the multi-stage (A²GNN) pipeline."""
 
 
 @dataclass(frozen=True)

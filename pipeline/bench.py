@@ -312,11 +312,10 @@ def _a2gnn_problems(n: int, h: int, w: int, radius: int, channels: int, seed_fra
     from models.affinity import window_offsets
     from models.types import IGNORE
     from models.graph import grid_edges, to_grid
-    from pipeline.config import A2gnnConfig
+    from pipeline.config import A2GNN_RELEASED, A2gnnConfig
     from stages.a2gnn import class_index, classes_of, make_problem
-    from stages.routing import A2GNN_BOX_DEFAULTS as BOX_DEFAULTS
 
-    cfg = A2gnnConfig(**BOX_DEFAULTS)
+    cfg = A2gnnConfig(**A2GNN_RELEASED["box"])
     out = []
     for k, (image, gt, weak) in enumerate(demo_samples(n, h, w)):
         gen = torch.Generator().manual_seed(k)
@@ -338,12 +337,11 @@ def _a2gnn_fit(path: str, layer: str, batch: int, epochs: int, n: int, h: int, w
     import torch
 
     from models.metrics import confusion_matrix, scores
-    from pipeline.config import A2gnnConfig
+    from pipeline.config import A2GNN_RELEASED, A2gnnConfig
     from stages.a2gnn import batches, fit
-    from stages.routing import A2GNN_BOX_DEFAULTS as BOX_DEFAULTS
 
     torch.set_num_threads(threads)
-    cfg = A2gnnConfig(**{**BOX_DEFAULTS, "epochs": epochs}, path=path, layer=layer)
+    cfg = A2gnnConfig(**{**A2GNN_RELEASED["box"], "epochs": epochs}, path=path, layer=layer)
     problems, truths = zip(*_a2gnn_problems(n, h, w, radius, channels, 0.3))
     # as the stage: only images with as many classes train together
     chunks = batches([p.num_classes for p in problems], batch)
@@ -355,7 +353,7 @@ def _a2gnn_fit(path: str, layer: str, batch: int, epochs: int, n: int, h: int, w
                 probs[i] = p
         return n
 
-    warm = A2gnnConfig(**{**BOX_DEFAULTS, "epochs": 1}, path=path, layer=layer)
+    warm = A2gnnConfig(**{**A2GNN_RELEASED["box"], "epochs": 1}, path=path, layer=layer)
     out = measured(work, device, warmup=lambda: fit([problems[0]], warm, radius, device))
     # per-image class indices differ between images: mean of the per-image mIoU
     miou = np.mean([scores(confusion_matrix(p.argmax(0), t, p.shape[0]))["miou"] for p, t in zip(probs, truths)])

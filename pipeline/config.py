@@ -15,6 +15,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
                       model_validator)
 
 from models.params import CrfParams, DfrTerms
+from models.types import Supervision
 from stages.base import safe_name
 
 
@@ -261,10 +262,15 @@ class RandomWalkConfig(Section):
     keep_seeds: bool = True
 
 
+A2GNN_RELEASED = {"box": {"epochs": 150, "lr": 0.035, "reg_weight": 0.01},
+                  "other": {"epochs": 50, "lr": 0.03, "reg_weight": 0.3}}
+"""The released A²GNN schedules (``train_infer_A2GNN_{box,others}.py``): epochs per phase, lr, lambda_1."""
+
+
 class A2gnnConfig(Section):
-    """Per-image A²GNN (thesis Sect. 3.3.4-3.3.5). ``None``: the released value for the
-    supervision (boxes: 150 + 150 epochs, lr 0.035, reg_weight 0.01; others: 50 + 50, 0.03,
-    0.3). ``mp`` and ``consistency`` apply to boxes only.
+    """Per-image A²GNN (thesis Sect. 3.3.4-3.3.5). Left out (``null``): the released value
+    for the supervision (:data:`A2GNN_RELEASED`), filled in when the config is loaded.
+    ``mp``, ``consistency`` and ``box_constraint`` apply to boxes only (off otherwise).
 
     ``path``: how the affinity attention layer runs: ``grid`` (tiled, the fast exact path;
     several images at once, ``batch``), ``edges`` (PyG message passing) or ``dense`` (the
@@ -425,7 +431,7 @@ class Config(Section):
 
     run: str = "demo"
     output_root: str = "artifacts"
-    supervision: Literal["box", "scribble", "point", "image", "dfr"] = "box"
+    supervision: Supervision = Supervision.BOX
     seed: int = 0
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     workers: Annotated[int, Field(ge=0)] = 0
@@ -459,10 +465,29 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_cam(self) -> "Config":
-        if self.supervision == "image" and not self.cam.enabled:
+        if self.supervision == Supervision.IMAGE and not self.cam.enabled:
             raise ValueError("supervision 'image' needs CAMs: cam.enabled must be true")
         if self.random_walk.source == "cam" and not self.cam.enabled:
             raise ValueError("random_walk.source 'cam' needs CAMs: cam.enabled must be true")
+        return self
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "Config":
+        """Fill the supervision-dependent defaults, so the saved ``config.yaml`` is what ran:
+        the affinity radius (4 for boxes, 5 otherwise, as released) and A²GNN's schedule
+        (:data:`A2GNN_RELEASED`), its box-only terms off for other supervisions, and edge
+        lists for the torch_geometric baselines."""
+        box = self.supervision == Supervision.BOX
+        if self.affinity_train.radius is None:
+            self.affinity_train.radius = 4 if box else 5
+        a2gnn = self.a2gnn
+        for key, value in A2GNN_RELEASED["box" if box else "other"].items():
+            if getattr(a2gnn, key) is None:
+                setattr(a2gnn, key, value)
+        if not box:
+            a2gnn.mp = a2gnn.consistency = a2gnn.box_constraint = False
+        if a2gnn.layer != "a2gnn":
+            a2gnn.path = "edges"
         return self
 
     def run_dir(self) -> Path:

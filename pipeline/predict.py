@@ -18,6 +18,7 @@ import numpy as np
 
 from models.crf import crf_from_probs
 from models.segmentation import predict_probs
+from models.types import Supervision
 from stages.base import DataError
 
 from .datasets import IMAGE_EXTS, read_image, working_size
@@ -32,7 +33,7 @@ class PredictError(ValueError):
 
 
 def model_stage(config) -> str:
-    return "dfr_train" if config.supervision == "dfr" else "final_train"
+    return "dfr_train" if config.supervision == Supervision.DFR else "final_train"
 
 
 def predict_labels(model, image: np.ndarray, config, device: str) -> np.ndarray:
@@ -41,7 +42,7 @@ def predict_labels(model, image: np.ndarray, config, device: str) -> np.ndarray:
     target = working_size(w, h, config.dataset)
     work = image if target is None else cv2.resize(
         image, target[1][::-1], interpolation=cv2.INTER_AREA if target[0] < 1 else cv2.INTER_LINEAR)
-    dfr = config.supervision == "dfr"
+    dfr = config.supervision == Supervision.DFR
     cfg = config.dfr_eval if dfr else config.final_eval
     probs = predict_probs(model, work, cfg.scales, cfg.flip, device)
     if not dfr and cfg.use_crf:

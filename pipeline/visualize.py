@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from models.metrics import confusion_matrix, scores
+from models.types import Supervision
 from stages.base import IGNORE, DataError, WeakLabels
 
 from .store import voc_palette
@@ -131,7 +132,7 @@ def edge_heatmap(image: np.ndarray, graph: dict[str, np.ndarray], pixel: tuple[i
 
 def weak_kind(config) -> str:
     """Which weak label the run trains from: box, scribble, point or image (tags)."""
-    return config.dfr_train.labels if config.supervision == "dfr" else config.supervision
+    return config.dfr_train.labels if config.supervision == Supervision.DFR else config.supervision
 
 
 def weak_overlay(image: np.ndarray, weak: WeakLabels, kind: str) -> np.ndarray:

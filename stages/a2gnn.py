@@ -57,14 +57,14 @@ import torch
 from models.a2gnn import A2GNN, DenseGraph, GridGraph
 from models.boxes import restrict_to_boxes
 from models.affinity import image_kernel, window_offsets
-from models.types import IGNORE
+from models.types import IGNORE, PIPELINE
 from models.graph import from_grid
 from models.losses import Window, consistency_check, mp_loss, potts_loss, prototype_similarity, seed_ce
 
 from .base import STAGES, Box, StageContext, StageResult, StageSpec, describe_error
 from .affinity_train import load_affinity
 from .graph import node_features_of
-from .routing import STRIDE, a2gnn_settings, fuses_random_walk, radius_of
+from .routing import STRIDE, fuses_random_walk
 from .training import release
 
 VERSION = "2"
@@ -272,7 +272,7 @@ def _run_group(ctx: StageContext, key: str, groups: dict[str, list[str]], meta: 
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg = a2gnn_settings(ctx.config)
+    cfg = ctx.cfg
     result, facts = StageResult(), []
     # One pass over the seeds and weak labels: each image's classes and boxes, and the
     # (size, class count) that decides which images can train stacked.
@@ -290,7 +290,7 @@ def run(ctx: StageContext) -> StageResult:
     groups = {str(k): [ids[i] for i in chunk] for k, chunk in enumerate(batches(keys, batch))}
     if "affinity_train" in ctx.upstream and not ctx.input("affinity_train").has_model():
         ctx.input("affinity_train").read_model()  # the error that names the missing file
-    fn = functools.partial(_run_group, groups=groups, meta=meta, cfg=cfg, radius=radius_of(ctx.config))
+    fn = functools.partial(_run_group, groups=groups, meta=meta, cfg=cfg, radius=ctx.config.affinity_train.radius)
     for key, outcome in ctx.map_items(fn, ids=list(groups), desc=f"a2gnn ({len(ctx.todo)} images)"):
         if isinstance(outcome, BaseException):
             result.failures.update({image_id: describe_error(outcome) for image_id in groups[key]})
@@ -317,7 +317,7 @@ def inputs(config) -> list[str]:
     return out
 
 
-SPEC = STAGES.register("a2gnn", StageSpec(
-    name="a2gnn", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"),
+SPEC = STAGES.register(StageSpec(
+    name="a2gnn", run=run, inputs=inputs, supervisions=PIPELINE,
     output="soft", version=VERSION, parallel="cpu",
     reads=("dataset", "weak", "seed", "supervision")))

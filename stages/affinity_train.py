@@ -24,10 +24,11 @@ import torch
 from models.affinity import (AffinityNet, affinity_class_loss, affinity_reg_loss, image_kernel, pair_distance,
                              pair_labels, window_offsets)
 from models.backbones import DEPTHS, weights_path
+from models.types import PIPELINE
 
 from .augment import scale_flip_crop, step_rng
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
-from .routing import affinity_map, offsets_of, radius_of
+from .routing import affinity_map, offsets_of
 from .training import release, sgd, train_loop
 
 VERSION = "2"  # 2: L_Ar divided by the number of pairs, as the released code
@@ -87,10 +88,10 @@ def run(ctx: StageContext) -> StageResult:
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn)
     ctx.out.write_model({"arch": {"depth": cfg.depth}, "state_dict": model.state_dict(),
-                         "radius": radius_of(config), "neighbourhood": cfg.neighbourhood})
+                         "radius": config.affinity_train.radius, "neighbourhood": cfg.neighbourhood})
     del model, opt
     release(ctx.device)
-    return StageResult(info={**info, "radius": radius_of(config), "seed_map": variant or "M_g"},
+    return StageResult(info={**info, "radius": config.affinity_train.radius, "seed_map": variant or "M_g"},
                        metrics={"final_loss": info["loss_curve"][-1] if info["loss_curve"] else float("nan")})
 
 
@@ -98,7 +99,7 @@ def preflight(config) -> None:
     weights_path(config.affinity_train.weights, DEPTHS[config.affinity_train.depth])
 
 
-SPEC = STAGES.register("affinity_train", StageSpec(
-    name="affinity_train", run=run, inputs=lambda config: ["seeds"], supervisions=("box", "scribble", "point", "image"),
+SPEC = STAGES.register(StageSpec(
+    name="affinity_train", run=run, inputs=lambda config: ["seeds"], supervisions=PIPELINE,
     output="model", version=VERSION, per_image=False, parallel=False, preflight=preflight,
     reads=("dataset", "seed", "supervision")))

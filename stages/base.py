@@ -237,13 +237,15 @@ S = TypeVar("S")
 
 
 class Registry(Generic[S]):
-    """A tiny name -> object map (after fvcore's ``Registry``)."""
+    """A tiny name -> object map (after fvcore's ``Registry``); an object is registered
+    under its own ``name``."""
 
     def __init__(self, what: str) -> None:
         self._what = what
         self._items: dict[str, S] = {}
 
-    def register(self, name: str, obj: S) -> S:
+    def register(self, obj: S) -> S:
+        name = obj.name  # type: ignore[attr-defined]
         if name in self._items:
             raise KeyError(f"{self._what} '{name}' is already registered")
         self._items[name] = obj

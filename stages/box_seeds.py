@@ -14,6 +14,7 @@ the reference row of every box run's ladder: a later stage earns its place by be
 from __future__ import annotations
 
 from models.grabcut import grabcut_filled, grabcut_seeds
+from models.types import Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
 
@@ -37,6 +38,6 @@ def run(ctx: StageContext) -> StageResult:
     return run_items(ctx, _one, desc="GrabCut seeds")
 
 
-SPEC = STAGES.register("box_seeds", StageSpec(
-    name="box_seeds", run=run, inputs=lambda config: [], supervisions=("box",),
+SPEC = STAGES.register(StageSpec(
+    name="box_seeds", run=run, inputs=lambda config: [], supervisions=(Supervision.BOX,),
     output="label", version=VERSION, variants=lambda config: [FILLED], reads=("dataset", "weak", "seed")))

@@ -17,6 +17,7 @@ import numpy as np
 
 from models.cam import multiscale_cam, with_background
 from models.metrics import confusion_matrix, scores
+from models.types import PIPELINE
 
 from .base import STAGES, StageContext, StageResult, StageSpec, labels_from_soft
 from .cam_train import load_trained
@@ -67,7 +68,7 @@ def threshold_sweep(ctx: StageContext) -> dict[str, Any]:
     return {"threshold_sweep": curve, "best_threshold": float(best), "best_threshold_miou": curve[best]}
 
 
-SPEC = STAGES.register("cam", StageSpec(
-    name="cam", run=run, inputs=lambda config: ["cam_train"], supervisions=("box", "scribble", "point", "image"),
+SPEC = STAGES.register(StageSpec(
+    name="cam", run=run, inputs=lambda config: ["cam_train"], supervisions=PIPELINE,
     output="soft", version=VERSION, parallel=False, enabled=cam_enabled,
     report=threshold_sweep, reads=("dataset", "weak")))

@@ -22,6 +22,7 @@ import torch
 
 from models.backbones import DEPTHS, weights_path
 from models.cam import CamNet, classification_loss
+from models.types import PIPELINE
 
 from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
@@ -85,7 +86,7 @@ def preflight(config) -> None:
     weights_path(config.cam_train.weights, DEPTHS[config.cam_train.depth])
 
 
-SPEC = STAGES.register("cam_train", StageSpec(
-    name="cam_train", run=run, inputs=lambda config: [], supervisions=("box", "scribble", "point", "image"),
+SPEC = STAGES.register(StageSpec(
+    name="cam_train", run=run, inputs=lambda config: [], supervisions=PIPELINE,
     output="model", version=VERSION, per_image=False, parallel=False, enabled=cam_enabled, preflight=preflight,
     reads=("dataset", "weak", "seed")))

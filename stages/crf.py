@@ -16,6 +16,7 @@ import numpy as np
 
 from models.crf import crf_from_labels, crf_from_probs
 from models.grabcut import grabcut_refine
+from models.types import PIPELINE, Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec, labels_from_soft, run_items
 from .routing import source_of
@@ -56,7 +57,7 @@ def _one(ctx: StageContext, image_id: str) -> dict:
 
 
 def _refines(config) -> bool:
-    return config.crf.grabcut_refine and config.supervision == "box"
+    return config.crf.grabcut_refine and config.supervision == Supervision.BOX
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -74,7 +75,7 @@ def inputs(config) -> list[str]:
     raise ValueError(f"crf: no input stage for supervision '{config.supervision}'")
 
 
-SPEC = STAGES.register("crf", StageSpec(
-    name="crf", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"), output="label", version=VERSION,
+SPEC = STAGES.register(StageSpec(
+    name="crf", run=run, inputs=inputs, supervisions=PIPELINE, output="label", version=VERSION,
     variants=lambda config: [DENSE] if _refines(config) else [],
     reads=("dataset", "supervision", "seed")))

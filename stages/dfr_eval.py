@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.segmentation import predict_probs
+from models.types import Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .dfr_train import load_trained
@@ -26,6 +27,6 @@ def run(ctx: StageContext) -> StageResult:
     return infer_items(ctx, load_trained(ctx.input("dfr_train").read_model(), ctx.device), _one, "DFR inference")
 
 
-SPEC = STAGES.register("dfr_eval", StageSpec(
-    name="dfr_eval", run=run, inputs=lambda config: ["dfr_train"], supervisions=("dfr",), output="label",
+SPEC = STAGES.register(StageSpec(
+    name="dfr_eval", run=run, inputs=lambda config: ["dfr_train"], supervisions=(Supervision.DFR,), output="label",
     version=VERSION, split="val", parallel=False))

@@ -25,6 +25,7 @@ import torch
 from models.backbones import swin_weights_path
 from models.losses import dfr_objective
 from models.segmentation import DfrNet
+from models.types import Supervision
 
 from .base import STAGES, DataError, StageContext, StageResult, StageSpec
 from .sparse import sparse_labels
@@ -98,6 +99,6 @@ def preflight(config) -> None:
     swin_weights_path(config.dfr_train.backbone, config.dfr_train.weights)
 
 
-SPEC = STAGES.register("dfr_train", StageSpec(
-    name="dfr_train", run=run, inputs=lambda config: [], supervisions=("dfr",), output="model", version=VERSION,
+SPEC = STAGES.register(StageSpec(
+    name="dfr_train", run=run, inputs=lambda config: [], supervisions=(Supervision.DFR,), output="model", version=VERSION,
     per_image=False, parallel=False, preflight=preflight, reads=("dataset", "weak", "seed")))

@@ -9,11 +9,11 @@ column, ``metrics.maps.crf`` the "w/ CRF" column), and shown by ``wsss inspect``
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from models.crf import crf_from_probs
 from models.segmentation import predict_probs
+from models.types import PIPELINE
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .final_train import load_trained
@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> StageResult:
     return infer_items(ctx, load_trained(ctx.input("final_train").read_model(), ctx.device), _one, "final model inference")
 
 
-SPEC = STAGES.register("final_eval", StageSpec(
-    name="final_eval", run=run, inputs=lambda config: ["final_train"], supervisions=("box", "scribble", "point", "image"),
+SPEC = STAGES.register(StageSpec(
+    name="final_eval", run=run, inputs=lambda config: ["final_train"], supervisions=PIPELINE,
     output="label", version=VERSION, split="val", parallel=False,
     variants=lambda config: ["crf"] if config.final_eval.use_crf else []))

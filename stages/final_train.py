@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from models.backbones import weights_path
 from models.losses import dense_crf_loss
 from models.segmentation import ARCHS, DeepLab
+from models.types import PIPELINE
 
 from .base import IGNORE, STAGES, DataError, StageContext, StageResult, StageSpec
 from .training import amp_setup, crop_batch, release, sgd, train_loop, trained_model
@@ -104,6 +105,6 @@ def preflight(config) -> None:
     weights_path(config.final_train.weights, ARCHS[config.final_train.arch][1])
 
 
-SPEC = STAGES.register("final_train", StageSpec(
-    name="final_train", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"),
+SPEC = STAGES.register(StageSpec(
+    name="final_train", run=run, inputs=inputs, supervisions=PIPELINE,
     output="model", version=VERSION, per_image=False, parallel=False, preflight=preflight, reads=("dataset", "seed")))

@@ -25,6 +25,7 @@ import torch
 
 from models.affinity import AffinityNet
 from models.graph import cell_labels, grid_edges, node_features, pair_confusion, to_grid
+from models.types import PIPELINE
 
 from .affinity_train import load_affinity
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
@@ -122,7 +123,7 @@ def report(ctx: StageContext) -> dict[str, Any]:
     return out
 
 
-SPEC = STAGES.register("graph", StageSpec(
-    name="graph", run=run, supervisions=("box", "scribble", "point", "image"),
+SPEC = STAGES.register(StageSpec(
+    name="graph", run=run, supervisions=PIPELINE,
     output="arrays", version=VERSION, parallel=False, report=report,
     inputs=lambda config: ["affinity_train", "seeds"]))  # seeds: only the report reads them

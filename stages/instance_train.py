@@ -19,6 +19,7 @@ import torch
 
 from models.backbones import freeze_batchnorm, load_state, weights_path
 from models.tvcompat import require_compiled_ops
+from models.types import Supervision
 
 from .augment import step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
@@ -91,7 +92,7 @@ def preflight(config) -> None:
     weights_path(config.instance_train.weights, "resnet50")
 
 
-SPEC = STAGES.register("instance_train", StageSpec(
-    name="instance_train", run=run, inputs=lambda config: ["instances"], supervisions=("box",), output="model",
+SPEC = STAGES.register(StageSpec(
+    name="instance_train", run=run, inputs=lambda config: ["instances"], supervisions=(Supervision.BOX,), output="model",
     version=VERSION, per_image=False, parallel=False, enabled=lambda config: config.instance_train.enabled,
     preflight=preflight, reads=("dataset", "weak", "seed")))

@@ -24,6 +24,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from models.metrics import mask_ap, match_instances
+from models.types import Supervision
 
 from .base import STAGES, Box, DataError, StageContext, StageResult, StageSpec, run_items
 
@@ -114,7 +115,7 @@ def report(ctx: StageContext) -> dict[str, Any]:
     return out
 
 
-SPEC = STAGES.register("instances", StageSpec(
-    name="instances", run=run, inputs=lambda config: ["crf"], supervisions=("box",), output="instances",
+SPEC = STAGES.register(StageSpec(
+    name="instances", run=run, inputs=lambda config: ["crf"], supervisions=(Supervision.BOX,), output="instances",
     version=VERSION, report=report,
     reads=("dataset", "weak")))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from models.graph import from_grid, random_walk, to_grid
+from models.types import PIPELINE
 
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
 from .routing import STRIDE, source_of
@@ -89,6 +90,6 @@ def inputs(config) -> list[str]:
     return ["graph", source_of(config)]
 
 
-SPEC = STAGES.register("random_walk", StageSpec(
-    name="random_walk", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"),
+SPEC = STAGES.register(StageSpec(
+    name="random_walk", run=run, inputs=inputs, supervisions=PIPELINE,
     output="soft", version=VERSION, parallel=False, reads=("dataset", "supervision")))

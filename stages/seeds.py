@@ -44,6 +44,7 @@ import numpy as np
 from skimage.segmentation import slic
 
 from models.crf import crf_from_probs
+from models.types import PIPELINE, Supervision
 
 from .base import (IGNORE, STAGES, Box, DataError, StageContext, StageResult, StageSpec, WeakLabels, labels_from_soft,
                    run_items)
@@ -158,7 +159,7 @@ def variants(config) -> list[str]:
     return ["M_I", "M_I_reliable", *extra.get(config.supervision, [])]
 
 
-def seed_maps(supervision: str, cfg, image: np.ndarray, weak: WeakLabels,
+def seed_maps(supervision: Supervision, cfg, image: np.ndarray, weak: WeakLabels,
               cam: tuple[np.ndarray, np.ndarray] | None = None,
               m_b: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(M_g, the extra maps) of one image. ``cfg``: the ``seeds`` section; ``cam``: the CAM
@@ -171,12 +172,12 @@ def seed_maps(supervision: str, cfg, image: np.ndarray, weak: WeakLabels,
         if cfg.crf_agreement and len(class_ids) > 1:
             crf = cam_labels(crf_from_probs(image, probs, cfg.crf), class_ids)
         maps["M_I_reliable"] = reliable_cam_labels(probs, class_ids, cfg.reliable_ratio, crf)
-    if supervision == "box":
+    if supervision == Supervision.BOX:
         if cam is None:
             return m_b, maps
         maps["M_F"], from_box = fuse_box_cam(m_b, maps["M_I"], weak.boxes)
         return confident_box_seeds(maps["M_F"], from_box, maps["M_I_reliable"]), maps
-    if supervision == "image":
+    if supervision == Supervision.IMAGE:
         return maps["M_I_reliable"], maps
     sparse = sparse_labels(weak, supervision, image.shape[:2])
     if sparse.shape != image.shape[:2]:
@@ -184,7 +185,7 @@ def seed_maps(supervision: str, cfg, image: np.ndarray, weak: WeakLabels,
     m_g = expand_superpixels(sparse, superpixels(image, cfg.superpixels))
     if cam is not None:
         # scribbles: M_S over M'_I; points: M'_I alone (Sect. 3.6.1)
-        maps["affinity"] = merge_seeds(m_g, maps["M_I_reliable"]) if supervision == "scribble" \
+        maps["affinity"] = merge_seeds(m_g, maps["M_I_reliable"]) if supervision == Supervision.SCRIBBLE \
             else maps["M_I_reliable"]
     return m_g, maps
 
@@ -192,7 +193,7 @@ def seed_maps(supervision: str, cfg, image: np.ndarray, weak: WeakLabels,
 def _one(ctx: StageContext, image_id: str) -> dict[str, Any]:
     config = ctx.config
     cam = ctx.input("cam").read_soft(image_id) if cam_enabled(config) else None
-    m_b = ctx.input("box_seeds").read_label(image_id) if config.supervision == "box" else None
+    m_b = ctx.input("box_seeds").read_label(image_id) if config.supervision == Supervision.BOX else None
     try:
         m_g, maps = seed_maps(config.supervision, ctx.cfg, ctx.dataset.load_image(image_id),
                               ctx.dataset.load_weak(image_id), cam, m_b)
@@ -209,11 +210,11 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def inputs(config) -> list[str]:
-    out = ["box_seeds"] if config.supervision == "box" else []
+    out = ["box_seeds"] if config.supervision == Supervision.BOX else []
     return out + (["cam"] if cam_enabled(config) else [])
 
 
-SPEC = STAGES.register("seeds", StageSpec(
-    name="seeds", run=run, inputs=inputs, supervisions=("box", "scribble", "point", "image"), output="label",
+SPEC = STAGES.register(StageSpec(
+    name="seeds", run=run, inputs=inputs, supervisions=PIPELINE, output="label",
     version=VERSION, variants=variants,
     reads=("dataset", "weak", "supervision")))

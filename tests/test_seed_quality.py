@@ -128,31 +128,29 @@ def test_a2gnn_result_does_not_depend_on_the_batch(demo_box_run):
     """Re-training three images one at a time gives what the stage stored for them when it
     trained them stacked with others (same per-image seeds)."""
     from pipeline.runner import stage_context
-    from stages.routing import a2gnn_settings, radius_of
-
     run = demo_box_run
     assert run.config.a2gnn.batch > 1
     ids = run.ids("a2gnn")[:3]
     ctx = stage_context(run, "a2gnn", ids)
-    cfg = a2gnn_settings(run.config)
+    cfg = run.config.a2gnn
     # the stage trained in worker processes, each with cores // workers torch threads: the
     # same thread count gives the same float sums
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.workers))
     try:
-        _refit_and_compare(run, ctx, ids, cfg, radius_of)
+        _refit_and_compare(run, ctx, ids, cfg)
     finally:
         torch.set_num_threads(threads)
 
 
-def _refit_and_compare(run, ctx, ids, cfg, radius_of) -> None:
+def _refit_and_compare(run, ctx, ids, cfg) -> None:
     from stages.a2gnn import _problem, classes_of, fit
 
     for image_id in ids:
         weak = run.dataset.load_weak(image_id)
         class_ids = classes_of(run.store("seeds").read_label(image_id), weak)
         problem = _problem(ctx, image_id, class_ids, weak.boxes, cfg)
-        probs = fit([problem], cfg, radius_of(run.config), "cpu")[0][0].numpy()
+        probs = fit([problem], cfg, run.config.affinity_train.radius, "cpu")[0][0].numpy()
         stored, stored_ids = run.store("a2gnn").read_soft(image_id)
         assert list(stored_ids) == list(class_ids)
         np.testing.assert_allclose(stored.astype(np.float32), probs, atol=2e-3)
