@@ -327,7 +327,7 @@ def stage_context(run: Run, name: str, ids: list[str], workers: int | None = Non
     if not spec.parallel or (spec.parallel == "cpu" and device != "cpu"):
         n_workers = 1
     return StageContext(
-        stage=name, cfg=getattr(cfg, name, None), config=cfg, dataset=run.dataset,
+        stage=name, section=getattr(cfg, name, None), config=cfg, dataset=run.dataset,
         ids=run.ids(name) if spec.per_image else list(ids), todo=list(ids),
         out=store, upstream={u: run.store(u) for u in run.upstream[name]}, device=device,
         workers=n_workers, mapper=process_mapper)

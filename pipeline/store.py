@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from stages.base import DataError, labels_from_soft, safe_name
+from models.seeds import labels_from_soft
+from stages.base import DataError, safe_name
 
 class StageBusy(RuntimeError):
     """Another run holds the stage's lock (and ``lock: refuse``)."""

@@ -272,7 +272,7 @@ def _run_group(ctx: StageContext, key: str, groups: dict[str, list[str]], meta: 
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg = ctx.cfg
+    cfg = ctx.section
     result, facts = StageResult(), []
     # One pass over the seeds and weak labels: each image's classes and boxes, and the
     # (size, class count) that decides which images can train stacked.

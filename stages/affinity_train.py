@@ -31,7 +31,7 @@ from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
 from .routing import affinity_map, offsets_of
 from .training import release, sgd, train_loop
 
-VERSION = "2"  # 2: L_Ar divided by the number of pairs, as the released code
+VERSION = "2"
 
 
 def load_affinity(state: dict[str, Any], device: str) -> tuple[AffinityNet, list[tuple[int, int]]]:
@@ -58,7 +58,7 @@ def affinity_loss(model: AffinityNet, images: torch.Tensor, seeds: torch.Tensor,
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, seed, config = ctx.cfg, ctx.config.seed, ctx.config
+    cfg, seed, config = ctx.section, ctx.config.seed, ctx.config
     if cfg.crop % 8:
         raise ValueError(f"affinity_train.crop must be a multiple of 8 (the feature stride), got {cfg.crop}")
     ids = sorted(ctx.ids)

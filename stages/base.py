@@ -111,11 +111,6 @@ class ItemWriter(Protocol):
 T = TypeVar("T")
 
 
-def labels_from_soft(probs: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
-    """A soft map (n, H, W) over ``class_ids`` -> uint8 class ids: the most probable per pixel."""
-    return np.asarray(class_ids, np.uint8)[np.asarray(probs).argmax(0)]
-
-
 @dataclass
 class StageContext:
     """Everything a stage gets. Picklable, so per-image work can run in worker processes.
@@ -125,7 +120,7 @@ class StageContext:
     """
 
     stage: str
-    cfg: Any  # the stage's pydantic config section
+    section: Any  # the stage's own config section (``config.<stage>``); ``config`` is the whole run's
     config: Any  # the whole run config (class names, seed, ...)
     dataset: Dataset
     ids: list[str]

@@ -22,10 +22,10 @@ VERSION = "2"
 FILLED = "grabcut_filled"
 
 
-def _one(ctx: StageContext, image_id: str) -> dict:
+def _grabcut_image(ctx: StageContext, image_id: str) -> dict:
     image = ctx.dataset.load_image(image_id)
     weak = ctx.dataset.load_weak(image_id)
-    cfg = ctx.cfg
+    cfg = ctx.section
     labels = grabcut_seeds(image, weak.boxes, cfg.iterations, cfg.crop_margin, cfg.min_box_side,
                            seed=ctx.config.seed)
     filled = grabcut_filled(labels)
@@ -35,7 +35,7 @@ def _one(ctx: StageContext, image_id: str) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
-    return run_items(ctx, _one, desc="GrabCut seeds")
+    return run_items(ctx, _grabcut_image, desc="GrabCut seeds")
 
 
 SPEC = STAGES.register(StageSpec(

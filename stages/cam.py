@@ -17,9 +17,10 @@ import numpy as np
 
 from models.cam import multiscale_cam, with_background
 from models.metrics import confusion_matrix, scores
+from models.seeds import labels_from_soft
 from models.types import PIPELINE
 
-from .base import STAGES, StageContext, StageResult, StageSpec, labels_from_soft
+from .base import STAGES, StageContext, StageResult, StageSpec
 from .cam_train import load_trained
 from .routing import cam_enabled
 from .training import infer_items
@@ -35,15 +36,15 @@ def cam_probs(model, image: np.ndarray, tags: list[int], cfg, device: str) -> tu
     return with_background(cams, cfg.alpha), np.array([0, *classes], np.int16)
 
 
-def _one(ctx: StageContext, image_id: str, model) -> dict:
+def _cam_of_image(ctx: StageContext, image_id: str, model) -> dict:
     image = ctx.dataset.load_image(image_id)
-    probs, class_ids = cam_probs(model, image, ctx.dataset.load_weak(image_id).tags, ctx.cfg, ctx.device)
+    probs, class_ids = cam_probs(model, image, ctx.dataset.load_weak(image_id).tags, ctx.section, ctx.device)
     ctx.out.write_soft(image_id, probs, class_ids)
     return {}
 
 
 def run(ctx: StageContext) -> StageResult:
-    return infer_items(ctx, load_trained(ctx.input("cam_train").read_model(), ctx.device), _one, "CAM")
+    return infer_items(ctx, load_trained(ctx.input("cam_train").read_model(), ctx.device), _cam_of_image, "CAM")
 
 
 def threshold_sweep(ctx: StageContext) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def load_trained(state: dict[str, Any], device: str) -> CamNet:
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, seed = ctx.cfg, ctx.config.seed
+    cfg, seed = ctx.section, ctx.config.seed
     ids = sorted(ctx.ids)
     if not ids:
         raise ValueError("cam_train: the train split is empty")

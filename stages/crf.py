@@ -16,9 +16,10 @@ import numpy as np
 
 from models.crf import crf_from_labels, crf_from_probs
 from models.grabcut import grabcut_refine
+from models.seeds import labels_from_soft
 from models.types import PIPELINE, Supervision
 
-from .base import STAGES, StageContext, StageResult, StageSpec, labels_from_soft, run_items
+from .base import STAGES, StageContext, StageResult, StageSpec, run_items
 from .routing import source_of
 
 VERSION = "1"
@@ -37,21 +38,21 @@ def _candidate(name: str, config) -> bool:
     return name != "random_walk" or source_of(config) == "cam"
 
 
-def _one(ctx: StageContext, image_id: str) -> dict:
+def _crf_image(ctx: StageContext, image_id: str) -> dict:
     source = ctx.input()
     image = ctx.dataset.load_image(image_id)
     if source.kind == "soft":
         probs, class_ids = source.read_soft(image_id)
-        q = crf_from_probs(image, probs.astype(np.float32), ctx.cfg)
+        q = crf_from_probs(image, probs.astype(np.float32), ctx.section)
         labels = labels_from_soft(q, class_ids)
     else:
-        labels = crf_from_labels(image, source.read_label(image_id), ctx.cfg, ctx.cfg.gt_prob)
+        labels = crf_from_labels(image, source.read_label(image_id), ctx.section, ctx.section.gt_prob)
     if _refines(ctx.config):
         ctx.out.write_label(image_id, labels, DENSE)
         gc = ctx.config.box_seeds  # in the fingerprint through box_seeds upstream
         labels = grabcut_refine(image, labels, ctx.dataset.load_weak(image_id).boxes, gc.iterations,
                                 gc.crop_margin, gc.min_box_side, seed=ctx.config.seed,
-                                min_iou=ctx.cfg.grabcut_min_iou)
+                                min_iou=ctx.section.grabcut_min_iou)
     ctx.out.write_label(image_id, labels)
     return {}
 
@@ -61,7 +62,7 @@ def _refines(config) -> bool:
 
 
 def run(ctx: StageContext) -> StageResult:
-    result = run_items(ctx, _one, desc="dense CRF")
+    result = run_items(ctx, _crf_image, desc="dense CRF")
     result.info["input"] = ctx.input().stage
     return result
 

@@ -17,14 +17,14 @@ from .training import infer_items
 VERSION = "1"
 
 
-def _one(ctx: StageContext, image_id: str, model) -> dict:
-    probs = predict_probs(model, ctx.dataset.load_image(image_id), ctx.cfg.scales, ctx.cfg.flip, ctx.device)
+def _predict_image(ctx: StageContext, image_id: str, model) -> dict:
+    probs = predict_probs(model, ctx.dataset.load_image(image_id), ctx.section.scales, ctx.section.flip, ctx.device)
     ctx.out.write_label(image_id, probs.argmax(0).astype(np.uint8))
     return {}
 
 
 def run(ctx: StageContext) -> StageResult:
-    return infer_items(ctx, load_trained(ctx.input("dfr_train").read_model(), ctx.device), _one, "DFR inference")
+    return infer_items(ctx, load_trained(ctx.input("dfr_train").read_model(), ctx.device), _predict_image, "DFR inference")
 
 
 SPEC = STAGES.register(StageSpec(

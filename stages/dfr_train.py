@@ -50,13 +50,13 @@ def training_labels(ctx: StageContext, image_id: str, shape: tuple[int, int]) ->
     """The image's scribble (or point, ``dfr_train.labels``) map, IGNORE where unlabelled."""
     weak = ctx.dataset.load_weak(image_id)  # a bad file raises its own DataError
     try:
-        return sparse_labels(weak, ctx.cfg.labels, shape)
+        return sparse_labels(weak, ctx.section.labels, shape)
     except ValueError as err:
-        raise DataError(ctx.dataset.image_path(image_id), f"{err} (dfr_train.labels is '{ctx.cfg.labels}')") from None
+        raise DataError(ctx.dataset.image_path(image_id), f"{err} (dfr_train.labels is '{ctx.section.labels}')") from None
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, seed = ctx.cfg, ctx.config.seed
+    cfg, seed = ctx.section, ctx.config.seed
     ids = sorted(ctx.ids)
     terms = cfg  # the section is a DfrTerms (models.params)
     arch = {"backbone": cfg.backbone, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights,
@@ -69,11 +69,11 @@ def run(ctx: StageContext) -> StageResult:
     curves: dict[str, list[float]] = {t: [] for t in TERMS + DIAGNOSTICS}
 
     @functools.lru_cache(maxsize=4096)  # synthesized scribbles cost ~0.1 s an image; keep them
-    def labels_of(i: int, shape: tuple[int, int]) -> np.ndarray:
+    def scribbles_of(i: int, shape: tuple[int, int]) -> np.ndarray:
         return training_labels(ctx, ids[i], shape)
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
-        x, y, real = crop_batch(ctx, ids, picks, step, lambda i, image: labels_of(i, image.shape[:2]),
+        x, y, real = crop_batch(ctx, ids, picks, step, lambda i, image: scribbles_of(i, image.shape[:2]),
                                 cfg.photometric)
         with torch.autocast(device_type, enabled=amp):
             logits, feats = model.forward_train(x)

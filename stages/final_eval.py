@@ -22,8 +22,8 @@ from .training import infer_items
 VERSION = "1"
 
 
-def _one(ctx: StageContext, image_id: str, model) -> dict:
-    cfg = ctx.cfg
+def _predict_image(ctx: StageContext, image_id: str, model) -> dict:
+    cfg = ctx.section
     image = ctx.dataset.load_image(image_id)
     probs = predict_probs(model, image, cfg.scales, cfg.flip, ctx.device)
     if cfg.use_crf:
@@ -34,7 +34,7 @@ def _one(ctx: StageContext, image_id: str, model) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
-    return infer_items(ctx, load_trained(ctx.input("final_train").read_model(), ctx.device), _one, "final model inference")
+    return infer_items(ctx, load_trained(ctx.input("final_train").read_model(), ctx.device), _predict_image, "final model inference")
 
 
 SPEC = STAGES.register(StageSpec(

@@ -49,7 +49,7 @@ def label_source(ctx: StageContext) -> tuple[list[str], Callable[[str], np.ndarr
     """The training ids and ``id -> label map``: the input stage's labels (images it
     failed on are left out), or the GT masks for ``labels: gt``."""
     ids = sorted(ctx.ids)
-    if ctx.cfg.labels == "gt":
+    if ctx.section.labels == "gt":
         def gt(image_id: str) -> np.ndarray:
             labels = ctx.dataset.load_gt(image_id)
             if labels is None:
@@ -57,13 +57,13 @@ def label_source(ctx: StageContext) -> tuple[list[str], Callable[[str], np.ndarr
                                                                   "GT mask")
             return labels
         return ids, gt
-    source = ctx.input(ctx.cfg.input)
+    source = ctx.input(ctx.section.input)
     return [i for i in ids if source.has(i)], source.labels_of
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, seed = ctx.cfg, ctx.config.seed
-    ids, labels_of = label_source(ctx)
+    cfg, seed = ctx.section, ctx.config.seed
+    ids, read_labels = label_source(ctx)
     if not ids:
         raise ValueError(f"final_train: no training image has labels from '{cfg.input}'")
     arch = {"arch": cfg.arch, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights}
@@ -74,7 +74,7 @@ def run(ctx: StageContext) -> StageResult:
     reg_curve: list[float] = []
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
-        x, y, real = crop_batch(ctx, ids, picks, step, lambda i, image: labels_of(ids[i]))
+        x, y, real = crop_batch(ctx, ids, picks, step, lambda i, image: read_labels(ids[i]))
         with torch.autocast(device_type, enabled=amp):
             logits = model(x)
         logits = logits.float()

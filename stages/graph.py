@@ -66,16 +66,16 @@ def node_features_of(graph: dict[str, np.ndarray], model: AffinityNet | None, im
     return node_features(affinity_outputs(model, image, device)[1]).cpu()
 
 
-def _one(ctx: StageContext, image_id: str, model: AffinityNet, offsets: list[tuple[int, int]]) -> dict:
+def _graph_of_image(ctx: StageContext, image_id: str, model: AffinityNet, offsets: list[tuple[int, int]]) -> dict:
     image = ctx.dataset.load_image(image_id)
-    ctx.out.write_arrays(image_id, image_graph(model, offsets, image, ctx.cfg.threshold, ctx.device,
-                                               ctx.cfg.store_features))
+    ctx.out.write_arrays(image_id, image_graph(model, offsets, image, ctx.section.threshold, ctx.device,
+                                               ctx.section.store_features))
     return {}
 
 
 def run(ctx: StageContext) -> StageResult:
     model, offsets = load_affinity(ctx.input("affinity_train").read_model(), ctx.device)
-    result = run_items(ctx, functools.partial(_one, model=model, offsets=offsets), desc="graph")
+    result = run_items(ctx, functools.partial(_graph_of_image, model=model, offsets=offsets), desc="graph")
     del model
     release(ctx.device)
     return result

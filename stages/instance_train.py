@@ -42,7 +42,7 @@ def build_model(num_classes: int, weights: str, min_size: int) -> torch.nn.Modul
 
 def run(ctx: StageContext) -> StageResult:
     require_compiled_ops("instance_train (Mask R-CNN)")
-    cfg, seed = ctx.cfg, ctx.config.seed
+    cfg, seed = ctx.section, ctx.config.seed
     source = ctx.input("instances")
     samples = []
     for image_id in sorted(ctx.ids):

@@ -69,7 +69,7 @@ def objects_of(instances: np.ndarray, boxes: list[Box]) -> list[tuple[Box, np.nd
     return out
 
 
-def _one(ctx: StageContext, image_id: str) -> dict:
+def _instances_of_image(ctx: StageContext, image_id: str) -> dict:
     labels = ctx.input().read_label(image_id)
     boxes = ctx.dataset.load_weak(image_id).boxes
     if not boxes:
@@ -79,7 +79,7 @@ def _one(ctx: StageContext, image_id: str) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
-    return run_items(ctx, _one, desc="instance masks")
+    return run_items(ctx, _instances_of_image, desc="instance masks")
 
 
 def report(ctx: StageContext) -> dict[str, Any]:
@@ -104,14 +104,14 @@ def report(ctx: StageContext) -> dict[str, Any]:
         scored += 1
         for cls, _ in gts:
             gt_counts[cls] = gt_counts.get(cls, 0) + 1
-        records += match_instances([(b.cls, s, m) for b, m, s in found], gts, ctx.cfg.iou_thresholds)
+        records += match_instances([(b.cls, s, m) for b, m, s in found], gts, ctx.section.iou_thresholds)
     names = ctx.dataset.class_names
     coco = {"images": images, "annotations": annotations,
             "categories": [{"id": c, "name": names[c]} for c in range(1, len(names))]}
     path = ctx.out.write_file("instances.json", json.dumps(coco).encode())
     out: dict[str, Any] = {"instances": len(annotations), "coco_json": str(path)}
     if scored:
-        out.update(mask_ap(records, gt_counts, ctx.cfg.iou_thresholds, names), scored_images=scored)
+        out.update(mask_ap(records, gt_counts, ctx.section.iou_thresholds, names), scored_images=scored)
     return out
 
 

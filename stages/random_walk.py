@@ -28,7 +28,7 @@ from models.types import PIPELINE
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
 from .routing import STRIDE, source_of
 
-VERSION = "2"  # 2: keep_seeds
+VERSION = "2"
 
 
 def cam_scores(probs: np.ndarray, class_ids: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +67,8 @@ def propagate(graph: dict[str, np.ndarray], scores: np.ndarray, beta: float, log
     return probs.cpu().numpy()
 
 
-def _one(ctx: StageContext, image_id: str) -> dict:
-    cfg, source = ctx.cfg, source_of(ctx.config)
+def _walk_image(ctx: StageContext, image_id: str) -> dict:
+    cfg, source = ctx.section, source_of(ctx.config)
     if source == "cam":
         scores, class_ids = cam_scores(*ctx.input("cam").read_soft(image_id), cfg.alpha)
     else:
@@ -81,7 +81,7 @@ def _one(ctx: StageContext, image_id: str) -> dict:
 
 
 def run(ctx: StageContext) -> StageResult:
-    result = run_items(ctx, _one, desc="random walk")
+    result = run_items(ctx, _walk_image, desc="random walk")
     result.info["source"] = source_of(ctx.config)
     return result
 

@@ -35,11 +35,11 @@ def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optim
     stage has it) or ``cfg.epochs`` epochs; returns info (steps, loss curve per epoch and for
     a last partial epoch, seconds, the step it resumed from).
 
-    Uses ``ctx.cfg``: ``batch_size``, ``epochs`` / ``iterations``, ``poly_power``,
+    Uses ``ctx.section``: ``batch_size``, ``epochs`` / ``iterations``, ``poly_power``,
     ``checkpoint_every``. A checkpoint holds the model, the optimiser, the loss history, the
     torch RNG states (dropout) and the AMP ``scaler``, so a resumed run is the same run.
     """
-    cfg, seed = ctx.cfg, ctx.config.seed
+    cfg, seed = ctx.section, ctx.config.seed
     batch = min(cfg.batch_size, n_samples)
     steps_per_epoch = max(1, n_samples // batch)  # drop the last partial batch, as IRN/PSA
     total = getattr(cfg, "iterations", None) or cfg.epochs * steps_per_epoch
@@ -138,21 +138,21 @@ def sgd(model: torch.nn.Module, cfg) -> tuple[torch.optim.SGD, list[float]]:
 
 
 def crop_batch(ctx: StageContext, ids: list[str], picks: np.ndarray, step: int,
-               labels_of: Callable[[int, np.ndarray], np.ndarray],
+               labels_for: Callable[[int, np.ndarray], np.ndarray],
                distort: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One training batch: for sample ``picks[j]`` the image and ``labels_of(index, image)``
+    """One training batch: for sample ``picks[j]`` the image and ``labels_for(index, image)``
     go through :func:`stages.augment.scale_flip_crop` (and :func:`stages.augment.photometric`
     with ``distort``) with ``step_rng(seed, step, j)``. Returns images (N, 3, c, c) 0..255,
     labels (N, c, c) long with 255 on padding, and the real-pixel mask (padding False)."""
     images, targets, real = [], [], []
     for j, i in enumerate(picks):
         image = ctx.dataset.load_image(ids[i])
-        labels = labels_of(int(i), image)
+        labels = labels_for(int(i), image)
         if labels.shape != image.shape[:2]:
             raise DataError(ctx.dataset.image_path(ids[i]), f"image is {image.shape[1]}x{image.shape[0]} but its "
                                                            f"labels are {labels.shape[1]}x{labels.shape[0]}")
         rng = step_rng(ctx.config.seed, step, j)
-        crop, (target, inside) = scale_flip_crop(image, rng, ctx.cfg.scale_range, ctx.cfg.crop,
+        crop, (target, inside) = scale_flip_crop(image, rng, ctx.section.scale_range, ctx.section.crop,
                                                  (labels, np.zeros_like(labels)))
         images.append(photometric(crop, rng) if distort else crop)
         targets.append(target)

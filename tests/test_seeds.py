@@ -1,8 +1,8 @@
 """Seed-map rules on hand-made maps: Eq. 3.4 (every branch), Eq. 3.5, top-40%, superpixels."""
 import numpy as np
 
-from stages.base import Box, Point
-from stages.seeds import (confident_box_seeds, expand_superpixels, fuse_box_cam, merge_seeds, reliable_cam_labels,
+from models.types import Box, Point
+from models.seeds import (confident_box_seeds, expand_superpixels, fuse_box_cam, merge_seeds, reliable_cam_labels,
                           top_ratio_mask)
 from stages.sparse import points_map
 
