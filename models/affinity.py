@@ -34,6 +34,9 @@ from .types import IGNORE
 
 EPS = 1e-5
 
+STRIDE = 8
+"""Output stride of the affinity net: graph nodes, the random walk and A²GNN live on this grid."""
+
 
 def window_offsets(radius: int, shape: str = "disk") -> list[tuple[int, int]]:
     """The (dy, dx) offsets of a pixel's neighbours, raster order, without (0, 0)."""

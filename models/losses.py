@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .affinity import (affinity_class_loss, image_kernel, pair_distance, pair_labels, pair_reduce, shifted,
                        window_offsets)
-from .graph import sample_grid
+from .graph import from_grid, sample_grid
 from .params import DfrTerms
 from .types import IGNORE
 
@@ -186,6 +186,41 @@ def feature_regularized_loss(distance: torch.Tensor, kernel: torch.Tensor, known
     ``known`` (N, K, h, w) marks R_A, the window pairs whose labels M are both known."""
     n, _, h, w = distance.shape
     return (kernel * known * distance).sum() / (n * h * w)
+
+
+def a2gnn_objective(up: torch.Tensor, grid_logits: torch.Tensor, feats: torch.Tensor | None, labels: torch.Tensor,
+                    boxes: Sequence[Sequence[tuple[Window, int]]], kernel: torch.Tensor,
+                    offsets: Sequence[tuple[int, int]], reg_weight: float, check: tuple[float, bool] | None = None,
+                    stride: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thesis Eq. 3.20 for M stacked per-image models, summed over the images::
+
+        L_G = L_ce + L_mp + lambda_1 L_reg
+
+    ``up`` (M, C, H, W): the logits upsampled to the image; ``grid_logits`` (M, C, h, w) the
+    same on the node grid (L_reg, Eq. 3.22, with ``kernel`` and ``offsets``; ``reg_weight`` =
+    lambda_1, 0 leaves it out); ``feats`` (M, D, h, w): the last attention layer (L_mp,
+    Eq. 3.25-3.26, over each image's ``boxes``; ``None`` leaves it out); ``labels`` (M, H, W):
+    seed class indices (L_ce, Eq. 3.21). ``check = (threshold, centred)``: consistency checking
+    (Eq. 3.27-3.28) of the seeds against the boxes' MP prototypes, before L_ce, as the released
+    code. Returns the loss and the (checked) labels.
+    """
+    loss = up.new_zeros(())
+    if feats is not None:
+        for i, image_boxes in enumerate(boxes):
+            if not image_boxes:
+                continue
+            mp, protos = mp_loss(up[i], feats[i], image_boxes, stride)
+            loss = loss + mp
+            if check is not None:
+                for (window, cls), proto in zip(image_boxes, protos):
+                    cos = prototype_similarity(feats[i].detach(), proto, check[1])
+                    labels[i] = consistency_check(labels[i], from_grid(cos[None], labels.shape[1:], stride)[0],
+                                                  window, cls, check[0])
+    loss = loss + seed_ce(up, labels).sum()
+    if reg_weight > 0:
+        # potts_loss averages over the stack; the models' losses are summed
+        loss = loss + reg_weight * up.shape[0] * potts_loss(torch.softmax(grid_logits, 1), kernel, offsets)
+    return loss, labels
 
 
 DFR_PRESETS = {"pce": dict(dfr=False, fd=False, fr=False),  # partial CE alone

@@ -313,7 +313,7 @@ def _a2gnn_problems(n: int, h: int, w: int, radius: int, channels: int, seed_fra
     from models.types import IGNORE
     from models.graph import grid_edges, to_grid
     from pipeline.config import A2GNN_RELEASED, A2gnnConfig
-    from stages.a2gnn import class_index, classes_of, make_problem
+    from models.transductive import class_index, classes_of, make_problem
 
     cfg = A2gnnConfig(**A2GNN_RELEASED["box"])
     out = []
@@ -338,7 +338,7 @@ def _a2gnn_fit(path: str, layer: str, batch: int, epochs: int, n: int, h: int, w
 
     from models.metrics import confusion_matrix, scores
     from pipeline.config import A2GNN_RELEASED, A2gnnConfig
-    from stages.a2gnn import batches, fit
+    from models.transductive import batches, fit
 
     torch.set_num_threads(threads)
     cfg = A2gnnConfig(**{**A2GNN_RELEASED["box"], "epochs": epochs}, path=path, layer=layer)

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.affinity import AffinityNet
+from models.affinity import STRIDE, AffinityNet
 from models.graph import cell_labels, grid_edges, node_features, pair_confusion, to_grid
 from models.types import PIPELINE
 
 from .affinity_train import load_affinity
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
-from .routing import STRIDE, affinity_map, offsets_of
+from .routing import affinity_map, offsets_of
 from .training import release
 
 VERSION = "1"

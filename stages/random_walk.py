@@ -22,11 +22,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models.affinity import STRIDE
 from models.graph import from_grid, random_walk, to_grid
 from models.types import PIPELINE
 
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
-from .routing import STRIDE, source_of
+from .routing import source_of
 
 VERSION = "2"
 

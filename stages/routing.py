@@ -7,9 +7,6 @@ from __future__ import annotations
 from models.affinity import window_offsets
 from models.types import Supervision
 
-STRIDE = 8
-"""Output stride of the affinity net: graph nodes, the random walk and A²GNN live on this grid."""
-
 def cam_enabled(config) -> bool:
     """Whether the CAM stages run (tags need them; one-class data cannot localise with them)."""
     return config.cam.enabled

@@ -9,7 +9,7 @@ from models.a2gnn import A2GNN, AffinityAttention, DenseGraph, GridGraph
 from models.affinity import gaussian_kernel, window_offsets
 from models.boxes import restrict_to_boxes
 from models.graph import from_grid, grid_edges
-from models.losses import consistency_check, mp_loss, mp_nodes, potts_loss, seed_ce
+from models.losses import a2gnn_objective, consistency_check, mp_loss, mp_nodes, potts_loss, prototype_similarity, seed_ce
 
 
 def _graph(h=5, w=7, radius=2, threshold=0.3, seed=0):
@@ -235,8 +235,6 @@ def test_centred_consistency_check_removes_a_seed_that_points_away_from_its_box_
     """Non-negative node features (as A²GNN's): the raw cosine is >= 0 everywhere, so the
     released check at 0 keeps every seed; centred on the image mean it removes the seed whose
     feature lies on the background side and keeps the ones like the prototype."""
-    from models.losses import prototype_similarity
-
     feats = torch.tensor([[1.0, 0.0, 0.0, 1.0],   # channel 0: background-like
                           [0.0, 1.0, 1.0, 0.1]])[:, None, :]  # (D=2, h=1, w=4)
     proto = torch.tensor([0.0, 1.0])  # the box's MP nodes are foreground-like
@@ -251,6 +249,37 @@ def test_centred_consistency_check_removes_a_seed_that_points_away_from_its_box_
     torch.testing.assert_close(centred, torch.tensor(naive))
     assert centred[1] > 0.99 and centred[3] < 0
     assert consistency_check(labels, centred[None], (0, 1, 0, 4), cls=1).tolist() == [[0, 1, 1, 255]]
+
+
+def test_a2gnn_objective_is_eq_3_20_summed_over_the_stacked_images():
+    """L_G = L_ce + L_mp + lambda_1 L_reg per image, summed; the check (Eq. 3.27-3.28) runs on
+    each box's MP prototypes before L_ce and the labels it returns are the checked ones."""
+    g = torch.Generator().manual_seed(0)
+    m, c, h, w, d = 2, 3, 3, 4, 5
+    grid = torch.randn(m, c, h, w, generator=g, requires_grad=True)
+    feats = torch.rand(m, d, h, w, generator=g) - 0.5
+    up = from_grid(grid, (24, 32), 8)
+    labels = torch.full((m, 24, 32), 255, dtype=torch.long)
+    labels[:, 2:20, 3:12] = 1
+    labels[:, 20:, :] = 0
+    labels[1, 5:10, 20:30] = 2
+    boxes = [[((0, 20, 0, 16), 1)], [((0, 20, 0, 16), 1), ((4, 12, 18, 32), 2)]]
+    offsets = window_offsets(1, "square")
+    kernel = torch.rand(m, len(offsets), h, w, generator=g)
+    loss, checked = a2gnn_objective(up, grid, feats, labels.clone(), boxes, kernel, offsets, 0.3, (0.0, True), 8)
+    expect, ref = torch.zeros(()), labels.clone()
+    for i in range(m):
+        mp, protos = mp_loss(up[i], feats[i], boxes[i], 8)
+        expect = expect + mp
+        for (window, cls), proto in zip(boxes[i], protos):
+            cos = from_grid(prototype_similarity(feats[i], proto)[None], (24, 32), 8)[0]
+            ref[i] = consistency_check(ref[i], cos, window, cls, 0.0)
+    assert (ref != labels).any() and torch.equal(checked, ref)  # the check removed seeds
+    expect = expect + seed_ce(up, ref).sum() + 0.3 * m * potts_loss(torch.softmax(grid, 1), kernel, offsets)
+    torch.testing.assert_close(loss, expect)
+    plain, same = a2gnn_objective(up, grid, None, labels.clone(), boxes, kernel, offsets, 0.0)
+    assert torch.equal(same, labels)
+    torch.testing.assert_close(plain, seed_ce(up, labels).sum())  # phase 1 without MP: L_ce alone
 
 
 def test_restrict_to_boxes_matches_a_naive_loop():

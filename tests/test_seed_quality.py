@@ -144,7 +144,8 @@ def test_a2gnn_result_does_not_depend_on_the_batch(demo_box_run):
 
 
 def _refit_and_compare(run, ctx, ids, cfg) -> None:
-    from stages.a2gnn import _problem, classes_of, fit
+    from models.transductive import classes_of, fit
+    from stages.a2gnn import _problem
 
     for image_id in ids:
         weak = run.dataset.load_weak(image_id)
