@@ -39,7 +39,8 @@ STRIDE = 8
 
 
 def window_offsets(radius: int, shape: str = "disk") -> list[tuple[int, int]]:
-    """The (dy, dx) offsets of a pixel's neighbours, raster order, without (0, 0)."""
+    """The (dy, dx) offsets of a pixel's neighbours, raster order, without (0, 0): the pair
+    windows of Eq. 3.7 / 3.11 (``disk``) and DFR Eq. 3 / 8 (``square``)."""
     if shape not in ("disk", "square"):
         raise ValueError(f"neighbourhood must be 'disk' or 'square', got {shape!r}")
     out = []
@@ -145,7 +146,7 @@ def pair_affinity(features: torch.Tensor, offsets: Sequence[tuple[int, int]]) ->
 
 
 def pair_labels(seeds: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Masks (N, K, H, W) of the pair sets of Eq. 3.6-3.7 from (N, H, W) seed labels.
+    """Masks (N, K, H, W) of the pair sets of Eq. 3.6-3.7 (DFR Eq. 8-9) from (N, H, W) seed labels.
 
     ``bg_pos``: both known, equal, centre background; ``fg_pos``: both known, equal,
     centre foreground; ``neg``: both known, different.
@@ -161,7 +162,7 @@ def pair_labels(seeds: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> dict
 def affinity_class_loss(aff: torch.Tensor, pairs: dict[str, torch.Tensor],
                         weights: tuple[float, float, float] = (0.25, 0.25, 0.5)) -> dict[str, torch.Tensor]:
     """L_Ac = bg/4 + fg/4 + neg/2 (Eq. 3.10 as the released code weights it); DFR's L_fd
-    (Eq. 11) is the same sum with ``weights`` (1, 1, 2). A set with no pairs gives 0."""
+    (DFR Eq. 11) is the same sum with ``weights`` (1, 1, 2). A set with no pairs gives 0."""
     def mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (values * mask).sum() / (mask.sum() + EPS)
 
@@ -183,7 +184,8 @@ def gaussian_kernel(image: torch.Tensor, offsets: Sequence[tuple[int, int]], sig
 
 def image_kernel(images: torch.Tensor, size: tuple[int, int], offsets: Sequence[tuple[int, int]],
                  sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
-    """G(i, j) of Eq. 3.13 on a feature grid of ``size``: the ImageNet-normalised (N, 3, H, W)
+    """G(i, j) of Eq. 3.13 (= K_f of DFR Eq. 13, the position and colour factors of DFR Eq. 6)
+    on a feature grid of ``size``: the ImageNet-normalised (N, 3, H, W)
     0..255 images resized bilinearly to the grid (as the released code), positions in grid
     cells."""
     rgb = F.interpolate(normalize(images), size=size, mode="bilinear", align_corners=False)
@@ -240,3 +242,20 @@ class AffinityNet(nn.Module):
         """(backbone, new layers): the new layers get the larger learning rate."""
         new = [*self.reduce.parameters(), *self.fuse.parameters()]
         return [p for p in self.backbone.parameters() if p.requires_grad], new
+
+
+def affinity_objective(model: AffinityNet, images: torch.Tensor, seeds: torch.Tensor, valid: torch.Tensor,
+                  offsets: list[tuple[int, int]], sigma_xy: float, sigma_rgb: float,
+                  reg_weight: float) -> dict[str, torch.Tensor]:
+    """Eq. 3.9, ``L_Aff = L_Ac + lambda L_Ar`` (``reg_weight`` = lambda), for a batch: images
+    (N, 3, H, W) 0..255; seeds and valid (N, h, w) on the feature grid."""
+    f_a, _ = model(images)
+    if f_a.shape[-2:] != seeds.shape[-2:]:
+        raise ValueError(f"feature grid {tuple(f_a.shape[-2:])} != seed grid {tuple(seeds.shape[-2:])}")
+    dist = pair_distance(f_a, offsets)
+    out = affinity_class_loss(torch.exp(-dist), pair_labels(seeds, offsets))
+    kernel = image_kernel(images, f_a.shape[-2:], offsets, sigma_xy, sigma_rgb)
+    out["reg"] = affinity_reg_loss(dist, kernel, offsets, valid)
+    out["class"] = out["loss"]
+    out["loss"] = out["class"] + reg_weight * out["reg"]
+    return out

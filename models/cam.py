@@ -27,7 +27,8 @@ from .backbones import ResNetBackbone, multiscale_sum, normalize
 
 
 class CamNet(nn.Module):
-    """Dilated ResNet + GAP + bias-free 1x1 classifier over ``num_fg`` foreground classes."""
+    """Dilated ResNet + GAP + bias-free 1x1 classifier over ``num_fg`` foreground classes:
+    the class scores and CAMs of Eq. 2.1."""
 
     def __init__(self, num_fg: int, depth: int = 50, output_stride: int = 16, weights: str = "none") -> None:
         super().__init__()

@@ -30,9 +30,9 @@ from .types import IGNORE
 
 
 def seed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per image: CE(background seeds) + CE(foreground seeds), each a mean over its own
-    pixels; a set with no pixels contributes 0. ``logits`` (N, C, H, W), ``labels``
-    (N, H, W) class indices into C with IGNORE for unknown. Returns (N,): one loss per image
+    """L_ce (Eq. 3.21 as the released code computes it), per image: CE(background seeds) +
+    CE(foreground seeds), each a mean over its own pixels; a set with no pixels contributes
+    0. ``logits`` (N, C, H, W), ``labels`` (N, H, W) class indices into C with IGNORE for unknown. Returns (N,): one loss per image
     (sum them for independent per-image models, average them for a shared model)."""
     ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE, reduction="none")  # 0 where ignored
     total = logits.new_zeros(len(labels))
@@ -42,8 +42,8 @@ def seed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def potts_loss(probs: torch.Tensor, kernel: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Relaxed Potts / dense-CRF loss on a local window (Eq. 3.22, intended form):
-    ``sum_i sum_k K_ik (1 - P(i) . P(i + o_k)) / (N H W)``.
+    """Relaxed Potts / dense-CRF loss on a local window (Eq. 3.22, intended form; DFR Eq. 4-5
+    with the DFR kernel): ``sum_i sum_k K_ik (1 - P(i) . P(i + o_k)) / (N H W)``.
 
     ``probs`` (N, C, H, W) softmax; ``kernel`` (N, K, H, W) pair weights over ``offsets``,
     0 for pairs leaving the image (e.g. :func:`models.affinity.gaussian_kernel`).
@@ -55,7 +55,7 @@ def potts_loss(probs: torch.Tensor, kernel: torch.Tensor, offsets: Sequence[tupl
 
 def dense_crf_loss(logits: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, radius: int, scale: float,
                    sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
-    """The relaxed dense-CRF regularized loss of Tang et al. (ECCV 2018, Eq. 4, Potts form
+    """The relaxed dense-CRF regularized loss of Tang et al. (ECCV 2018, Tang Eq. 4, Potts form
     ``sum_ij W_ij (1 - S_i . S_j)``) on a local square window of ``radius``, computed, as
     their released code does (``--rloss-scale``), at ``scale`` x the input: :func:`potts_loss` of the bilinearly
     resized softmax, with the kernel of :func:`models.affinity.image_kernel`.
@@ -154,7 +154,7 @@ def consistency_check(labels: torch.Tensor, similarity: torch.Tensor, region: Wi
 
 # --------------------------------------------------------------------------- DFR (Zhang et al.)
 def confident_labels(probs: torch.Tensor, gamma: float, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """M (Eq. 7): ``argmax_c P_c(i)`` where ``max_c P_c(i) > gamma``, else IGNORE (and IGNORE
+    """M (DFR Eq. 7): ``argmax_c P_c(i)`` where ``max_c P_c(i) > gamma``, else IGNORE (and IGNORE
     on crop padding, ``valid`` False). ``probs`` (N, C, H, W) -> (N, H, W) long, no gradient."""
     top, labels = probs.detach().max(1)
     keep = top > gamma
@@ -164,17 +164,17 @@ def confident_labels(probs: torch.Tensor, gamma: float, valid: torch.Tensor | No
 
 
 def feature_kernel(feats: torch.Tensor, offsets: Sequence[tuple[int, int]], sigma: float) -> torch.Tensor:
-    """The deep-feature factor of K (Eq. 6), ``exp(-|F_i - F_j|^2 / 2 s3^2)`` (N, K, h, w), of
+    """The deep-feature factor of K (DFR Eq. 6), ``exp(-|F_i - F_j|^2 / 2 s3^2)`` (N, K, h, w), of
     the *detached* features: the kernel passes no gradient into F. The position and colour
     factors are :func:`models.affinity.image_kernel` (S in grid cells, I the
     ImageNet-normalised RGB resized to the grid; an infinite sigma switches a factor off,
-    Table 5); with those two alone it is K_f of Eq. 13 and Tang et al.'s Potts kernel."""
+    Table 5); with those two alone it is K_f of DFR Eq. 13 and Tang et al.'s Potts kernel."""
     sq = pair_reduce(feats.detach(), offsets, lambda a, b: ((a - b) ** 2).sum(1))
     return torch.exp(-sq / (2 * sigma ** 2))
 
 
 def feature_distance_loss(distance: torch.Tensor, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """L_fd (Eq. 10-11): ``D = exp(-|F_i - F_j|_1 / d)`` from ``distance`` = the channel-mean
+    """L_fd (DFR Eq. 10-11): ``D = exp(-|F_i - F_j|_1 / d)`` from ``distance`` = the channel-mean
     L1 (:func:`models.affinity.pair_distance`); -log D averaged over background positives
     and, separately, foreground positives, plus 2 x the mean of -log(1 - D) over negatives
     (:func:`models.affinity.affinity_class_loss` with weights 1, 1, 2)."""
@@ -182,7 +182,7 @@ def feature_distance_loss(distance: torch.Tensor, pairs: dict[str, torch.Tensor]
 
 
 def feature_regularized_loss(distance: torch.Tensor, kernel: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """L_fr (Eq. 12): ``1/(N h w) sum_i sum_{(i, j) in R_A} K_f(i, j) |F_i - F_j|_1 / d``;
+    """L_fr (DFR Eq. 12): ``1/(N h w) sum_i sum_{(i, j) in R_A} K_f(i, j) |F_i - F_j|_1 / d``;
     ``known`` (N, K, h, w) marks R_A, the window pairs whose labels M are both known."""
     n, _, h, w = distance.shape
     return (kernel * known * distance).sum() / (n * h * w)
@@ -225,7 +225,7 @@ def a2gnn_objective(up: torch.Tensor, grid_logits: torch.Tensor, feats: torch.Te
 
 DFR_PRESETS = {"pce": dict(dfr=False, fd=False, fr=False),  # partial CE alone
                "potts": dict(kernel_feature=False, fd=False, fr=False),  # + Tang et al.'s Potts (XY + RGB)
-               "dfr": {}}  # Eq. 1 in full
+               "dfr": {}}  # DFR Eq. 1 in full
 
 
 def dfr_preset(name: str) -> DfrTerms:
@@ -235,24 +235,30 @@ def dfr_preset(name: str) -> DfrTerms:
     return DfrTerms(**DFR_PRESETS[name])
 
 
+def partial_ce(logits: torch.Tensor, scribbles: torch.Tensor) -> torch.Tensor:
+    """L_pce (DFR Eq. 2): ``-1/N_s sum_i [M_s(i) != 255] log P^{M_s(i)}(i)``, the logits
+    (N, C, h, w) upsampled (bilinear) to the scribbles' (N, H, W) size; 0 with no label."""
+    up = F.interpolate(logits, size=scribbles.shape[-2:], mode="bilinear", align_corners=False)
+    if not (scribbles != IGNORE).any():
+        return up.sum() * 0.0
+    return F.cross_entropy(up, scribbles.long(), ignore_index=IGNORE)
+
+
 def dfr_objective(logits: torch.Tensor, feats: torch.Tensor | None, images: torch.Tensor, scribbles: torch.Tensor,
                   valid: torch.Tensor, terms: DfrTerms) -> dict[str, torch.Tensor]:
-    """Eq. 1: ``L = L_pce + l1 L_dfr + l2 (L_fd + L_fr)``, the switched-off terms left out.
+    """DFR Eq. 1: ``L = L_pce + l1 L_dfr + l2 (L_fd + L_fr)``, the switched-off terms left out.
 
     ``logits`` (N, C, h, w) and ``feats`` (N, d, h, w) on the head's grid (stride 4);
     ``images`` (N, 3, H, W) 0..255, ``scribbles`` (N, H, W) with IGNORE = unlabelled and
-    ``valid`` (N, H, W) = real pixels (False on crop padding), at input size. L_pce (Eq. 2)
-    is the CE of the logits upsampled to the input, over the scribbled pixels; the pairwise
-    terms live on the grid, over the (2r+1)^2 - 1 offsets of a square window (Eq. 3), pairs
+    ``valid`` (N, H, W) = real pixels (False on crop padding), at input size. L_pce:
+    :func:`partial_ce`; the pairwise terms live on the grid, over the (2r+1)^2 - 1 offsets of a square window (DFR Eq. 3), pairs
     touching padding excluded. Returns every computed term and ``loss``, plus two detached
     diagnostics: ``k_feature``, the mean deep-feature factor of K over real pairs (near 1 means
     sigma_3 is wide for the scale of F and L_dfr acts as the Potts loss), and ``confident``, the
-    fraction of real pixels with a label in M (Eq. 7).
+    fraction of real pixels with a label in M (DFR Eq. 7).
     """
     n, _, h, w = logits.shape
-    up = F.interpolate(logits, size=scribbles.shape[-2:], mode="bilinear", align_corners=False)
-    labelled = scribbles != IGNORE
-    out = {"pce": F.cross_entropy(up, scribbles.long(), ignore_index=IGNORE) if labelled.any() else up.sum() * 0.0}
+    out = {"pce": partial_ce(logits, scribbles)}
     loss = out["pce"]
     if not (terms.dfr or terms.fd or terms.fr):
         out["loss"] = loss

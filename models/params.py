@@ -25,10 +25,10 @@ class CrfParams(BaseModel):
 
 
 class DfrTerms(BaseModel):
-    """Which terms of Eq. 1 are on, and their hyper-parameters (DFR Sect. 4.2 defaults).
+    """Which terms of DFR Eq. 1 are on, and their hyper-parameters (DFR Sect. 4.2 defaults).
 
     ``dfr``: L_dfr on the segmentation head (off = pCE only); ``kernel_xy`` /
-    ``kernel_rgb`` / ``kernel_feature``: the three factors of K (Eq. 6, Table 5);
+    ``kernel_rgb`` / ``kernel_feature``: the three factors of K (DFR Eq. 6, Table 5);
     ``fd`` / ``fr``: the feature-head losses (Table 4). pCE + Potts (Tang et al.) = ``dfr``
     with ``kernel_feature``, ``fd`` and ``fr`` off. The ``dfr_train`` config section is a
     subclass, so the loss reads the validated config itself.

@@ -198,7 +198,7 @@ def _affinity_train_step(depth: int, radius: int, batch: int, crop: int, steps: 
     import torch
 
     from models.affinity import AffinityNet, window_offsets
-    from stages.affinity_train import affinity_loss
+    from models.affinity import affinity_objective
 
     torch.set_num_threads(threads)
     model = AffinityNet(depth).to(device).train()
@@ -211,7 +211,7 @@ def _affinity_train_step(depth: int, radius: int, batch: int, crop: int, steps: 
     valid = torch.ones(batch, grid, grid, dtype=torch.bool, device=device)
     offsets = window_offsets(radius)
 
-    return measured_steps(lambda: affinity_loss(model, x, seeds, valid, offsets, 6.0, 0.1, 3.0)["loss"], opt, steps,
+    return measured_steps(lambda: affinity_objective(model, x, seeds, valid, offsets, 6.0, 0.1, 3.0)["loss"], opt, steps,
                           batch, device)
 
 

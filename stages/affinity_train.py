@@ -1,12 +1,11 @@
 """``affinity_train``: the affinity CNN (thesis Sect. 3.3.3, Eq. 3.6-3.13).
 
 Trains :class:`models.affinity.AffinityNet` on the seeds' affinity map
-(:func:`stages.seeds.affinity_map`: M_g for boxes, M_S over M'_I for scribbles, M'_I for
+(:func:`stages.routing.affinity_map`: M_g for boxes, M_S over M'_I for scribbles, M'_I for
 points and tags). Per crop: the seed map is downsampled (nearest) to the stride-8 grid,
 pairs within ``radius`` give L_Ac (Eq. 3.6-3.10), and every pair gives L_Ar weighted by the
-Gaussian kernel on position and the ImageNet-normalised colour (Eq. 3.11-3.13)::
-
-    L_Aff = L_Ac + reg_weight * L_Ar        (reg_weight 3, as the released code)
+Gaussian kernel on position and the ImageNet-normalised colour (Eq. 3.11-3.13): L_Aff of
+Eq. 3.9, :func:`models.affinity.affinity_objective` (``reg_weight`` 3, as the released code).
 
 Pairs that touch the crop's padding are left out of both terms. Radius: 4 for boxes, 5
 otherwise, as the released code (``affinity_train.radius`` overrides). Optimiser: SGD with
@@ -21,8 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from models.affinity import (AffinityNet, affinity_class_loss, affinity_reg_loss, image_kernel, pair_distance,
-                             pair_labels, window_offsets)
+from models.affinity import AffinityNet, affinity_objective, window_offsets
 from models.backbones import DEPTHS, weights_path
 from models.types import PIPELINE
 
@@ -39,22 +37,6 @@ def load_affinity(state: dict[str, Any], device: str) -> tuple[AffinityNet, list
     model = AffinityNet(state["arch"]["depth"], "none")
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), window_offsets(state["radius"], state["neighbourhood"])
-
-
-def affinity_loss(model: AffinityNet, images: torch.Tensor, seeds: torch.Tensor, valid: torch.Tensor,
-                  offsets: list[tuple[int, int]], sigma_xy: float, sigma_rgb: float,
-                  reg_weight: float) -> dict[str, torch.Tensor]:
-    """L_Aff for a batch: images (N, 3, H, W) 0..255; seeds and valid (N, h, w) on the grid."""
-    f_a, _ = model(images)
-    if f_a.shape[-2:] != seeds.shape[-2:]:
-        raise ValueError(f"feature grid {tuple(f_a.shape[-2:])} != seed grid {tuple(seeds.shape[-2:])}")
-    dist = pair_distance(f_a, offsets)
-    out = affinity_class_loss(torch.exp(-dist), pair_labels(seeds, offsets))
-    kernel = image_kernel(images, f_a.shape[-2:], offsets, sigma_xy, sigma_rgb)
-    out["reg"] = affinity_reg_loss(dist, kernel, offsets, valid)
-    out["class"] = out["loss"]
-    out["loss"] = out["class"] + reg_weight * out["reg"]
-    return out
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -84,7 +66,7 @@ def run(ctx: StageContext) -> StageResult:
         lab = torch.from_numpy(np.stack(labels)).to(ctx.device)
         val = torch.from_numpy(np.stack(valids)).to(ctx.device)
         lab = torch.where(val, lab, torch.full_like(lab, IGNORE))
-        return affinity_loss(model, x, lab, val, offsets, cfg.sigma_xy, cfg.sigma_rgb, cfg.reg_weight)["loss"]
+        return affinity_objective(model, x, lab, val, offsets, cfg.sigma_xy, cfg.sigma_rgb, cfg.reg_weight)["loss"]
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn)
     ctx.out.write_model({"arch": {"depth": cfg.depth}, "state_dict": model.state_dict(),

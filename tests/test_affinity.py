@@ -142,7 +142,7 @@ def test_affinity_net_shapes():
 
 
 def test_affinity_training_fits_one_image_and_skips_padding():
-    from stages.affinity_train import affinity_loss
+    from models.affinity import affinity_objective
 
     torch.manual_seed(0)
     net = AffinityNet(depth=18).train()
@@ -156,14 +156,14 @@ def test_affinity_training_fits_one_image_and_skips_padding():
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     first = None
     for _ in range(15):
-        out = affinity_loss(net, image, seeds, valid, offsets, 6.0, 0.1, 3.0)
+        out = affinity_objective(net, image, seeds, valid, offsets, 6.0, 0.1, 3.0)
         first = first or float(out["class"].detach())
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
     assert float(out["class"].detach()) < 0.5 * first
     # with every pixel marked as padding, neither term sees a pair
-    none = affinity_loss(net, image, torch.full_like(seeds, 255), torch.zeros_like(valid), offsets, 6.0, 0.1, 3.0)
+    none = affinity_objective(net, image, torch.full_like(seeds, 255), torch.zeros_like(valid), offsets, 6.0, 0.1, 3.0)
     assert float(none["loss"].detach()) == 0.0
 
 
