@@ -16,18 +16,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
-from models.affinity import AffinityNet, affinity_objective, window_offsets
+from models.affinity import STRIDE, AffinityNet, affinity_objective, window_offsets
 from models.backbones import DEPTHS, weights_path
 from models.types import PIPELINE
 
-from .augment import scale_flip_crop, step_rng
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
 from .routing import affinity_map, offsets_of
-from .training import release, sgd, train_loop
+from .training import crop_batch, save_trained, sgd, train_loop, trained_result
 
 VERSION = "2"
 
@@ -41,40 +39,26 @@ def load_affinity(state: dict[str, Any], device: str) -> tuple[AffinityNet, list
 
 def run(ctx: StageContext) -> StageResult:
     cfg, seed, config = ctx.section, ctx.config.seed, ctx.config
-    if cfg.crop % 8:
-        raise ValueError(f"affinity_train.crop must be a multiple of 8 (the feature stride), got {cfg.crop}")
+    if cfg.crop % STRIDE:
+        raise ValueError(f"affinity_train.crop must be a multiple of {STRIDE} (the feature stride), got {cfg.crop}")
     ids = sorted(ctx.ids)
     seeds_in, variant = ctx.input("seeds"), affinity_map(config)
     offsets = offsets_of(config)
     torch.manual_seed(seed)
     model = AffinityNet(cfg.depth, cfg.weights).to(ctx.device)
     opt, base_lrs = sgd(model, cfg)
-    grid = cfg.crop // 8
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
-        images, labels, valids = [], [], []
-        for j, i in enumerate(picks):
-            image = ctx.dataset.load_image(ids[i])
-            seeds = seeds_in.read_label(ids[i], variant)
-            inside = np.ones(seeds.shape, np.uint8)
-            crop, (lab, val) = scale_flip_crop(image, step_rng(seed, step, j), cfg.scale_range, cfg.crop,
-                                               (seeds, inside))
-            images.append(crop)
-            labels.append(cv2.resize(lab, (grid, grid), interpolation=cv2.INTER_NEAREST))
-            valids.append(cv2.resize(val, (grid, grid), interpolation=cv2.INTER_NEAREST) == 1)
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(ctx.device)
-        lab = torch.from_numpy(np.stack(labels)).to(ctx.device)
-        val = torch.from_numpy(np.stack(valids)).to(ctx.device)
-        lab = torch.where(val, lab, torch.full_like(lab, IGNORE))
-        return affinity_objective(model, x, lab, val, offsets, cfg.sigma_xy, cfg.sigma_rgb, cfg.reg_weight)["loss"]
+        x, labels, real = crop_batch(ctx, ids, picks, step, lambda i, image: seeds_in.read_label(ids[i], variant))
+        # nearest to the stride-8 grid: the crop is a multiple of 8, so every 8th pixel
+        labels, real = labels[:, ::STRIDE, ::STRIDE], real[:, ::STRIDE, ::STRIDE]
+        labels = torch.where(real, labels, torch.full_like(labels, IGNORE))
+        return affinity_objective(model, x, labels, real, offsets, cfg.sigma_xy, cfg.sigma_rgb, cfg.reg_weight)["loss"]
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn)
-    ctx.out.write_model({"arch": {"depth": cfg.depth}, "state_dict": model.state_dict(),
-                         "radius": config.affinity_train.radius, "neighbourhood": cfg.neighbourhood})
+    save_trained(ctx, model, info, arch={"depth": cfg.depth}, radius=cfg.radius, neighbourhood=cfg.neighbourhood)
     del model, opt
-    release(ctx.device)
-    return StageResult(info={**info, "radius": config.affinity_train.radius, "seed_map": variant or "M_g"},
-                       metrics={"final_loss": info["loss_curve"][-1] if info["loss_curve"] else float("nan")})
+    return trained_result(ctx, info, radius=cfg.radius, seed_map=variant or "M_g")
 
 
 def preflight(config) -> None:

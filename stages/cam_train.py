@@ -14,7 +14,6 @@ where it stopped. Output: ``model.pt`` with the architecture and the state dict.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from models.types import PIPELINE
 from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .routing import cam_enabled
-from .training import release, sgd, train_loop, trained_model
+from .training import save_trained, sgd, train_loop, trained_model, trained_result
 
 VERSION = "1"
 
@@ -74,11 +73,9 @@ def run(ctx: StageContext) -> StageResult:
         return classification_loss(model(x), torch.from_numpy(targets[picks]).to(ctx.device))
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn)
-    ctx.out.write_model({"arch": arch, "state_dict": model.state_dict(), "history": info["loss_curve"]})
+    save_trained(ctx, model, info, arch=arch)
     del model, opt
-    release(ctx.device)
-    history = info["loss_curve"]
-    return StageResult(info=info, metrics={"final_loss": history[-1] if history else math.nan})
+    return trained_result(ctx, info)
 
 
 def preflight(config) -> None:

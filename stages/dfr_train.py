@@ -16,7 +16,6 @@ every crop is a function of (seed, step), so a killed run resumes exactly.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,7 @@ from models.types import Supervision
 
 from .base import STAGES, DataError, StageContext, StageResult, StageSpec
 from .sparse import sparse_labels
-from .training import adamw, amp_setup, crop_batch, release, train_loop, trained_model
+from .training import adamw, amp_setup, crop_batch, save_trained, train_loop, trained_model, trained_result
 
 VERSION = "1"
 TERMS = ("pce", "dfr", "fd", "fr")
@@ -84,14 +83,10 @@ def run(ctx: StageContext) -> StageResult:
         return out["loss"]
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn, scaler)
-    ctx.out.write_model({"arch": arch, "state_dict": model.state_dict(), "history": info["loss_curve"]})
+    save_trained(ctx, model, info, arch=arch)
     del model, opt
-    release(ctx.device)
-    info.update(images=len(ids), labels=cfg.labels, amp=amp,
-                terms=[t for t in TERMS if curves[t]],
-                **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
-    history = info["loss_curve"]
-    return StageResult(info=info, metrics={"final_loss": history[-1] if history else math.nan})
+    return trained_result(ctx, info, images=len(ids), labels=cfg.labels, amp=amp, terms=[t for t in TERMS if curves[t]],
+                          **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
 
 
 def preflight(config) -> None:

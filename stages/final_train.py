@@ -18,7 +18,6 @@ step k resumes at k and ends with the model an uninterrupted run gives.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import numpy as np
@@ -31,7 +30,7 @@ from models.segmentation import ARCHS, DeepLab
 from models.types import PIPELINE
 
 from .base import IGNORE, STAGES, DataError, StageContext, StageResult, StageSpec
-from .training import amp_setup, crop_batch, release, sgd, train_loop, trained_model
+from .training import amp_setup, crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
 
 VERSION = "1"
 
@@ -86,14 +85,11 @@ def run(ctx: StageContext) -> StageResult:
         return loss
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn, scaler)
-    ctx.out.write_model({"arch": arch, "state_dict": model.state_dict(), "history": info["loss_curve"]})
+    save_trained(ctx, model, info, arch=arch)
     del model, opt
-    release(ctx.device)
-    info.update(images=len(ids), labels=cfg.labels if cfg.labels == "gt" else cfg.input, amp=amp)
     if reg_curve:
         info["reg_loss_last"] = round(float(np.mean(reg_curve[-10:])), 5)
-    history = info["loss_curve"]
-    return StageResult(info=info, metrics={"final_loss": history[-1] if history else math.nan})
+    return trained_result(ctx, info, images=len(ids), labels=cfg.labels if cfg.labels == "gt" else cfg.input, amp=amp)
 
 
 def inputs(config) -> list[str]:

@@ -12,7 +12,6 @@ work with :data:`models.tvcompat.NEEDS_COMPILED_OPS`; it is off by default
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from models.types import Supervision
 from .augment import step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .instances import objects_of
-from .training import release, train_loop
+from .training import save_trained, train_loop, trained_result
 
 VERSION = "1"
 
@@ -75,12 +74,9 @@ def run(ctx: StageContext) -> StageResult:
         return sum(model(images, targets).values())
 
     info = train_loop(ctx, model, opt, [cfg.lr], len(samples), step_fn)
-    ctx.out.write_model({"arch": {"num_classes": ctx.dataset.num_classes, "min_size": cfg.min_size},
-                         "state_dict": model.state_dict(), "history": info["loss_curve"]})
+    save_trained(ctx, model, info, arch={"num_classes": ctx.dataset.num_classes, "min_size": cfg.min_size})
     del model, opt
-    release(ctx.device)
-    history = info["loss_curve"]
-    return StageResult(info={**info, "images": len(samples)}, metrics={"final_loss": history[-1] if history else math.nan})
+    return trained_result(ctx, info, images=len(samples))
 
 
 def preflight(config) -> None:

@@ -8,8 +8,9 @@ have seen; the checkpoint holds the model, the optimiser and the loss history.
 from __future__ import annotations
 
 import functools
+import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -124,6 +125,19 @@ def loss_curve_png(history: list[float], title: str, size: tuple[int, int] = (48
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def save_trained(ctx: StageContext, model: torch.nn.Module, info: dict[str, Any], **state: Any) -> None:
+    """``model.pt``: ``state`` (``arch``, ...) with the weights and the loss history."""
+    ctx.out.write_model({**state, "state_dict": model.state_dict(), "history": info["loss_curve"]})
+
+
+def trained_result(ctx: StageContext, info: dict[str, Any], **extra: Any) -> StageResult:
+    """A training stage's result, once its model is saved and dropped: the device cache
+    released, ``info`` with ``extra``, the last logged loss as the metric."""
+    release(ctx.device)
+    history = info["loss_curve"]
+    return StageResult(info={**info, **extra}, metrics={"final_loss": history[-1] if history else math.nan})
 
 
 def sgd(model: torch.nn.Module, cfg) -> tuple[torch.optim.SGD, list[float]]:
