@@ -11,11 +11,38 @@ from __future__ import annotations
 import multiprocessing
 import resource
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {}
+
+
+@dataclass(frozen=True)
+class Case:
+    """What every measurement shares: the device, the torch / OpenCV threads, and the
+    synthetic images (count and size). A measurement gets it plus its own named options."""
+
+    device: str
+    threads: int
+    images: int
+    height: int
+    width: int
+
+    def samples(self) -> list[tuple[np.ndarray, np.ndarray, Any]]:
+        return demo_samples(self.images, self.height, self.width)
+
+    def grid(self, stride: int = 8) -> tuple[int, int]:
+        return -(-self.height // stride), -(-self.width // stride)
+
+    def setup(self) -> None:
+        """In the measuring process: the thread count for torch and OpenCV."""
+        import cv2
+        import torch
+
+        torch.set_num_threads(self.threads)
+        cv2.setNumThreads(self.threads)
 
 
 def bench(name: str):
@@ -30,18 +57,20 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _child(fn, args, queue) -> None:
+def _child(fn, case, options, queue) -> None:
     try:
-        queue.put(("ok", fn(*args)))
+        case.setup()
+        queue.put(("ok", fn(case, **options)))
     except BaseException as err:  # noqa: BLE001 - reported to the parent
         queue.put(("error", f"{type(err).__name__}: {err}"))
 
 
-def in_child(fn: Callable, *args) -> dict[str, Any]:
-    """Run ``fn(*args)`` in a spawned process; its dict result gets ``peak_rss_mb``."""
+def in_child(fn: Callable, case: Case, **options: Any) -> dict[str, Any]:
+    """Run ``fn(case, **options)`` in a spawned process (threads set from ``case``); its dict
+    result carries the process's own peak memory."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc = ctx.Process(target=_child, args=(fn, case, options, queue))
     proc.start()
     status, out = queue.get()
     proc.join()
@@ -105,14 +134,10 @@ def demo_samples(n: int, height: int, width: int) -> list[tuple[np.ndarray, np.n
 
 
 # --------------------------------------------------------------------------- cam
-def _cam_infer(depth: int, output_stride: int, scales: list[float], n: int, h: int, w: int, device: str,
-               threads: int) -> dict[str, Any]:
-    import torch
-
+def _cam_infer(case: Case, depth: int, output_stride: int, scales: list[float]) -> dict[str, Any]:
     from models.cam import CamNet, multiscale_cam
 
-    torch.set_num_threads(threads)
-    samples = demo_samples(n, h, w)
+    device, samples = case.device, case.samples()
     model = CamNet(3, depth, output_stride).to(device).eval()
 
     def work() -> int:
@@ -123,13 +148,12 @@ def _cam_infer(depth: int, output_stride: int, scales: list[float], n: int, h: i
     return measured(work, device, warmup=lambda: multiscale_cam(model, samples[0][0], [0], [1.0], False, device))
 
 
-def _cam_train_step(depth: int, output_stride: int, batch: int, crop: int, steps: int, device: str,
-                    threads: int) -> dict[str, Any]:
+def _cam_train_step(case: Case, depth: int, output_stride: int, batch: int, crop: int) -> dict[str, Any]:
     import torch
 
     from models.cam import CamNet, classification_loss
 
-    torch.set_num_threads(threads)
+    device, steps = case.device, max(1, case.images // batch)
     model = CamNet(20, depth, output_stride).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randint(0, 255, (batch, 3, crop, crop), device=device).float()
@@ -139,20 +163,20 @@ def _cam_train_step(depth: int, output_stride: int, batch: int, crop: int, steps
 
 
 @bench("cam")
-def bench_cam(device: str, height: int, width: int, images: int, threads: int, depth: int = 50,
-              output_stride: int = 16, batch: int = 4, crop: int = 512, **_: Any) -> list[dict[str, Any]]:
+def bench_cam(case: Case, depth: int = 50, output_stride: int = 16, batch: int = 4, crop: int = 512,
+              **_: Any) -> list[dict[str, Any]]:
     """CAM inference (4 scales + flip) per image, and classifier training throughput."""
     scales = [0.5, 1.0, 1.5, 2.0]
     rows = []
-    r = in_child(_cam_infer, depth, output_stride, scales, images, height, width, device, threads)
+    r = in_child(_cam_infer, case, depth=depth, output_stride=output_stride, scales=scales)
     rows.append({"case": f"cam inference resnet{depth} os{output_stride} scales {scales} + flip", **r})
-    r = in_child(_cam_train_step, depth, output_stride, batch, crop, max(1, images // batch), device, threads)
+    r = in_child(_cam_train_step, case, depth=depth, output_stride=output_stride, batch=batch, crop=crop)
     rows.append({"case": f"cam_train step resnet{depth} os{output_stride} batch {batch} crop {crop}", **r})
     return rows
 
 
 # --------------------------------------------------------------------------- seeds
-def _seeds(kind: str, n: int, h: int, w: int, threads: int) -> dict[str, Any]:
+def _seeds(case: Case, kind: str) -> dict[str, Any]:
     import cv2
 
     from models.cam import with_background
@@ -161,8 +185,7 @@ def _seeds(kind: str, n: int, h: int, w: int, threads: int) -> dict[str, Any]:
 
     from .config import SeedsConfig
 
-    cv2.setNumThreads(threads)
-    samples = demo_samples(n, h, w)
+    samples = case.samples()
     rng = np.random.default_rng(0)
     # Plausible CAMs: blurred GT class masks plus noise (the rules' cost does not depend on their values).
     cams = []
@@ -184,23 +207,21 @@ def _seeds(kind: str, n: int, h: int, w: int, threads: int) -> dict[str, Any]:
 
 
 @bench("seeds")
-def bench_seeds(device: str, height: int, width: int, images: int, threads: int, **_: Any) -> list[dict[str, Any]]:
+def bench_seeds(case: Case, **_: Any) -> list[dict[str, Any]]:
     """Seed maps per image (CPU work: dense CRF, GrabCut, SLIC), one process."""
     cases = {"cam_reliable": "M_I + M'_I (dense CRF agreement, top 40%)",
              "box": "box: GrabCut M_B + M'_I + M_F + M_g",
              "scribble": "scribble: SLIC + expansion (M_S)", "point": "point: SLIC + expansion (M_P)"}
-    return [{"case": label, **in_child(_seeds, kind, images, height, width, threads)} for kind, label in cases.items()]
+    return [{"case": label, **in_child(_seeds, case, kind=kind)} for kind, label in cases.items()]
 
 
 # --------------------------------------------------------------------------- affinity training
-def _affinity_train_step(depth: int, radius: int, batch: int, crop: int, steps: int, device: str,
-                         threads: int) -> dict[str, Any]:
+def _affinity_train_step(case: Case, depth: int, radius: int, batch: int, crop: int) -> dict[str, Any]:
     import torch
 
-    from models.affinity import AffinityNet, window_offsets
-    from models.affinity import affinity_objective
+    from models.affinity import AffinityNet, affinity_objective, window_offsets
 
-    torch.set_num_threads(threads)
+    device, steps = case.device, max(1, case.images // batch)
     model = AffinityNet(depth).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
@@ -216,25 +237,22 @@ def _affinity_train_step(depth: int, radius: int, batch: int, crop: int, steps: 
 
 
 @bench("affinity_train")
-def bench_affinity_train(device: str, images: int, threads: int, depth: int = 50, radius: int = 5, batch: int = 4,
-                         crop: int = 448, **_: Any) -> list[dict[str, Any]]:
+def bench_affinity_train(case: Case, depth: int = 50, radius: int = 5, batch: int = 4, crop: int = 448,
+                         **_: Any) -> list[dict[str, Any]]:
     """Affinity CNN training throughput (L_Ac + 3 L_Ar, one SGD step per batch), VOC settings."""
-    r = in_child(_affinity_train_step, depth, radius, batch, crop, max(1, images // batch), device, threads)
+    r = in_child(_affinity_train_step, case, depth=depth, radius=radius, batch=batch, crop=crop)
     return [{"case": f"affinity_train step resnet{depth} os8 batch {batch} crop {crop} r={radius}", **r}]
 
 
 # --------------------------------------------------------------------------- graph + random walk
-def _affinity_graph(depth: int, radius: int, n: int, h: int, w: int, device: str, threads: int) -> dict[str, Any]:
+def _affinity_graph(case: Case, depth: int, radius: int) -> dict[str, Any]:
     import io
-
-    import torch
 
     from models.affinity import AffinityNet, window_offsets
     from models.graph import EDGE_THRESHOLD
     from stages.graph import image_graph
 
-    torch.set_num_threads(threads)
-    samples = demo_samples(n, h, w)
+    device, samples = case.device, case.samples()
     model = AffinityNet(depth).to(device).eval()
     offsets = window_offsets(radius)
     sizes, edges = [], []
@@ -249,7 +267,7 @@ def _affinity_graph(depth: int, radius: int, n: int, h: int, w: int, device: str
         return len(samples)
 
     out = measured(work, device, warmup=lambda: image_graph(model, offsets, samples[0][0], EDGE_THRESHOLD, device))
-    return {**out, "graph_bytes": int(np.mean(sizes)), "nodes": -(-h // 8) * -(-w // 8), "edges": int(np.mean(edges))}
+    return {**out, "graph_bytes": int(np.mean(sizes)), "nodes": int(np.prod(case.grid())), "edges": int(np.mean(edges))}
 
 
 def _smooth_noise(channels: int, grid: tuple[int, int], gen):
@@ -260,14 +278,14 @@ def _smooth_noise(channels: int, grid: tuple[int, int], gen):
     return torch.nn.functional.interpolate(coarse, size=grid, mode="bilinear", align_corners=False)[0]
 
 
-def _walk(dense: bool, grid: tuple[int, int], radius: int, classes: int, n: int, beta: float, logt: int, device: str,
-          threads: int) -> dict[str, Any]:
+def _walk(case: Case, dense: bool, grid: tuple[int, int], radius: int, classes: int, beta: float,
+          logt: int) -> dict[str, Any]:
     import torch
 
     from models.affinity import window_offsets
     from models.graph import grid_edges, random_walk, random_walk_dense
 
-    torch.set_num_threads(threads)
+    device, n = case.device, case.images
     gen = torch.Generator().manual_seed(0)
     # Smooth random features: affinities spread over (0, 1] like a trained net's.
     edge_index, weight = grid_edges(_smooth_noise(16, grid, gen).to(device) * 4, window_offsets(radius))
@@ -284,25 +302,24 @@ def _walk(dense: bool, grid: tuple[int, int], radius: int, classes: int, n: int,
 
 
 @bench("random_walk")
-def bench_random_walk(device: str, height: int, width: int, images: int, threads: int, depth: int = 50,
-                      radius: int = 5, classes: int = 3, beta: float = 8.0, logt: int = 8, dense: bool = True,
-                      grid_stride: int = 8, **_: Any) -> list[dict[str, Any]]:
+def bench_random_walk(case: Case, depth: int = 50, radius: int = 5, classes: int = 3, beta: float = 8.0,
+                      logt: int = 8, dense: bool = True, grid_stride: int = 8, **_: Any) -> list[dict[str, Any]]:
     """Graph construction (affinity net forward + edges, npz bytes) and the random walk on
     the image's stride-8 grid: sparse (this project) against the dense N x N formulation of
     the reference code, same graph, same source. ``--opt dense=false`` skips the dense case;
     ``--opt grid_stride=4`` walks on IRN's finer grid (16x the dense matrix)."""
-    grid = (-(-height // grid_stride), -(-width // grid_stride))
+    grid = case.grid(grid_stride)
     rows = [{"case": f"graph: affinity net resnet{depth} + edges r={radius}",
-             **in_child(_affinity_graph, depth, radius, images, height, width, device, threads)}]
+             **in_child(_affinity_graph, case, depth=depth, radius=radius)}]
     for is_dense in ([False, True] if dense else [False]):
         kind = "dense N x N, squared (reference code)" if is_dense else "sparse, O(N K) (this project)"
-        r = in_child(_walk, is_dense, grid, radius, classes, images, beta, logt, device, threads)
+        r = in_child(_walk, case, dense=is_dense, grid=grid, radius=radius, classes=classes, beta=beta, logt=logt)
         rows.append({"case": f"random walk {grid[0]}x{grid[1]} grid, logt {logt}: {kind}", **r})
     return rows
 
 
 # --------------------------------------------------------------------------- a2gnn
-def _a2gnn_problems(n: int, h: int, w: int, radius: int, channels: int, seed_fraction: float):
+def _a2gnn_problems(case: Case, radius: int, channels: int, seed_fraction: float):
     """Synthetic per-image problems at the image size, with their GT as class indices so
     the outputs can be scored: affinities and node features follow the GT on the stride-8
     grid (a class signal plus smooth / uniform noise), seeds = a random part of the GT, the
@@ -317,9 +334,9 @@ def _a2gnn_problems(n: int, h: int, w: int, radius: int, channels: int, seed_fra
 
     cfg = A2gnnConfig(**A2GNN_RELEASED["box"])
     out = []
-    for k, (image, gt, weak) in enumerate(demo_samples(n, h, w)):
+    grid = case.grid()
+    for k, (image, gt, weak) in enumerate(case.samples()):
         gen = torch.Generator().manual_seed(k)
-        grid = (-(-h // 8), -(-w // 8))
         seeds = np.where(np.random.default_rng(k).random(gt.shape) < seed_fraction, gt, IGNORE).astype(np.uint8)
         class_ids = classes_of(gt, weak)
         truth = class_index(class_ids)[gt]
@@ -332,17 +349,14 @@ def _a2gnn_problems(n: int, h: int, w: int, radius: int, channels: int, seed_fra
     return out
 
 
-def _a2gnn_fit(path: str, layer: str, batch: int, epochs: int, n: int, h: int, w: int, radius: int, channels: int,
-               device: str, threads: int) -> dict[str, Any]:
-    import torch
-
+def _a2gnn_fit(case: Case, path: str, layer: str, batch: int, epochs: int, radius: int, channels: int) -> dict[str, Any]:
     from models.metrics import confusion_matrix, scores
-    from pipeline.config import A2GNN_RELEASED, A2gnnConfig
     from models.transductive import batches, fit
+    from pipeline.config import A2GNN_RELEASED, A2gnnConfig
 
-    torch.set_num_threads(threads)
+    device, n = case.device, case.images
     cfg = A2gnnConfig(**{**A2GNN_RELEASED["box"], "epochs": epochs}, path=path, layer=layer)
-    problems, truths = zip(*_a2gnn_problems(n, h, w, radius, channels, 0.3))
+    problems, truths = zip(*_a2gnn_problems(case, radius, channels, 0.3))
     # as the stage: only images with as many classes train together
     chunks = batches([p.num_classes for p in problems], batch)
     probs: list[np.ndarray] = [None] * n
@@ -362,9 +376,8 @@ def _a2gnn_fit(path: str, layer: str, batch: int, epochs: int, n: int, h: int, w
 
 
 @bench("a2gnn")
-def bench_a2gnn(device: str, height: int, width: int, images: int, threads: int, epochs: int = 150,
-                radius: int = 4, channels: int = 3584, batch: int = 4, paths: str = "grid,batched,dense,edges",
-                **_: Any) -> list[dict[str, Any]]:
+def bench_a2gnn(case: Case, epochs: int = 150, radius: int = 4, channels: int = 3584, batch: int = 4,
+                paths: str = "grid,batched,dense,edges", **_: Any) -> list[dict[str, Any]]:
     """Per-image A²GNN training, box schedule (``epochs`` per phase; 150 = the released
     300), on the stride-8 grid of the image size: each implementation path of the affinity
     attention layer, with the released code's dense N x N formulation measured in the same
@@ -379,13 +392,13 @@ def bench_a2gnn(device: str, height: int, width: int, images: int, threads: int,
              "dense": ("dense", "a2gnn", 1, "dense N x N (released code)"),
              "edges": ("edges", "a2gnn", 1, "PyG message passing"),
              "gcn": ("edges", "gcn", 1, "GCN baseline (PyG)")}
-    grid = (-(-height // 8), -(-width // 8))
+    grid = case.grid()
     rows, first = [], None
     for name in paths.split(","):
         if name not in cases:
             raise ValueError(f"unknown path {name!r} (known: {', '.join(cases)})")
         path, layer, b, label = cases[name]
-        r = in_child(_a2gnn_fit, path, layer, b, epochs, images, height, width, radius, channels, device, threads)
+        r = in_child(_a2gnn_fit, case, path=path, layer=layer, batch=b, epochs=epochs, radius=radius, channels=channels)
         probs = r.pop("probs")
         first = probs if first is None else first
         if layer == "a2gnn":
@@ -404,8 +417,7 @@ def _seg_model(kind: str, arch: str, classes: int = 21):
     return DeepLab(arch, classes) if kind == "final" else DfrNet(arch, classes)
 
 
-def _seg_train_step(kind: str, arch: str, batch: int, crop: int, steps: int, amp: bool, loss: str, device: str,
-                    threads: int) -> dict[str, Any]:
+def _seg_train_step(case: Case, kind: str, arch: str, batch: int, crop: int, amp: bool, loss: str) -> dict[str, Any]:
     """One optimiser step per batch on random crops: DeepLab with CE (``loss`` ce / crf: +
     the dense-CRF loss), or the DFR network with Eq. 1 (``loss`` pce / potts / dfr) on
     scribble-like sparse labels."""
@@ -415,7 +427,7 @@ def _seg_train_step(kind: str, arch: str, batch: int, crop: int, steps: int, amp
     from models.losses import dense_crf_loss, dfr_objective, dfr_preset
     from stages.training import amp_setup, optimizer_step
 
-    torch.set_num_threads(threads)
+    device, steps = case.device, max(1, case.images // batch)
     model = _seg_model(kind, arch).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9) if kind == "final" else \
         torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.01)
@@ -443,14 +455,10 @@ def _seg_train_step(kind: str, arch: str, batch: int, crop: int, steps: int, amp
     return measured_repeat(step, steps, batch, device)
 
 
-def _seg_infer(kind: str, arch: str, scales: list[float], flip: bool, n: int, h: int, w: int, device: str,
-               threads: int) -> dict[str, Any]:
-    import torch
-
+def _seg_infer(case: Case, kind: str, arch: str, scales: list[float], flip: bool) -> dict[str, Any]:
     from models.segmentation import predict_probs
 
-    torch.set_num_threads(threads)
-    samples = demo_samples(n, h, w)
+    device, samples = case.device, case.samples()
     model = _seg_model(kind, arch).to(device).eval()
 
     def work() -> int:
@@ -461,38 +469,35 @@ def _seg_infer(kind: str, arch: str, scales: list[float], flip: bool, n: int, h:
     return measured(work, device, warmup=lambda: predict_probs(model, samples[0][0], [1.0], False, device))
 
 
-def _seg_rows(kind: str, arch: str, device: str, height: int, width: int, images: int, threads: int, batch: int,
-              crop: int, amp: bool, loss: str, multiscale: bool) -> list[dict[str, Any]]:
+def _seg_rows(case: Case, kind: str, arch: str, batch: int, crop: int, amp: bool, loss: str,
+              multiscale: bool) -> list[dict[str, Any]]:
     rows = []
-    r = in_child(_seg_train_step, kind, arch, batch, crop, max(1, images // batch), amp, loss, device, threads)
-    tags = (" amp" if amp and device.startswith("cuda") else "") + f" loss {loss}"
+    r = in_child(_seg_train_step, case, kind=kind, arch=arch, batch=batch, crop=crop, amp=amp, loss=loss)
+    tags = (" amp" if amp and case.device.startswith("cuda") else "") + f" loss {loss}"
     rows.append({"case": f"{kind}_train step {arch} batch {batch} crop {crop}{tags}", **r})
     cases = [([1.0], False)] + ([([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], True)] if multiscale else [])
     for scales, flip in cases:
-        r = in_child(_seg_infer, kind, arch, scales, flip, images, height, width, device, threads)
+        r = in_child(_seg_infer, case, kind=kind, arch=arch, scales=scales, flip=flip)
         what = "single scale" if len(scales) == 1 else "scales 0.5-1.75 + flip"
         rows.append({"case": f"{kind}_eval {arch} {what}", **r})
     return rows
 
 
 @bench("final_train")
-def bench_final_train(device: str, height: int, width: int, images: int, threads: int,
-                      arch: str = "deeplabv3_resnet50", batch: int = 10, crop: int = 321, amp: bool = True,
+def bench_final_train(case: Case, arch: str = "deeplabv3_resnet50", batch: int = 10, crop: int = 321, amp: bool = True,
                       reg: bool = False, multiscale: bool = True, **_: Any) -> list[dict[str, Any]]:
     """Final-model training throughput (one SGD step per batch; ``amp`` on CUDA, ``reg`` adds
     the dense-CRF loss) and inference per image: single scale, and 6 scales + flip."""
-    return _seg_rows("final", arch, device, height, width, images, threads, batch, crop, amp,
-                     "crf" if reg else "ce", multiscale)
+    return _seg_rows(case, "final", arch, batch, crop, amp, "crf" if reg else "ce", multiscale)
 
 
 @bench("dfr_train")
-def bench_dfr_train(device: str, height: int, width: int, images: int, threads: int, arch: str = "swin_t",
-                    batch: int = 2, crop: int = 512, amp: bool = True, loss: str = "dfr", multiscale: bool = True,
-                    **_: Any) -> list[dict[str, Any]]:
+def bench_dfr_train(case: Case, arch: str = "swin_t", batch: int = 2, crop: int = 512, amp: bool = True,
+                    loss: str = "dfr", multiscale: bool = True, **_: Any) -> list[dict[str, Any]]:
     """DFR training throughput (one AdamW step per batch of ``crop`` x ``crop``, Eq. 1 with
     ``loss`` dfr / potts / pce; the paper's batch is 2 per GPU) and inference per image:
     single scale, and 6 scales + flip (no feature head)."""
     from models.losses import dfr_preset
 
     dfr_preset(loss)  # an unknown name fails here, before any child process starts
-    return _seg_rows("dfr", arch, device, height, width, images, threads, batch, crop, amp, loss, multiscale)
+    return _seg_rows(case, "dfr", arch, batch, crop, amp, loss, multiscale)

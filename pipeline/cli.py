@@ -353,7 +353,7 @@ def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds,
     """Images per second and peak memory of one stage's work; prints a table."""
     import yaml
 
-    from .bench import BENCHES
+    from .bench import BENCHES, Case
     from .runner import resolve_device
 
     if name not in BENCHES:
@@ -367,8 +367,8 @@ def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds,
         key, _, value = item.partition("=")
         kwargs[key.strip()] = yaml.safe_load(value)
     dev = resolve_device(device)
-    rows = BENCHES[name](device=dev, height=height, width=width, images=images,
-                         threads=threads or (os.cpu_count() or 1), **kwargs)
+    case = Case(device=dev, threads=threads or (os.cpu_count() or 1), images=images, height=height, width=width)
+    rows = BENCHES[name](case, **kwargs)
     table = Table(title=f"bench {name}: {width}x{height}, {dev}, {threads or os.cpu_count()} threads")
     cols = ["case", "images_per_s", "s_per_image", "peak_rss_mb", "peak_over_start_mb", "peak_gpu_mb"]
     hidden = {"images", "seconds", "rss_before_mb"}
