@@ -42,10 +42,11 @@ import numpy as np
 
 from .types import IGNORE, Box
 
-def labels_from_soft(probs: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
-    """A soft map (n, H, W) over ``class_ids`` -> uint8 class ids: the most probable per pixel
-    (M_I of Eq. 3.1 for CAM scores)."""
-    return np.asarray(class_ids, np.uint8)[np.asarray(probs).argmax(0)]
+def labels_from_soft(probs: np.ndarray, class_ids: np.ndarray | None = None) -> np.ndarray:
+    """A soft map (n, H, W) over ``class_ids`` (``None``: classes 0..n-1) -> uint8 class ids,
+    the most probable per pixel (M_I of Eq. 3.1 for CAM scores)."""
+    best = np.asarray(probs).argmax(0)
+    return best.astype(np.uint8) if class_ids is None else np.asarray(class_ids, np.uint8)[best]
 
 
 def top_ratio_mask(labels: np.ndarray, score: np.ndarray, ratio: float) -> np.ndarray:

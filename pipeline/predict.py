@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from models.crf import crf_from_probs
+from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
 from models.types import Supervision
 from stages.base import DataError
@@ -47,7 +48,7 @@ def predict_labels(model, image: np.ndarray, config, device: str) -> np.ndarray:
     probs = predict_probs(model, work, cfg.scales, cfg.flip, device)
     if not dfr and cfg.use_crf:
         probs = crf_from_probs(work, probs, cfg.crf)
-    labels = probs.argmax(0).astype(np.uint8)
+    labels = labels_from_soft(probs)
     return labels if target is None else cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
 
 

@@ -5,8 +5,7 @@ stage, and shown by ``wsss inspect``.
 """
 from __future__ import annotations
 
-import numpy as np
-
+from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
 from models.types import Supervision
 
@@ -19,7 +18,7 @@ VERSION = "1"
 
 def _predict_image(ctx: StageContext, image_id: str, model) -> dict:
     probs = predict_probs(model, ctx.dataset.load_image(image_id), ctx.section.scales, ctx.section.flip, ctx.device)
-    ctx.out.write_label(image_id, probs.argmax(0).astype(np.uint8))
+    ctx.out.write_label(image_id, labels_from_soft(probs))
     return {}
 
 

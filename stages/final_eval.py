@@ -9,9 +9,8 @@ column, ``metrics.maps.crf`` the "w/ CRF" column), and shown by ``wsss inspect``
 """
 from __future__ import annotations
 
-import numpy as np
-
 from models.crf import crf_from_probs
+from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
 from models.types import PIPELINE
 
@@ -27,9 +26,9 @@ def _predict_image(ctx: StageContext, image_id: str, model) -> dict:
     image = ctx.dataset.load_image(image_id)
     probs = predict_probs(model, image, cfg.scales, cfg.flip, ctx.device)
     if cfg.use_crf:
-        ctx.out.write_label(image_id, crf_from_probs(image, probs, cfg.crf).argmax(0).astype(np.uint8),
+        ctx.out.write_label(image_id, labels_from_soft(crf_from_probs(image, probs, cfg.crf)),
                             "crf")
-    ctx.out.write_label(image_id, probs.argmax(0).astype(np.uint8))
+    ctx.out.write_label(image_id, labels_from_soft(probs))
     return {}
 
 
