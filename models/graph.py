@@ -24,10 +24,11 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .affinity import pair_affinity, pair_labels, shifted, valid_pairs
+from .affinity import STRIDE, pair_affinity, pair_labels, shifted, valid_pairs
 from .types import IGNORE
 
 EDGE_THRESHOLD = 1e-3
@@ -175,3 +176,34 @@ def pair_confusion(edge_index: torch.Tensor, weight: torch.Tensor, grid: tuple[i
     diff = labels["neg"][0] & touch
     high = d > threshold
     return torch.tensor([[(same & high).sum(), (same & ~high).sum()], [(diff & high).sum(), (diff & ~high).sum()]])
+
+
+def seed_scores(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-hot of the known seed pixels over ``[0] + present classes``; unknown rows are 0."""
+    class_ids = np.array(sorted({0, *np.unique(seeds[seeds != IGNORE]).tolist()}), np.int64)
+    return (seeds[None] == class_ids[:, None, None]).astype(np.float32), class_ids
+
+
+def keep_known(probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``probs`` with every pixel that has a one-hot seed (``scores`` sums to 1) set to it."""
+    known = scores.sum(0, keepdims=True) > 0
+    return np.where(known, scores, probs).astype(probs.dtype)
+
+
+def propagate(graph: dict[str, np.ndarray], scores: np.ndarray, beta: float, logt: int,
+              device: str = "cpu") -> np.ndarray:
+    """Image-resolution scores (C, H, W) -> random-walk probabilities (C, H, W), float32:
+    the scores pooled to the graph's stride-8 grid, walked (:func:`random_walk`) over
+    ``graph`` (``edge_index``, ``weight``, ``grid`` arrays), upsampled and normalised per pixel."""
+    size = scores.shape[1:]
+    h, w = (int(v) for v in graph["grid"])
+    grid = to_grid(torch.from_numpy(scores).to(device), STRIDE)
+    if grid.shape[1:] != (h, w):
+        raise ValueError(f"graph grid {h}x{w} does not match the image {size[1]}x{size[0]} at stride {STRIDE}")
+    edge_index = torch.from_numpy(graph["edge_index"].astype(np.int64)).to(device)
+    weight = torch.from_numpy(graph["weight"].astype(np.float32)).to(device)
+    walked = random_walk(edge_index, weight, grid.reshape(len(grid), -1), beta, logt).reshape(-1, h, w)
+    probs = from_grid(walked, size, STRIDE).clamp_min(0)
+    total = probs.sum(0, keepdim=True)
+    probs = torch.where(total > 0, probs / total.clamp_min(1e-12), torch.full_like(probs, 1.0 / len(probs)))
+    return probs.cpu().numpy()

@@ -20,58 +20,22 @@ Sources (``random_walk.source``, ``auto`` by supervision):
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from models.affinity import STRIDE
-from models.graph import from_grid, random_walk, to_grid
+from models.cam import with_background
+from models.graph import keep_known, propagate, seed_scores
 from models.types import PIPELINE
 
-from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
+from .base import STAGES, StageContext, StageResult, StageSpec, run_items
 from .routing import source_of
 
 VERSION = "2"
 
 
-def cam_scores(probs: np.ndarray, class_ids: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """[bg, fg...] with ``bg = (1 - max_c fg_c)^alpha`` from a stored CAM (its own bg dropped)."""
-    fg = probs[1:].astype(np.float32)
-    bg = (1.0 - (fg.max(0) if len(fg) else np.zeros(probs.shape[1:], np.float32))) ** alpha
-    return np.concatenate([bg[None], fg]), np.asarray(class_ids)
-
-
-def seed_scores(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One-hot of the known seed pixels over ``[0] + present classes``; unknown rows are 0."""
-    class_ids = np.array(sorted({0, *np.unique(seeds[seeds != IGNORE]).tolist()}), np.int64)
-    return (seeds[None] == class_ids[:, None, None]).astype(np.float32), class_ids
-
-
-def keep_known(probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """``probs`` with every pixel that has a one-hot seed (``scores`` sums to 1) set to it."""
-    known = scores.sum(0, keepdims=True) > 0
-    return np.where(known, scores, probs).astype(probs.dtype)
-
-
-def propagate(graph: dict[str, np.ndarray], scores: np.ndarray, beta: float, logt: int,
-              device: str = "cpu") -> np.ndarray:
-    """Image-resolution scores (C, H, W) -> random-walk probabilities (C, H, W), float32."""
-    size = scores.shape[1:]
-    h, w = (int(v) for v in graph["grid"])
-    grid = to_grid(torch.from_numpy(scores).to(device), STRIDE)
-    if grid.shape[1:] != (h, w):
-        raise ValueError(f"graph grid {h}x{w} does not match the image {size[1]}x{size[0]} at stride {STRIDE}")
-    edge_index = torch.from_numpy(graph["edge_index"].astype(np.int64)).to(device)
-    weight = torch.from_numpy(graph["weight"].astype(np.float32)).to(device)
-    walked = random_walk(edge_index, weight, grid.reshape(len(grid), -1), beta, logt).reshape(-1, h, w)
-    probs = from_grid(walked, size, STRIDE).clamp_min(0)
-    total = probs.sum(0, keepdim=True)
-    probs = torch.where(total > 0, probs / total.clamp_min(1e-12), torch.full_like(probs, 1.0 / len(probs)))
-    return probs.cpu().numpy()
-
-
 def _walk_image(ctx: StageContext, image_id: str) -> dict:
     cfg, source = ctx.section, source_of(ctx.config)
     if source == "cam":
-        scores, class_ids = cam_scores(*ctx.input("cam").read_soft(image_id), cfg.alpha)
+        cam, class_ids = ctx.input("cam").read_soft(image_id)  # its own background is recomputed at alpha
+        scores = with_background(cam[1:].astype(np.float32), cfg.alpha)
     else:
         scores, class_ids = seed_scores(ctx.input("seeds").read_label(image_id))
     probs = propagate(ctx.input("graph").read_arrays(image_id), scores, cfg.beta, cfg.logt, ctx.device)

@@ -9,7 +9,8 @@ from models.types import IGNORE
 from models.graph import (cell_labels, from_grid, grid_edges, node_features, pair_confusion, random_walk,
                           random_walk_dense, sample_grid, to_grid)
 from stages.graph import image_graph, node_features_of
-from stages.random_walk import cam_scores, keep_known, propagate, seed_scores
+from models.cam import with_background
+from models.graph import keep_known, propagate, seed_scores
 
 
 def _naive_edges(f, radius, shape, threshold):
@@ -101,10 +102,9 @@ def test_seed_and_cam_scores():
     np.testing.assert_array_equal(scores[0], [[1, 0, 0], [0, 0, 1]])
     np.testing.assert_array_equal(scores[1], [[0, 0, 1], [1, 0, 0]])
     probs = np.array([[[0.9, 0.1]], [[0.2, 0.5]], [[0.4, 1.0]]], np.float16)
-    scores, ids = cam_scores(probs, np.array([0, 3, 5]), alpha=2.0)
+    scores = with_background(probs[1:].astype(np.float32), alpha=2.0)  # the random walk's CAM source
     np.testing.assert_allclose(scores[0], [[0.6 ** 2, 0.0]], rtol=1e-3)
     np.testing.assert_allclose(scores[1:], probs[1:].astype(np.float32))
-    assert ids.tolist() == [0, 3, 5]
 
 
 def test_propagation_stays_inside_connected_components():
