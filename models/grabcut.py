@@ -33,6 +33,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .boxes import largest_first
 from .types import IGNORE, Box
 
 
@@ -80,11 +81,6 @@ def _usable(box: Box, min_box_side: int) -> bool:
     return min(box.x1 - box.x0, box.y1 - box.y0) >= min_box_side
 
 
-def _largest_first(boxes: Sequence[Box]) -> list[int]:
-    """Box order in which a smaller box's foreground overwrites a larger one's."""
-    return sorted(range(len(boxes)), key=lambda k: -boxes[k].area)
-
-
 def grabcut_seeds(image: np.ndarray, boxes: Sequence[Box], iterations: int = 5,
                   crop_margin: float | None = 0.5, min_box_side: int = 4, seed: int = 0) -> np.ndarray:
     """M_B of Eq. 3.3 for an RGB uint8 image and its boxes; uint8 labels, 255 = unknown
@@ -93,7 +89,7 @@ def grabcut_seeds(image: np.ndarray, boxes: Sequence[Box], iterations: int = 5,
     labels = np.zeros((h, w), np.uint8)
     for box in boxes:
         labels[box.y0:box.y1, box.x0:box.x1] = IGNORE
-    for k in _largest_first(boxes):
+    for k in largest_first(boxes):
         box = boxes[k]
         if _usable(box, min_box_side):
             labels[grabcut_box(image, box, iterations, crop_margin, seed + k)] = box.cls
@@ -119,7 +115,7 @@ def grabcut_refine(image: np.ndarray, labels: np.ndarray, boxes: Sequence[Box], 
     """
     out = labels.copy()
     inside = np.zeros(labels.shape, bool)
-    usable = [k for k in _largest_first(boxes) if _usable(boxes[k], min_box_side)]
+    usable = [k for k in largest_first(boxes) if _usable(boxes[k], min_box_side)]
     for k in usable:
         b = boxes[k]
         inside[b.y0:b.y1, b.x0:b.x1] = True

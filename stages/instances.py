@@ -23,34 +23,13 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from models.boxes import instance_map, instance_score
 from models.metrics import mask_ap, match_instances
 from models.types import Supervision
 
 from .base import STAGES, Box, DataError, StageContext, StageResult, StageSpec, run_items
 
 VERSION = "1"
-
-
-def instance_map(labels: np.ndarray, boxes: list[Box]) -> np.ndarray:
-    """uint8 instance ids: pixel -> 1 + index of the smallest box around it whose class it has."""
-    if len(boxes) > 254:
-        raise ValueError(f"{len(boxes)} boxes: instance PNGs hold at most 254 instances")
-    out = np.zeros(labels.shape, np.uint8)
-    for k in sorted(range(len(boxes)), key=lambda k: -boxes[k].area):  # large first, small overwrite
-        b = boxes[k]
-        window = (slice(b.y0, b.y1), slice(b.x0, b.x1))
-        out[window][labels[window] == b.cls] = k + 1
-    return out
-
-
-def instance_score(mask: np.ndarray, box: Box) -> float:
-    """IoU of the mask's tight box with the given box."""
-    ys, xs = np.nonzero(mask)
-    tight = Box(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1, box.cls)
-    iw = min(tight.x1, box.x1) - max(tight.x0, box.x0)
-    ih = min(tight.y1, box.y1) - max(tight.y0, box.y0)
-    inter = max(0, iw) * max(0, ih)
-    return inter / (tight.area + box.area - inter)
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:

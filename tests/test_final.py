@@ -17,7 +17,8 @@ from models.metrics import average_precision, mask_ap, match_instances
 from pipeline.config import Config, config_from_dict
 from pipeline.runner import make_run, run_local
 from stages.base import Box
-from stages.instances import instance_map, instance_score, rle_encode
+from models.boxes import instance_map, instance_score
+from stages.instances import rle_encode
 
 from .conftest import demo_config, kill_and_resume
 
