@@ -474,10 +474,14 @@ class Config(Section):
     @model_validator(mode="after")
     def _resolve(self) -> "Config":
         """Fill the supervision-dependent defaults, so the saved ``config.yaml`` is what ran:
+        what the random walk propagates (CAMs for tags and points with CAMs, else the seeds),
         the affinity radius (4 for boxes, 5 otherwise, as released) and A²GNN's schedule
         (:data:`A2GNN_RELEASED`), its box-only terms off for other supervisions, and edge
         lists for the torch_geometric baselines."""
         box = self.supervision == Supervision.BOX
+        if self.random_walk.source == "auto":
+            tags_or_points = self.supervision in (Supervision.IMAGE, Supervision.POINT)
+            self.random_walk.source = "cam" if tags_or_points and self.cam.enabled else "seeds"
         if self.affinity_train.radius is None:
             self.affinity_train.radius = 4 if box else 5
         a2gnn = self.a2gnn

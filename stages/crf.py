@@ -20,7 +20,6 @@ from models.seeds import labels_from_soft
 from models.types import PIPELINE, Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
-from .routing import source_of
 
 VERSION = "1"
 DENSE = "dense_crf"
@@ -35,7 +34,7 @@ def _candidate(name: str, config) -> bool:
         return False
     # The random walk replaces the seeds where it propagates CAMs (PSA's role: tags, points);
     # where it propagates the confident seeds (boxes, scribbles) it is the Table 3.4 baseline.
-    return name != "random_walk" or source_of(config) == "cam"
+    return name != "random_walk" or config.random_walk.source == "cam"
 
 
 def _crf_image(ctx: StageContext, image_id: str) -> dict:

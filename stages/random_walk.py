@@ -6,7 +6,7 @@ Per image: the source scores M (C classes) are averaged onto the stride-8 grid, 
 image, and divided by their sum over classes. Stored as a float16 soft map whose argmax is
 the label map (a pixel no class reaches gets uniform scores, hence background).
 
-Sources (``random_walk.source``, ``auto`` by supervision):
+Sources (``random_walk.source``; ``auto`` is resolved by supervision when the config loads):
 
 - ``cam`` (tags, points; PSA): the CAM of each tagged class, background ``(1 - max_c)^alpha``
   with the random walk's own ``alpha`` (16, as PSA), classes ``[0, tags...]``.
@@ -26,13 +26,12 @@ from models.graph import keep_known, propagate, seed_scores
 from models.types import PIPELINE
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
-from .routing import source_of
 
 VERSION = "2"
 
 
 def _walk_image(ctx: StageContext, image_id: str) -> dict:
-    cfg, source = ctx.section, source_of(ctx.config)
+    cfg, source = ctx.section, ctx.config.random_walk.source
     if source == "cam":
         cam, class_ids = ctx.input("cam").read_soft(image_id)  # its own background is recomputed at alpha
         scores = with_background(cam[1:].astype(np.float32), cfg.alpha)
@@ -47,12 +46,12 @@ def _walk_image(ctx: StageContext, image_id: str) -> dict:
 
 def run(ctx: StageContext) -> StageResult:
     result = run_items(ctx, _walk_image, desc="random walk")
-    result.info["source"] = source_of(ctx.config)
+    result.info["source"] = ctx.config.random_walk.source
     return result
 
 
 def inputs(config) -> list[str]:
-    return ["graph", source_of(config)]
+    return ["graph", config.random_walk.source]
 
 
 SPEC = STAGES.register(StageSpec(

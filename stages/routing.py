@@ -1,24 +1,17 @@
 """Routing, in one place: which stages run and what they read, decided from the config
 alone. Stages import these rules from here, never from another stage module. (The
-supervision-dependent defaults are filled when the config loads: ``Config._resolve``.)
+supervision-dependent defaults, the random walk's source included, are filled when the
+config loads: ``Config._resolve``.)
 """
 from __future__ import annotations
 
 from models.affinity import window_offsets
 from models.types import Supervision
 
+
 def cam_enabled(config) -> bool:
     """Whether the CAM stages run (tags need them; one-class data cannot localise with them)."""
     return config.cam.enabled
-
-
-def source_of(config) -> str:
-    """What the random walk propagates: ``cam`` (tags, points with CAMs) or ``seeds``."""
-    source = config.random_walk.source
-    if source == "auto":
-        use_cam = config.supervision in (Supervision.IMAGE, Supervision.POINT) and cam_enabled(config)
-        return "cam" if use_cam else "seeds"
-    return source
 
 
 def affinity_map(config) -> str | None:
