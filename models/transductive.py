@@ -25,7 +25,10 @@ the image id), so an image's result does not depend on what it was batched with.
 Output: the softmax of the upsampled logits over ``[0] + the image's classes``; for boxes,
 each class keeps its probability only inside its own boxes (``box_constraint``,
 :func:`models.boxes.restrict_to_boxes`). For tags and points the result is fused with the
-random walk, ``(P + w P_rw) / (1 + w)`` (Sect. 3.6.1: 1:3), :func:`fuse`.
+random walk, ``(P + w P_rw) / (1 + w)`` (Sect. 3.6.1: 1:3), :func:`fuse`. With
+``keep_seeds`` (not the thesis, off by default) the pixels that are still seeds after the
+consistency check keep their seed label (:func:`keep_seeds`), as ``random_walk.keep_seeds``
+does for the walk.
 
 Non-negative features: the embedding ends in a ReLU and each attention layer outputs
 convex combinations of its inputs, so every node feature is non-negative and every cosine
@@ -135,9 +138,20 @@ def fit(problems: list[Problem], cfg, radius: int, device: str) -> tuple[torch.T
         probs = torch.softmax(from_grid(logits.transpose(1, 2).reshape(m, c, h, w), size, STRIDE), 1).cpu()
     if cfg.box_constraint:
         probs = torch.stack([restrict_to_boxes(pr, p.boxes) for pr, p in zip(probs, problems)])
+    if cfg.keep_seeds:
+        probs = keep_seeds(probs, labels.cpu())
     removed = (known - (labels != IGNORE).sum((1, 2))).cpu()
     facts = [{"check_removed": float(r) / max(int(k), 1)} for r, k in zip(removed, known.cpu())]
     return probs, facts
+
+
+def keep_seeds(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``probs`` (M, C, H, W) with every pixel that still holds a seed in ``labels`` (M, H, W)
+    class indices, IGNORE unknown) set to that seed's one-hot: A²GNN only fills the pixels
+    the seeds leave unknown (or the consistency check took back)."""
+    known = labels != IGNORE
+    onehot = torch.nn.functional.one_hot(torch.where(known, labels, 0).long(), probs.shape[1])
+    return torch.where(known[:, None], onehot.permute(0, 3, 1, 2).to(probs.dtype), probs)
 
 
 def fuse(probs: np.ndarray, class_ids: np.ndarray, rw: np.ndarray, rw_ids: np.ndarray,

@@ -278,7 +278,9 @@ class A2gnnConfig(Section):
     less similar (cosine) to their box's prototype are dropped; 0 as released. ``consistency_similarity``:
     ``centred`` compares mean-centred features (the check acts, as the thesis describes), ``raw`` the released
     cosine of non-negative features (>= 0, so at threshold 0 it never removes a seed).
-    ``box_constraint`` (boxes): a class keeps probability only inside its own boxes
+    ``keep_seeds``: the pixels still seeds after the consistency check keep their label and
+    A²GNN fills the rest (:func:`models.transductive.keep_seeds`; not the thesis; on for the
+    horses, README). ``box_constraint`` (boxes): a class keeps probability only inside its own boxes
     (:func:`models.boxes.restrict_to_boxes`; not in the thesis, which applies the box prior to the seeds only;
     measured gain on horses and CamVid, README).
     """
@@ -305,6 +307,7 @@ class A2gnnConfig(Section):
     consistency_similarity: Literal["centred", "raw"] = "centred"
     rw_weight: Annotated[float, Field(ge=0.0)] = 3.0  # tags and points: (P + w P_rw) / (1 + w)
     box_constraint: bool = True
+    keep_seeds: bool = False
 
 
 SegArch = Literal["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large"]

@@ -282,6 +282,20 @@ def test_a2gnn_objective_is_eq_3_20_summed_over_the_stacked_images():
     torch.testing.assert_close(plain, seed_ce(up, labels).sum())  # phase 1 without MP: L_ce alone
 
 
+def test_keep_seeds_sets_each_remaining_seed_to_its_one_hot():
+    from models.transductive import keep_seeds
+
+    probs = torch.softmax(torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1)), 1)
+    labels = torch.full((2, 4, 5), 255, dtype=torch.long)
+    labels[0, 1, 2], labels[0, 3, 4], labels[1, 0, 0] = 2, 0, 1
+    out = keep_seeds(probs, labels)
+    for m in range(2):
+        for y in range(4):
+            for x in range(5):
+                want = probs[m, :, y, x] if labels[m, y, x] == 255 else torch.eye(3)[labels[m, y, x]]
+                torch.testing.assert_close(out[m, :, y, x], want)
+
+
 def test_restrict_to_boxes_matches_a_naive_loop():
     probs = torch.softmax(torch.randn(4, 12, 15, generator=torch.Generator().manual_seed(0)), 0)
     boxes = [((2, 8, 3, 9), 1), ((5, 12, 10, 15), 1), ((0, 4, 0, 5), 2)]  # class 3: no box, not restricted
