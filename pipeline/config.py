@@ -279,8 +279,8 @@ class A2gnnConfig(Section):
     ``centred`` compares mean-centred features (the check acts, as the thesis describes), ``raw`` the released
     cosine of non-negative features (>= 0, so at threshold 0 it never removes a seed).
     ``keep_seeds``: the pixels still seeds after the consistency check keep their label and
-    A²GNN fills the rest (:func:`models.transductive.keep_seeds`; not the thesis; on for the
-    horses, README). ``box_constraint`` (boxes): a class keeps probability only inside its own boxes
+    A²GNN fills the rest (:func:`models.transductive.keep_seeds`; not the thesis; measured on
+    the horses in the README, not shipped). ``box_constraint`` (boxes): a class keeps probability only inside its own boxes
     (:func:`models.boxes.restrict_to_boxes`; not in the thesis, which applies the box prior to the seeds only;
     measured gain on horses and CamVid, README).
     """
