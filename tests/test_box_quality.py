@@ -30,6 +30,8 @@ def ladder(name: str, horses: Path, tmp_path_factory) -> dict[str, float]:
         metrics = {s: run.store(s).read_manifest()["metrics"] for s in ("box_seeds", "random_walk", "a2gnn", "crf")}
         _RUNS[name] = {s: m["miou"] for s, m in metrics.items()}
         _RUNS[name]["grabcut_filled"] = metrics["box_seeds"]["maps"]["grabcut_filled"]["miou"]
+        if "dense_crf" in metrics["crf"].get("maps", {}):  # crf.grabcut_refine: the CRF before GrabCut
+            _RUNS[name]["dense_crf"] = metrics["crf"]["maps"]["dense_crf"]["miou"]
     return _RUNS[name]
 
 
@@ -39,6 +41,7 @@ CASES = [
     ("horses", "random_walk", "box_seeds"),
     ("horses", "a2gnn", "box_seeds"),
     ("horses", "crf", "a2gnn"),
+    ("horses", "crf", "dense_crf"),  # the horses config refines the CRF with GrabCut
     ("horses", "crf", "grabcut_filled"),
     ("camvid", "random_walk", "box_seeds"),
     ("camvid", "a2gnn", "box_seeds"),
