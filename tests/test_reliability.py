@@ -159,7 +159,7 @@ READS = {
     "box_seeds": {"dataset", "weak", "seed"}, "cam_train": {"dataset", "weak", "seed"}, "cam": {"dataset", "weak"},
     "seeds": {"dataset", "weak", "supervision"}, "affinity_train": {"dataset", "seed", "supervision"},
     "graph": {"dataset"}, "random_walk": {"dataset", "supervision"},
-    "a2gnn": {"dataset", "weak", "seed", "supervision"}, "crf": {"dataset", "supervision"},
+    "a2gnn": {"dataset", "weak", "seed", "supervision"}, "crf": {"dataset", "seed", "supervision"},
     "final_train": {"dataset", "seed"}, "final_eval": {"dataset"}, "instances": {"dataset", "weak"},
     "instance_train": {"dataset", "weak", "seed"}, "dfr_train": {"dataset", "weak", "seed"}, "dfr_eval": {"dataset"},
 }
