@@ -57,10 +57,9 @@ def training_labels(ctx: StageContext, image_id: str, shape: tuple[int, int]) ->
 def run(ctx: StageContext) -> StageResult:
     cfg, seed = ctx.section, ctx.config.seed
     ids = sorted(ctx.ids)
-    terms = cfg  # the section is a DfrTerms (models.params)
     arch = {"backbone": cfg.backbone, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights,
             "fusion_stages": list(cfg.fusion_stages), "channels": cfg.channels, "feature_dim": cfg.feature_dim,
-            "feature_head": terms.uses_features}
+            "feature_head": cfg.uses_features}  # the section is a DfrTerms (models.params)
     torch.manual_seed(seed)
     model = build_model(arch).to(ctx.device)
     opt, base_lrs = adamw(model, cfg)
@@ -76,7 +75,7 @@ def run(ctx: StageContext) -> StageResult:
                                 cfg.photometric)
         with torch.autocast(device_type, enabled=amp):
             logits, feats = model.forward_train(x)
-        out = dfr_objective(logits.float(), None if feats is None else feats.float(), x.float(), y, real, terms)
+        out = dfr_objective(logits.float(), None if feats is None else feats.float(), x.float(), y, real, cfg)
         for t in curves:
             if t in out:
                 curves[t].append(float(out[t].detach()))
