@@ -429,6 +429,22 @@ class DfrEvalConfig(Section):
     flip: bool = True
 
 
+class DaskConfig(Section):
+    """``task_runner: dask``: Prefect's ``DaskTaskRunner`` on a Dask cluster. ``address``: an
+    existing scheduler (``tcp://host:8786``; its workers must see the dataset and
+    ``output_root`` at the same paths: a shared filesystem); absent, a local cluster of
+    ``n_workers`` processes with ``threads_per_worker`` threads each is started for the run.
+    ``resources`` (e.g. ``{GPU: 1}``): what a training stage's task asks for, so it runs on a
+    worker started with them (``dask worker ... --resources GPU=1``); a local cluster gives
+    each of its workers these resources."""
+
+    address: str | None = None
+    n_workers: PositiveInt = 2
+    threads_per_worker: PositiveInt = 1
+    resources: dict[str, PositiveFloat] = {}
+    connect_timeout: PositiveFloat = 60.0  # seconds to wait for the first worker of an existing cluster
+
+
 class Config(Section):
     """A whole run. Defaults are the built-in demo (box supervision on synthetic data)."""
 
@@ -440,7 +456,10 @@ class Config(Section):
     workers: Annotated[int, Field(ge=0)] = 0
     shard_size: PositiveInt = 16
     engine: Literal["prefect", "local"] = "prefect"
-    task_runner: Literal["thread", "process"] = "thread"
+    task_runner: Literal["thread", "process", "dask"] = "thread"
+    # torch threads in every process that runs stage code; 0: all cores in a single process,
+    # cores / workers in each process-pool worker, the worker's OMP_NUM_THREADS under Dask
+    threads: Annotated[int, Field(ge=0)] = 0
     lock: Literal["wait", "refuse"] = "wait"  # a stage another run is computing: wait for it, or stop
     min_usable: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # share of a training stage's images that must be usable
     dataset: DatasetConfig = Field(default_factory=DemoDataset)
@@ -460,6 +479,7 @@ class Config(Section):
     instance_train: InstanceTrainConfig = Field(default_factory=InstanceTrainConfig)
     dfr_train: DfrTrainConfig = Field(default_factory=DfrTrainConfig)
     dfr_eval: DfrEvalConfig = Field(default_factory=DfrEvalConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
 
     @field_validator("run")
     @classmethod

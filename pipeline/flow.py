@@ -4,8 +4,8 @@ Prefect orchestrates; it is not the cache (every task has ``NO_CACHE``): the art
 decides what is done. Tasks receive the config as JSON and lists of image ids, and return
 small dicts, never tensors. With ``task_runner: thread`` shards run one after another and
 each uses a process pool of ``workers``; with ``task_runner: process`` shards run in
-parallel processes (one image at a time each). A Dask or Ray task runner can be swapped in
-the same way to spread shards over a cluster.
+parallel processes (one image at a time each); with ``task_runner: dask`` they run on the
+workers of a Dask cluster (``pipeline/cluster.py``), one image at a time each.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from .runner import begin_stage, execute_stage, finish_stage, run_from_json, run_stages, shards
+from .cluster import dask_task_runner, placement
+from .runner import begin_stage, execute_stage, finish_stage, process_name, run_from_json, run_stages, shards
 
 
 # Task runs are named "<stage>/begin", "<stage>/shard-<k>", "<stage>/finish" in the UI.
@@ -31,7 +32,7 @@ def begin_task(config_json: str, name: str, force: bool) -> list[str]:
 @task(name="shard", task_run_name="{name}/shard-{index}", cache_policy=NO_CACHE)
 def shard_task(config_json: str, name: str, index: int, ids: list[str], workers: int | None) -> dict[str, Any]:
     result = execute_stage(run_from_json(config_json), name, ids, workers=workers)
-    return {"failures": result.failures, "info": result.info, "metrics": result.metrics}
+    return {"failures": result.failures, "info": result.info, "metrics": result.metrics, "ran_on": process_name()}
 
 
 @task(name="finish", task_run_name="{name}/finish", cache_policy=NO_CACHE)
@@ -40,8 +41,8 @@ def finish_task(config_json: str, name: str, shard_results: list[dict[str, Any]]
     from stages.base import StageResult
 
     run = run_from_json(config_json)
-    results = [StageResult(**r) for r in shard_results]
-    manifest = finish_stage(run, name, results, seconds, computed)
+    results = [StageResult(r["failures"], r["info"], r["metrics"]) for r in shard_results]
+    manifest = finish_stage(run, name, results, seconds, computed, [r["ran_on"] for r in shard_results])
     publish(run.config.run, name, manifest)
     return manifest
 
@@ -73,14 +74,16 @@ def publish(run_name: str, name: str, manifest: dict[str, Any]) -> None:
 @flow(name="wsss", log_prints=True)
 def wsss_flow(config_json: str, names: list[str], force: list[str]) -> dict[str, Any]:
     run = run_from_json(config_json)
-    parallel_shards = run.config.task_runner == "process"
+    # Shards in parallel processes open no process pool of their own: one image at a time.
+    parallel_shards = run.config.task_runner in ("process", "dask")
 
     def execute(run, name: str, forced: bool) -> dict[str, Any]:
         t0 = time.time()
         todo = begin_task(config_json, name, forced)
         parts = shards(run, name, todo)
-        futures = shard_task.map(config_json, name, list(range(len(parts))), parts,
-                                 1 if parallel_shards else None) if parts else []
+        with placement(run.config, run.spec(name).per_image):
+            futures = shard_task.map(config_json, name, list(range(len(parts))), parts,
+                                     1 if parallel_shards else None) if parts else []
         results = [f.result() for f in futures]
         return finish_task(config_json, name, results, time.time() - t0, len(todo))
 
@@ -90,8 +93,15 @@ def wsss_flow(config_json: str, names: list[str], force: list[str]) -> dict[str,
 
 def run_prefect(run, names: list[str], force: set[str]) -> dict[str, Any]:
     cfg = run.config
+    if cfg.task_runner == "dask":
+        with dask_task_runner(cfg) as runner:
+            return _run_flow(run, names, force, runner)
     workers = (os.cpu_count() or 1) if cfg.workers == 0 else cfg.workers
     runner = ProcessPoolTaskRunner(max_workers=workers) if cfg.task_runner == "process" else ThreadPoolTaskRunner(
         max_workers=1)
-    return wsss_flow.with_options(task_runner=runner, flow_run_name=f"{cfg.run}")(
+    return _run_flow(run, names, force, runner)
+
+
+def _run_flow(run, names: list[str], force: set[str], runner) -> dict[str, Any]:
+    return wsss_flow.with_options(task_runner=runner, flow_run_name=f"{run.config.run}")(
         run.config_json(), names, sorted(force))

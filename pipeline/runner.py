@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ RESULT_NEUTRAL = {
     "shard_size": "how the per-image work is split into tasks",
     "engine": "prefect or local: the same stage functions",
     "task_runner": "how Prefect schedules the shards",
+    "threads": "torch threads per process (float rounding aside, as recorded in the manifest's environment)",
+    "dask": "where the Dask task runner's workers are",
     "lock": "what a second run does while another computes a stage",
     "min_usable": "when a training stage refuses to start; it never changes which images it uses",
 }
@@ -78,20 +81,27 @@ def track(items: list, desc: str) -> Iterator:
 
 
 # --------------------------------------------------------------------------- parallel map
+def set_threads(threads: int) -> None:
+    """torch's thread count in this process (``threads: 0`` leaves it as it is)."""
+    if threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+
+
 def _worker_init(threads: int) -> None:
     # Ctrl-C reaches the whole process group; the main process ends the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The workers share the cores: torch in each would otherwise start one thread per core.
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
+    set_threads(threads)
 
 
 @functools.lru_cache(maxsize=4)
-def _pool(workers: int) -> cf.ProcessPoolExecutor:
+def _pool(workers: int, threads: int) -> cf.ProcessPoolExecutor:
     # forkserver: children start clean (no Prefect/torch threads inherited through fork).
+    # The workers share the cores: torch in each would otherwise start one thread per core.
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                                  initializer=_worker_init, initargs=(max(1, (os.cpu_count() or 1) // workers),))
+                                  initializer=_worker_init, initargs=(threads,))
 
 
 def stop_workers() -> None:
@@ -107,10 +117,12 @@ _POOLS: list[cf.ProcessPoolExecutor] = []
 
 def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, ids: list[str],
                    desc: str) -> Iterator[tuple[str, Any]]:
-    """Run ``fn(ctx, id)`` over ids on ``ctx.workers`` processes with a progress bar."""
+    """Run ``fn(ctx, id)`` over ids on ``ctx.workers`` processes with a progress bar; one
+    at a time in this process inside a daemonic process (a Dask worker), which may not
+    start processes of its own."""
     with progress_bar() as bar:
         task = bar.add_task(desc, total=len(ids))
-        if ctx.workers <= 1 or len(ids) <= 1:
+        if ctx.workers <= 1 or len(ids) <= 1 or multiprocessing.current_process().daemon:
             for image_id in ids:
                 try:
                     out: Any = fn(ctx, image_id)
@@ -119,7 +131,7 @@ def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, id
                 bar.advance(task)
                 yield image_id, out
             return
-        pool = _pool(ctx.workers)
+        pool = _pool(ctx.workers, ctx.config.threads)
         if pool not in _POOLS:
             _POOLS.append(pool)
         futures = {pool.submit(fn, ctx, image_id): image_id for image_id in ids}
@@ -459,6 +471,7 @@ def upstream_failures(run: Run, name: str, todo: list[str]) -> dict[str, str]:
 def execute_stage(run: Run, name: str, ids: list[str], workers: int | None = None) -> StageResult:
     """Run the stage over ``ids`` (one shard); per-item failures are recorded in the store."""
     spec, store = run.spec(name), run.store(name)
+    set_threads(run.config.threads)
     result = spec.run(stage_context(run, name, ids, workers))
     for image_id, message in result.failures.items():
         store.record_failure(image_id, message)
@@ -499,10 +512,17 @@ def evaluate_store(run: Run, name: str, variant: str | None = None) -> dict[str,
     return evaluate_maps(run, name, [variant]).get(variant)
 
 
-def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float, computed: int) -> dict[str, Any]:
+def process_name() -> str:
+    """``host:pid`` of this process: where a shard ran (the manifest's ``ran_on``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float, computed: int,
+                 ran_on: list[str] | None = None) -> dict[str, Any]:
     """Aggregate shards, score against GT, mark the manifest complete.
 
-    ``computed``: how many images this run attempted (for the per-image timing).
+    ``computed``: how many images this run attempted (for the per-image timing); ``ran_on``:
+    the processes its shards ran in (:func:`process_name`), recorded when it computed any.
     """
     spec, store = run.spec(name), run.store(name)
     ids = run.ids(name)
@@ -514,6 +534,7 @@ def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float
     if computed:
         timings.update(last_run_s=round(seconds, 3), last_run_images=computed,
                        per_image_s=round(seconds / computed, 4))
+        manifest["ran_on"] = sorted(set(ran_on or []))
     if missing:
         status = "partial"
     else:  # every image attempted; a stage with nothing to show for it has failed
@@ -605,7 +626,7 @@ def _execute_local(run: Run, name: str, force: bool) -> dict[str, Any]:
     t0 = time.time()
     todo = begin_stage(run, name, force)
     results = [execute_stage(run, name, todo)] if todo else []
-    return finish_stage(run, name, results, time.time() - t0, len(todo))
+    return finish_stage(run, name, results, time.time() - t0, len(todo), [process_name()])
 
 
 def save_resolved_config(run: Run) -> Path:

@@ -27,17 +27,7 @@ def horses() -> Path:
 
 
 # Training stages sized to run in seconds (quality tests use configs/demo.yaml's settings).
-TINY_TRAINING = {
-    "cam_train": {"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
-    "cam": {"scales": [1.0]},
-    "affinity_train": {"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
-    "a2gnn": {"epochs": 2, "hidden": 16},
-    "final_train": {"arch": "deeplabv3_mobilenet_v3_large", "crop": 48, "batch_size": 2, "iterations": 2,
-                    "checkpoint_every": 1000},
-    "dfr_train": {"backbone": "swin_mini", "channels": 16, "feature_dim": 8, "crop": 48, "batch_size": 2,
-                  "iterations": 2, "warmup_iterations": 0, "lr": 1e-3, "checkpoint_every": 1000},
-    "dfr_eval": {"scales": [1.0], "flip": False},
-}
+from pipeline.bench import TINY_TRAINING  # noqa: E402  (after the Prefect environment above)
 
 
 def demo_config(tmp_path: Path, **overrides):
