@@ -1,0 +1,144 @@
+"""BLPSeg's numerics (Wang et al., "BLPSeg: Balance the Label Preference in Scribble-Supervised
+Semantic Segmentation", TIP 2023): the local aggregation module and the two losses.
+
+::
+
+    WCE  = -1/N sum_n sum_{c=1}^{K+1} w_c y'_{c,n} log p^scrib_{c,n}                  (BLPSeg Eq. 1)
+    y'   = y on the K classes; class K+1 ("unlabelled") where y is empty             (BLPSeg Eq. 2)
+    X_out = X_in A                                                                  (BLPSeg Eq. 3)
+    A_ij = P_low(i,j) P_dis(i,j) / sum_k P_low(k,j) P_dis(k,j)                      (BLPSeg Eq. 4)
+    P_low(i,j) = exp(f_i.f_j) / sum_k exp(f_k.f_j),
+    P_dis(i,j) = exp(-|s_i - s_j|^2 / 2 sigma^2)                                    (BLPSeg Eq. 5)
+    Z = W_FC^T (X_in A) = (W_FC^T X_in) A: LAM after the classifier                 (BLPSeg Eq. 8)
+    BL   = -1/N_seg sum_n sum_{c=1}^K y_{c,n} delta_{c,n} log p^seg_{c,n}             (BLPSeg Eq. 9)
+    N_seg = sum_n sum_c y_{c,n},  p^seg = softmax(Z)                                 (BLPSeg Eq. 10)
+    delta_{c,n} = (1 - p^scrib_{c,n} p^seg_{c,n})^gamma                                (BLPSeg Eq. 11)
+    L    = WCE + BL                                                                 (BLPSeg Eq. 12)
+
+Where the released code (YudeWang/BLPSeg) differs from the print: its WCE is PyTorch's
+weighted mean (divided by ``sum_n w_{y'_n}``, not by N) and its BL divides by ``sum delta``
+over the labelled pixels, not by N_seg; ``normalize="released"`` gives those. It also
+treats ``delta`` as a constant (no gradient through the modulating factor), as here.
+
+``P_low``'s denominator depends on j only and cancels in Eq. 4, so column j of A is a
+softmax over i of ``f_i.f_j - |s_i - s_j|^2 / 2 sigma^2``. :func:`lam` computes it on a
+local window of ``radius`` (one offset at a time: never the N x N matrix the released code
+builds on its 96 x 96 grid); with a window that covers the grid it equals
+:func:`lam_dense`, the printed N x N form.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .types import IGNORE
+
+Normalize = Literal["printed", "released"]
+
+
+def square_offsets(radius: int) -> list[tuple[int, int]]:
+    """Every (dy, dx) with max(|dy|, |dx|) <= radius, (0, 0) included (a pixel aggregates itself)."""
+    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+
+
+def lam(z: torch.Tensor, f: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """Local aggregation (BLPSeg Eq. 3-5, 8) on a ``radius`` window: ``z`` (B, C, h, w) class
+    scores, ``f`` (B, D, h, w) low-level features on the same grid -> (B, C, h, w) with
+    ``out[:, :, j] = sum_{i in W(j)} A_ij z[:, :, i]``, ``A_{.j} = softmax_i(f_i.f_j -
+    |s_i - s_j|^2 / 2 sigma^2)`` over the neighbours inside the image."""
+    b, _, h, w = z.shape
+    offsets = square_offsets(radius)
+    r = radius
+    fp = F.pad(f, (r, r, r, r))
+    zp = F.pad(z, (r, r, r, r))
+    inside = F.pad(torch.ones(1, 1, h, w, dtype=torch.bool, device=z.device), (r, r, r, r))
+    logits = []
+    for dy, dx in offsets:
+        fi = fp[:, :, r + dy:r + dy + h, r + dx:r + dx + w]
+        logit = (fi * f).sum(1) - (dy * dy + dx * dx) / (2.0 * sigma * sigma)
+        logits.append(logit.masked_fill(~inside[:, 0, r + dy:r + dy + h, r + dx:r + dx + w], float("-inf")))
+    a = torch.softmax(torch.stack(logits, 1), 1)  # (B, K, h, w): column j of A over its window
+    out = z.new_zeros(z.shape)
+    for k, (dy, dx) in enumerate(offsets):
+        out = out + a[:, k:k + 1] * zp[:, :, r + dy:r + dy + h, r + dx:r + dx + w]
+    return out
+
+
+def lam_dense(z: torch.Tensor, f: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The printed N x N form of :func:`lam` (BLPSeg Eq. 3-5): P_low, P_dis and A as matrices."""
+    b, c, h, w = z.shape
+    feats = f.flatten(2)  # (B, D, N)
+    p_low = torch.softmax(torch.einsum("bdi,bdj->bij", feats, feats), 1)  # normalised over i, per column j
+    ys, xs = torch.meshgrid(torch.arange(h, device=z.device), torch.arange(w, device=z.device), indexing="ij")
+    s = torch.stack([ys.flatten(), xs.flatten()], 1).to(z.dtype)
+    p_dis = torch.exp(-torch.cdist(s, s).pow(2) / (2.0 * sigma * sigma))
+    sim = p_low * p_dis
+    a = sim / sim.sum(1, keepdim=True)
+    return torch.einsum("bci,bij->bcj", z.flatten(2), a).view(b, c, h, w)
+
+
+def unlabelled_target(labels: torch.Tensor, real: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """y' of BLPSeg Eq. 2 as indices: the scribble class where labelled, ``num_classes`` (the
+    extra "unlabelled" class) on the image's other pixels, IGNORE on padding (``real`` False)."""
+    target = labels.long().clone()
+    target[(labels == IGNORE) & real] = num_classes
+    target[~real] = IGNORE
+    return target
+
+
+def weighted_ce(scrib_logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, unlabelled_weight: float,
+                normalize: Normalize = "printed") -> torch.Tensor:
+    """WCE of the scribble head (BLPSeg Eq. 1-2): ``scrib_logits`` (B, K+1, H, W), ``labels``
+    (B, H, W) scribbles with IGNORE where unlabelled, ``real`` (B, H, W) the image's pixels
+    (padding is left out). w = 1 for the K classes, ``unlabelled_weight`` (0.02) for class K+1;
+    divided by N, the image pixels (``released``: by the sum of their weights)."""
+    k = scrib_logits.shape[1] - 1
+    target = unlabelled_target(labels, real, k)
+    weight = torch.ones(k + 1, device=scrib_logits.device, dtype=scrib_logits.dtype)
+    weight[k] = unlabelled_weight
+    ce = F.cross_entropy(scrib_logits, target, weight=weight, ignore_index=IGNORE, reduction="none")
+    if normalize == "released":
+        w = weight[target.clamp_max(k)] * real
+        return ce.sum() / w.sum().clamp_min(1e-7)
+    return ce.sum() / real.sum().clamp_min(1)
+
+
+def blp_loss(seg_logits: torch.Tensor, scrib_probs: torch.Tensor, labels: torch.Tensor, gamma: float,
+             normalize: Normalize = "printed") -> torch.Tensor:
+    """BL (BLPSeg Eq. 9-11): ``seg_logits`` (B, K, H, W) after LAM, ``scrib_probs`` (B, K+1, H, W)
+    the scribble head's softmax (its class K+1 unused), ``labels`` (B, H, W) with IGNORE where
+    unlabelled. ``delta = (1 - p^scrib p^seg)^gamma`` is a weight without gradient; per image the
+    sum over labelled pixels is divided by N_seg (``released``: by the sum of delta), then
+    averaged over the batch (an image without labels adds 0)."""
+    k = seg_logits.shape[1]
+    logp = F.log_softmax(seg_logits, 1)
+    known = labels != IGNORE
+    target = labels.long().clamp(0, k - 1)[:, None]
+    logp_y = logp.gather(1, target)[:, 0]
+    with torch.no_grad():
+        delta = (1.0 - scrib_probs[:, :k].gather(1, target)[:, 0] * logp_y.exp()) ** gamma * known
+    per_image = -(delta * logp_y).flatten(1).sum(1)
+    norm = delta.flatten(1).sum(1) + 1e-7 if normalize == "released" else known.flatten(1).sum(1).clamp_min(1)
+    return (per_image / norm).mean()
+
+
+@torch.no_grad()
+def self_training_labels(seg_probs: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
+                         threshold: float = 0.9) -> torch.Tensor:
+    """The segmentation head's own labels after ``itr_SELF`` (BLPSeg Sect. IV-B): argmax over
+    the classes the image's scribbles name, IGNORE where that probability is below
+    ``threshold`` (0.9) and on padding; scribbled pixels keep their scribble."""
+    b, k = seg_probs.shape[:2]
+    present = torch.zeros(b, k, dtype=torch.bool, device=seg_probs.device)
+    for n in range(b):
+        cls = labels[n][labels[n] != IGNORE].long().unique()
+        present[n, cls] = True
+    masked = seg_probs * present[:, :, None, None]
+    conf, pseudo = masked.max(1)
+    pseudo[conf < threshold] = IGNORE
+    scribbled = labels != IGNORE
+    pseudo[scribbled] = labels[scribbled].long()
+    pseudo[~real] = IGNORE
+    return pseudo
