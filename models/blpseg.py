@@ -20,7 +20,7 @@ weighted mean (divided by ``sum_n w_{y'_n}``, not by N) and its BL divides by ``
 over the labelled pixels, not by N_seg; ``normalize="released"`` gives those. It also
 treats ``delta`` as a constant (no gradient through the modulating factor), as here.
 
-``P_low``'s denominator depends on j only and cancels in Eq. 4, so column j of A is a
+``P_low``'s denominator depends on j only and cancels in BLPSeg Eq. 4, so column j of A is a
 softmax over i of ``f_i.f_j - |s_i - s_j|^2 / 2 sigma^2``. :func:`lam` computes it on a
 local window of ``radius`` (one offset at a time: never the N x N matrix the released code
 builds on its 96 x 96 grid); with a window that covers the grid it equals
@@ -44,10 +44,12 @@ def square_offsets(radius: int) -> list[tuple[int, int]]:
 
 
 def lam(z: torch.Tensor, f: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
-    """Local aggregation (BLPSeg Eq. 3-5, 8) on a ``radius`` window: ``z`` (B, C, h, w) class
+    """Local aggregation (BLPSeg Eq. 3-5 / 8) on a ``radius`` window: ``z`` (B, C, h, w) class
     scores, ``f`` (B, D, h, w) low-level features on the same grid -> (B, C, h, w) with
     ``out[:, :, j] = sum_{i in W(j)} A_ij z[:, :, i]``, ``A_{.j} = softmax_i(f_i.f_j -
-    |s_i - s_j|^2 / 2 sigma^2)`` over the neighbours inside the image."""
+    |s_i - s_j|^2 / 2 sigma^2)`` over the neighbours inside the image. Its gradient,
+    ``dL/dX_in = dL/dX_out A^T`` (BLPSeg Eq. 6-7: the labelled pixels' loss reaches the
+    unlabelled ones), is autograd's."""
     b, _, h, w = z.shape
     offsets = square_offsets(radius)
     r = radius

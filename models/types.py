@@ -15,17 +15,21 @@ IGNORE = 255
 
 class Supervision(StrEnum):
     """What a run's weak labels are: object boxes, scribbles, points or image tags (the
-    A²GNN pipeline), or scribbles into the single-stage DFR branch."""
+    A²GNN pipeline), or scribbles into a single-stage branch (DFR, BLPSeg)."""
 
     BOX = "box"
     SCRIBBLE = "scribble"
     POINT = "point"
     IMAGE = "image"
     DFR = "dfr"
+    BLPSEG = "blpseg"
 
 
 PIPELINE = (Supervision.BOX, Supervision.SCRIBBLE, Supervision.POINT, Supervision.IMAGE)
 """The supervisions of the multi-stage (A²GNN) pipeline."""
+
+SINGLE_STAGE = {Supervision.DFR: ("dfr_train", "dfr_eval"), Supervision.BLPSEG: ("blpseg_train", "blpseg_eval")}
+"""The single-stage branches: supervision -> (training stage, val inference stage)."""
 
 
 @dataclass(frozen=True)

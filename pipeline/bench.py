@@ -30,6 +30,8 @@ TINY_TRAINING: dict[str, dict[str, Any]] = {
     "dfr_train": {"backbone": "swin_mini", "channels": 16, "feature_dim": 8, "crop": 48, "batch_size": 2,
                   "iterations": 2, "warmup_iterations": 0, "lr": 1e-3, "checkpoint_every": 1000},
     "dfr_eval": {"scales": [1.0], "flip": False},
+    "blpseg_train": {"backbone": "resnet18", "channels": 16, "low_dim": 8, "radius": 3, "crop": 48, "batch_size": 2,
+                     "iterations": 2, "self_training_from": 1, "checkpoint_every": 1000},
 }
 
 

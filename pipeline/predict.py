@@ -1,14 +1,15 @@
 """``wsss predict``: the trained segmentation model of a run on new images.
 
-The model is the run's ``final_train`` (or, for ``supervision: dfr``, ``dfr_train``) for
-the current config. Each image is brought to the working size the model was trained at
+The model is the run's ``final_train`` (or, for a single-stage branch, its network:
+``dfr_train``, ``blpseg_train``) for the current config. Each image is brought to the working size the model was trained at
 (``dataset.min_side`` / ``max_side``, :func:`pipeline.datasets.working_size`), run with
-the config's eval settings (``final_eval``: scales, flip, dense CRF; ``dfr_eval``: scales,
-flip), and its labels are written at the image's own size as ``OUT/<stem>.png`` (palette
+the config's eval settings (``final_eval``: scales, flip, dense CRF; ``dfr_eval`` /
+``blpseg_eval``: scales, flip), and its labels are written at the image's own size as ``OUT/<stem>.png`` (palette
 PNG, pixel = class id). An unreadable image is reported and skipped.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from models.crf import crf_from_probs
 from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
-from models.types import Supervision
+from models.types import SINGLE_STAGE
 from stages.base import DataError
 
 from .datasets import IMAGE_EXTS, read_image, working_size
@@ -34,7 +35,13 @@ class PredictError(ValueError):
 
 
 def model_stage(config) -> str:
-    return "dfr_train" if config.supervision == Supervision.DFR else "final_train"
+    """The run's trained model: a single-stage branch's network, else ``final_train``."""
+    return SINGLE_STAGE.get(config.supervision, ("final_train",))[0]
+
+
+def eval_section(config):
+    """The inference settings of the model's stage (``final_eval``, ``dfr_eval``, ...)."""
+    return getattr(config, SINGLE_STAGE.get(config.supervision, ("", "final_eval"))[1])
 
 
 def predict_labels(model, image: np.ndarray, config, device: str) -> np.ndarray:
@@ -43,10 +50,9 @@ def predict_labels(model, image: np.ndarray, config, device: str) -> np.ndarray:
     target = working_size(w, h, config.dataset)
     work = image if target is None else cv2.resize(
         image, target[1][::-1], interpolation=cv2.INTER_AREA if target[0] < 1 else cv2.INTER_LINEAR)
-    dfr = config.supervision == Supervision.DFR
-    cfg = config.dfr_eval if dfr else config.final_eval
+    cfg = eval_section(config)
     probs = predict_probs(model, work, cfg.scales, cfg.flip, device)
-    if not dfr and cfg.use_crf:
+    if getattr(cfg, "use_crf", False):
         probs = crf_from_probs(work, probs, cfg.crf)
     labels = labels_from_soft(probs)
     return labels if target is None else cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
@@ -65,10 +71,7 @@ def predict(run, images: Path, out: Path) -> dict[str, Any]:
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
     if not files:
         raise PredictError(f"{images}: no images ({', '.join(IMAGE_EXTS)})")
-    if stage == "dfr_train":
-        from stages.dfr_train import load_trained
-    else:
-        from stages.final_train import load_trained
+    load_trained = importlib.import_module(f"stages.{stage}").load_trained
     device = resolve_device(run.config.device)
     model = load_trained(store.read_model(), device)
     out = Path(out)

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from models.metrics import confusion_matrix, scores
-from models.types import Supervision
+from models.types import SINGLE_STAGE
 from stages.base import IGNORE, DataError, WeakLabels
 
 from .store import voc_palette
@@ -132,7 +132,9 @@ def edge_heatmap(image: np.ndarray, graph: dict[str, np.ndarray], pixel: tuple[i
 
 def weak_kind(config) -> str:
     """Which weak label the run trains from: box, scribble, point or image (tags)."""
-    return config.dfr_train.labels if config.supervision == Supervision.DFR else config.supervision
+    if config.supervision in SINGLE_STAGE:
+        return getattr(config, SINGLE_STAGE[config.supervision][0]).labels
+    return config.supervision
 
 
 def weak_overlay(image: np.ndarray, weak: WeakLabels, kind: str) -> np.ndarray:

@@ -137,3 +137,72 @@ def test_self_training_labels_keep_scribbles_and_confident_present_classes():
     # pixel 0: class 1 at 0.95; pixel 1: scribble 0; pixel 2: class 2 absent -> best present 0.03 < 0.9;
     # pixel 3: scribble 1 overrides the confident 0
     assert out.tolist() == [[[1, 0, IGNORE, 1]]]
+
+
+# --------------------------------------------------------------------------- the stages
+def _tiny(path, **over):
+    from .conftest import demo_config
+
+    return demo_config(path, supervision="blpseg", **over)
+
+
+def test_blpseg_dag_stages_and_switches(tmp_path):
+    from pipeline.runner import make_run, run_local
+
+    run = make_run(_tiny(tmp_path))
+    assert run.names == ["blpseg_train", "blpseg_eval"]
+    done = run_local(run, run.names)
+    info = done["blpseg_train"]["info"]
+    assert info["terms"] == ["wce", "bl"] and info["steps"] == 2 and info["wce_last"] > 0
+    assert done["blpseg_eval"]["counts"]["done"] == 2 and 0 <= done["blpseg_eval"]["metrics"]["miou"] <= 1
+    base = run.config.blpseg_train.model_dump()
+    plain = make_run(_tiny(tmp_path / "p", blpseg_train={**base, "blp": False, "lam": False}))
+    assert run_local(plain, ["blpseg_train"])["blpseg_train"]["info"]["terms"] == ["bl"]
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet7'"):
+        _tiny(tmp_path, blpseg_train={**base, "backbone": "resnet7"})
+
+
+def test_objective_switches_to_its_own_confident_labels_and_plain_ce_without_blp():
+    from types import SimpleNamespace
+
+    from stages.blpseg_train import blpseg_objective
+
+    g = torch.Generator().manual_seed(4)
+    seg = torch.randn(1, 2, 4, 4, generator=g)
+    seg[0, 1] += 6.0  # confidently class 1 everywhere
+    scrib = torch.randn(1, 3, 4, 4, generator=g)
+    labels = torch.full((1, 8, 8), IGNORE)
+    labels[0, 0, :2] = torch.tensor([0, 1])
+    real = torch.ones(1, 8, 8, dtype=torch.bool)
+    cfg = SimpleNamespace(blp=True, gamma=2.0, unlabelled_weight=0.02, normalize="printed", self_training_threshold=0.9)
+    up = torch.nn.functional.interpolate(seg, size=(8, 8), mode="bilinear", align_corners=False)
+    up_s = torch.nn.functional.interpolate(scrib, size=(8, 8), mode="bilinear", align_corners=False)
+    before = blpseg_objective(seg, scrib, labels, real, cfg, self_training=False)
+    assert torch.allclose(before["bl"], blp_loss(up, torch.softmax(up_s, 1), labels, 2.0))
+    after = blpseg_objective(seg, scrib, labels, real, cfg, self_training=True)
+    own = self_training_labels(torch.softmax(up, 1), labels, real, 0.9)
+    assert (own != IGNORE).sum() > 2  # more labels than the two scribbled pixels
+    assert torch.allclose(after["bl"], blp_loss(up, torch.softmax(up_s, 1), own, 2.0))
+    assert torch.allclose(after["wce"], weighted_ce(up_s, labels, real, 0.02))  # WCE stays on the scribbles
+    cfg.blp = False
+    plain = blpseg_objective(seg, scrib, labels, real, cfg, self_training=False)
+    assert set(plain) == {"bl", "loss"}
+    assert torch.allclose(plain["bl"], torch.nn.functional.cross_entropy(up, labels, ignore_index=IGNORE))
+
+
+def test_blpseg_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
+    import stages.blpseg_train as bt
+
+    from .conftest import kill_and_resume
+
+    def make(path):
+        cfg = _tiny(path)
+        return _tiny(path, blpseg_train={**cfg.blpseg_train.model_dump(), "iterations": 4, "checkpoint_every": 2,
+                                         "self_training_from": 3})
+
+    m1, m2, state1, state2 = kill_and_resume(tmp_path, monkeypatch, make, "blpseg_train", bt, "blpseg_objective")
+    assert m2["info"]["loss_curve"] == pytest.approx(m1["info"]["loss_curve"], rel=1e-5)
+    for key, value in state1["state_dict"].items():
+        torch.testing.assert_close(state2["state_dict"][key], value, rtol=1e-4, atol=1e-5)

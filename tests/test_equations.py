@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # "Eq. 3.20", "DFR Eq. 4-5", "Tang Eq. 4", "thesis Eq. 3.6-3.13", "Eq. 3.7 / 3.11"
-CITE = re.compile(r"(?:\b(DFR|Tang|thesis) )?\bEq\. ?\(?(\d+(?:\.\d+)?)(?:\s*-\s*(\d+(?:\.\d+)?))?"
+CITE = re.compile(r"(?:\b(DFR|Tang|BLPSeg|thesis) )?\bEq\. ?\(?(\d+(?:\.\d+)?)(?:\s*-\s*(\d+(?:\.\d+)?))?"
                   r"((?:\s*/\s*\d+(?:\.\d+)?)*)")
 
 
@@ -19,7 +19,8 @@ def expand(paper: str | None, first: str, last: str | None, more: str = "") -> s
     thesis' (chapter.equation), one without must name its paper."""
     paper = paper or ("thesis" if "." in first else None)
     if paper is None:
-        raise AssertionError(f"'Eq. {first}' names no paper: write 'DFR Eq. {first}' or 'Tang Eq. {first}'")
+        raise AssertionError(f"'Eq. {first}' names no paper: write 'DFR Eq. {first}', 'BLPSeg Eq. {first}' or "
+                             f"'Tang Eq. {first}'")
     numbers = [first, *re.findall(r"\d+(?:\.\d+)?", more)]
     if last is not None:
         if "." in first:
@@ -82,7 +83,8 @@ def test_every_equation_cited_in_models_is_indexed():
         assert not missing, f"{path.name} cites equations the README index does not list: {sorted(missing)}"
 
 
-def test_the_index_covers_thesis_chapter_3_and_the_dfr_paper():
+def test_the_index_covers_thesis_chapter_3_the_dfr_paper_and_blpseg():
     listed = set(index())
-    wanted = {("thesis", f"3.{k}") for k in range(1, 29)} | {("DFR", str(k)) for k in range(1, 14)}
+    wanted = ({("thesis", f"3.{k}") for k in range(1, 29)} | {("DFR", str(k)) for k in range(1, 14)}
+              | {("BLPSeg", str(k)) for k in range(1, 13)})
     assert not wanted - listed, sorted(wanted - listed)
