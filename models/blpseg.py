@@ -32,15 +32,27 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .types import IGNORE
 
 Normalize = Literal["printed", "released"]
 
 
-def square_offsets(radius: int) -> list[tuple[int, int]]:
-    """Every (dy, dx) with max(|dy|, |dx|) <= radius, (0, 0) included (a pixel aggregates itself)."""
-    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+def _row_windows(x: torch.Tensor, radius: int, dy: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, 2r+1, h, w): x at the offsets (dy, -r..r) of every pixel, 0
+    outside the image (one row of the window, by ``unfold``)."""
+    b, c, h, w = x.shape
+    r = radius
+    padded = F.pad(x, (r, r, r, r))[:, :, r + dy:r + dy + h]  # (B, C, h, w + 2r): rows moved by dy
+    return F.unfold(padded, (1, 2 * r + 1)).view(b, c, 2 * r + 1, h, w)
+
+
+def _row_logits(f: torch.Tensor, radius: int, sigma: float, dy: int) -> torch.Tensor:
+    """(B, 2r+1, h, w): f_i.f_j - |s_i - s_j|^2 / 2 sigma^2 for the neighbours i = j + (dy, dx)."""
+    dots = (_row_windows(f, radius, dy) * f[:, :, None]).sum(1)
+    dx = torch.arange(-radius, radius + 1, device=f.device, dtype=f.dtype)
+    return dots - ((dy * dy + dx * dx) / (2.0 * sigma * sigma))[None, :, None, None]
 
 
 def lam(z: torch.Tensor, f: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
@@ -49,23 +61,27 @@ def lam(z: torch.Tensor, f: torch.Tensor, sigma: float, radius: int) -> torch.Te
     ``out[:, :, j] = sum_{i in W(j)} A_ij z[:, :, i]``, ``A_{.j} = softmax_i(f_i.f_j -
     |s_i - s_j|^2 / 2 sigma^2)`` over the neighbours inside the image. Its gradient,
     ``dL/dX_in = dL/dX_out A^T`` (BLPSeg Eq. 6-7: the labelled pixels' loss reaches the
-    unlabelled ones), is autograd's."""
+    unlabelled ones), is autograd's.
+
+    One window row at a time (``unfold``), each row's feature products recomputed in the
+    backward pass (``checkpoint``), so memory holds the (B, (2r+1)^2, h, w) weights and one
+    row of (B, D, 2r+1, h, w) products, never all (2r+1)^2 rows of D-wide products."""
     b, _, h, w = z.shape
-    offsets = square_offsets(radius)
-    r = radius
-    fp = F.pad(f, (r, r, r, r))
-    zp = F.pad(z, (r, r, r, r))
-    inside = F.pad(torch.ones(1, 1, h, w, dtype=torch.bool, device=z.device), (r, r, r, r))
-    logits = []
-    for dy, dx in offsets:
-        fi = fp[:, :, r + dy:r + dy + h, r + dx:r + dx + w]
-        logit = (fi * f).sum(1) - (dy * dy + dx * dx) / (2.0 * sigma * sigma)
-        logits.append(logit.masked_fill(~inside[:, 0, r + dy:r + dy + h, r + dx:r + dx + w], float("-inf")))
-    a = torch.softmax(torch.stack(logits, 1), 1)  # (B, K, h, w): column j of A over its window
+    rows = range(-radius, radius + 1)
+    logits = torch.cat([checkpoint(_row_logits, f, radius, sigma, dy, use_reentrant=False) for dy in rows], 1)
+    inside = _row_windows_mask(h, w, radius, z.device)
+    a = torch.softmax(logits.masked_fill(~inside, float("-inf")), 1)  # (B, K, h, w): column j of A
+    k = 2 * radius + 1
     out = z.new_zeros(z.shape)
-    for k, (dy, dx) in enumerate(offsets):
-        out = out + a[:, k:k + 1] * zp[:, :, r + dy:r + dy + h, r + dx:r + dx + w]
+    for n, dy in enumerate(rows):
+        out = out + (_row_windows(z, radius, dy) * a[:, None, n * k:(n + 1) * k]).sum(2)
     return out
+
+
+def _row_windows_mask(h: int, w: int, radius: int, device) -> torch.Tensor:
+    """(1, (2r+1)^2, h, w) bool: the neighbour at each window offset lies inside the image."""
+    ones = torch.ones(1, 1, h, w, device=device)
+    return torch.cat([_row_windows(ones, radius, dy)[:, 0] for dy in range(-radius, radius + 1)], 1) > 0
 
 
 def lam_dense(z: torch.Tensor, f: torch.Tensor, sigma: float) -> torch.Tensor:
