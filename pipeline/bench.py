@@ -427,21 +427,26 @@ def bench_a2gnn(case: Case, epochs: int = 150, radius: int = 4, channels: int = 
 
 # --------------------------------------------------------------------------- segmentation models
 def _seg_model(kind: str, arch: str, classes: int = 21):
-    """The DeepLab (``kind`` final) or DFR (``kind`` dfr) network of ``arch``, from scratch."""
-    from models.segmentation import DeepLab, DfrNet
+    """The DeepLab (``kind`` final), DFR (dfr) or BLPSeg (blpseg, the paper's LAM and widths)
+    network of ``arch``, from scratch."""
+    from models.segmentation import BlpNet, DeepLab, DfrNet
 
-    return DeepLab(arch, classes) if kind == "final" else DfrNet(arch, classes)
+    return {"final": DeepLab, "dfr": DfrNet, "blpseg": BlpNet}[kind](arch, classes)
 
 
 def _seg_train_step(case: Case, kind: str, arch: str, batch: int, crop: int, amp: bool, loss: str) -> dict[str, Any]:
     """One optimiser step per batch on random crops: DeepLab with CE (``loss`` ce / crf: +
-    the dense-CRF loss), or the DFR network with Eq. 1 (``loss`` pce / potts / dfr) on
-    scribble-like sparse labels."""
+    the dense-CRF loss), the DFR network with Eq. 1 (``loss`` pce / potts / dfr) or the
+    BLPSeg network with BLPSeg Eq. 12 (``loss`` blp; pce: partial CE) on scribble-like sparse
+    labels."""
     import torch
     import torch.nn.functional as F
 
     from models.losses import dense_crf_loss, dfr_objective, dfr_preset
+    from stages.blpseg_train import blpseg_objective
     from stages.training import amp_setup, optimizer_step
+
+    from .config import BlpsegTrainConfig
 
     device, steps = case.device, max(1, case.images // batch)
     model = _seg_model(kind, arch).to(device).train()
@@ -450,10 +455,11 @@ def _seg_train_step(case: Case, kind: str, arch: str, batch: int, crop: int, amp
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 255, (batch, 3, crop, crop), generator=gen).float().to(device)
     y = torch.randint(0, 21, (batch, crop, crop), generator=gen).to(device)
-    if kind == "dfr":
+    if kind != "final":
         y[torch.rand(batch, crop, crop, generator=gen).to(device) > 0.03] = 255  # ~3% labelled, as VOC scribbles
     real = torch.ones(batch, crop, crop, dtype=torch.bool, device=device)
     terms = dfr_preset(loss) if kind == "dfr" else None
+    blp = BlpsegTrainConfig(blp=loss == "blp") if kind == "blpseg" else None
     use_amp, scaler, device_type = amp_setup(amp, device)
 
     def step() -> None:
@@ -463,6 +469,8 @@ def _seg_train_step(case: Case, kind: str, arch: str, batch: int, crop: int, amp
             value = F.cross_entropy(out.float(), y)
             if loss == "crf":
                 value = value + 0.5 * dense_crf_loss(out.float(), x, real, 5, 0.5, 6.0, 0.1)
+        elif kind == "blpseg":
+            value = blpseg_objective(out[0].float(), out[1].float(), y, real, blp, self_training=False)["loss"]
         else:
             logits, feats = out
             value = dfr_objective(logits.float(), feats.float(), x, y, real, terms)["loss"]
@@ -517,6 +525,17 @@ def bench_dfr_train(case: Case, arch: str = "swin_t", batch: int = 2, crop: int 
 
     dfr_preset(loss)  # an unknown name fails here, before any child process starts
     return _seg_rows(case, "dfr", arch, batch, crop, amp, loss, multiscale)
+
+
+@bench("blpseg_train")
+def bench_blpseg_train(case: Case, arch: str = "resnet101", batch: int = 2, crop: int = 384, amp: bool = True,
+                       loss: str = "blp", multiscale: bool = False, **_: Any) -> list[dict[str, Any]]:
+    """BLPSeg training throughput (one AdamW step per batch of ``crop`` x ``crop``, BLPSeg Eq. 12
+    with the paper's LAM: sigma 6, a 37 x 37 window, 256-d low-level features; ``loss`` blp or
+    pce) and single-scale inference per image (``multiscale``: + scales 0.5-1.75 and flips)."""
+    if loss not in ("blp", "pce"):
+        raise ValueError(f"blpseg_train bench: loss must be blp or pce, got {loss!r}")
+    return _seg_rows(case, "blpseg", arch, batch, crop, amp, loss, multiscale)
 
 
 # --------------------------------------------------------------------------- scale out

@@ -8,7 +8,7 @@
     wsss export CONFIG --out DIR  a stage's labels as palette PNGs (mmseg layout) or COCO JSON
     wsss predict CONFIG --images DIR --out DIR   the trained model on new images
     wsss demo                     the whole pipeline on the built-in synthetic data
-    wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, scale_out)
+    wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, blpseg_train, scale_out)
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 ConfigArg = typer.Argument(..., help="YAML run config (see configs/).", exists=False)
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set crf.iterations=5 (repeatable).")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-DEMO_DFR_CONFIG = DEMO_CONFIG.with_name("demo_dfr.yaml")
+DEMO_BRANCHES = [DEMO_CONFIG.with_name(f"demo_{name}.yaml") for name in ("dfr", "blpseg")]  # the single-stage demos
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -310,13 +310,12 @@ def prepare(config: Path = ConfigArg, out: Path = typer.Option(..., "--out", hel
 def demo(overrides: Optional[list[str]] = SetOpt,
          engine: Optional[str] = typer.Option(None, help="prefect (default) or local.")) -> None:
     """Run every stage built so far on the built-in synthetic data and print the quality
-    ladders: configs/demo.yaml (boxes, the A²GNN pipeline), then configs/demo_dfr.yaml (the
-    single-stage DFR branch on scribbles). ``--set`` applies to the first."""
+    ladders: configs/demo.yaml (boxes, the A²GNN pipeline), then configs/demo_dfr.yaml and
+    configs/demo_blpseg.yaml (the single-stage branches on scribbles). ``--set`` applies to the first."""
     _setup_logging()
     extra = [f"engine={engine}"] if engine else []
     runs = [_make_run(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, (overrides or []) + extra)]
-    if DEMO_DFR_CONFIG.is_file():
-        runs.append(_make_run(DEMO_DFR_CONFIG, extra))
+    runs += [_make_run(path, extra) for path in DEMO_BRANCHES if path.is_file()]
     for the_run in runs:
         execute(the_run)
     for the_run in runs:
@@ -343,7 +342,7 @@ def _print_ladder(the_run) -> None:
 
 
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, scale_out."),
+def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, blpseg_train, scale_out."),
               device: str = typer.Option("auto", help="auto, cpu or cuda."),
               size: str = typer.Option("500x375", help="Image WIDTHxHEIGHT (VOC-typical default)."),
               images: int = typer.Option(8, help="Images per case."),

@@ -17,10 +17,8 @@ Checkpoints hold model, optimiser, loss history and RNG states; every crop is a 
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,9 +26,8 @@ from models.blpseg import blp_loss, self_training_labels, weighted_ce
 from models.segmentation import BlpNet
 from models.types import Supervision
 
-from .base import STAGES, DataError, StageContext, StageResult, StageSpec
-from .sparse import sparse_labels
-from .training import adamw, amp_setup, crop_batch, save_trained, train_loop, trained_model, trained_result
+from .base import STAGES, StageContext, StageResult, StageSpec
+from .training import train_sparse, trained_model
 
 VERSION = "1"
 
@@ -43,16 +40,6 @@ def build_model(arch: dict[str, Any]) -> BlpNet:
 def load_trained(state: dict[str, Any], device: str) -> BlpNet:
     """The trained network from a ``model.pt`` state, in eval mode on ``device``."""
     return trained_model(state, build_model, device)
-
-
-def training_labels(ctx: StageContext, image_id: str, shape: tuple[int, int]) -> np.ndarray:
-    """The image's scribble (or point, ``blpseg_train.labels``) map, IGNORE where unlabelled."""
-    weak = ctx.dataset.load_weak(image_id)
-    try:
-        return sparse_labels(weak, ctx.section.labels, shape)
-    except ValueError as err:
-        raise DataError(ctx.dataset.image_path(image_id),
-                        f"{err} (blpseg_train.labels is '{ctx.section.labels}')") from None
 
 
 def blpseg_objective(seg_grid: torch.Tensor, scrib_grid: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
@@ -77,39 +64,17 @@ def blpseg_objective(seg_grid: torch.Tensor, scrib_grid: torch.Tensor, labels: t
 
 
 def run(ctx: StageContext) -> StageResult:
-    cfg, seed = ctx.section, ctx.config.seed
-    ids = sorted(ctx.ids)
+    cfg = ctx.section
     arch = {"backbone": cfg.backbone, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights,
             "channels": cfg.channels, "low_dim": cfg.low_dim, "sigma": cfg.sigma, "radius": cfg.radius,
             "lam": cfg.lam}
-    torch.manual_seed(seed)
-    model = build_model(arch).to(ctx.device)
-    opt, base_lrs = adamw(model, cfg)
-    amp, scaler, device_type = amp_setup(cfg.amp, ctx.device)
-    curves: dict[str, list[float]] = {"wce": [], "bl": []}
 
-    @functools.lru_cache(maxsize=4096)  # synthesized scribbles cost ~0.1 s an image; keep them
-    def scribbles_of(i: int, shape: tuple[int, int]) -> np.ndarray:
-        return training_labels(ctx, ids[i], shape)
+    def objective(outputs, x, y, real, step: int) -> dict[str, torch.Tensor]:
+        seg, scrib = outputs
+        self_training = cfg.self_training_from is not None and step >= cfg.self_training_from
+        return blpseg_objective(seg.float(), scrib.float(), y, real, cfg, self_training)
 
-    def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
-        x, y, real = crop_batch(ctx, ids, picks, step, lambda i, image: scribbles_of(i, image.shape[:2]),
-                                cfg.photometric)
-        with torch.autocast(device_type, enabled=amp):
-            seg, scrib = model.forward_train(x)
-        selftrain = cfg.self_training_from is not None and step >= cfg.self_training_from
-        out = blpseg_objective(seg.float(), scrib.float(), y, real, cfg, selftrain)
-        for t in curves:
-            if t in out:
-                curves[t].append(float(out[t].detach()))
-        return out["loss"]
-
-    info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn, scaler)
-    save_trained(ctx, model, info, arch=arch)
-    del model, opt
-    return trained_result(ctx, info, images=len(ids), labels=cfg.labels, amp=amp,
-                          terms=[t for t, v in curves.items() if v],
-                          **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
+    return train_sparse(ctx, build_model, arch, objective, ("wce", "bl"))
 
 
 def preflight(config) -> None:

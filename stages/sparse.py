@@ -1,9 +1,9 @@
-"""Sparse label maps from clicks and strokes (shared by ``seeds`` and ``dfr_train``)."""
+"""Sparse label maps from clicks and strokes (shared by ``seeds`` and the single-stage branches)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .base import IGNORE, Point, WeakLabels
+from .base import IGNORE, DataError, Point, StageContext, WeakLabels
 
 
 def points_map(shape: tuple[int, int], points: list[Point]) -> np.ndarray:
@@ -23,3 +23,14 @@ def sparse_labels(weak: WeakLabels, kind: str, shape: tuple[int, int]) -> np.nda
     if weak.scribbles is None:
         raise ValueError("no scribbles for this image")
     return weak.scribbles
+
+
+def training_labels(ctx: StageContext, image_id: str, shape: tuple[int, int]) -> np.ndarray:
+    """A single-stage branch's supervision of one image: its scribble (or point, the stage's
+    ``labels``) map, IGNORE where unlabelled; a DataError naming the image when it has none."""
+    weak = ctx.dataset.load_weak(image_id)  # a bad file raises its own DataError
+    try:
+        return sparse_labels(weak, ctx.section.labels, shape)
+    except ValueError as err:
+        raise DataError(ctx.dataset.image_path(image_id),
+                        f"{err} ({ctx.stage}.labels is '{ctx.section.labels}')") from None

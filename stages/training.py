@@ -176,6 +176,53 @@ def crop_batch(ctx: StageContext, ids: list[str], picks: np.ndarray, step: int,
             torch.from_numpy(np.stack(real)).to(ctx.device))
 
 
+def sparse_batches(ctx: StageContext, ids: list[str], distort: bool
+                   ) -> Callable[[np.ndarray, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``batch(picks, step)``: :func:`crop_batch` of the images with their sparse training
+    labels (:func:`stages.sparse.training_labels`), each image's labels made once."""
+    from .sparse import training_labels
+
+    @functools.lru_cache(maxsize=4096)  # synthesized scribbles cost ~0.1 s an image; keep them
+    def labels_of(i: int, shape: tuple[int, int]) -> np.ndarray:
+        return training_labels(ctx, ids[i], shape)
+
+    return lambda picks, step: crop_batch(ctx, ids, picks, step, lambda i, image: labels_of(i, image.shape[:2]),
+                                          distort)
+
+
+def train_sparse(ctx: StageContext, build: Callable[[dict], torch.nn.Module], arch: dict[str, Any],
+                 objective: Callable[..., dict[str, torch.Tensor]], terms: tuple[str, ...],
+                 diagnostics: tuple[str, ...] = ()) -> StageResult:
+    """A single-stage branch's training (``dfr_train``, ``blpseg_train``): the network
+    ``build(arch)`` seeded by the run's seed, AdamW, AMP on CUDA, batches of sparse labels
+    (:func:`sparse_batches`); each step ``objective(forward_train(x), x, y, real, step)``
+    returns the loss terms and ``loss``. The manifest gets the terms that ran and the last
+    values of every term and diagnostic."""
+    cfg, ids = ctx.section, sorted(ctx.ids)
+    torch.manual_seed(ctx.config.seed)
+    model = build(arch).to(ctx.device)
+    opt, base_lrs = adamw(model, cfg)
+    amp, scaler, device_type = amp_setup(cfg.amp, ctx.device)
+    curves: dict[str, list[float]] = {t: [] for t in terms + diagnostics}
+    batch = sparse_batches(ctx, ids, cfg.photometric)
+
+    def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
+        x, y, real = batch(picks, step)
+        with torch.autocast(device_type, enabled=amp):
+            outputs = model.forward_train(x)
+        out = objective(outputs, x, y, real, step)
+        for t in curves:
+            if t in out:
+                curves[t].append(float(out[t].detach()))
+        return out["loss"]
+
+    info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn, scaler)
+    save_trained(ctx, model, info, arch=arch)
+    del model, opt
+    return trained_result(ctx, info, images=len(ids), labels=cfg.labels, amp=amp, terms=[t for t in terms if curves[t]],
+                          **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
+
+
 def amp_setup(amp: bool, device: str) -> tuple[bool, torch.amp.GradScaler | None, str]:
     """(AMP on?, its grad scaler, autocast device type): mixed precision only when asked
     for (``amp``) on a CUDA device."""
@@ -210,6 +257,17 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+
+
+def predict_val_label(ctx: StageContext, image_id: str, model: torch.nn.Module) -> dict:
+    """A single-stage network's val label: softmax averaged over the section's ``scales`` and
+    ``flip`` at image size (:func:`models.segmentation.predict_probs`), its argmax as a label PNG."""
+    from models.seeds import labels_from_soft
+    from models.segmentation import predict_probs
+
+    probs = predict_probs(model, ctx.dataset.load_image(image_id), ctx.section.scales, ctx.section.flip, ctx.device)
+    ctx.out.write_label(image_id, labels_from_soft(probs))
+    return {}
 
 
 def infer_items(ctx: StageContext, model: torch.nn.Module, fn: Callable[..., dict], desc: str) -> StageResult:

@@ -96,3 +96,25 @@ def kill_and_resume(tmp_path, monkeypatch, make_config, stage: str, module, fn_n
     assert m2["info"]["resumed_from"] == 2 and m1["info"]["resumed_from"] == 0
     assert m2["status"] == "complete"
     return m1, m2, straight.store(stage).read_model(), killed.store(stage).read_model()
+
+
+def bench_rows(tmp_path, name: str, *args: str) -> list[dict]:
+    """``wsss bench NAME ARGS --json``: the rows it wrote (the command must succeed)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, ["bench", name, *args, "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    return json.loads((tmp_path / "b.json").read_text())
+
+
+def assert_same_training(m1: dict, m2: dict, state1: dict, state2: dict) -> None:
+    """A resumed training run ended where the straight one did: loss curve and weights."""
+    import torch
+
+    assert m2["info"]["loss_curve"] == pytest.approx(m1["info"]["loss_curve"], rel=1e-5)
+    for key, value in state1["state_dict"].items():
+        torch.testing.assert_close(state2["state_dict"][key], value, rtol=1e-4, atol=1e-5)

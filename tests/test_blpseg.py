@@ -195,7 +195,7 @@ def test_objective_switches_to_its_own_confident_labels_and_plain_ce_without_blp
 def test_blpseg_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     import stages.blpseg_train as bt
 
-    from .conftest import kill_and_resume
+    from .conftest import assert_same_training, kill_and_resume
 
     def make(path):
         cfg = _tiny(path)
@@ -203,6 +203,14 @@ def test_blpseg_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
                                          "self_training_from": 3})
 
     m1, m2, state1, state2 = kill_and_resume(tmp_path, monkeypatch, make, "blpseg_train", bt, "blpseg_objective")
-    assert m2["info"]["loss_curve"] == pytest.approx(m1["info"]["loss_curve"], rel=1e-5)
-    for key, value in state1["state_dict"].items():
-        torch.testing.assert_close(state2["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+    assert_same_training(m1, m2, state1, state2)
+
+
+def test_bench_blpseg_train_rows(tmp_path):
+    from .conftest import bench_rows
+
+    train, single = bench_rows(tmp_path, "blpseg_train", "--images", "2", "--size", "96x64", "--opt", "arch=resnet18",
+                               "--opt", "batch=2", "--opt", "crop=64")
+    assert "blpseg_train step resnet18" in train["case"] and "loss blp" in train["case"] and train["images"] == 2
+    assert "single scale" in single["case"]
+    assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (train, single))

@@ -179,3 +179,13 @@ def test_training_stages_ask_for_the_configured_resources_and_per_image_stages_d
         assert dask.get_annotations() == {}
     with placement(demo_config(tmp_path, task_runner="process", dask={"resources": {"GPU": 1}}), per_image=False):
         assert dask.get_annotations() == {}
+
+
+def test_bench_scale_out_rows(tmp_path, prefect_harness):
+    from .conftest import bench_rows
+
+    pool, dask_row = bench_rows(tmp_path, "scale_out", "--images", "4", "--size", "64x48", "--opt", "stage=box_seeds",
+                                "--opt", "workers=[2]")
+    assert pool["case"] == "box_seeds: local engine, process pool of 2" and pool["processes"] == 1
+    assert dask_row["case"] == "box_seeds: Prefect + Dask, 2 worker processes" and dask_row["processes"] >= 1
+    assert all(r["images"] == 4 and r["images_per_s"] > 0 for r in (pool, dask_row))

@@ -15,7 +15,7 @@ from pipeline.runner import make_run, run_local
 from stages.augment import photometric
 from stages.training import poly_lr
 
-from .conftest import demo_config, kill_and_resume
+from .conftest import assert_same_training, demo_config, kill_and_resume
 
 IGNORE = 255
 
@@ -219,23 +219,14 @@ def test_dfr_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
                                           "checkpoint_every": 2})
 
     m1, m2, state1, state2 = kill_and_resume(tmp_path, monkeypatch, make, "dfr_train", dt, "dfr_objective")
-    assert m2["info"]["loss_curve"] == pytest.approx(m1["info"]["loss_curve"], rel=1e-5)
-    for key, value in state1["state_dict"].items():
-        torch.testing.assert_close(state2["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+    assert_same_training(m1, m2, state1, state2)
 
 
 def test_bench_dfr_train_rows(tmp_path):
-    import json
+    from .conftest import bench_rows
 
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
-    res = CliRunner().invoke(app, ["bench", "dfr_train", "--images", "2", "--size", "96x64", "--opt", "arch=swin_mini",
-                                   "--opt", "batch=2", "--opt", "crop=64", "--opt", "multiscale=false",
-                                   "--json", str(tmp_path / "b.json")])
-    assert res.exit_code == 0, res.output
-    train, single = json.loads((tmp_path / "b.json").read_text())
+    train, single = bench_rows(tmp_path, "dfr_train", "--images", "2", "--size", "96x64", "--opt", "arch=swin_mini",
+                               "--opt", "batch=2", "--opt", "crop=64", "--opt", "multiscale=false")
     assert "dfr_train step swin_mini" in train["case"] and "loss dfr" in train["case"] and train["images"] == 2
     assert "single scale" in single["case"]
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (train, single))
