@@ -162,9 +162,11 @@ READS = {
     "a2gnn": {"dataset", "weak", "seed", "supervision"}, "crf": {"dataset", "seed", "supervision"},
     "final_train": {"dataset", "seed"}, "final_eval": {"dataset"}, "instances": {"dataset", "weak"},
     "instance_train": {"dataset", "weak", "seed"}, "dfr_train": {"dataset", "weak", "seed"}, "dfr_eval": {"dataset"},
+    "blpseg_train": {"dataset", "weak", "seed"}, "blpseg_eval": {"dataset"},
 }
 FLIPS = {"run": "u", "output_root": "elsewhere", "device": "cpu", "workers": 3, "shard_size": 5, "engine": "prefect",
-         "task_runner": "process", "threads": 2, "dask": {"n_workers": 3}, "lock": "refuse", "min_usable": 0.9, "seed": 1, "weak": {"seed": 1},
+         "task_runner": "process", "threads": 2, "dask": {"n_workers": 3}, "lock": "refuse", "min_usable": 0.9,
+         "seed": 1, "weak": {"seed": 1},
          "dataset": {"kind": "demo", "num_train": 6, "num_val": 2, "seed": 1}, "supervision": "scribble"}
 
 
