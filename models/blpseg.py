@@ -123,11 +123,11 @@ def weighted_ce(scrib_logits: torch.Tensor, labels: torch.Tensor, real: torch.Te
     return ce.sum() / real.sum().clamp_min(1)
 
 
-def blp_loss(seg_logits: torch.Tensor, scrib_probs: torch.Tensor, labels: torch.Tensor, gamma: float,
+def blp_loss(seg_logits: torch.Tensor, scrib_probs: torch.Tensor | None, labels: torch.Tensor, gamma: float,
              normalize: Normalize = "printed") -> torch.Tensor:
     """BL (BLPSeg Eq. 9-11): ``seg_logits`` (B, K, H, W) after LAM, ``scrib_probs`` (B, K+1, H, W)
-    the scribble head's softmax (its class K+1 unused), ``labels`` (B, H, W) with IGNORE where
-    unlabelled. ``delta = (1 - p^scrib p^seg)^gamma`` is a weight without gradient; per image the
+    the scribble head's softmax (its class K+1 unused; None: delta = 1, plain partial CE),
+    ``labels`` (B, H, W) with IGNORE where unlabelled. ``delta = (1 - p^scrib p^seg)^gamma`` is a weight without gradient; per image the
     sum over labelled pixels is divided by N_seg (``released``: by the sum of delta), then
     averaged over the batch (an image without labels adds 0)."""
     k = seg_logits.shape[1]
@@ -136,7 +136,9 @@ def blp_loss(seg_logits: torch.Tensor, scrib_probs: torch.Tensor, labels: torch.
     target = labels.long().clamp(0, k - 1)[:, None]
     logp_y = logp.gather(1, target)[:, 0]
     with torch.no_grad():
-        delta = (1.0 - scrib_probs[:, :k].gather(1, target)[:, 0] * logp_y.exp()) ** gamma * known
+        delta = known.to(logp_y.dtype)
+        if scrib_probs is not None:
+            delta = delta * (1.0 - scrib_probs[:, :k].gather(1, target)[:, 0] * logp_y.exp()) ** gamma
     per_image = -(delta * logp_y).flatten(1).sum(1)
     norm = delta.flatten(1).sum(1) + 1e-7 if normalize == "released" else known.flatten(1).sum(1).clamp_min(1)
     return (per_image / norm).mean()

@@ -554,11 +554,11 @@ def _timed_stage(data: dict[str, Any], stage: str, label: str) -> dict[str, Any]
     else:
         run_local(run, [stage], {stage})
     wall = time.perf_counter() - t0
-    timings = run.store(stage).read_manifest()["timings"]
-    n, seconds = timings["last_run_images"], timings["last_run_s"]
+    manifest = run.store(stage).read_manifest()
+    n, seconds = manifest["timings"]["last_run_images"], manifest["timings"]["last_run_s"]
     return {"case": label, "images": n, "seconds": seconds, "images_per_s": round(n / seconds, 3),
             "s_per_image": round(seconds / n, 4), "wall_s_with_startup": round(wall, 1),
-            "processes": len(run.store(stage).read_manifest().get("ran_on", []))}
+            "processes": len(manifest.get("ran_on", []))}
 
 
 @bench("scale_out")

@@ -45,7 +45,7 @@ def load_trained(state: dict[str, Any], device: str) -> BlpNet:
 def blpseg_objective(seg_grid: torch.Tensor, scrib_grid: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
                      cfg, self_training: bool) -> dict[str, torch.Tensor]:
     """BLPSeg Eq. 12 on a batch: grid logits upsampled to the crop, WCE of the scribble head
-    (only with ``blp``: without BL nothing reads p^scrib), BL (gamma 0 without ``blp``: partial
+    (only with ``blp``: without BL nothing reads p^scrib), BL (delta = 1 without ``blp``: partial
     CE) of the segmentation head on the scribbles or, with ``self_training``, its own labels."""
     size = labels.shape[-2:]
     seg = F.interpolate(seg_grid, size=size, mode="bilinear", align_corners=False)
@@ -58,7 +58,7 @@ def blpseg_objective(seg_grid: torch.Tensor, scrib_grid: torch.Tensor, labels: t
         out["wce"] = weighted_ce(scrib, labels, real, cfg.unlabelled_weight, cfg.normalize)
         out["bl"] = blp_loss(seg, torch.softmax(scrib.detach(), 1), target, cfg.gamma, cfg.normalize)
     else:
-        out["bl"] = blp_loss(seg, seg.new_zeros(seg.shape[0], seg.shape[1] + 1, *size), target, 0.0, cfg.normalize)
+        out["bl"] = blp_loss(seg, None, target, cfg.gamma, cfg.normalize)
     out["loss"] = sum(out.values())
     return out
 
