@@ -74,6 +74,20 @@ def reliable_cam_labels(probs: np.ndarray, class_ids: np.ndarray, ratio: float,
     return np.where(keep, m_i, IGNORE).astype(np.uint8)
 
 
+def reliable_from_probs(image: np.ndarray, probs: np.ndarray, class_ids: np.ndarray, ratio: float,
+                        crf_params=None) -> np.ndarray:
+    """M'_I of an image (Ch. 2 Eq. 2.5-2.7): the dense CRF (``crf_params``; None: no CRF check)
+    of the CAM probabilities ``probs`` (n, H, W) over ``class_ids`` (background first), then
+    :func:`reliable_cam_labels`. An image with one class only skips the CRF (nothing to
+    disagree). Shared by the ``seeds`` stage and RRM's online labels."""
+    crf = None
+    if crf_params is not None and len(class_ids) > 1:
+        from .crf import crf_from_probs
+
+        crf = labels_from_soft(crf_from_probs(image, probs, crf_params), class_ids)
+    return reliable_cam_labels(probs, class_ids, ratio, crf)
+
+
 def box_masks(shape: tuple[int, int], boxes: Sequence[Box]) -> list[np.ndarray]:
     out = []
     for b in boxes:

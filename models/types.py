@@ -15,7 +15,7 @@ IGNORE = 255
 
 class Supervision(StrEnum):
     """What a run's weak labels are: object boxes, scribbles, points or image tags (the
-    A²GNN pipeline), or scribbles into a single-stage branch (DFR, BLPSeg)."""
+    A²GNN pipeline), or a single-stage branch: scribbles (DFR, BLPSeg) or tags (RRM)."""
 
     BOX = "box"
     SCRIBBLE = "scribble"
@@ -23,12 +23,14 @@ class Supervision(StrEnum):
     IMAGE = "image"
     DFR = "dfr"
     BLPSEG = "blpseg"
+    RRM = "rrm"
 
 
 PIPELINE = (Supervision.BOX, Supervision.SCRIBBLE, Supervision.POINT, Supervision.IMAGE)
 """The supervisions of the multi-stage (A²GNN) pipeline."""
 
-SINGLE_STAGE = {Supervision.DFR: ("dfr_train", "dfr_eval"), Supervision.BLPSEG: ("blpseg_train", "blpseg_eval")}
+SINGLE_STAGE = {Supervision.DFR: ("dfr_train", "dfr_eval"), Supervision.BLPSEG: ("blpseg_train", "blpseg_eval"),
+                Supervision.RRM: ("rrm_train", "rrm_eval")}
 """The single-stage branches: supervision -> (training stage, val inference stage)."""
 
 

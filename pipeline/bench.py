@@ -32,6 +32,9 @@ TINY_TRAINING: dict[str, dict[str, Any]] = {
     "dfr_eval": {"scales": [1.0], "flip": False},
     "blpseg_train": {"backbone": "resnet18", "channels": 16, "low_dim": 8, "radius": 3, "crop": 48, "batch_size": 2,
                      "iterations": 2, "self_training_from": 1, "checkpoint_every": 1000},
+    "rrm_train": {"depth": 18, "local_channels": 16, "attention_channels": 8, "crop": 48, "batch_size": 2,
+                  "iterations": 2, "cls_only_fraction": 0.0, "cam_scales": [1.0], "crf_workers": 1,
+                  "checkpoint_every": 1000},
 }
 
 

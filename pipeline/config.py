@@ -490,6 +490,62 @@ class BlpsegEvalConfig(Section):
     flip: bool = False
 
 
+class RrmTrainConfig(SgdTrainConfig):
+    """The single-stage RRM network trained from image tags (thesis Ch. 2; defaults are the
+    thesis' VOC settings): a dilated ResNet of ``depth`` at stride 8 (the thesis: ResNet-38)
+    shared by the classification branch and the segmentation branch (local sub-branch of
+    ``local_channels``, R-FAM of ``attention_channels``; ``reweight: false`` = plain attention,
+    Table 2.5). Loss Eq. 2.14-2.15: L_class + L_ce + ``lambda_energy`` L_energy + L_BCD, each
+    switchable (``energy``, ``bcd``). Reliable labels online every step (Eq. 2.1-2.7): CAMs of
+    the crop at ``cam_scales`` averaged, background ``(1 - max)^gamma`` (4), dense CRF with
+    ``crf`` (PSA's values, "[18]"), the top ``reliable_ratio`` (40%) of each class where the CRF
+    agrees; the CRFs of a batch run in ``crf_workers`` processes (0: one per core). The
+    energy loss: sigma_d 100, sigma_r 15 (printed) on a square window of ``energy_radius`` at
+    ``energy_scale`` x the crop (the released code's 0.5). ``cls_only_fraction``: the first
+    share of the steps trains the classification branch alone (the released code: 0.3; the
+    thesis is silent; labels from an untrained classifier are noise). SGD lr 1e-3, weight
+    decay 5e-4, new layers at ``head_lr_mult`` x, poly 0.9; rescale 0.7-1.3, flip, crop 321,
+    batch 8, 40k iterations."""
+
+    depth: Literal[18, 34, 50, 101] = 50
+    local_channels: PositiveInt = 512
+    attention_channels: PositiveInt = 256
+    reweight: bool = True
+    lambda_energy: Annotated[float, Field(ge=0.0)] = 1.0
+    energy: bool = True
+    bcd: bool = True
+    sigma_d: PositiveFloat = 100.0
+    sigma_r: PositiveFloat = 15.0
+    energy_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    energy_radius: PositiveInt = 5
+    cam_scales: list[PositiveFloat] = [0.5, 1.0, 1.5, 2.0]
+    gamma: PositiveFloat = 4.0
+    reliable_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
+    crf: DenseCrfParams = Field(default_factory=DenseCrfParams)
+    crf_workers: Annotated[int, Field(ge=0)] = 0
+    cls_only_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
+    batch_size: PositiveInt = 8
+    iterations: PositiveInt | None = 40000
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    crop: Annotated[int, Field(ge=32)] = 321
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.3)
+    checkpoint_every: PositiveInt = 1000
+
+
+class RrmEvalConfig(Section):
+    """Val-split inference of the RRM network: the segmentation branch (softmax over ``scales``
+    and ``flip``), then the dense CRF post-processing of the thesis (``crf``; the thesis cites
+    DSRG's defaults, not printed: PSA's values here); the map without CRF and the plain
+    CAM + CRF labels of the same network's classification branch (Eq. 2.5, the baseline RRM
+    must beat) are written beside it."""
+
+    scales: list[PositiveFloat] = [1.0]
+    flip: bool = False
+    crf_post: bool = True
+    crf: DenseCrfParams = Field(default_factory=DenseCrfParams)
+
+
 class DaskConfig(Section):
     """``task_runner: dask``: Prefect's ``DaskTaskRunner`` on a Dask cluster. ``address``: an
     existing scheduler (``tcp://host:8786``; its workers must see the dataset and
@@ -542,6 +598,8 @@ class Config(Section):
     dfr_eval: DfrEvalConfig = Field(default_factory=DfrEvalConfig)
     blpseg_train: BlpsegTrainConfig = Field(default_factory=BlpsegTrainConfig)
     blpseg_eval: BlpsegEvalConfig = Field(default_factory=BlpsegEvalConfig)
+    rrm_train: RrmTrainConfig = Field(default_factory=RrmTrainConfig)
+    rrm_eval: RrmEvalConfig = Field(default_factory=RrmEvalConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
     @field_validator("run")

@@ -115,6 +115,21 @@ def stop_workers() -> None:
 _POOLS: list[cf.ProcessPoolExecutor] = []
 
 
+def pool_map(fn: Callable[[Any], Any], items: list[Any], workers: int, threads: int = 0) -> list[Any]:
+    """``[fn(x) for x in items]`` on the shared process pool of ``workers`` (in this process
+    inside a daemonic one, which may not start processes); results in order."""
+    if workers <= 1 or len(items) <= 1 or multiprocessing.current_process().daemon:
+        return [fn(x) for x in items]
+    pool = _pool(workers, threads)
+    if pool not in _POOLS:
+        _POOLS.append(pool)
+    try:
+        return list(pool.map(fn, items))
+    except cf.process.BrokenProcessPool as err:
+        _pool.cache_clear()
+        raise PipelineError("a worker process died (out of memory or a crash in native code); rerun to resume") from err
+
+
 def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, ids: list[str],
                    desc: str) -> Iterator[tuple[str, Any]]:
     """Run ``fn(ctx, id)`` over ids on ``ctx.workers`` processes with a progress bar; one
@@ -342,7 +357,7 @@ def stage_context(run: Run, name: str, ids: list[str], workers: int | None = Non
         stage=name, section=getattr(cfg, name, None), config=cfg, dataset=run.dataset,
         ids=run.ids(name) if spec.per_image else list(ids), todo=list(ids),
         out=store, upstream={u: run.store(u) for u in run.upstream[name]}, device=device,
-        workers=n_workers, mapper=process_mapper)
+        workers=n_workers, mapper=process_mapper, pool_map=functools.partial(pool_map, threads=cfg.threads))
 
 
 class Skipped(Exception):

@@ -130,6 +130,7 @@ class StageContext:
     device: str = "cpu"
     workers: int = 1
     mapper: Any = None  # pipeline-provided callable(fn, ctx, ids, desc) -> iterator
+    pool_map: Any = None  # pipeline-provided callable(fn, items, workers) -> list, in worker processes
 
     @property
     def log(self) -> logging.Logger:
@@ -157,9 +158,16 @@ class StageContext:
             except Exception as err:  # noqa: BLE001 - reported per item by the caller
                 yield image_id, err
 
+    def parallel_map(self, fn: Callable[[Any], T], items: list[Any], workers: int) -> list[T]:
+        """``[fn(x) for x in items]``, on ``workers`` processes where the pipeline bound a pool
+        (``fn`` and the items must pickle); exceptions propagate."""
+        if self.pool_map is None or workers <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        return self.pool_map(fn, items, workers)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["mapper"] = None  # workers run their items sequentially
+        state["mapper"] = state["pool_map"] = None  # workers run their items sequentially
         return state
 
 

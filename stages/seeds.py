@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from models.crf import crf_from_probs
 from models.seeds import (confident_box_seeds, expand_superpixels, fuse_box_cam, labels_from_soft, merge_seeds,
-                          reliable_cam_labels, superpixels)
+                          reliable_from_probs, superpixels)
 from models.types import PIPELINE, Supervision
 
 from .base import STAGES, DataError, StageContext, StageResult, StageSpec, WeakLabels, run_items
@@ -41,10 +40,8 @@ def seed_maps(supervision: Supervision, cfg, image: np.ndarray, weak: WeakLabels
     if cam is not None:
         probs, class_ids = cam[0].astype(np.float32), cam[1]
         maps["M_I"] = labels_from_soft(probs, class_ids)
-        crf = None
-        if cfg.crf_agreement and len(class_ids) > 1:
-            crf = labels_from_soft(crf_from_probs(image, probs, cfg.crf), class_ids)
-        maps["M_I_reliable"] = reliable_cam_labels(probs, class_ids, cfg.reliable_ratio, crf)
+        maps["M_I_reliable"] = reliable_from_probs(image, probs, class_ids, cfg.reliable_ratio,
+                                                   cfg.crf if cfg.crf_agreement else None)
     if supervision == Supervision.BOX:
         if cam is None:
             return m_b, maps

@@ -29,6 +29,12 @@ def poly_lr(base: float, step: int, total: int, power: float, warmup: int = 0, w
     return lr
 
 
+def total_steps(cfg, n_samples: int) -> int:
+    """The steps of a schedule: ``cfg.iterations`` where set, else ``cfg.epochs`` epochs of
+    ``n_samples // batch_size`` full batches (the last partial batch dropped, as IRN/PSA)."""
+    return getattr(cfg, "iterations", None) or cfg.epochs * max(1, n_samples // min(cfg.batch_size, n_samples))
+
+
 def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optimizer, base_lrs: list[float],
                n_samples: int, step_fn: Callable[[np.ndarray, int], torch.Tensor],
                scaler: torch.amp.GradScaler | None = None) -> dict:
@@ -43,7 +49,7 @@ def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optim
     cfg, seed = ctx.section, ctx.config.seed
     batch = min(cfg.batch_size, n_samples)
     steps_per_epoch = max(1, n_samples // batch)  # drop the last partial batch, as IRN/PSA
-    total = getattr(cfg, "iterations", None) or cfg.epochs * steps_per_epoch
+    total = total_steps(cfg, n_samples)
     n_epochs = -(-total // steps_per_epoch)
     start, history, running = 0, [], []
     found = ctx.out.latest_checkpoint()

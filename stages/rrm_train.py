@@ -1,0 +1,171 @@
+"""``rrm_train``: the single-stage RRM network trained end to end from image tags (thesis
+Ch. 2, Algorithm 1). No pseudo-label stages: each step mines its own labels.
+
+Per step, on a batch of augmented crops (rescale, flip, crop; :func:`stages.training.crop_batch`):
+
+1. one forward pass of :class:`models.segmentation.RrmNet`: class logits, CAMs, segmentation
+   logits (P_l + P_g) / 2 and the BCD features;
+2. the reliable labels I_final (Eq. 2.1-2.7, :func:`models.rrm.online_reliable_labels`, which
+   shares :func:`models.seeds.reliable_from_probs` with the ``seeds`` stage): the CAMs of the
+   crop averaged over ``cam_scales`` (the other scales are extra forward passes without
+   gradient, as released), the image's tags only, upsampled to the crop; the batch's dense
+   CRFs run in a process pool (``crf_workers``) while nothing else waits on them;
+3. L = L_class + L_ce + lambda_1 L_energy + L_BCD (Eq. 2.14-2.15, :mod:`models.rrm`).
+
+For the first ``cls_only_fraction`` of the steps only L_class trains (the released schedule:
+labels from an untrained classifier are noise). SGD with the new layers at ``head_lr_mult``
+x the rate, poly decay. Checkpoints hold model, optimiser, loss history and RNG states; every
+crop is a function of (seed, step), so a killed run resumes exactly.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.cam import classification_loss
+from models.losses import seed_ce
+from models.rrm import bcd_loss, dense_energy_loss, energy_window_note, online_reliable_labels
+from models.segmentation import RrmNet
+from models.types import IGNORE, Supervision
+
+from .base import STAGES, StageContext, StageResult, StageSpec
+from .cam_train import tag_targets
+from .training import crop_batch, save_trained, sgd, total_steps, train_loop, trained_model, trained_result
+
+VERSION = "1"
+TERMS = ("cls", "ce", "energy", "bcd")
+
+
+def build_model(arch: dict[str, Any]) -> RrmNet:
+    return RrmNet(arch["depth"], arch["num_classes"], arch.get("weights", "none"), arch["local_channels"],
+                  arch["attention_channels"], arch["reweight"])
+
+
+def load_trained(state: dict[str, Any], device: str) -> RrmNet:
+    """The trained network from a ``model.pt`` state, in eval mode on ``device``."""
+    return trained_model(state, build_model, device)
+
+
+@torch.no_grad()
+def crop_cams(model: RrmNet, x: torch.Tensor, cam: torch.Tensor, scales: list[float]) -> torch.Tensor:
+    """Eq. 2.2 on a batch of crops: the mean over ``scales`` of the CAMs (N, K-1, h, w) at the
+    grid of the scale-1 pass ``cam`` (computed already, reused), each other scale one more
+    forward pass of the resized crops, resized bilinearly to that grid."""
+    grid = cam.shape[-2:]
+    total = torch.zeros_like(cam, dtype=torch.float32)
+    for s in scales:
+        if s == 1.0:
+            total += cam.detach().float()
+            continue
+        size = (max(8, round(x.shape[-2] * s)), max(8, round(x.shape[-1] * s)))
+        scaled = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+        total += F.interpolate(model.cam(scaled).float(), size=grid, mode="bilinear", align_corners=False)
+    return total / len(scales)
+
+
+def reliable_batch(ctx: StageContext, x: torch.Tensor, cams: torch.Tensor, tags: np.ndarray,
+                   real: torch.Tensor) -> torch.Tensor:
+    """I_final (N, H, W) long of a batch: the CAMs of each crop's tagged classes upsampled to
+    the crop, then :func:`models.rrm.online_reliable_labels` in the pool; padding IGNORE."""
+    cfg = ctx.section
+    up = F.interpolate(cams, size=x.shape[-2:], mode="bilinear", align_corners=False).cpu().numpy()
+    crops = x.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+    jobs = []
+    for i in range(len(x)):
+        present = np.flatnonzero(tags[i])
+        jobs.append((crops[i], up[i][present], (present + 1).tolist()))
+    fn = functools.partial(_reliable_job, gamma=cfg.gamma, ratio=cfg.reliable_ratio, crf=cfg.crf)
+    labels = np.stack(ctx.parallel_map(fn, jobs, cfg.crf_workers or _cores()))
+    out = torch.from_numpy(labels).long().to(x.device)
+    return torch.where(real, out, torch.full_like(out, IGNORE))
+
+
+def _reliable_job(job: tuple[np.ndarray, np.ndarray, list[int]], gamma: float, ratio: float, crf) -> np.ndarray:
+    image, cams, class_ids = job
+    return online_reliable_labels(image, cams, class_ids, gamma, ratio, crf)
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def rrm_objective(out: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
+                  targets: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+    """Eq. 2.14-2.15 on a batch: ``out`` of :meth:`RrmNet.heads`, crops ``x`` 0..255, reliable
+    ``labels`` (N, H, W), ``real`` (padding False), multi-hot ``targets``. L_ce is the mean over
+    the images of :func:`models.losses.seed_ce` (background and foreground CE, each averaged
+    over its own pixels) of the logits upsampled to the crop; the switched-off terms are left out."""
+    seg = out["seg"].float()
+    terms = {"cls": classification_loss(out["logits"].float(), targets)}
+    up = F.interpolate(seg, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    terms["ce"] = seed_ce(up, labels).mean()
+    loss = terms["cls"] + terms["ce"]
+    if cfg.energy:
+        terms["energy"] = dense_energy_loss(seg, x, labels, real, cfg.sigma_d, cfg.sigma_r, cfg.energy_scale,
+                                            cfg.energy_radius)
+        loss = loss + cfg.lambda_energy * terms["energy"]
+    if cfg.bcd:
+        terms["bcd"] = bcd_loss(seg, out["feats"].float())
+        loss = loss + terms["bcd"]
+    terms["loss"] = loss
+    return terms
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg, ids = ctx.section, sorted(ctx.ids)
+    if not ids:
+        raise ValueError("rrm_train: the train split is empty")
+    targets = tag_targets(ctx, ids)
+    arch = {"depth": cfg.depth, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights,
+            "local_channels": cfg.local_channels, "attention_channels": cfg.attention_channels,
+            "reweight": cfg.reweight}
+    torch.manual_seed(ctx.config.seed)
+    model = build_model(arch).to(ctx.device)
+    opt, base_lrs = sgd(model, cfg)
+    joint_from = int(cfg.cls_only_fraction * total_steps(cfg, len(ids)))
+    curves: dict[str, list[float]] = {t: [] for t in (*TERMS, "reliable")}
+
+    def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
+        x, _, real = crop_batch(ctx, ids, picks, step, lambda i, image: np.zeros(image.shape[:2], np.uint8))
+        tags = targets[picks]
+        y = torch.from_numpy(tags).to(ctx.device)
+        f = model.features(x)
+        if step < joint_from:
+            loss = classification_loss(model.classifier(f).mean((2, 3)), y)
+            curves["cls"].append(float(loss.detach()))
+            return loss
+        out = model.heads(f)
+        labels = reliable_batch(ctx, x, crop_cams(model, x, out["cam"], cfg.cam_scales), tags, real)
+        terms = rrm_objective(out, x, labels, real, y, cfg)
+        for t in TERMS:
+            if t in terms:
+                curves[t].append(float(terms[t].detach()))
+        curves["reliable"].append(float((labels != IGNORE).sum() / real.sum().clamp(min=1)))
+        return terms["loss"]
+
+    info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn)
+    save_trained(ctx, model, info, arch=arch)
+    del model, opt
+    return trained_result(ctx, info, images=len(ids), joint_from=joint_from,
+                          terms=[t for t in TERMS if curves[t]],
+                          energy_window_mass=round(energy_window_note(cfg.sigma_d, cfg.energy_scale,
+                                                                      cfg.energy_radius), 4),
+                          **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
+
+
+def preflight(config) -> None:
+    """Backbone weights must be on disk before anything runs (nothing is downloaded)."""
+    from models.backbones import DEPTHS, weights_path
+
+    weights_path(config.rrm_train.weights, DEPTHS[config.rrm_train.depth])
+
+
+SPEC = STAGES.register(StageSpec(
+    name="rrm_train", run=run, inputs=lambda config: [], supervisions=(Supervision.RRM,), output="model",
+    version=VERSION, per_image=False, parallel=False, preflight=preflight, reads=("dataset", "weak", "seed")))
