@@ -8,7 +8,7 @@
     wsss export CONFIG --out DIR  a stage's labels as palette PNGs (mmseg layout) or COCO JSON
     wsss predict CONFIG --images DIR --out DIR   the trained model on new images
     wsss demo                     the whole pipeline on the built-in synthetic data
-    wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, blpseg_train, scale_out)
+    wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, blpseg_train, rrm_train, scale_out)
 """
 from __future__ import annotations
 
@@ -342,7 +342,7 @@ def _print_ladder(the_run) -> None:
 
 
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, blpseg_train, scale_out."),
+def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, blpseg_train, rrm_train, scale_out."),
               device: str = typer.Option("auto", help="auto, cpu or cuda."),
               size: str = typer.Option("500x375", help="Image WIDTHxHEIGHT (VOC-typical default)."),
               images: int = typer.Option(8, help="Images per case."),

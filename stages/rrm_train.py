@@ -20,7 +20,8 @@ crop is a function of (seed, step), so a killed run resumes exactly.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import os
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -67,11 +68,11 @@ def crop_cams(model: RrmNet, x: torch.Tensor, cam: torch.Tensor, scales: list[fl
     return total / len(scales)
 
 
-def reliable_batch(ctx: StageContext, x: torch.Tensor, cams: torch.Tensor, tags: np.ndarray,
-                   real: torch.Tensor) -> torch.Tensor:
+def reliable_batch(x: torch.Tensor, cams: torch.Tensor, tags: np.ndarray, real: torch.Tensor, cfg,
+                   parallel_map: Callable[[Callable, list, int], list]) -> torch.Tensor:
     """I_final (N, H, W) long of a batch: the CAMs of each crop's tagged classes upsampled to
-    the crop, then :func:`models.rrm.online_reliable_labels` in the pool; padding IGNORE."""
-    cfg = ctx.section
+    the crop, then :func:`models.rrm.online_reliable_labels` through ``parallel_map(fn, jobs,
+    workers)`` (the stage's process pool of ``cfg.crf_workers``); padding IGNORE."""
     up = F.interpolate(cams, size=x.shape[-2:], mode="bilinear", align_corners=False).cpu().numpy()
     crops = x.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
     jobs = []
@@ -79,7 +80,7 @@ def reliable_batch(ctx: StageContext, x: torch.Tensor, cams: torch.Tensor, tags:
         present = np.flatnonzero(tags[i])
         jobs.append((crops[i], up[i][present], (present + 1).tolist()))
     fn = functools.partial(_reliable_job, gamma=cfg.gamma, ratio=cfg.reliable_ratio, crf=cfg.crf)
-    labels = np.stack(ctx.parallel_map(fn, jobs, cfg.crf_workers or _cores()))
+    labels = np.stack(parallel_map(fn, jobs, cfg.crf_workers or os.cpu_count() or 1))
     out = torch.from_numpy(labels).long().to(x.device)
     return torch.where(real, out, torch.full_like(out, IGNORE))
 
@@ -87,12 +88,6 @@ def reliable_batch(ctx: StageContext, x: torch.Tensor, cams: torch.Tensor, tags:
 def _reliable_job(job: tuple[np.ndarray, np.ndarray, list[int]], gamma: float, ratio: float, crf) -> np.ndarray:
     image, cams, class_ids = job
     return online_reliable_labels(image, cams, class_ids, gamma, ratio, crf)
-
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 1
 
 
 def rrm_objective(out: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
@@ -141,7 +136,8 @@ def run(ctx: StageContext) -> StageResult:
             curves["cls"].append(float(loss.detach()))
             return loss
         out = model.heads(f)
-        labels = reliable_batch(ctx, x, crop_cams(model, x, out["cam"], cfg.cam_scales), tags, real)
+        labels = reliable_batch(x, crop_cams(model, x, out["cam"], cfg.cam_scales), tags, real, cfg,
+                                ctx.parallel_map)
         terms = rrm_objective(out, x, labels, real, y, cfg)
         for t in TERMS:
             if t in terms:

@@ -237,3 +237,14 @@ def test_rrm_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
 
     m1, m2, state1, state2 = kill_and_resume(tmp_path, monkeypatch, make, "rrm_train", rt, "rrm_objective")
     assert_same_training(m1, m2, state1, state2)
+
+
+def test_bench_rrm_train_rows(tmp_path):
+    from .conftest import bench_rows
+
+    joint, cls_only, infer = bench_rows(tmp_path, "rrm_train", "--images", "2", "--size", "96x64", "--opt", "depth=18",
+                                        "--opt", "batch=2", "--opt", "crop=48", "--opt", "scales=1,1.5",
+                                        "--opt", "crf_workers=1")
+    assert "joint step, CAM scales 1,1.5, CRF workers 1: resnet18 batch 2 crop 48" in joint["case"]
+    assert "classification-only" in cls_only["case"] and "single scale" in infer["case"]
+    assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (joint, cls_only, infer))
