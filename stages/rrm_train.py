@@ -93,7 +93,7 @@ def _reliable_job(job: tuple[np.ndarray, np.ndarray, list[int]], gamma: float, r
 def rrm_objective(out: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
                   targets: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
     """Eq. 2.14-2.15 on a batch: ``out`` of :meth:`RrmNet.heads`, crops ``x`` 0..255, reliable
-    ``labels`` (N, H, W), ``real`` (padding False), multi-hot ``targets``. L_ce is the mean over
+    ``labels`` (N, H, W), ``real`` (padding False), multi-hot ``targets``. L_ce (Eq. 2.16) is the mean over
     the images of :func:`models.losses.seed_ce` (background and foreground CE, each averaged
     over its own pixels) of the logits upsampled to the crop; the switched-off terms are left out."""
     seg = out["seg"].float()
