@@ -40,7 +40,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 ConfigArg = typer.Argument(..., help="YAML run config (see configs/).", exists=False)
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set crf.iterations=5 (repeatable).")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-DEMO_BRANCHES = [DEMO_CONFIG.with_name(f"demo_{name}.yaml") for name in ("dfr", "blpseg")]  # the single-stage demos
+DEMO_BRANCHES = [DEMO_CONFIG.with_name(f"demo_{name}.yaml") for name in ("dfr", "blpseg", "rrm")]  # the single-stage demos
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -310,8 +310,9 @@ def prepare(config: Path = ConfigArg, out: Path = typer.Option(..., "--out", hel
 def demo(overrides: Optional[list[str]] = SetOpt,
          engine: Optional[str] = typer.Option(None, help="prefect (default) or local.")) -> None:
     """Run every stage built so far on the built-in synthetic data and print the quality
-    ladders: configs/demo.yaml (boxes, the A²GNN pipeline), then configs/demo_dfr.yaml and
-    configs/demo_blpseg.yaml (the single-stage branches on scribbles). ``--set`` applies to the first."""
+    ladders: configs/demo.yaml (boxes, the A²GNN pipeline), then configs/demo_dfr.yaml,
+    configs/demo_blpseg.yaml (the single-stage branches on scribbles) and configs/demo_rrm.yaml
+    (on image tags). ``--set`` applies to the first."""
     _setup_logging()
     extra = [f"engine={engine}"] if engine else []
     runs = [_make_run(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, (overrides or []) + extra)]
