@@ -171,9 +171,13 @@ def online_reliable_labels(image: np.ndarray, cams: np.ndarray, class_ids: Seque
     the image's tagged classes ``class_ids`` (ids >= 1) at crop size -> P_fg (Eq. 2.3), P_bg =
     (1 - max P_fg)^gamma (Eq. 2.4), the dense CRF (Eq. 2.5) and the top ``ratio`` of each class
     where the CRF agrees (Eq. 2.6-2.7): :func:`models.seeds.reliable_from_probs`, the same
-    function that gives the ``seeds`` stage its M'_I. uint8 (H, W), IGNORE = unreliable."""
+    function that gives the ``seeds`` stage its M'_I. uint8 (H, W), IGNORE = unreliable. A crop
+    of an image without tags is background everywhere, all of it reliable."""
     from .cam import with_background
     from .seeds import reliable_from_probs
+
+    if len(class_ids) == 0:
+        return np.zeros(image.shape[:2], np.uint8)
 
     probs = with_background(normalised_cams(cams), gamma)
     ids = np.asarray([0, *class_ids], np.uint8)

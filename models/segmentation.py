@@ -303,10 +303,12 @@ class RrmNet(nn.Module):
         return F.interpolate(seg, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(backbone, new layers): the new layers train at ``head_lr_mult`` x the rate."""
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        ids = {id(p) for p in backbone}
-        return backbone, [p for p in self.parameters() if id(p) not in ids]
+        """(everything else, the classifier): as released, only the classifier is a
+        "from-scratch" layer at ``head_lr_mult`` x the rate; the segmentation branch trains at
+        the backbone's rate."""
+        head = list(self.classifier.parameters())
+        ids = {id(p) for p in head}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in ids], head
 
 
 @torch.no_grad()

@@ -504,7 +504,7 @@ class RrmTrainConfig(SgdTrainConfig):
     ``energy_scale`` x the crop (the released code's 0.5). ``cls_only_fraction``: the first
     share of the steps trains the classification branch alone (the released code: 0.3; the
     thesis is silent; labels from an untrained classifier are noise). SGD lr 1e-3, weight
-    decay 5e-4, new layers at ``head_lr_mult`` x, poly 0.9; rescale 0.7-1.3, flip, crop 321,
+    decay 5e-4, the classifier at ``head_lr_mult`` x (as released), poly 0.9; rescale 0.7-1.3, flip, crop 321,
     batch 8, 40k iterations."""
 
     depth: Literal[18, 34, 50, 101] = 50

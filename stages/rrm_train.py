@@ -13,8 +13,8 @@ Per step, on a batch of augmented crops (rescale, flip, crop; :func:`stages.trai
 3. L = L_class + L_ce + lambda_1 L_energy + L_BCD (Eq. 2.14-2.15, :mod:`models.rrm`).
 
 For the first ``cls_only_fraction`` of the steps only L_class trains (the released schedule:
-labels from an untrained classifier are noise). SGD with the new layers at ``head_lr_mult``
-x the rate, poly decay. Checkpoints hold model, optimiser, loss history and RNG states; every
+labels from an untrained classifier are noise). SGD with the classifier at ``head_lr_mult``
+x the rate (the released code's one "from-scratch" layer), poly decay. Checkpoints hold model, optimiser, loss history and RNG states; every
 crop is a function of (seed, step), so a killed run resumes exactly.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .base import STAGES, StageContext, StageResult, StageSpec
 from .cam_train import tag_targets
 from .training import crop_batch, save_trained, sgd, total_steps, train_loop, trained_model, trained_result
 
-VERSION = "1"
+VERSION = "2"  # 2: only the classifier at head_lr_mult (as released)
 TERMS = ("cls", "ce", "energy", "bcd")
 
 

@@ -170,6 +170,7 @@ def test_online_labels_are_the_seeds_rule_on_the_crop():
     assert fg.sum() == math.ceil(0.4 * 36) and fg[3:9, 4:12].sum() == fg.sum()
     assert (labels[3:9, 10:12] == 2).all() and not fg[3:9, 4:9].any()  # the most confident columns
     assert (labels == 0).sum() == math.ceil(0.4 * (192 - 36))
+    assert (online_reliable_labels(image, cam[:0], [], 4.0, 0.4, None) == 0).all()  # no tag: all background
     with_crf = online_reliable_labels(image, cam, [2], 4.0, 0.4, CrfParams())
     assert set(np.unique(with_crf)) <= {0, 2, IGNORE} and (with_crf != IGNORE).sum() <= (labels != IGNORE).sum()
 
