@@ -9,13 +9,15 @@ Per step, on a batch of augmented crops (rescale, flip, crop; :func:`stages.trai
    shares :func:`models.seeds.reliable_from_probs` with the ``seeds`` stage): the CAMs of the
    crop averaged over ``cam_scales`` (the other scales are extra forward passes without
    gradient, as released), the image's tags only, upsampled to the crop; the batch's dense
-   CRFs run in a process pool (``crf_workers``) while nothing else waits on them;
+   CRFs run side by side in a process pool (``crf_workers``), and the step waits for them
+   (its loss needs them: Algorithm 1 labels a batch from its own forward pass);
 3. L = L_class + L_ce + lambda_1 L_energy + L_BCD (Eq. 2.14-2.15, :mod:`models.rrm`).
 
 For the first ``cls_only_fraction`` of the steps only L_class trains (the released schedule:
 labels from an untrained classifier are noise). SGD with the classifier at ``head_lr_mult``
-x the rate (the released code's one "from-scratch" layer), poly decay. Checkpoints hold model, optimiser, loss history and RNG states; every
-crop is a function of (seed, step), so a killed run resumes exactly.
+x the rate (the released code's one "from-scratch" layer), poly decay. Checkpoints hold
+model, optimiser, loss history and RNG states; every crop is a function of (seed, step), so
+a killed run resumes exactly.
 """
 from __future__ import annotations
 
@@ -93,9 +95,10 @@ def _reliable_job(job: tuple[np.ndarray, np.ndarray, list[int]], gamma: float, r
 def rrm_objective(out: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
                   targets: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
     """Eq. 2.14-2.15 on a batch: ``out`` of :meth:`RrmNet.heads`, crops ``x`` 0..255, reliable
-    ``labels`` (N, H, W), ``real`` (padding False), multi-hot ``targets``. L_ce (Eq. 2.16) is the mean over
-    the images of :func:`models.losses.seed_ce` (background and foreground CE, each averaged
-    over its own pixels) of the logits upsampled to the crop; the switched-off terms are left out."""
+    ``labels`` (N, H, W), ``real`` (padding False), multi-hot ``targets``. L_ce (Eq. 2.16) is
+    the mean over the images of :func:`models.losses.seed_ce` (background and foreground CE,
+    each averaged over its own pixels) of the logits upsampled to the crop; the switched-off
+    terms are left out."""
     seg = out["seg"].float()
     terms = {"cls": classification_loss(out["logits"].float(), targets)}
     up = F.interpolate(seg, size=labels.shape[-2:], mode="bilinear", align_corners=False)
