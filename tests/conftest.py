@@ -111,6 +111,30 @@ def bench_rows(tmp_path, name: str, *args: str) -> list[dict]:
     return json.loads((tmp_path / "b.json").read_text())
 
 
+def run_single_stage(tmp_path, supervision: str) -> tuple[object, dict]:
+    """A tiny demo run of a single-stage branch: its DAG is ``<sup>_train``, ``<sup>_eval``;
+    both run (local engine). Returns the run and the stages' manifests."""
+    from pipeline.runner import make_run, run_local
+
+    run = make_run(demo_config(tmp_path, supervision=supervision))
+    assert run.names == [f"{supervision}_train", f"{supervision}_eval"]
+    return run, run_local(run, run.names)
+
+
+def single_stage_resumes_exactly(tmp_path, monkeypatch, supervision: str, module, fn_name: str, **section) -> None:
+    """A single-stage branch's training (``<supervision>_train``, tiny demo run, 4 steps,
+    checkpoint at 2, ``section`` overrides) killed in its 3rd ``module.fn_name`` call and
+    resumed ends where the straight run does."""
+    stage = f"{supervision}_train"
+
+    def make(path):
+        base = getattr(demo_config(path, supervision=supervision), stage).model_dump()
+        return demo_config(path, supervision=supervision,
+                           **{stage: {**base, "iterations": 4, "checkpoint_every": 2, **section}})
+
+    assert_same_training(*kill_and_resume(tmp_path, monkeypatch, make, stage, module, fn_name))
+
+
 def assert_same_training(m1: dict, m2: dict, state1: dict, state2: dict) -> None:
     """A resumed training run ended where the straight one did: loss curve and weights."""
     import torch

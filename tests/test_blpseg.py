@@ -149,9 +149,9 @@ def _tiny(path, **over):
 def test_blpseg_dag_stages_and_switches(tmp_path):
     from pipeline.runner import make_run, run_local
 
-    run = make_run(_tiny(tmp_path))
-    assert run.names == ["blpseg_train", "blpseg_eval"]
-    done = run_local(run, run.names)
+    from .conftest import run_single_stage
+
+    run, done = run_single_stage(tmp_path, "blpseg")
     info = done["blpseg_train"]["info"]
     assert info["terms"] == ["wce", "bl"] and info["steps"] == 2 and info["wce_last"] > 0
     assert done["blpseg_eval"]["counts"]["done"] == 2 and 0 <= done["blpseg_eval"]["metrics"]["miou"] <= 1
@@ -195,15 +195,9 @@ def test_objective_switches_to_its_own_confident_labels_and_plain_ce_without_blp
 def test_blpseg_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     import stages.blpseg_train as bt
 
-    from .conftest import assert_same_training, kill_and_resume
+    from .conftest import single_stage_resumes_exactly
 
-    def make(path):
-        cfg = _tiny(path)
-        return _tiny(path, blpseg_train={**cfg.blpseg_train.model_dump(), "iterations": 4, "checkpoint_every": 2,
-                                         "self_training_from": 3})
-
-    m1, m2, state1, state2 = kill_and_resume(tmp_path, monkeypatch, make, "blpseg_train", bt, "blpseg_objective")
-    assert_same_training(m1, m2, state1, state2)
+    single_stage_resumes_exactly(tmp_path, monkeypatch, "blpseg", bt, "blpseg_objective", self_training_from=3)
 
 
 def test_bench_blpseg_train_rows(tmp_path):

@@ -15,7 +15,7 @@ from pipeline.runner import make_run, run_local
 from stages.augment import photometric
 from stages.training import poly_lr
 
-from .conftest import assert_same_training, demo_config, kill_and_resume
+from .conftest import demo_config
 
 IGNORE = 255
 
@@ -214,12 +214,9 @@ def test_dfr_dag_and_stages(tmp_path):
 def test_dfr_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     import stages.dfr_train as dt
 
-    def make(path):
-        return _tiny_dfr(path, dfr_train={**_tiny_dfr(path).dfr_train.model_dump(), "iterations": 4,
-                                          "checkpoint_every": 2})
+    from .conftest import single_stage_resumes_exactly
 
-    m1, m2, state1, state2 = kill_and_resume(tmp_path, monkeypatch, make, "dfr_train", dt, "dfr_objective")
-    assert_same_training(m1, m2, state1, state2)
+    single_stage_resumes_exactly(tmp_path, monkeypatch, "dfr", dt, "dfr_objective")
 
 
 def test_bench_dfr_train_rows(tmp_path):

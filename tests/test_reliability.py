@@ -163,6 +163,7 @@ READS = {
     "final_train": {"dataset", "seed"}, "final_eval": {"dataset"}, "instances": {"dataset", "weak"},
     "instance_train": {"dataset", "weak", "seed"}, "dfr_train": {"dataset", "weak", "seed"}, "dfr_eval": {"dataset"},
     "blpseg_train": {"dataset", "weak", "seed"}, "blpseg_eval": {"dataset"},
+    "rrm_train": {"dataset", "weak", "seed"}, "rrm_eval": {"dataset", "weak"},  # rrm_eval: the tags of its CAM + CRF map
 }
 FLIPS = {"run": "u", "output_root": "elsewhere", "device": "cpu", "workers": 3, "shard_size": 5, "engine": "prefect",
          "task_runner": "process", "threads": 2, "dask": {"n_workers": 3}, "lock": "refuse", "min_usable": 0.9,

@@ -185,9 +185,9 @@ def _tiny(path, **over):
 def test_rrm_dag_stages_and_switches(tmp_path):
     from pipeline.runner import make_run, run_local
 
-    run = make_run(_tiny(tmp_path))
-    assert run.names == ["rrm_train", "rrm_eval"]
-    done = run_local(run, run.names)
+    from .conftest import run_single_stage
+
+    run, done = run_single_stage(tmp_path, "rrm")
     info = done["rrm_train"]["info"]
     assert info["terms"] == ["cls", "ce", "energy", "bcd"] and info["steps"] == 2 and info["ce_last"] > 0
     assert 0 < info["reliable_last"] < 1
@@ -229,15 +229,9 @@ def test_objective_terms_and_their_sum():
 def test_rrm_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     import stages.rrm_train as rt
 
-    from .conftest import assert_same_training, kill_and_resume
+    from .conftest import single_stage_resumes_exactly
 
-    def make(path):
-        cfg = _tiny(path)
-        return _tiny(path, rrm_train={**cfg.rrm_train.model_dump(), "iterations": 4, "checkpoint_every": 2,
-                                      "cls_only_fraction": 0.25})
-
-    m1, m2, state1, state2 = kill_and_resume(tmp_path, monkeypatch, make, "rrm_train", rt, "rrm_objective")
-    assert_same_training(m1, m2, state1, state2)
+    single_stage_resumes_exactly(tmp_path, monkeypatch, "rrm", rt, "rrm_objective", cls_only_fraction=0.25)
 
 
 def test_bench_rrm_train_rows(tmp_path):
