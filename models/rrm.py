@@ -199,7 +199,7 @@ def cam_crf_labels(image: np.ndarray, cams: np.ndarray, class_ids: Sequence[int]
     return labels_from_soft(crf_from_probs(image, probs, crf_params), ids)
 
 
-def energy_window_note(sigma_d: float, scale: float, radius: int) -> float:
+def energy_window_mass(sigma_d: float, scale: float, radius: int) -> float:
     """The share of the position Gaussian's mass (1-D) inside the window: how much of
     sigma_d the local window keeps (printed in the manifest so a run shows the truncation)."""
     sigma = sigma_d * scale

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from models.cam import classification_loss
 from models.losses import seed_ce
-from models.rrm import bcd_loss, dense_energy_loss, energy_window_note, online_reliable_labels
+from models.rrm import bcd_loss, dense_energy_loss, energy_window_mass, online_reliable_labels
 from models.segmentation import RrmNet
 from models.types import IGNORE, Supervision
 
@@ -153,7 +153,7 @@ def run(ctx: StageContext) -> StageResult:
     del model, opt
     return trained_result(ctx, info, images=len(ids), joint_from=joint_from,
                           terms=[t for t in TERMS if curves[t]],
-                          energy_window_mass=round(energy_window_note(cfg.sigma_d, cfg.energy_scale,
+                          energy_window_mass=round(energy_window_mass(cfg.sigma_d, cfg.energy_scale,
                                                                       cfg.energy_radius), 4),
                           **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
 
