@@ -94,11 +94,11 @@ class RFAM(nn.Module):
         return torch.cat([f_a, v], 1)
 
 
-def soft_gate(probs: torch.Tensor, reliable: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+def soft_gate(probs: torch.Tensor, reliable: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """S of Eq. 2.21 (N, H, W), detached: ``1 - max_c P^c(i)`` on reliable pixels (``reliable``
     True), 1 elsewhere, 0 on crop padding (``real`` False)."""
     gate = torch.where(reliable, 1.0 - probs.detach().max(1).values, torch.ones_like(probs[:, 0]))
-    return gate if real is None else gate * real.to(gate.dtype)
+    return gate * real.to(gate.dtype)
 
 
 def dense_energy_loss(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
@@ -159,17 +159,11 @@ def bcd_loss(logits: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def normalised_cams(cams: np.ndarray) -> np.ndarray:
-    """P_fg of Eq. 2.3: each class map divided by its maximum (1e-5 floor), float32."""
-    peak = cams.reshape(len(cams), -1).max(1).clip(min=1e-5) if len(cams) else np.zeros(0, np.float32)
-    return (cams / peak[:, None, None]).astype(np.float32)
-
-
-def online_reliable_labels(image: np.ndarray, cams: np.ndarray, class_ids: Sequence[int], gamma: float,
+def online_reliable_labels(image: np.ndarray, p_fg: np.ndarray, class_ids: Sequence[int], gamma: float,
                            ratio: float, crf_params) -> np.ndarray:
-    """I_final of Eq. 2.1-2.7 for one training crop: ``cams`` (K, H, W) the multi-scale CAMs of
-    the image's tagged classes ``class_ids`` (ids >= 1) at crop size -> P_fg (Eq. 2.3), P_bg =
-    (1 - max P_fg)^gamma (Eq. 2.4), the dense CRF (Eq. 2.5) and the top ``ratio`` of each class
+    """I_final of Eq. 2.1-2.7 for one training crop: ``p_fg`` (K, H, W) the max-normalised
+    multi-scale CAMs (Eq. 2.1-2.3) of the image's tagged classes ``class_ids`` (ids >= 1) at
+    crop size, P_bg = (1 - max P_fg)^gamma (Eq. 2.4), the dense CRF (Eq. 2.5) and the top ``ratio`` of each class
     where the CRF agrees (Eq. 2.6-2.7): :func:`models.seeds.reliable_from_probs`, the same
     function that gives the ``seeds`` stage its M'_I. uint8 (H, W), IGNORE = unreliable. A crop
     of an image without tags is background everywhere, all of it reliable."""
@@ -178,25 +172,23 @@ def online_reliable_labels(image: np.ndarray, cams: np.ndarray, class_ids: Seque
 
     if len(class_ids) == 0:
         return np.zeros(image.shape[:2], np.uint8)
-
-    probs = with_background(normalised_cams(cams), gamma)
     ids = np.asarray([0, *class_ids], np.uint8)
-    return reliable_from_probs(image, probs, ids, ratio, crf_params)
+    return reliable_from_probs(image, with_background(p_fg, gamma), ids, ratio, crf_params)
 
 
-def cam_crf_labels(image: np.ndarray, cams: np.ndarray, class_ids: Sequence[int], gamma: float,
+def cam_crf_labels(image: np.ndarray, p_fg: np.ndarray, class_ids: Sequence[int], gamma: float,
                    crf_params) -> np.ndarray:
     """I_crf of Eq. 2.5 (the plain CAM + CRF labels, RRM's baseline): argmax of the CRF of
-    [P_bg, P_fg] as class ids (H, W) uint8."""
+    [P_bg, P_fg] (``p_fg`` max-normalised, e.g. :func:`models.cam.multiscale_cam`) as class ids
+    (H, W) uint8; all background without tags."""
     from .cam import with_background
     from .crf import crf_from_probs
     from .seeds import labels_from_soft
 
-    probs = with_background(normalised_cams(cams), gamma)
-    ids = np.asarray([0, *class_ids], np.uint8)
-    if len(ids) == 1:
+    if len(class_ids) == 0:
         return np.zeros(image.shape[:2], np.uint8)
-    return labels_from_soft(crf_from_probs(image, probs, crf_params), ids)
+    ids = np.asarray([0, *class_ids], np.uint8)
+    return labels_from_soft(crf_from_probs(image, with_background(p_fg, gamma), crf_params), ids)
 
 
 def energy_window_mass(sigma_d: float, scale: float, radius: int) -> float:

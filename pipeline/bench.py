@@ -432,13 +432,10 @@ def bench_a2gnn(case: Case, epochs: int = 150, radius: int = 4, channels: int = 
 def _seg_model(kind: str, arch: str, classes: int = 21):
     """The DeepLab (``kind`` final), DFR (dfr), BLPSeg (blpseg, the paper's LAM and widths) or
     RRM (rrm, ``arch`` = ResNet depth, the thesis' widths) network of ``arch``, from scratch."""
-    from models.segmentation import BlpNet, DeepLab, DfrNet
+    from models.segmentation import BlpNet, DeepLab, DfrNet, RrmNet
 
-    if kind == "rrm":
-        from models.segmentation import RrmNet
-
-        return RrmNet(int(arch), classes)
-    return {"final": DeepLab, "dfr": DfrNet, "blpseg": BlpNet}[kind](arch, classes)
+    return {"final": DeepLab, "dfr": DfrNet, "blpseg": BlpNet,
+            "rrm": lambda depth, k: RrmNet(int(depth), k)}[kind](arch, classes)
 
 
 def _seg_train_step(case: Case, kind: str, arch: str, batch: int, crop: int, amp: bool, loss: str) -> dict[str, Any]:
@@ -568,11 +565,12 @@ def _rrm_train_step(case: Case, depth: int, batch: int, crop: int, scales: list[
     model = _seg_model("rrm", str(depth)).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     samples = case.samples()[:batch]
+    picked = (samples * (batch // len(samples) + 1))[:batch]  # a batch of the images, repeated
     crops = [scale_flip_crop(image, step_rng(0, 0, j), cfg.scale_range, crop)[0] for j, (image, _, _) in
-             enumerate(samples * (batch // len(samples) + 1))][:batch]
+             enumerate(picked)]
     x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().to(device)
     tags = np.zeros((batch, 20), np.float32)
-    for j, (_, gt, _) in enumerate((samples * (batch // len(samples) + 1))[:batch]):
+    for j, (_, gt, _) in enumerate(picked):
         present = [c for c in np.unique(gt) if 1 <= c <= 20]
         tags[j, np.asarray(present, int) - 1] = 1.0
     y = torch.from_numpy(tags).to(device)

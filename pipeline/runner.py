@@ -115,19 +115,35 @@ def stop_workers() -> None:
 _POOLS: list[cf.ProcessPoolExecutor] = []
 
 
-def pool_map(fn: Callable[[Any], Any], items: list[Any], workers: int, threads: int = 0) -> list[Any]:
-    """``[fn(x) for x in items]`` on the shared process pool of ``workers`` (in this process
-    inside a daemonic one, which may not start processes); results in order."""
-    if workers <= 1 or len(items) <= 1 or multiprocessing.current_process().daemon:
-        return [fn(x) for x in items]
+def _in_process(workers: int, n_items: int) -> bool:
+    """Whether work runs one item at a time in this process: one worker, one item, or inside
+    a daemonic process (a Dask worker), which may not start processes of its own."""
+    return workers <= 1 or n_items <= 1 or multiprocessing.current_process().daemon
+
+
+def _shared_pool(workers: int, threads: int) -> cf.ProcessPoolExecutor:
+    """The cached pool of ``workers``, registered so :func:`stop_workers` can end it."""
     pool = _pool(workers, threads)
     if pool not in _POOLS:
         _POOLS.append(pool)
+    return pool
+
+
+def _pool_died(err: BaseException, what: str) -> PipelineError:
+    """The error for a broken pool (the cached one is dropped, the next call starts afresh)."""
+    _pool.cache_clear()
+    return PipelineError(f"{what}: a worker process died (out of memory or a crash in native code); rerun to resume")
+
+
+def pool_map(fn: Callable[[Any], Any], items: list[Any], workers: int, threads: int = 0) -> list[Any]:
+    """``[fn(x) for x in items]`` on the shared process pool of ``workers`` (see
+    :func:`_in_process` for when it stays in this process); results in order."""
+    if _in_process(workers, len(items)):
+        return [fn(x) for x in items]
     try:
-        return list(pool.map(fn, items))
+        return list(_shared_pool(workers, threads).map(fn, items))
     except cf.process.BrokenProcessPool as err:
-        _pool.cache_clear()
-        raise PipelineError("a worker process died (out of memory or a crash in native code); rerun to resume") from err
+        raise _pool_died(err, "pool job") from err
 
 
 def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, ids: list[str],
@@ -137,7 +153,7 @@ def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, id
     start processes of its own."""
     with progress_bar() as bar:
         task = bar.add_task(desc, total=len(ids))
-        if ctx.workers <= 1 or len(ids) <= 1 or multiprocessing.current_process().daemon:
+        if _in_process(ctx.workers, len(ids)):
             for image_id in ids:
                 try:
                     out: Any = fn(ctx, image_id)
@@ -146,18 +162,15 @@ def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, id
                 bar.advance(task)
                 yield image_id, out
             return
-        pool = _pool(ctx.workers, ctx.config.threads)
-        if pool not in _POOLS:
-            _POOLS.append(pool)
+        pool = _shared_pool(ctx.workers, ctx.config.threads)
         futures = {pool.submit(fn, ctx, image_id): image_id for image_id in ids}
         try:
             for fut in cf.as_completed(futures):
                 bar.advance(task)
                 err = fut.exception()
                 if isinstance(err, cf.process.BrokenProcessPool):
-                    _pool.cache_clear()
-                    raise PipelineError(f"{ctx.stage}: a worker process died (out of memory or a crash in "
-                                       "native code); rerun to resume, or set workers: 1 to find the image") from err
+                    died = _pool_died(err, ctx.stage)
+                    raise PipelineError(f"{died}, or set workers: 1 to find the image") from err
                 yield futures[fut], (err if err is not None else fut.result())
         finally:
             for fut in futures:

@@ -161,7 +161,7 @@ class StageContext:
     def parallel_map(self, fn: Callable[[Any], T], items: list[Any], workers: int) -> list[T]:
         """``[fn(x) for x in items]``, on ``workers`` processes where the pipeline bound a pool
         (``fn`` and the items must pickle); exceptions propagate."""
-        if self.pool_map is None or workers <= 1 or len(items) <= 1:
+        if self.pool_map is None:
             return [fn(x) for x in items]
         return self.pool_map(fn, items, workers)
 

@@ -55,9 +55,10 @@ def load_trained(state: dict[str, Any], device: str) -> RrmNet:
 
 @torch.no_grad()
 def crop_cams(model: RrmNet, x: torch.Tensor, cam: torch.Tensor, scales: list[float]) -> torch.Tensor:
-    """Eq. 2.2 on a batch of crops: the mean over ``scales`` of the CAMs (N, K-1, h, w) at the
-    grid of the scale-1 pass ``cam`` (computed already, reused), each other scale one more
-    forward pass of the resized crops, resized bilinearly to that grid."""
+    """Eq. 2.2-2.3 on a batch of crops: the mean over ``scales`` of the CAMs at the grid of the
+    scale-1 pass ``cam`` (computed already, reused; each other scale is one more forward pass
+    of the resized crops, resized bilinearly to that grid), upsampled bilinearly to the crop
+    and each map divided by its maximum (1e-5 floor): P_fg (N, K-1, H, W)."""
     grid = cam.shape[-2:]
     total = torch.zeros_like(cam, dtype=torch.float32)
     for s in scales:
@@ -67,15 +68,16 @@ def crop_cams(model: RrmNet, x: torch.Tensor, cam: torch.Tensor, scales: list[fl
         size = (max(8, round(x.shape[-2] * s)), max(8, round(x.shape[-1] * s)))
         scaled = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
         total += F.interpolate(model.cam(scaled).float(), size=grid, mode="bilinear", align_corners=False)
-    return total / len(scales)
+    up = F.interpolate(total / len(scales), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return up / up.flatten(2).amax(2).clamp_min(1e-5)[..., None, None]
 
 
-def reliable_batch(x: torch.Tensor, cams: torch.Tensor, tags: np.ndarray, real: torch.Tensor, cfg,
+def reliable_batch(x: torch.Tensor, p_fg: torch.Tensor, tags: np.ndarray, real: torch.Tensor, cfg,
                    parallel_map: Callable[[Callable, list, int], list]) -> torch.Tensor:
-    """I_final (N, H, W) long of a batch: the CAMs of each crop's tagged classes upsampled to
-    the crop, then :func:`models.rrm.online_reliable_labels` through ``parallel_map(fn, jobs,
-    workers)`` (the stage's process pool of ``cfg.crf_workers``); padding IGNORE."""
-    up = F.interpolate(cams, size=x.shape[-2:], mode="bilinear", align_corners=False).cpu().numpy()
+    """I_final (N, H, W) long of a batch: P_fg of each crop's tagged classes (:func:`crop_cams`)
+    through :func:`models.rrm.online_reliable_labels` with ``parallel_map(fn, jobs, workers)``
+    (the stage's process pool of ``cfg.crf_workers``); padding IGNORE."""
+    up = p_fg.cpu().numpy()
     crops = x.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
     jobs = []
     for i in range(len(x)):

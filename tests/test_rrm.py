@@ -162,16 +162,17 @@ def test_online_labels_are_the_seeds_rule_on_the_crop():
     image = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
     cam = np.zeros((1, 12, 16), np.float32)
     cam[0, 3:9, 4:12] = np.linspace(0.2, 2.0, 8)[None]  # object with rising confidence
-    labels = online_reliable_labels(image, cam, [2], gamma=4.0, ratio=0.4, crf_params=None)
-    probs = with_background(cam / cam.max(), 4.0)
+    p_fg = cam / cam.max()  # Eq. 2.3
+    labels = online_reliable_labels(image, p_fg, [2], gamma=4.0, ratio=0.4, crf_params=None)
+    probs = with_background(p_fg, 4.0)
     assert np.array_equal(labels, reliable_from_probs(image, probs, np.array([0, 2], np.uint8), 0.4, None))
     # M_I: the columns where P_fg > (1 - P_fg)^4, i.e. CAM / max >= 0.357: 6 columns, 36 pixels
     fg = labels == 2
     assert fg.sum() == math.ceil(0.4 * 36) and fg[3:9, 4:12].sum() == fg.sum()
     assert (labels[3:9, 10:12] == 2).all() and not fg[3:9, 4:9].any()  # the most confident columns
     assert (labels == 0).sum() == math.ceil(0.4 * (192 - 36))
-    assert (online_reliable_labels(image, cam[:0], [], 4.0, 0.4, None) == 0).all()  # no tag: all background
-    with_crf = online_reliable_labels(image, cam, [2], 4.0, 0.4, CrfParams())
+    assert (online_reliable_labels(image, p_fg[:0], [], 4.0, 0.4, None) == 0).all()  # no tag: all background
+    with_crf = online_reliable_labels(image, p_fg, [2], 4.0, 0.4, CrfParams())
     assert set(np.unique(with_crf)) <= {0, 2, IGNORE} and (with_crf != IGNORE).sum() <= (labels != IGNORE).sum()
 
 
