@@ -37,10 +37,14 @@ def _inputs(seed=0, b=2, c=3, d=4, h=4, w=5):
     return z, f
 
 
+WINDOW_ROWS, MASKED = 0, 2**30  # lam's dense_bytes: force each of its two forms
+
+
+@pytest.mark.parametrize("form", [WINDOW_ROWS, MASKED])
 @pytest.mark.parametrize("radius", [1, 2])
-def test_lam_window_equals_the_pixel_loop_values_and_gradients(radius):
+def test_lam_window_equals_the_pixel_loop_values_and_gradients(radius, form):
     z, f = _inputs()
-    out = lam(z, f, sigma=1.5, radius=radius)
+    out = lam(z, f, sigma=1.5, radius=radius, dense_bytes=form)
     ref = _naive_lam(z, f, 1.5, radius)
     assert torch.allclose(out, ref, atol=1e-12)
     g = torch.randn_like(out)
@@ -50,16 +54,17 @@ def test_lam_window_equals_the_pixel_loop_values_and_gradients(radius):
         assert torch.allclose(a, r, atol=1e-10)
 
 
-def test_lam_with_a_window_covering_the_grid_is_the_dense_n_by_n_form():
+@pytest.mark.parametrize("form", [WINDOW_ROWS, MASKED])
+def test_lam_with_a_window_covering_the_grid_is_the_dense_n_by_n_form(form):
     z, f = _inputs(seed=1, h=5, w=6)
-    out, dense = lam(z, f, sigma=6.0, radius=5), lam_dense(z, f, sigma=6.0)
+    out, dense = lam(z, f, sigma=6.0, radius=5, dense_bytes=form), lam_dense(z, f, sigma=6.0)
     assert torch.allclose(out, dense, atol=1e-12)
     g = torch.randn_like(out)
     for a, r in zip(torch.autograd.grad((out * g).sum(), (z, f)), torch.autograd.grad((dense * g).sum(), (z, f))):
         assert torch.allclose(a, r, atol=1e-10)
     # columns of A sum to 1: a constant map stays constant
     const = torch.full_like(z, 2.5)
-    assert torch.allclose(lam(const, f, 6.0, 2), const)
+    assert torch.allclose(lam(const, f, 6.0, 2, dense_bytes=form), const)
 
 
 def _labels():
