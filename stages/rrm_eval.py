@@ -1,11 +1,15 @@
 """``rrm_eval``: the RRM network on the val split. Main map: the segmentation branch (softmax
 averaged over ``scales`` and flips at image size) refined by the dense CRF, as the thesis
-evaluates (``crf_post``); beside it ``no_crf`` (the argmax before the CRF) and ``cam_crf``:
-the plain CAM + CRF labels of the same network's classification branch (Eq. 2.5 with the
-image's tags, ``rrm_train``'s CAM scales, gamma and CRF), the baseline RRM's segmentation
-branch must beat."""
+evaluates (``crf_post``); beside it ``no_crf`` (the argmax before the CRF), ``cam_crf``: the
+plain CAM + CRF labels of the same network's classification branch (Eq. 2.5 with the image's
+tags, ``rrm_train``'s CAM scales, gamma and CRF), the baseline RRM's segmentation branch must
+beat, and ``tags``: the segmentation branch as a pseudo-label maker (the thesis' two-step
+use, Table 2.6), its softmax restricted to background and the image's tags, renormalised,
+then the same CRF. ``cam_crf`` and ``tags`` read the image's tags, the main map does not; a
+comparison with ``cam_crf`` is fair against ``tags``."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from models.cam import multiscale_cam
@@ -19,8 +23,8 @@ from .base import STAGES, StageContext, StageResult, StageSpec
 from .rrm_train import load_trained
 from .training import infer_items
 
-VERSION = "1"
-VARIANTS = ["no_crf", "cam_crf"]
+VERSION = "2"  # 2: the ``tags`` map
+VARIANTS = ["no_crf", "cam_crf", "tags"]
 
 
 def _rrm_label(ctx: StageContext, image_id: str, model: torch.nn.Module) -> dict:
@@ -31,10 +35,24 @@ def _rrm_label(ctx: StageContext, image_id: str, model: torch.nn.Module) -> dict
     ctx.out.write_label(image_id, plain, "no_crf")
     final = labels_from_soft(crf_from_probs(image, probs, cfg.crf)) if cfg.crf_post else plain
     tags = sorted(c for c in set(ctx.dataset.load_weak(image_id).tags) if 1 <= c < ctx.dataset.num_classes)
+    ctx.out.write_label(image_id, tag_restricted_labels(image, probs, tags, cfg.crf if cfg.crf_post else None),
+                        "tags")
     cams = multiscale_cam(model, image, [c - 1 for c in tags], train.cam_scales, flip=False, device=ctx.device)
     ctx.out.write_label(image_id, cam_crf_labels(image, cams, tags, train.gamma, train.crf), "cam_crf")
     ctx.out.write_label(image_id, final)
     return {}
+
+
+def tag_restricted_labels(image: np.ndarray, probs: np.ndarray, tags: list[int], crf) -> np.ndarray:
+    """The segmentation branch's labels given the image's tags: softmax ``probs`` (C, H, W) over
+    background and ``tags`` (ids >= 1), renormalised per pixel, then the dense CRF ``crf``
+    (None: none); uint8 class ids (H, W)."""
+    ids = np.asarray([0, *tags], np.uint8)
+    kept = probs[ids]
+    kept = kept / np.maximum(kept.sum(0, keepdims=True), 1e-8)
+    if crf is not None:
+        kept = crf_from_probs(image, kept, crf)
+    return labels_from_soft(kept, ids)
 
 
 def run(ctx: StageContext) -> StageResult:

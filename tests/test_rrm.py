@@ -176,6 +176,22 @@ def test_online_labels_are_the_seeds_rule_on_the_crop():
     assert set(np.unique(with_crf)) <= {0, 2, IGNORE} and (with_crf != IGNORE).sum() <= (labels != IGNORE).sum()
 
 
+def test_tag_restricted_labels_drop_the_classes_the_image_is_not_tagged_with():
+    """rrm_eval's ``tags`` map: the softmax over background + the image's tags, renormalised."""
+    from stages.rrm_eval import tag_restricted_labels
+
+    probs = np.zeros((4, 2, 3), np.float32)
+    probs[:, 0, 0] = [0.2, 0.5, 0.1, 0.2]  # class 1 wins; given tag 3: background (0.2 vs 0.2, the first wins)
+    probs[:, 0, 1] = [0.1, 0.6, 0.0, 0.3]  # class 1 wins; given tag 3: 3
+    probs[:, 0, 2] = [0.3, 0.6, 0.0, 0.1]  # -> background
+    probs[:, 1] = np.array([0.1, 0.1, 0.7, 0.1])[:, None]  # class 2 wins; given tag 3: background (tie)
+    image = np.zeros((2, 3, 3), np.uint8)
+    labels = tag_restricted_labels(image, probs, [3], None)
+    assert labels.tolist() == [[0, 3, 0], [0, 0, 0]]
+    assert tag_restricted_labels(image, probs, [1, 2, 3], None).tolist() == [[1, 1, 1], [2, 2, 2]]
+    assert (tag_restricted_labels(image, probs, [], None) == 0).all()
+
+
 # --------------------------------------------------------------------------- the stages
 def _tiny(path, **over):
     from .conftest import demo_config
@@ -193,7 +209,7 @@ def test_rrm_dag_stages_and_switches(tmp_path):
     assert info["terms"] == ["cls", "ce", "energy", "bcd"] and info["steps"] == 2 and info["ce_last"] > 0
     assert 0 < info["reliable_last"] < 1
     ev = done["rrm_eval"]
-    assert ev["counts"]["done"] == 2 and set(ev["metrics"]["maps"]) == {"no_crf", "cam_crf"}
+    assert ev["counts"]["done"] == 2 and set(ev["metrics"]["maps"]) == {"no_crf", "cam_crf", "tags"}
     base = run.config.rrm_train.model_dump()
     plain = make_run(_tiny(tmp_path / "p", rrm_train={**base, "energy": False, "bcd": False, "reweight": False}))
     assert run_local(plain, ["rrm_train"])["rrm_train"]["info"]["terms"] == ["cls", "ce"]
