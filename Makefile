@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/wsss demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean-demo:
 	rm -rf artifacts/demo
