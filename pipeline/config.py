@@ -494,7 +494,8 @@ class RrmTrainConfig(SgdTrainConfig):
     """The single-stage RRM network trained from image tags (thesis Ch. 2; defaults are the
     thesis' VOC settings): a dilated ResNet of ``depth`` at stride 8 (the thesis: ResNet-38)
     shared by the classification branch and the segmentation branch (local sub-branch of
-    ``local_channels``, R-FAM of ``attention_channels``; ``reweight: false`` = plain attention,
+    ``local_channels``, two 3x3 convolutions of dilation ``local_dilation`` (12), R-FAM of
+    ``attention_channels``; ``reweight: false`` = plain attention,
     Table 2.5). Loss Eq. 2.14-2.15: L_class + L_ce + ``lambda_energy`` L_energy + L_BCD, each
     switchable (``energy``, ``bcd``). Reliable labels online every step (Eq. 2.1-2.7): CAMs of
     the crop at ``cam_scales`` averaged, background ``(1 - max)^gamma`` (4), dense CRF with
@@ -509,6 +510,7 @@ class RrmTrainConfig(SgdTrainConfig):
 
     depth: Literal[18, 34, 50, 101] = 50
     local_channels: PositiveInt = 512
+    local_dilation: PositiveInt = 12
     attention_channels: PositiveInt = 256
     reweight: bool = True
     lambda_energy: Annotated[float, Field(ge=0.0)] = 1.0

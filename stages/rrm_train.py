@@ -45,7 +45,7 @@ TERMS = ("cls", "ce", "energy", "bcd")
 
 def build_model(arch: dict[str, Any]) -> RrmNet:
     return RrmNet(arch["depth"], arch["num_classes"], arch.get("weights", "none"), arch["local_channels"],
-                  arch["attention_channels"], arch["reweight"])
+                  arch["attention_channels"], arch["reweight"], arch.get("local_dilation", 12))
 
 
 def load_trained(state: dict[str, Any], device: str) -> RrmNet:
@@ -123,8 +123,8 @@ def run(ctx: StageContext) -> StageResult:
         raise ValueError("rrm_train: the train split is empty")
     targets = tag_targets(ctx, ids)
     arch = {"depth": cfg.depth, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights,
-            "local_channels": cfg.local_channels, "attention_channels": cfg.attention_channels,
-            "reweight": cfg.reweight}
+            "local_channels": cfg.local_channels, "local_dilation": cfg.local_dilation,
+            "attention_channels": cfg.attention_channels, "reweight": cfg.reweight}
     torch.manual_seed(ctx.config.seed)
     model = build_model(arch).to(ctx.device)
     opt, base_lrs = sgd(model, cfg)
