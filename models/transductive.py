@@ -28,7 +28,9 @@ each class keeps its probability only inside its own boxes (``box_constraint``,
 random walk, ``(P + w P_rw) / (1 + w)`` (Sect. 3.6.1: 1:3), :func:`fuse`. With
 ``keep_seeds`` (not the thesis, off by default) the pixels that are still seeds after the
 consistency check keep their seed label (:func:`keep_seeds`), as ``random_walk.keep_seeds``
-does for the walk.
+does for the walk: ``seed_weight`` w mixes ``w onehot + (1 - w) P`` there (Zhou et al.'s soft
+clamping); w >= 0.5 keeps every seed's label in the argmax while the CRF downstream still
+sees A²GNN's confidence (w = 1: hard clamping, the CRF cannot move a seed).
 
 Non-negative features: the embedding ends in a ReLU and each attention layer outputs
 convex combinations of its inputs, so every node feature is non-negative and every cosine
@@ -139,19 +141,21 @@ def fit(problems: list[Problem], cfg, radius: int, device: str) -> tuple[torch.T
     if cfg.box_constraint:
         probs = torch.stack([restrict_to_boxes(pr, p.boxes) for pr, p in zip(probs, problems)])
     if cfg.keep_seeds:
-        probs = keep_seeds(probs, labels.cpu())
+        probs = keep_seeds(probs, labels.cpu(), cfg.seed_weight)
     removed = (known - (labels != IGNORE).sum((1, 2))).cpu()
     facts = [{"check_removed": float(r) / max(int(k), 1)} for r, k in zip(removed, known.cpu())]
     return probs, facts
 
 
-def keep_seeds(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def keep_seeds(probs: torch.Tensor, labels: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     """``probs`` (M, C, H, W) with every pixel that still holds a seed in ``labels`` (M, H, W)
-    class indices, IGNORE unknown) set to that seed's one-hot: A²GNN only fills the pixels
-    the seeds leave unknown (or the consistency check took back)."""
+    class indices, IGNORE unknown) set to ``weight * onehot + (1 - weight) * probs`` of that
+    seed (1: the one-hot): A²GNN only decides the pixels the seeds leave unknown (or the
+    consistency check took back); from ``weight`` 0.5 up a seed also wins its pixel's argmax."""
     known = labels != IGNORE
     onehot = torch.nn.functional.one_hot(torch.where(known, labels, 0).long(), probs.shape[1])
-    return torch.where(known[:, None], onehot.permute(0, 3, 1, 2).to(probs.dtype), probs)
+    clamped = weight * onehot.permute(0, 3, 1, 2).to(probs.dtype) + (1.0 - weight) * probs
+    return torch.where(known[:, None], clamped, probs)
 
 
 def fuse(probs: np.ndarray, class_ids: np.ndarray, rw: np.ndarray, rw_ids: np.ndarray,

@@ -279,8 +279,9 @@ class A2gnnConfig(Section):
     ``centred`` compares mean-centred features (the check acts, as the thesis describes), ``raw`` the released
     cosine of non-negative features (>= 0, so at threshold 0 it never removes a seed).
     ``keep_seeds``: the pixels still seeds after the consistency check keep their label and
-    A²GNN fills the rest (:func:`models.transductive.keep_seeds`; not the thesis; measured on
-    the horses in the README, not shipped). ``box_constraint`` (boxes): a class keeps probability only inside its own boxes
+    A²GNN fills the rest (:func:`models.transductive.keep_seeds`; not the thesis; the horses
+    config turns it on, README); ``seed_weight`` w: those pixels get ``w onehot + (1 - w) P``
+    (1: hard; from 0.5 the seed still wins the argmax and the CRF keeps A²GNN's confidence). ``box_constraint`` (boxes): a class keeps probability only inside its own boxes
     (:func:`models.boxes.restrict_to_boxes`; not in the thesis, which applies the box prior to the seeds only;
     measured gain on horses and CamVid, README).
     """
@@ -308,6 +309,7 @@ class A2gnnConfig(Section):
     rw_weight: Annotated[float, Field(ge=0.0)] = 3.0  # tags and points: (P + w P_rw) / (1 + w)
     box_constraint: bool = True
     keep_seeds: bool = False
+    seed_weight: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
 
 SegArch = Literal["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large"]

@@ -282,18 +282,24 @@ def test_a2gnn_objective_is_eq_3_20_summed_over_the_stacked_images():
     torch.testing.assert_close(plain, seed_ce(up, labels).sum())  # phase 1 without MP: L_ce alone
 
 
-def test_keep_seeds_sets_each_remaining_seed_to_its_one_hot():
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_keep_seeds_sets_each_remaining_seed_to_its_one_hot(weight):
     from models.transductive import keep_seeds
 
     probs = torch.softmax(torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1)), 1)
     labels = torch.full((2, 4, 5), 255, dtype=torch.long)
     labels[0, 1, 2], labels[0, 3, 4], labels[1, 0, 0] = 2, 0, 1
-    out = keep_seeds(probs, labels)
+    out = keep_seeds(probs, labels, weight)
     for m in range(2):
         for y in range(4):
             for x in range(5):
-                want = probs[m, :, y, x] if labels[m, y, x] == 255 else torch.eye(3)[labels[m, y, x]]
-                torch.testing.assert_close(out[m, :, y, x], want)
+                p = probs[m, :, y, x]
+                if labels[m, y, x] == 255:
+                    torch.testing.assert_close(out[m, :, y, x], p)
+                    continue
+                torch.testing.assert_close(out[m, :, y, x], weight * torch.eye(3)[labels[m, y, x]] + (1 - weight) * p)
+                assert out[m, :, y, x].argmax() == labels[m, y, x]  # w >= 0.5: the seed wins
+    assert torch.allclose(out.sum(1), torch.ones(2, 4, 5))
 
 
 def test_restrict_to_boxes_matches_a_naive_loop():
