@@ -2,7 +2,6 @@
 gradients), the Swin + UperNet network, the schedule and augmentation, the stages'
 resume, and the demo quality claim (full DFR beats pCE only)."""
 import itertools
-import math
 
 import numpy as np
 import pytest
