@@ -260,3 +260,12 @@ def test_bench_rrm_train_rows(tmp_path):
     assert "joint step, CAM scales 1,1.5, CRF workers 1: resnet18 batch 2 crop 48" in joint["case"]
     assert "classification-only" in cls_only["case"] and "single scale" in infer["case"]
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (joint, cls_only, infer))
+
+
+def test_local_dilation_reaches_the_local_sub_branch():
+    from stages.rrm_train import build_model
+
+    arch = {"depth": 18, "num_classes": 3, "local_channels": 8, "attention_channels": 4, "reweight": True}
+    assert build_model(arch).local1.dilation == (12, 12)  # the thesis' value; older model.pt states lack the key
+    net = build_model({**arch, "local_dilation": 4})
+    assert net.local1.dilation == net.local2.dilation == (4, 4) and net.local1.padding == (4, 4)
