@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.rrm import RFAM, bcd_loss, dense_energy_loss, online_reliable_labels, rank_weights, soft_gate
 from models.types import IGNORE
@@ -236,10 +237,29 @@ def test_objective_terms_and_their_sum():
     real = torch.ones(2, 32, 32, dtype=torch.bool)
     y = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     cfg = SimpleNamespace(energy=True, bcd=True, lambda_energy=2.0, sigma_d=100.0, sigma_r=15.0, energy_scale=0.5,
-                          energy_radius=2)
+                          energy_radius=2, ce="released")
     t = rrm_objective(out, x, labels, real, y, cfg)
     assert torch.allclose(t["loss"], t["cls"] + t["ce"] + 2.0 * t["energy"] + t["bcd"])
     assert 0 < float(t["energy"].detach()) < 1  # a per-pixel mean of normalised weights times (1 - P.P)
+
+    # L_ce against a per-pixel loop: printed (Eq. 2.16) one mean over the reliable pixels, released
+    # background and foreground averaged apart per image, then the mean over the images
+    labels[1, 20:] = IGNORE  # the second image: background only
+    up = F.interpolate(out["seg"].float(), size=(32, 32), mode="bilinear", align_corners=False)
+    logp = torch.log_softmax(up, 1)
+    picked = {(b, i, j): -float(logp[b, int(labels[b, i, j]), i, j]) for b in range(2) for i in range(32)
+              for j in range(32) if labels[b, i, j] != IGNORE}
+    printed = sum(picked.values()) / len(picked)
+    per_image = []
+    for b in range(2):
+        parts = [[v for (bb, i, j), v in picked.items() if bb == b and (labels[b, i, j] == 0) == bg] for bg in (True, False)]
+        per_image.append(sum(sum(p) / len(p) for p in parts if p))
+    for mode, want in (("printed", printed), ("released", sum(per_image) / 2)):
+        cfg.ce = mode
+        assert float(rrm_objective(out, x, labels, real, y, cfg)["ce"]) == pytest.approx(want, rel=1e-5), mode
+    cfg.ce = "printed"
+    empty = rrm_objective(out, x, torch.full_like(labels, IGNORE), real, y, cfg)["ce"]
+    assert float(empty) == 0.0
     assert net(x).shape == (2, 3, 32, 32)
 
 
