@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/wsss demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q --durations=15
 
 clean-demo:
 	rm -rf artifacts/demo
