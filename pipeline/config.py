@@ -501,8 +501,8 @@ class RrmTrainConfig(SgdTrainConfig):
     Table 2.5). Loss Eq. 2.14-2.15: L_class + L_ce + ``lambda_energy`` L_energy + L_BCD, each
     switchable (``energy``, ``bcd``); ``ce``: L_ce as printed (Eq. 2.16, one CE over the reliable
     pixels) or as released (background and foreground CE averaged apart). Reliable labels online
-    every step (Eq. 2.1-2.7): CAMs of the crop at ``cam_scales`` averaged, background ``(1 - max)^gamma`` (4), dense CRF with
-    ``crf`` (PSA's values, "[18]"), the top ``reliable_ratio`` (40%) of each class where the CRF
+    every step (Eq. 2.1-2.7): CAMs of the crop at ``cam_scales`` averaged, background
+    ``(1 - max)^gamma`` (4), dense CRF with ``crf`` (PSA's values, "[18]"), the top ``reliable_ratio`` (40%) of each class where the CRF
     agrees; the CRFs of a batch run in ``crf_workers`` processes (0: one per core). The
     energy loss: sigma_d 100, sigma_r 15 (printed) on a square window of ``energy_radius`` at
     ``energy_scale`` x the crop (the released code's 0.5). ``cls_only_fraction``: the first

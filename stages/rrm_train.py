@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from models.cam import classification_loss
-from models.losses import seed_ce
+from models.losses import partial_ce, seed_ce
 from models.rrm import bcd_loss, dense_energy_loss, energy_window_mass, online_reliable_labels
 from models.segmentation import RrmNet
 from models.types import IGNORE, Supervision
@@ -99,19 +99,15 @@ def rrm_objective(out: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.T
     """Eq. 2.14-2.15 on a batch: ``out`` of :meth:`RrmNet.heads`, crops ``x`` 0..255, reliable
     ``labels`` (N, H, W), ``real`` (padding False), multi-hot ``targets``. L_ce (Eq. 2.16) is
     computed on the logits upsampled to the crop: ``cfg.ce: printed`` one CE over every reliable
-    pixel of the batch (Eq. 2.16, as a mean: the released criterion's reduction), ``released``
+    pixel of the batch (Eq. 2.16 as a mean, the released criterion's reduction: the same form as
+    DFR's :func:`models.losses.partial_ce`), ``released``
     the authors' code, background and foreground CE each averaged over its own pixels
     (:func:`models.losses.seed_ce`, per image, then the mean). The switched-off terms are left
     out."""
     seg = out["seg"].float()
     terms = {"cls": classification_loss(out["logits"].float(), targets)}
     up = F.interpolate(seg, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    if cfg.ce == "released":
-        terms["ce"] = seed_ce(up, labels).mean()
-    else:
-        # a batch without a reliable pixel contributes 0 (not the NaN of an empty mean)
-        ce = F.cross_entropy(up, labels.long(), ignore_index=IGNORE, reduction="sum")
-        terms["ce"] = ce / (labels != IGNORE).sum().clamp_min(1)
+    terms["ce"] = seed_ce(up, labels).mean() if cfg.ce == "released" else partial_ce(seg, labels)
     loss = terms["cls"] + terms["ce"]
     if cfg.energy:
         terms["energy"] = dense_energy_loss(seg, x, labels, real, cfg.sigma_d, cfg.sigma_r, cfg.energy_scale,
