@@ -92,8 +92,13 @@ def random_walk_dense(edge_index: torch.Tensor, weight: torch.Tensor, source: to
     n = source.shape[1]
     a = torch.zeros(n, n, dtype=source.dtype, device=source.device)
     a.index_put_((edge_index[0], edge_index[1]), weight.to(source.dtype) ** beta, accumulate=True)
-    t = a / a.sum(0, keepdim=True).clamp_min(torch.finfo(source.dtype).tiny)
-    del a
+    return dense_walk(a, source, logt)
+
+
+def dense_walk(a: torch.Tensor, source: torch.Tensor, logt: int) -> torch.Tensor:
+    """``M T^(2^logt)`` with ``T = A / colsum(A)`` for a dense (N, N) affinity ``a`` (already
+    raised to beta; consumed) and scores ``source`` (C, N): T squared ``logt`` times."""
+    t = a.div_(a.sum(0, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny))
     for _ in range(logt):
         t = t @ t
     return source @ t

@@ -225,3 +225,28 @@ def feature_affinity_loss(batch: Batch, protos: torch.Tensor, unlabelled: int, k
     :func:`nearest_labelled`."""
     seg_lab = nearest_labelled(protos, batch.seg_label, unlabelled)
     return semantic_annotation_loss(batch, protos, unlabelled, kappa, labels=seg_lab[batch.seg], seg_labels=seg_lab)
+
+
+@torch.no_grad()
+def embedding_walk(emb: torch.Tensor, logits: torch.Tensor, class_ids: torch.Tensor, size: tuple[int, int],
+                   beta: float, gamma: float, logt: int) -> torch.Tensor:
+    """SPML's pseudo-labels before the CRF (released ``pseudo_softmaxrw_crf``): on the (H//8,
+    W//8) grid, the classifier's softmax of ``logits`` (K, h, w) over every class, rows
+    ``class_ids`` kept (the classes the image's labels name; the rest are 0), each divided by
+    its maximum; then ``M' = M T^(2^logt)`` with ``T = A / colsum(A)``,
+    ``A_ij = exp(gamma (e_i . e_j - 1))^beta`` of the normalised embedding ``emb`` (D, h', w')
+    resized to the grid (:func:`models.graph.dense_walk`). Upsampled bilinearly to ``size`` and
+    normalised per pixel: (len(class_ids), H, W)."""
+    from .graph import dense_walk
+
+    grid = (max(1, size[0] // 8), max(1, size[1] // 8))
+    e = F.normalize(F.interpolate(emb[None].float(), size=grid, mode="bilinear", align_corners=False)[0], dim=0)
+    probs = torch.softmax(F.interpolate(logits[None].float(), size=grid, mode="bilinear", align_corners=False)[0], 0)
+    m = probs[class_ids]
+    m = m / m.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
+    flat = e.flatten(1)
+    a = torch.exp(beta * gamma * (flat.t() @ flat - 1.0))
+    walked = dense_walk(a, m.flatten(1), logt).view(len(class_ids), *grid)
+    up = F.interpolate(walked[None], size=size, mode="bilinear", align_corners=False)[0].clamp_min(0)
+    total = up.sum(0, keepdim=True)
+    return torch.where(total > 0, up / total.clamp_min(1e-12), torch.full_like(up, 1.0 / len(up)))

@@ -35,6 +35,8 @@ TINY_TRAINING: dict[str, dict[str, Any]] = {
     "rrm_train": {"depth": 18, "local_channels": 16, "attention_channels": 8, "crop": 48, "batch_size": 2,
                   "iterations": 2, "cls_only_fraction": 0.0, "cam_scales": [1.0], "crf_workers": 1,
                   "checkpoint_every": 1000},
+    "spml_train": {"depth": 18, "channels": 16, "dim": 8, "clusters": 2, "kmeans_iterations": 2, "crop": 48,
+                   "batch_size": 2, "iterations": 2, "warmup_iterations": 0, "checkpoint_every": 1000},
 }
 
 

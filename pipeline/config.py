@@ -507,7 +507,8 @@ class RrmTrainConfig(SgdTrainConfig):
     energy loss: sigma_d 100, sigma_r 15 (printed) on a square window of ``energy_radius`` at
     ``energy_scale`` x the crop (the released code's 0.5). ``cls_only_fraction``: the first
     share of the steps trains the classification branch alone (the released code: 0.3; the
-    thesis is silent; labels from an untrained classifier are noise). SGD lr 1e-3, weight
+    thesis is silent; labels from an untrained classifier are noise; 1: classification only, the plain
+    CAM network, RRM's baseline). SGD lr 1e-3, weight
     decay 5e-4, the classifier at ``head_lr_mult`` x (as released), poly 0.9; rescale 0.7-1.3, flip, crop 321,
     batch 8, 40k iterations."""
 
@@ -529,7 +530,7 @@ class RrmTrainConfig(SgdTrainConfig):
     reliable_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
     crf: DenseCrfParams = Field(default_factory=DenseCrfParams)
     crf_workers: Annotated[int, Field(ge=0)] = 0
-    cls_only_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
+    cls_only_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
     batch_size: PositiveInt = 8
     iterations: PositiveInt | None = 40000
     lr: PositiveFloat = 1e-3
@@ -537,6 +538,68 @@ class RrmTrainConfig(SgdTrainConfig):
     crop: Annotated[int, Field(ge=32)] = 321
     scale_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.3)
     checkpoint_every: PositiveInt = 1000
+
+
+
+class SpmlTrainConfig(Section):
+    """SPML's pixel embedding (Ke et al. ICLR 2021; defaults: the released VOC scripts,
+    ``bashscripts/voc12``), trained on the ``seeds`` stage's labels (the semantic annotation: the
+    scribbles / points / CAM seeds; unknown pixels unlabelled) with the pixel-to-segment loss of
+    :mod:`models.spml`. Off by default (``enabled``); on, ``spml`` labels the train split and the
+    ``crf`` stage reads it where ``crf.input`` is ``auto``. ResNet-``depth`` at output stride 8 +
+    PSP pooling into ``channels`` + 1x1 to ``dim`` (64). Segments: spherical k-means on a
+    ``clusters`` x ``clusters`` start grid (6: 36 segments an image), ``kmeans_iterations`` (10),
+    split by label and by SLIC regions (``superpixels``; SPML: HED + gPb-owt-ucm). Concentrations
+    and weights of the four terms (the released box / tag values: 6 / 8 / 16, 0.3 / 0.3 / 0.1;
+    scribbles 6 / 12 / 16 with 1 / 0.5 / 0.1, ``configs/*scribble*``); ``weight_affinity`` 0
+    (SPML uses C^ for DensePose points only). Memory bank of ``memory_batches`` (2) earlier
+    batches. The softmax classifier trains beside it on the detached embedding (its CE inside
+    the C term's weight, as released). SGD lr 3e-3 (new layers 10x), momentum 0.9, weight decay
+    5e-4, poly 0.9 after a 100-step linear warm-up, batch 4, crop 512, 30k steps; flip and
+    rescale in ``scale_range`` (ours: the released range lives in its data code, not printed)."""
+
+    enabled: bool = False
+    depth: Literal[18, 34, 50, 101] = 101
+    weights: str = "none"  # none | imagenet | path (the backbone's torchvision state dict)
+    channels: PositiveInt = 512
+    dim: PositiveInt = 64
+    clusters: PositiveInt = 6
+    kmeans_iterations: PositiveInt = 10
+    superpixels: SlicConfig = Field(default_factory=SlicConfig)
+    kappa_annotation: PositiveFloat = 6.0
+    kappa_occurrence: PositiveFloat = 8.0
+    kappa_image: PositiveFloat = 16.0
+    kappa_affinity: PositiveFloat = 6.0
+    weight_annotation: Annotated[float, Field(ge=0.0)] = 0.3
+    weight_occurrence: Annotated[float, Field(ge=0.0)] = 0.3
+    weight_image: Annotated[float, Field(ge=0.0)] = 0.1
+    weight_affinity: Annotated[float, Field(ge=0.0)] = 0.0
+    memory_batches: Annotated[int, Field(ge=0)] = 2
+    batch_size: PositiveInt = 4
+    epochs: PositiveInt = 1
+    iterations: PositiveInt | None = 30000
+    lr: PositiveFloat = 3e-3
+    head_lr_mult: PositiveFloat = 10.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    poly_power: PositiveFloat = 0.9
+    warmup_iterations: Annotated[int, Field(ge=0)] = 100
+    warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    crop: Annotated[int, Field(ge=32)] = 512
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.5)
+    checkpoint_every: PositiveInt = 1000
+
+
+class SpmlConfig(Section):
+    """SPML's pseudo-labels of the train split (the released ``pseudo_softmaxrw_crf``): the
+    softmax classifier's probabilities on the stride-8 grid, each class divided by its maximum,
+    classes the image's weak labels do not name set to 0, then propagated by a random walk on the
+    embedding, T = colnorm(exp(``gamma`` (e_i . e_j - 1))^``beta``) (5, 20) squared ``logt`` (6)
+    times; the ``crf`` stage follows."""
+
+    beta: PositiveFloat = 20.0
+    gamma: PositiveFloat = 5.0
+    logt: Annotated[int, Field(ge=0)] = 6
 
 
 class RrmEvalConfig(Section):
@@ -606,6 +669,8 @@ class Config(Section):
     blpseg_eval: BlpsegEvalConfig = Field(default_factory=BlpsegEvalConfig)
     rrm_train: RrmTrainConfig = Field(default_factory=RrmTrainConfig)
     rrm_eval: RrmEvalConfig = Field(default_factory=RrmEvalConfig)
+    spml_train: SpmlTrainConfig = Field(default_factory=SpmlTrainConfig)
+    spml: SpmlConfig = Field(default_factory=SpmlConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
     @field_validator("run")

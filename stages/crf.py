@@ -1,8 +1,8 @@
 """``crf``: dense-CRF refinement of the latest label or probability map.
 
 Input (``crf.input: auto``): the most refined upstream stage the supervision type has:
-``a2gnn`` (every supervision), else ``random_walk`` where it propagates CAMs (tags,
-points), else ``seeds`` (M_g). Hard labels become a unary with ``gt_prob`` on the label (unknown
+``spml`` where ``spml_train.enabled``, else ``a2gnn`` (every supervision), else ``random_walk``
+where it propagates CAMs (tags, points), else ``seeds`` (M_g). Hard labels become a unary with ``gt_prob`` on the label (unknown
 pixels uniform, see :func:`models.crf.unary_from_labels`); probabilities are used as
 -log p. Output: a full label map. Images run in parallel across worker processes.
 
@@ -25,7 +25,7 @@ VERSION = "1"
 DENSE = "dense_crf"
 
 # The refinement candidates, most refined first; `auto` takes the first one in the DAG.
-CANDIDATES = ("a2gnn", "random_walk", "seeds", "box_seeds")
+CANDIDATES = ("spml", "a2gnn", "random_walk", "seeds", "box_seeds")
 
 
 def _candidate(name: str, config) -> bool:

@@ -37,10 +37,11 @@ def total_steps(cfg, n_samples: int) -> int:
 
 def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optimizer, base_lrs: list[float],
                n_samples: int, step_fn: Callable[[np.ndarray, int], torch.Tensor],
-               scaler: torch.amp.GradScaler | None = None) -> dict:
+               scaler: torch.amp.GradScaler | None = None, extra: dict[str, Any] | None = None) -> dict:
     """Run ``step_fn(sample indices, step) -> loss`` for ``cfg.iterations`` steps (where the
     stage has it) or ``cfg.epochs`` epochs; returns info (steps, loss curve per epoch and for
-    a last partial epoch, seconds, the step it resumed from).
+    a last partial epoch, seconds, the step it resumed from). ``extra``: state the steps keep
+    between them (SPML's memory bank), checkpointed with the rest and restored in place.
 
     Uses ``ctx.section``: ``batch_size``, ``epochs`` / ``iterations``, ``poly_power``,
     ``checkpoint_every``. A checkpoint holds the model, the optimiser, the loss history, the
@@ -62,6 +63,9 @@ def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optim
             _set_rng(state["rng"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
+        if extra is not None:
+            extra.clear()
+            extra.update(state.get("extra", {}))
         ctx.log.info("%s: resuming from step %d of %d", ctx.stage, start, total)
     model.train()
     t0 = time.time()
@@ -91,6 +95,8 @@ def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optim
                          "running": running, "rng": _get_rng()}
                 if scaler is not None:
                     state["scaler"] = scaler.state_dict()
+                if extra is not None:
+                    state["extra"] = dict(extra)
                 ctx.out.save_checkpoint(step + 1, state)
     ctx.out.write_file(LOSS_CURVE, loss_curve_png(history, f"{ctx.stage}: mean loss per epoch"))
     return {"steps": total, "epochs": n_epochs, "loss_curve": history,
@@ -159,27 +165,36 @@ def sgd(model: torch.nn.Module, cfg) -> tuple[torch.optim.SGD, list[float]]:
 
 def crop_batch(ctx: StageContext, ids: list[str], picks: np.ndarray, step: int,
                labels_for: Callable[[int, np.ndarray], np.ndarray],
-               distort: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               distort: bool = False, extra_for: Callable[[int, np.ndarray], np.ndarray] | None = None
+               ) -> tuple[torch.Tensor, ...]:
     """One training batch: for sample ``picks[j]`` the image and ``labels_for(index, image)``
     go through :func:`stages.augment.scale_flip_crop` (and :func:`stages.augment.photometric`
     with ``distort``) with ``step_rng(seed, step, j)``. Returns images (N, 3, c, c) 0..255,
-    labels (N, c, c) long with 255 on padding, and the real-pixel mask (padding False)."""
-    images, targets, real = [], [], []
+    labels (N, c, c) long with 255 on padding, and the real-pixel mask (padding False); with
+    ``extra_for`` a fourth (N, c, c) long map that went through the same geometry (padding
+    undefined: read it where the mask is True)."""
+    images, targets, real, extras = [], [], [], []
     for j, i in enumerate(picks):
         image = ctx.dataset.load_image(ids[i])
-        labels = labels_for(int(i), image)
-        if labels.shape != image.shape[:2]:
-            raise DataError(ctx.dataset.image_path(ids[i]), f"image is {image.shape[1]}x{image.shape[0]} but its "
-                                                           f"labels are {labels.shape[1]}x{labels.shape[0]}")
+        maps = [labels_for(int(i), image)]
+        if extra_for is not None:
+            maps.append(extra_for(int(i), image))
+        for m in maps:
+            if m.shape != image.shape[:2]:
+                raise DataError(ctx.dataset.image_path(ids[i]), f"image is {image.shape[1]}x{image.shape[0]} but "
+                                                               f"its labels are {m.shape[1]}x{m.shape[0]}")
         rng = step_rng(ctx.config.seed, step, j)
-        crop, (target, inside) = scale_flip_crop(image, rng, ctx.section.scale_range, ctx.section.crop,
-                                                 (labels, np.zeros_like(labels)))
+        crop, (target, inside, *more) = scale_flip_crop(image, rng, ctx.section.scale_range, ctx.section.crop,
+                                                        (maps[0], np.zeros_like(maps[0]), *maps[1:]))
         images.append(photometric(crop, rng) if distort else crop)
         targets.append(target)
         real.append(inside != IGNORE)
+        extras.extend(more)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(ctx.device)
-    return (x, torch.from_numpy(np.stack(targets)).long().to(ctx.device),
-            torch.from_numpy(np.stack(real)).to(ctx.device))
+    out = (x, torch.from_numpy(np.stack(targets)).long().to(ctx.device), torch.from_numpy(np.stack(real)).to(ctx.device))
+    if extra_for is not None:
+        out += (torch.from_numpy(np.stack(extras).astype(np.int64)).to(ctx.device),)
+    return out
 
 
 def sparse_batches(ctx: StageContext, ids: list[str], distort: bool

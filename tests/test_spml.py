@@ -130,7 +130,7 @@ def test_semantic_annotation_term_with_memory_against_the_loop():
         neg = [t for t in kept if all_lab[t] != int(b.label[i])]
         terms.append(_naive_nll(b.emb[i], allp, int(b.seg[i]), pos, neg, 6.0))
     want = torch.stack(terms).mean()
-    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
     a = torch.autograd.grad(got, emb, retain_graph=True)[0]
     c = torch.autograd.grad(want, emb)[0]
     torch.testing.assert_close(a, c)
@@ -155,7 +155,7 @@ def test_co_occurrence_term_against_the_loop():
             (pos if share or same else neg).append(t)
         terms.append(_naive_nll(b.emb[i], allp, int(b.seg[i]), pos, neg, 8.0))
     want = torch.stack(terms).mean()
-    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
     torch.testing.assert_close(torch.autograd.grad(got, emb, retain_graph=True)[0], torch.autograd.grad(want, emb)[0])
 
 
@@ -180,7 +180,7 @@ def test_image_similarity_term_against_the_loop():
             terms.append(-torch.log(num / sum(torch.exp(16.0 * (protos[t] * e).sum()) for t in den)))
         per_image.append(torch.stack(terms).mean())
     want = torch.stack(per_image).mean()
-    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-10)
     torch.testing.assert_close(torch.autograd.grad(got, emb, retain_graph=True)[0], torch.autograd.grad(want, emb)[0])
 
 
@@ -194,5 +194,63 @@ def test_feature_affinity_labels_unlabelled_segments_by_their_nearest_labelled_o
     seg_lab = nearest_labelled(protos, b.seg_label, U)
     assert (seg_lab != U).all()
     want = semantic_annotation_loss(b, protos, U, 6.0, labels=seg_lab[b.seg], seg_labels=seg_lab)
-    assert float(got) == pytest.approx(float(want))
-    assert float(got) != pytest.approx(float(semantic_annotation_loss(b, protos, U, 6.0)))
+    assert float(got.detach()) == pytest.approx(float(want))
+    assert float(got.detach()) != pytest.approx(float(semantic_annotation_loss(b, protos, U, 6.0)))
+
+
+def test_embedding_walk_against_the_transition_loop():
+    from models.spml import embedding_walk
+
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)  # stride-4 grid of a 16 x 24 image
+    logits = torch.randn(4, 4, 6, generator=g, dtype=torch.float64)
+    ids = torch.tensor([0, 2, 3])
+    got = embedding_walk(emb, logits, ids, (16, 24), 2.0, 5.0, 2)
+    grid = (2, 3)
+    e = F.normalize(F.interpolate(emb[None], size=grid, mode="bilinear", align_corners=False)[0], dim=0).flatten(1)
+    p = torch.softmax(F.interpolate(logits[None], size=grid, mode="bilinear", align_corners=False)[0], 0)
+    m = p[ids].flatten(1)
+    m = m / m.max(1, keepdim=True).values
+    n = e.shape[1]
+    a = [[math.exp(5.0 * (float(e[:, i] @ e[:, j]) - 1.0)) ** 2.0 for j in range(n)] for i in range(n)]
+    t = [[a[i][j] / sum(a[k][j] for k in range(n)) for j in range(n)] for i in range(n)]
+    walked = m.clone()
+    for _ in range(2 ** 2):  # M T, four times
+        walked = torch.stack([torch.stack([sum(walked[c, i] * t[i][j] for i in range(n)) for j in range(n)])
+                              for c in range(len(ids))])
+    up = F.interpolate(walked.view(1, len(ids), *grid), size=(16, 24), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(got.double(), up / up.sum(0, keepdim=True), rtol=1e-4, atol=1e-6)
+    assert got.shape == (3, 16, 24)
+
+
+def test_spml_stages_join_the_dag_only_when_enabled_and_feed_the_crf(tmp_path):
+    from pipeline.runner import make_run
+
+    from .conftest import demo_config
+
+    assert "spml_train" not in make_run(demo_config(tmp_path / "off")).names
+    run = make_run(demo_config(tmp_path / "on", spml_train__enabled=True))
+    names = run.names
+    assert names.index("seeds") < names.index("spml_train") < names.index("spml") < names.index("crf")
+    assert run.spec("crf").inputs(run.config) == ["spml"]
+    run = make_run(demo_config(tmp_path / "kept", spml_train__enabled=True, crf__input="a2gnn"))
+    assert run.spec("crf").inputs(run.config) == ["a2gnn"] and "spml" in run.names
+
+
+def test_spml_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
+    import stages.spml_train as st
+    from pipeline.bench import TINY_TRAINING
+    from pipeline.runner import make_run, run_local
+
+    from .conftest import assert_same_training, demo_config, kill_and_resume
+
+    def make(path):
+        return demo_config(path, spml_train={**TINY_TRAINING["spml_train"], "enabled": True, "iterations": 4,
+                                             "checkpoint_every": 2, "weight_affinity": 0.5})
+
+    for sub in ("a", "b"):
+        run = make_run(make(tmp_path / sub))
+        run_local(run, run.names[:run.names.index("seeds") + 1])
+    m1, m2, s1, s2 = kill_and_resume(tmp_path, monkeypatch, make, "spml_train", st, "spml_objective")
+    assert_same_training(m1, m2, s1, s2)
+    assert m1["info"]["terms"] == ["ce", "annotation", "occurrence", "image", "affinity"]
