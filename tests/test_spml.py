@@ -254,3 +254,13 @@ def test_spml_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     m1, m2, s1, s2 = kill_and_resume(tmp_path, monkeypatch, make, "spml_train", st, "spml_objective")
     assert_same_training(m1, m2, s1, s2)
     assert m1["info"]["terms"] == ["ce", "annotation", "occurrence", "image", "affinity"]
+
+
+def test_bench_spml_train_rows(tmp_path):
+    from .conftest import bench_rows
+
+    train, infer = bench_rows(tmp_path, "spml_train", "--images", "2", "--size", "96x64", "--opt", "depth=18",
+                              "--opt", "batch=2", "--opt", "crop=64")
+    assert "spml_train step resnet18" in train["case"] and "memory 2" in train["case"]
+    assert "random walk" in infer["case"]
+    assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (train, infer))
