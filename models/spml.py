@@ -78,16 +78,14 @@ def segsort_plus(emb: torch.Tensor, own: torch.Tensor, protos: torch.Tensor, pos
     """SPML Eq. 3 per pixel (P,): ``emb`` (P, D) unit embeddings, ``own`` (P,) each pixel's
     segment, ``protos`` (S, D), ``positive`` / ``negative`` (P, S) bool (C+ / C-; ``own`` may be
     in ``positive``: it counts only where no other positive exists, as released)."""
-    logits = kappa * (emb @ protos.t())  # (P, S)
+    # unit vectors: kappa (mu . e - 1) is in [-2 kappa, 0], so exp neither overflows nor needs a max
+    w = torch.exp(kappa * (emb @ protos.t() - 1.0))  # (P, S)
     self_mask = F.one_hot(own, protos.shape[0]).bool()
     others = positive & ~self_mask
-    has_other = others.any(1, keepdim=True)
-    num_mask = torch.where(has_other, others, self_mask)
-    den_mask = num_mask | (negative & ~num_mask)
-    neg_inf = torch.finfo(logits.dtype).min
-    num = torch.logsumexp(logits.masked_fill(~num_mask, neg_inf), 1)
-    den = torch.logsumexp(logits.masked_fill(~den_mask, neg_inf), 1)
-    return den - num
+    num_mask = torch.where(others.any(1, keepdim=True), others, self_mask)
+    num = (w * num_mask).sum(1)
+    den = num + (w * (negative & ~num_mask)).sum(1)
+    return torch.log(den) - torch.log(num)
 
 
 @dataclass
@@ -184,12 +182,13 @@ def co_occurrence_loss(batch: Batch, protos: torch.Tensor, kappa: float, memory:
     tag with the pixel's image and all of its own image's segments, negatives the rest."""
     seg_tags = batch.tags[batch.seg_image]
     all_protos, all_tags = protos, seg_tags
-    same_image = batch.image[:, None] == batch.seg_image[None, :]
     if memory is not None and len(memory.protos):
         all_protos, all_tags = torch.cat([protos, memory.protos]), torch.cat([seg_tags, memory.tags])
-        same_image = torch.cat([same_image, same_image.new_zeros(len(same_image), len(memory.protos))], 1)
-    pix_tags = batch.tags[batch.image].float()
-    pos = ((pix_tags @ all_tags.float().t()) > 0) | same_image
+    # decided per (image, segment), then read per pixel
+    pos_of_image = (batch.tags.float() @ all_tags.float().t()) > 0  # (B, S)
+    images = torch.arange(len(batch.tags), device=protos.device)
+    pos_of_image[:, :len(protos)] |= images[:, None] == batch.seg_image[None, :]
+    pos = pos_of_image[batch.image]
     return segsort_plus(batch.emb, batch.seg, all_protos, pos, ~pos, kappa).mean()
 
 
