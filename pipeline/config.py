@@ -595,11 +595,14 @@ class SpmlConfig(Section):
     softmax classifier's probabilities on the stride-8 grid, each class divided by its maximum,
     classes the image's weak labels do not name set to 0, then propagated by a random walk on the
     embedding, T = colnorm(exp(``gamma`` (e_i . e_j - 1))^``beta``) (5, 20) squared ``logt`` (6)
-    times; the ``crf`` stage follows."""
+    times; the ``crf`` stage follows. ``keep_seeds`` (ours; the released code has no such step):
+    the seeds' known pixels keep their label and the walk only fills the rest, as
+    ``random_walk.keep_seeds``."""
 
     beta: PositiveFloat = 20.0
     gamma: PositiveFloat = 5.0
     logt: Annotated[int, Field(ge=0)] = 6
+    keep_seeds: bool = False
 
 
 class RrmEvalConfig(Section):

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # "Eq. 3.20", "DFR Eq. 4-5", "Tang Eq. 4", "thesis Eq. 3.6-3.13", "Eq. 3.7 / 3.11"
-CITE = re.compile(r"(?:\b(DFR|Tang|BLPSeg|thesis) )?\bEq\. ?\(?(\d+(?:\.\d+)?)(?:\s*-\s*(\d+(?:\.\d+)?))?"
+CITE = re.compile(r"(?:\b(DFR|Tang|BLPSeg|SPML|thesis) )?\bEq\. ?\(?(\d+(?:\.\d+)?)(?:\s*-\s*(\d+(?:\.\d+)?))?"
                   r"((?:\s*/\s*\d+(?:\.\d+)?)*)")
 
 
@@ -83,8 +83,8 @@ def test_every_equation_cited_in_models_is_indexed():
         assert not missing, f"{path.name} cites equations the README index does not list: {sorted(missing)}"
 
 
-def test_the_index_covers_thesis_chapters_2_and_3_the_dfr_paper_and_blpseg():
+def test_the_index_covers_thesis_chapters_2_and_3_the_dfr_paper_blpseg_and_spml():
     listed = set(index())
     wanted = ({("thesis", f"2.{k}") for k in range(1, 27)} | {("thesis", f"3.{k}") for k in range(1, 29)} | {("DFR", str(k)) for k in range(1, 14)}
-              | {("BLPSeg", str(k)) for k in range(1, 13)})
+              | {("BLPSeg", str(k)) for k in range(1, 13)} | {("SPML", str(k)) for k in (1, 3, 4)})
     assert not wanted - listed, sorted(wanted - listed)
