@@ -1,0 +1,117 @@
+"""SCL few-shot numerics (thesis Ch. 5) against naive loops on tiny inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.fewshot import (SclNet, binary_iou, cross_guided, guided_vectors, masked_gap, prototype_logits, scl_loss,
+                            up_ce)
+
+
+def _loop_gap(feat, mask):
+    n, c, h, w = feat.shape
+    out = torch.zeros(n, c, dtype=feat.dtype)
+    for b in range(n):
+        pix = [(y, x) for y in range(h) for x in range(w) if mask[b, y, x]]
+        for y, x in pix:
+            out[b] += feat[b, :, y, x]
+        if pix:
+            out[b] /= len(pix)
+    return out
+
+
+def test_masked_gap_and_the_guided_vectors_against_the_loop():
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 4, 5, generator=g) > 0.5
+    pred = torch.rand(2, 4, 5, generator=g) > 0.4
+    torch.testing.assert_close(masked_gap(feat, mask.double()), _loop_gap(feat, mask))
+    pri, aux = guided_vectors(feat, mask.double(), pred.double())
+    torch.testing.assert_close(pri, _loop_gap(feat, mask & pred))  # Eq. 5.5: correctly predicted foreground
+    torch.testing.assert_close(aux, _loop_gap(feat, mask & ~pred))  # Eq. 5.6: the missed foreground
+    _, none = guided_vectors(feat, mask.double(), torch.ones(2, 4, 5, dtype=torch.float64))
+    assert torch.equal(none, torch.zeros_like(none))  # nothing missed: v_aux = 0
+    gw = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    a = torch.autograd.grad((pri * gw).sum(), feat, retain_graph=True)[0]
+    b = torch.autograd.grad((_loop_gap(feat, mask & pred) * gw).sum(), feat)[0]
+    torch.testing.assert_close(a, b)
+
+
+def test_scl_loss_is_eq_5_14_against_a_pixel_loop():
+    g = torch.Generator().manual_seed(1)
+    out = {k: torch.randn(1, 2, 2, 3, generator=g, dtype=torch.float64, requires_grad=True) for k in ("s1", "s2", "q")}
+    ms = torch.tensor([[[0, 1, 1, 0], [0, 1, 255, 0], [1, 1, 0, 0], [0, 0, 0, 1]]])
+    mq = torch.tensor([[[1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]])
+
+    def loop_ce(logits, mask):
+        up = F.interpolate(logits, size=(4, 4), mode="bilinear", align_corners=False)[0]
+        terms = [-torch.log_softmax(up[:, y, x], 0)[int(mask[0, y, x])] for y in range(4) for x in range(4)
+                 if int(mask[0, y, x]) != 255]
+        return sum(terms) / len(terms)
+
+    got = scl_loss(out, ms, mq)
+    want = loop_ce(out["s1"], ms) + loop_ce(out["s2"], ms) + loop_ce(out["q"], mq)
+    assert float(got["loss"].detach()) == pytest.approx(float(want.detach()), rel=1e-10)
+    for k in out:
+        a = torch.autograd.grad(got["loss"], out[k], retain_graph=True)[0]
+        b = torch.autograd.grad(want, out[k], retain_graph=True)[0]
+        torch.testing.assert_close(a, b)
+    assert float(up_ce(out["q"], mq).detach()) == pytest.approx(float(loop_ce(out["q"], mq).detach()))
+
+
+def test_cross_guided_fusion_is_eq_5_15_to_5_17():
+    g = torch.Generator().manual_seed(2)
+    k = 3
+    supports = torch.randn(k, 3, 4, 4, generator=g)
+    query = torch.randn(1, 3, 4, 4, generator=g)
+    masks = (torch.rand(k, 4, 4, generator=g) > 0.5).long()
+    table = torch.randn(k, k + 1, 2, 4, 4, generator=g)  # logits of image i (query last) under support j
+
+    def logits_of(j, images):
+        return table[j, :k] if len(images) == k else table[j, k:]
+
+    got = cross_guided(logits_of, supports, masks, query)
+    u = []
+    for j in range(k):
+        ious = []
+        for i in range(k):
+            p = table[j, i].argmax(0)
+            inter = int(((p == 1) & (masks[i] == 1)).sum())
+            union = int(((p == 1) | (masks[i] == 1)).sum())
+            ious.append(inter / union if union else 1.0)
+        u.append(sum(ious) / k)
+    fused = sum(u[j] * table[j, k] for j in range(k)) / k
+    torch.testing.assert_close(got, torch.softmax(fused, 0))
+    assert float(binary_iou(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))) == 1.0
+
+
+def test_prototype_baseline_is_cosine_to_the_masked_means():
+    g = torch.Generator().manual_seed(3)
+    fs = torch.randn(2, 4, 2, 2, generator=g, dtype=torch.float64)
+    ms = torch.tensor([[[1, 0], [255, 0]], [[1, 1], [0, 0]]])
+    fq = torch.randn(1, 4, 2, 2, generator=g, dtype=torch.float64)
+    got = prototype_logits(fs, ms, fq, scale=10.0)
+    fg = (fs[0, :, 0, 0] + (fs[1, :, 0, 0] + fs[1, :, 0, 1]) / 2) / 2
+    bg = ((fs[0, :, 0, 1] + fs[0, :, 1, 1]) / 2 + (fs[1, :, 1, 0] + fs[1, :, 1, 1]) / 2) / 2  # 255 left out
+    for y in range(2):
+        for x in range(2):
+            q = fq[0, :, y, x]
+            for c, p in enumerate((bg, fg)):
+                want = 10.0 * float(q @ p) / (float(q.norm()) * float(p.norm()))
+                assert float(got[0, c, y, x]) == pytest.approx(want)
+
+
+def test_scl_net_shapes_and_the_base_without_sgm():
+    torch.manual_seed(0)
+    net = SclNet(18, 16).eval()
+    s, m, q = torch.rand(2, 3, 64, 64) * 255, (torch.rand(2, 64, 64) > 0.5).long(), torch.rand(2, 3, 64, 64) * 255
+    out = net(s, m, q)
+    assert out["q"].shape == (2, 2, 8, 8) and out["s1"].shape == out["s2"].shape == (2, 2, 8, 8)
+    assert set(scl_loss(out, m, m)) == {"s1", "s2", "q", "loss"}
+    base = SclNet(18, 16, sgm=False).eval()
+    out = base(s, m, q)
+    assert "s2" not in out and torch.equal(out["a"], out["b"])
+    assert math.isfinite(float(scl_loss(out, m, m)["loss"].detach()))
