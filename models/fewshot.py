@@ -10,7 +10,7 @@ CANet-style base, and the prototype-only baseline.
     v_aux = masked GAP of F_s over [M_s = 1][M^_s != 1]                          (Eq. 5.6)
     P_s2  = softmax(D(FPM_s(Concat([F_s, V_pri, V_aux]))))                       (Eq. 5.8-5.9)
     P_q   = softmax(D(FPM_q(Concat([F_q, V_pri, V_aux]))))                       (Eq. 5.11-5.12)
-    L     = CE(P_s1, M_s) + CE(P_s2, M_s) + CE(P_q, M_q)                         (Eq. 5.7, 5.10, 5.13-5.14)
+    L     = CE(P_s1, M_s) + CE(P_s2, M_s) + CE(P_q, M_q)          (Eq. 5.7 / 5.10 / 5.13, Eq. 5.14)
     U^k   = 1/K sum_i IoU(argmax G(I_s^i | I_s^k), M_s^i)                        (Eq. 5.15-5.16)
     P^_q  = softmax(1/K sum_k U^k G(I_q | I_s^k))                                (Eq. 5.17)
 
