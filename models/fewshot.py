@@ -21,7 +21,7 @@ G(.|.) in Eq. 5.15-5.17 is the 1-shot model's query logits.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +141,12 @@ class SclNet(nn.Module):
         size = fq.shape[-2:]
         return self.decoder(self.fpm_q(torch.cat([fq, expand(a, size), expand(b, size)], 1)))
 
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone, new layers)."""
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        return backbone, [p for p in self.parameters() if id(p) not in ids]
+
     def forward(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         """One 1-shot episode per row: logits ``q`` of the query and ``s1`` / ``s2`` of the
@@ -178,26 +184,25 @@ def binary_iou(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-def cross_guided(logits_of: Callable[[int, torch.Tensor], torch.Tensor], supports: torch.Tensor,
-                 masks: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Eq. 5.15-5.17 for one episode of K supports (K, 3, H, W) with masks (K, H, W) and a query
-    (1, 3, H', W'): ``logits_of(k, images)`` is the 1-shot model's query logits of ``images``
-    guided by support k, at the images' size. U^k is the mean IoU of the supports predicted
-    under support k; returns P^_q (2, H', W')."""
+def cross_guided(logits_of: Callable[[int, torch.Tensor], torch.Tensor], supports: Sequence[torch.Tensor],
+                 masks: Sequence[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
+    """Eq. 5.15-5.17 for one episode of K support images (3, H_i, W_i) with masks (H_i, W_i) and
+    a query (3, H, W): ``logits_of(k, image)`` is the 1-shot model's logits (2, H, W) of
+    ``image`` guided by support k, at the image's size. U^k is the mean IoU of the supports
+    predicted under support k; returns P^_q (2, H, W)."""
     k = len(supports)
-    weights = []
-    for j in range(k):
-        pred = logits_of(j, supports).argmax(1)
-        weights.append(binary_iou(pred, masks).mean())
-    fused = sum(w * logits_of(j, query)[0] for j, w in enumerate(weights)) / k
+    weights = [torch.stack([binary_iou(logits_of(j, s).argmax(0), m) for s, m in zip(supports, masks)]).mean()
+               for j in range(k)]
+    fused = sum(w * logits_of(j, query) for j, w in enumerate(weights)) / k
     return torch.softmax(fused, 0)
 
 
-def prototype_logits(fs: torch.Tensor, ms: torch.Tensor, fq: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
-    """The prototype-only baseline (masked average pooling + cosine): foreground and background
-    prototypes of the K supports' features ``fs`` (K, C, h, w) and masks ``ms`` (K, H, W),
-    averaged over the shots; the query's (1, C, h, w) scaled cosine to each: (1, 2, h, w)."""
-    fg = masked_gap(fs, mask_to(ms, fs.shape[-2:])).mean(0)
-    bg = masked_gap(fs, mask_to(ms, fs.shape[-2:], 0)).mean(0)
+def prototype_logits(support_feats: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], fq: torch.Tensor,
+                     scale: float = 20.0) -> torch.Tensor:
+    """The prototype-only baseline (masked average pooling + cosine): the foreground and
+    background prototypes of each support's features (1, C, h, w) and mask (1, H, W), averaged
+    over the shots; the query's features (1, C, h, w) scaled cosine to each: (1, 2, h, w)."""
+    fg = torch.stack([masked_gap(f, mask_to(m, f.shape[-2:]))[0] for f, m in zip(support_feats, masks)]).mean(0)
+    bg = torch.stack([masked_gap(f, mask_to(m, f.shape[-2:], 0))[0] for f, m in zip(support_feats, masks)]).mean(0)
     protos = F.normalize(torch.stack([bg, fg]), dim=1)
     return scale * torch.einsum("kc,nchw->nkhw", protos, F.normalize(fq, dim=1))

@@ -15,7 +15,8 @@ IGNORE = 255
 
 class Supervision(StrEnum):
     """What a run's weak labels are: object boxes, scribbles, points or image tags (the
-    A²GNN pipeline), or a single-stage branch: scribbles (DFR, BLPSeg) or tags (RRM)."""
+    A²GNN pipeline), or a single-stage branch: scribbles (DFR, BLPSeg) or tags (RRM); or the
+    few-shot task (``fewshot``: support / query episodes of a masks dataset, SCL)."""
 
     BOX = "box"
     SCRIBBLE = "scribble"
@@ -24,13 +25,14 @@ class Supervision(StrEnum):
     DFR = "dfr"
     BLPSEG = "blpseg"
     RRM = "rrm"
+    FEWSHOT = "fewshot"
 
 
 PIPELINE = (Supervision.BOX, Supervision.SCRIBBLE, Supervision.POINT, Supervision.IMAGE)
 """The supervisions of the multi-stage (A²GNN) pipeline."""
 
 SINGLE_STAGE = {Supervision.DFR: ("dfr_train", "dfr_eval"), Supervision.BLPSEG: ("blpseg_train", "blpseg_eval"),
-                Supervision.RRM: ("rrm_train", "rrm_eval")}
+                Supervision.RRM: ("rrm_train", "rrm_eval"), Supervision.FEWSHOT: ("fewshot_train", "fewshot_eval")}
 """The single-stage branches: supervision -> (training stage, val inference stage)."""
 
 

@@ -37,6 +37,9 @@ TINY_TRAINING: dict[str, dict[str, Any]] = {
                   "checkpoint_every": 1000},
     "spml_train": {"depth": 18, "channels": 16, "dim": 8, "clusters": 2, "kmeans_iterations": 2, "crop": 48,
                    "batch_size": 2, "iterations": 2, "warmup_iterations": 0, "checkpoint_every": 1000},
+    "fewshot_train": {"depth": 18, "channels": 16, "crop": 48, "batch_size": 2, "iterations": 2, "folds": 3,
+                      "min_pixels": 16, "checkpoint_every": 1000},
+    "fewshot_eval": {"episodes": 4, "shots": [1, 2]},
 }
 
 

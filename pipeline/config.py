@@ -605,6 +605,59 @@ class SpmlConfig(Section):
     keep_seeds: bool = False
 
 
+
+class FewshotTrainConfig(Section):
+    """The few-shot task (``supervision: fewshot``; thesis Ch. 5, SCL): 1-shot episodes of the
+    training classes on the train split. Classes: ``classes`` (null: every class but 0) shuffled
+    by ``fold_seed`` and dealt into ``folds``; fold ``fold``'s classes are held out for the
+    ``fewshot_eval`` episodes (val split), the rest train. An image serves a class when it holds
+    at least ``min_pixels`` of it. SclNet (:mod:`models.fewshot`): ResNet-``depth`` at stride 8
+    (CANet: ResNet-50 from ImageNet), stage-2 + stage-3 features reduced to ``channels``; ``sgm``:
+    the self-guided module (off: the CANet-style base). SGD lr 2.5e-3, momentum 0.9, weight decay
+    5e-4, poly 0.9, batch 4 episodes, rescale, flip and crop 321 of support and query each."""
+
+    classes: list[int] | None = None
+    folds: Annotated[int, Field(ge=2)] = 4
+    fold: Annotated[int, Field(ge=0)] = 0
+    fold_seed: int = 0
+    min_pixels: Annotated[int, Field(ge=1)] = 2 * 32 * 32
+    depth: Literal[18, 34, 50, 101] = 50
+    weights: str = "none"  # none | imagenet | path (the backbone's torchvision state dict)
+    channels: PositiveInt = 256
+    sgm: bool = True
+    batch_size: PositiveInt = 4
+    epochs: PositiveInt = 1
+    iterations: PositiveInt | None = 20000
+    lr: PositiveFloat = 2.5e-3
+    head_lr_mult: PositiveFloat = 1.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    poly_power: PositiveFloat = 0.9
+    crop: Annotated[int, Field(ge=32)] = 321
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.3)
+    checkpoint_every: PositiveInt = 1000
+
+    @model_validator(mode="after")
+    def _check_fold(self) -> "FewshotTrainConfig":
+        if self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} is not one of the {self.folds} folds (0..{self.folds - 1})")
+        return self
+
+
+class FewshotEvalConfig(Section):
+    """Test episodes of the held-out fold's classes on the val split, drawn with ``seed``:
+    ``episodes`` per shot count in ``shots``; each has distinct support and query images. K > 1
+    fuses the 1-shot model's predictions by the cross-guided module (Eq. 5.15-5.17). Scores as the
+    thesis: the mean over classes of each class's IoU accumulated over its episodes, and FB-IoU;
+    the prototype-only baseline (masked average pooling + cosine on the same encoder) beside it.
+    Images at ``size`` on their short side (null: as they are)."""
+
+    episodes: PositiveInt = 1000
+    shots: list[PositiveInt] = [1, 5]
+    seed: int = 0
+    size: PositiveInt | None = None
+
+
 class RrmEvalConfig(Section):
     """Val-split inference of the RRM network: the segmentation branch (softmax over ``scales``
     and ``flip``), then the dense CRF post-processing of the thesis (``crf``; the thesis cites
@@ -640,6 +693,7 @@ class Config(Section):
     run: str = "demo"
     output_root: str = "artifacts"
     supervision: Supervision = Supervision.BOX
+    task: Literal["segmentation", "fewshot"] = "segmentation"  # fewshot: the same as supervision: fewshot
     seed: int = 0
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     workers: Annotated[int, Field(ge=0)] = 0
@@ -674,6 +728,8 @@ class Config(Section):
     rrm_eval: RrmEvalConfig = Field(default_factory=RrmEvalConfig)
     spml_train: SpmlTrainConfig = Field(default_factory=SpmlTrainConfig)
     spml: SpmlConfig = Field(default_factory=SpmlConfig)
+    fewshot_train: FewshotTrainConfig = Field(default_factory=FewshotTrainConfig)
+    fewshot_eval: FewshotEvalConfig = Field(default_factory=FewshotEvalConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
 
     @field_validator("run")
@@ -696,6 +752,10 @@ class Config(Section):
         the affinity radius (4 for boxes, 5 otherwise, as released) and A²GNN's schedule
         (:data:`A2GNN_RELEASED`), its box-only terms off for other supervisions, and edge
         lists for the torch_geometric baselines."""
+        if self.task == "fewshot" and self.supervision != Supervision.FEWSHOT:
+            self.supervision = Supervision.FEWSHOT
+        elif self.supervision == Supervision.FEWSHOT and self.task != "fewshot":
+            self.task = "fewshot"
         box = self.supervision == Supervision.BOX
         if self.random_walk.source == "auto":
             tags_or_points = self.supervision in (Supervision.IMAGE, Supervision.POINT)

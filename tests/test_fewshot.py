@@ -70,10 +70,13 @@ def test_cross_guided_fusion_is_eq_5_15_to_5_17():
     masks = (torch.rand(k, 4, 4, generator=g) > 0.5).long()
     table = torch.randn(k, k + 1, 2, 4, 4, generator=g)  # logits of image i (query last) under support j
 
-    def logits_of(j, images):
-        return table[j, :k] if len(images) == k else table[j, k:]
+    shots = list(supports)
 
-    got = cross_guided(logits_of, supports, masks, query)
+    def logits_of(j, image):
+        i = next((i for i in range(k) if image is shots[i]), k)
+        return table[j, i]
+
+    got = cross_guided(logits_of, shots, list(masks), query[0])
     u = []
     for j in range(k):
         ious = []
@@ -93,7 +96,7 @@ def test_prototype_baseline_is_cosine_to_the_masked_means():
     fs = torch.randn(2, 4, 2, 2, generator=g, dtype=torch.float64)
     ms = torch.tensor([[[1, 0], [255, 0]], [[1, 1], [0, 0]]])
     fq = torch.randn(1, 4, 2, 2, generator=g, dtype=torch.float64)
-    got = prototype_logits(fs, ms, fq, scale=10.0)
+    got = prototype_logits([fs[:1], fs[1:]], [ms[:1], ms[1:]], fq, scale=10.0)
     fg = (fs[0, :, 0, 0] + (fs[1, :, 0, 0] + fs[1, :, 0, 1]) / 2) / 2
     bg = ((fs[0, :, 0, 1] + fs[0, :, 1, 1]) / 2 + (fs[1, :, 1, 0] + fs[1, :, 1, 1]) / 2) / 2  # 255 left out
     for y in range(2):
@@ -115,3 +118,43 @@ def test_scl_net_shapes_and_the_base_without_sgm():
     out = base(s, m, q)
     assert "s2" not in out and torch.equal(out["a"], out["b"])
     assert math.isfinite(float(scl_loss(out, m, m)["loss"].detach()))
+
+
+def test_fold_split_is_seeded_and_disjoint():
+    from pipeline.config import FewshotTrainConfig
+    from stages.fewshot_train import fold_classes
+
+    cfg = FewshotTrainConfig(classes=[1, 2, 3, 4, 5], folds=3, fold=0, fold_seed=0)
+    train, held = fold_classes(cfg, 6)
+    assert sorted(train + held) == [1, 2, 3, 4, 5] and not set(train) & set(held) and len(held) == 2
+    assert fold_classes(cfg, 6) == (train, held)
+    folds = [fold_classes(FewshotTrainConfig(classes=[1, 2, 3, 4, 5], folds=3, fold=f), 6)[1] for f in range(3)]
+    assert sorted(sum(folds, [])) == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="not foreground class ids"):
+        fold_classes(FewshotTrainConfig(classes=[0, 1, 2, 3]), 6)
+
+
+def test_fewshot_task_runs_its_two_stages_and_scores_episodes(tmp_path):
+    from pipeline.runner import make_run, run_local
+
+    from .conftest import demo_config
+
+    run = make_run(demo_config(tmp_path, task="fewshot", dataset={"kind": "demo", "num_train": 6, "num_val": 6}))
+    assert run.config.supervision == "fewshot" and run.names == ["fewshot_train", "fewshot_eval"]
+    out = run_local(run, run.names)
+    m = out["fewshot_eval"]["metrics"]
+    assert set(m) == {"1shot", "1shot_prototype", "2shot", "2shot_prototype"}
+    for v in m.values():
+        assert 0.0 <= v["miou"] <= 1.0 and 0.0 <= v["fb_iou"] <= 1.0
+        assert [int(c) for c in v["iou"]] == out["fewshot_train"]["info"]["held_out"]
+    episodes = run.store("fewshot_eval").read_model()["episodes"]
+    assert len(episodes) == 8 and all(e["query"] not in e["supports"] for e in episodes)
+    assert all(len(set(e["supports"])) == e["shots"] for e in episodes)
+
+
+def test_fewshot_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
+    import stages.fewshot_train as ft
+
+    from .conftest import single_stage_resumes_exactly
+
+    single_stage_resumes_exactly(tmp_path, monkeypatch, "fewshot", ft, "scl_loss")

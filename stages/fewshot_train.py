@@ -1,0 +1,128 @@
+"""``fewshot_train``: SCL (thesis Ch. 5) trained on 1-shot episodes of the training classes.
+
+Episodes come from any masks dataset: the classes (``classes``, default every class but 0) are
+shuffled by ``fold_seed`` and dealt into ``folds``; fold ``fold`` is held out for
+``fewshot_eval``. Each step draws, per batch row and from ``step_rng(seed, step, row)``, a
+training class and two distinct train images that hold at least ``min_pixels`` of it (support
+and query); its mask is 1 on the class, 0 elsewhere (other classes included), 255 where the GT
+is ignored. Both images go through rescale, flip and crop. Loss Eq. 5.14
+(:func:`models.fewshot.scl_loss`); SGD with poly decay; checkpoints as every training stage,
+and every episode is a function of (seed, step), so a killed run resumes exactly.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.fewshot import SclNet, scl_loss
+from models.types import IGNORE, Supervision
+
+from .augment import scale_flip_crop, step_rng
+from .base import STAGES, StageContext, StageResult, StageSpec
+from .training import save_trained, sgd, train_loop, trained_model, trained_result
+
+VERSION = "1"
+
+
+def build_model(arch: dict[str, Any]) -> SclNet:
+    return SclNet(arch["depth"], arch["channels"], arch.get("weights", "none"), arch["sgm"])
+
+
+def load_trained(state: dict[str, Any], device: str) -> SclNet:
+    """The trained network from a ``model.pt`` state, in eval mode on ``device``."""
+    return trained_model(state, build_model, device)
+
+
+def fold_classes(cfg, num_classes: int) -> tuple[list[int], list[int]]:
+    """(training classes, held-out classes of fold ``cfg.fold``): ``cfg.classes`` (default
+    1..K-1) permuted by ``cfg.fold_seed``, fold f = every ``folds``-th from position f."""
+    classes = list(cfg.classes) if cfg.classes is not None else list(range(1, num_classes))
+    bad = [c for c in classes if not 1 <= c < num_classes]
+    if bad:
+        raise ValueError(f"fewshot classes {bad} are not foreground class ids of this dataset (1..{num_classes - 1})")
+    if len(classes) < cfg.folds:
+        raise ValueError(f"{len(classes)} classes cannot make {cfg.folds} folds")
+    perm = [classes[i] for i in np.random.default_rng(cfg.fold_seed).permutation(len(classes))]
+    held = sorted(perm[cfg.fold::cfg.folds])
+    return sorted(c for c in perm if c not in held), held
+
+
+def images_of(ctx: StageContext, ids: list[str], classes: list[int], min_pixels: int) -> dict[int, list[str]]:
+    """Class -> the images among ``ids`` whose GT holds at least ``min_pixels`` of it."""
+    out: dict[int, list[str]] = {c: [] for c in classes}
+    for image_id in ids:
+        gt = ctx.dataset.load_gt(image_id)
+        if gt is None:
+            continue
+        counts = np.bincount(gt.ravel(), minlength=256)
+        for c in classes:
+            if counts[c] >= min_pixels:
+                out[c].append(image_id)
+    return out
+
+
+def class_mask(gt: np.ndarray, c: int) -> np.ndarray:
+    """The episode mask of class ``c``: 1 on it, 255 where the GT is ignored, else 0."""
+    return np.where(gt == IGNORE, IGNORE, (gt == c).astype(np.uint8)).astype(np.uint8)
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.section
+    train, held = fold_classes(cfg, ctx.dataset.num_classes)
+    pool = {c: v for c, v in images_of(ctx, sorted(ctx.ids), train, cfg.min_pixels).items() if len(v) >= 2}
+    if not pool:
+        raise ValueError(f"fewshot_train: no training class of {train} has two train images with "
+                         f"{cfg.min_pixels}+ pixels of it")
+    classes = sorted(pool)
+    arch = {"depth": cfg.depth, "channels": cfg.channels, "weights": cfg.weights, "sgm": cfg.sgm}
+    torch.manual_seed(ctx.config.seed)
+    model = build_model(arch).to(ctx.device)
+    opt, base_lrs = sgd(model, cfg)
+    curves: dict[str, list[float]] = {"s1": [], "s2": [], "q": []}
+
+    @functools.lru_cache(maxsize=4096)
+    def gt_of(image_id: str) -> np.ndarray:
+        return ctx.dataset.load_gt(image_id)
+
+    def crop(image_id: str, c: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        image, (mask,) = scale_flip_crop(ctx.dataset.load_image(image_id), rng, cfg.scale_range, cfg.crop,
+                                         (class_mask(gt_of(image_id), c),))
+        return image, mask
+
+    def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
+        rows = []
+        for j in range(len(picks)):
+            rng = step_rng(ctx.config.seed, step, j)
+            c = classes[int(rng.integers(len(classes)))]
+            s_id, q_id = (pool[c][int(k)] for k in rng.choice(len(pool[c]), 2, replace=False))
+            rows.append((*crop(s_id, c, rng), *crop(q_id, c, rng)))
+        s, ms, q, mq = (np.stack(v) for v in zip(*rows))
+        images = [torch.from_numpy(a).permute(0, 3, 1, 2).float().to(ctx.device) for a in (s, q)]
+        masks = [torch.from_numpy(a).long().to(ctx.device) for a in (ms, mq)]
+        terms = scl_loss(model(images[0], masks[0], images[1]), masks[0], masks[1])
+        for t in curves:
+            if t in terms:
+                curves[t].append(float(terms[t].detach()))
+        return terms["loss"]
+
+    info = train_loop(ctx, model, opt, base_lrs, len(ctx.ids), step_fn)
+    save_trained(ctx, model, info, arch=arch)
+    del model, opt
+    return trained_result(ctx, info, train_classes=classes, held_out=held,
+                          episode_images={str(c): len(v) for c, v in pool.items()},
+                          **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
+
+
+def preflight(config) -> None:
+    """Backbone weights must be on disk before anything runs (nothing is downloaded)."""
+    from models.backbones import DEPTHS, weights_path
+
+    weights_path(config.fewshot_train.weights, DEPTHS[config.fewshot_train.depth])
+
+
+SPEC = STAGES.register(StageSpec(
+    name="fewshot_train", run=run, inputs=lambda config: [], supervisions=(Supervision.FEWSHOT,), output="model",
+    version=VERSION, per_image=False, parallel=False, preflight=preflight, reads=("dataset", "seed")))
