@@ -40,7 +40,8 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 ConfigArg = typer.Argument(..., help="YAML run config (see configs/).", exists=False)
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set crf.iterations=5 (repeatable).")
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-DEMO_BRANCHES = [DEMO_CONFIG.with_name(f"demo_{name}.yaml") for name in ("dfr", "blpseg", "rrm")]  # the single-stage demos
+DEMO_BRANCHES = [DEMO_CONFIG.with_name(f"demo_{name}.yaml")  # the single-stage demos and the few-shot task
+                 for name in ("dfr", "blpseg", "rrm", "fewshot")]
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -311,8 +312,8 @@ def demo(overrides: Optional[list[str]] = SetOpt,
          engine: Optional[str] = typer.Option(None, help="prefect (default) or local.")) -> None:
     """Run every stage built so far on the built-in synthetic data and print the quality
     ladders: configs/demo.yaml (boxes, the A²GNN pipeline), then configs/demo_dfr.yaml,
-    configs/demo_blpseg.yaml (the single-stage branches on scribbles) and configs/demo_rrm.yaml
-    (on image tags). ``--set`` applies to the first."""
+    configs/demo_blpseg.yaml (the single-stage branches on scribbles), configs/demo_rrm.yaml
+    (on image tags) and configs/demo_fewshot.yaml (the few-shot task). ``--set`` applies to the first."""
     _setup_logging()
     extra = [f"engine={engine}"] if engine else []
     runs = [_make_run(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, (overrides or []) + extra)]
@@ -333,6 +334,10 @@ def _print_ladder(the_run) -> None:
         if "mAP@0.5" in m:
             aps = "   ".join(f"{k} {_fmt(v)}" for k, v in m.items() if k.startswith("mAP@"))
             console.print(f"  {label:<34} {aps}   ({m['gt_objects']} GT objects)", highlight=False)
+        for key in [k for k in m if k.endswith("shot")]:
+            base = m.get(f"{key}_prototype", {})
+            console.print(f"  {label + ' ' + key:<34} class mIoU {_fmt(m[key]['miou'])}   FB-IoU {_fmt(m[key]['fb_iou'])}"
+                          f"   (prototype baseline {_fmt(base.get('miou'))} / {_fmt(base.get('fb_iou'))})", highlight=False)
         if "miou" not in m:
             continue
         rows = [(label, m)] + [(f"  {sub_label}", sub) for sub_label, sub in extra_rows(m)]
