@@ -217,6 +217,9 @@ def test_rrm_dag_stages_and_switches(tmp_path):
     warm = make_run(_tiny(tmp_path / "w", rrm_train={**base, "cls_only_fraction": 0.5, "iterations": 4}))
     info = run_local(warm, ["rrm_train"])["rrm_train"]["info"]
     assert info["joint_from"] == 2 and info["terms"] == ["cls", "ce", "energy", "bcd"]
+    plain_cam = make_run(_tiny(tmp_path / "c", rrm_train={**base, "cls_only_fraction": 1.0}))
+    info = run_local(plain_cam, ["rrm_train"])["rrm_train"]["info"]  # the plain CAM network, RRM's baseline
+    assert info["joint_from"] == 2 and info["terms"] == ["cls"] and "reliable_last" not in info
 
 
 def test_objective_terms_and_their_sum():
