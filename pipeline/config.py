@@ -540,8 +540,7 @@ class RrmTrainConfig(SgdTrainConfig):
     checkpoint_every: PositiveInt = 1000
 
 
-
-class SpmlTrainConfig(Section):
+class SpmlTrainConfig(SgdTrainConfig):
     """SPML's pixel embedding (Ke et al. ICLR 2021; defaults: the released VOC scripts,
     ``bashscripts/voc12``), trained on the ``seeds`` stage's labels (the semantic annotation: the
     scribbles / points / CAM seeds; unknown pixels unlabelled) with the pixel-to-segment loss of
@@ -560,7 +559,6 @@ class SpmlTrainConfig(Section):
 
     enabled: bool = False
     depth: Literal[18, 34, 50, 101] = 101
-    weights: str = "none"  # none | imagenet | path (the backbone's torchvision state dict)
     channels: PositiveInt = 512
     dim: PositiveInt = 64
     clusters: PositiveInt = 6
@@ -576,17 +574,11 @@ class SpmlTrainConfig(Section):
     weight_affinity: Annotated[float, Field(ge=0.0)] = 0.0
     memory_batches: Annotated[int, Field(ge=0)] = 2
     batch_size: PositiveInt = 4
-    epochs: PositiveInt = 1
     iterations: PositiveInt | None = 30000
     lr: PositiveFloat = 3e-3
-    head_lr_mult: PositiveFloat = 10.0
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
-    poly_power: PositiveFloat = 0.9
     warmup_iterations: Annotated[int, Field(ge=0)] = 100
     warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    crop: Annotated[int, Field(ge=32)] = 512
-    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.5)
     checkpoint_every: PositiveInt = 1000
 
 
@@ -605,8 +597,7 @@ class SpmlConfig(Section):
     keep_seeds: bool = False
 
 
-
-class FewshotTrainConfig(Section):
+class FewshotTrainConfig(SgdTrainConfig):
     """The few-shot task (``supervision: fewshot``; thesis Ch. 5, SCL): 1-shot episodes of the
     training classes on the train split. Classes: ``classes`` (null: every class but 0) shuffled
     by ``fold_seed`` and dealt into ``folds``; fold ``fold``'s classes are held out for the
@@ -621,18 +612,13 @@ class FewshotTrainConfig(Section):
     fold: Annotated[int, Field(ge=0)] = 0
     fold_seed: int = 0
     min_pixels: Annotated[int, Field(ge=1)] = 2 * 32 * 32
-    depth: Literal[18, 34, 50, 101] = 50
-    weights: str = "none"  # none | imagenet | path (the backbone's torchvision state dict)
     channels: PositiveInt = 256
     sgm: bool = True
     batch_size: PositiveInt = 4
-    epochs: PositiveInt = 1
     iterations: PositiveInt | None = 20000
     lr: PositiveFloat = 2.5e-3
     head_lr_mult: PositiveFloat = 1.0
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
-    poly_power: PositiveFloat = 0.9
     crop: Annotated[int, Field(ge=32)] = 321
     scale_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.3)
     checkpoint_every: PositiveInt = 1000
