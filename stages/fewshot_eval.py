@@ -131,4 +131,4 @@ def run(ctx: StageContext) -> StageResult:
 
 SPEC = STAGES.register(StageSpec(
     name="fewshot_eval", run=run, inputs=lambda config: ["fewshot_train"], supervisions=(Supervision.FEWSHOT,),
-    output="model", version=VERSION, split="val", per_image=False, parallel=False, reads=("dataset", "seed")))
+    output="model", version=VERSION, split="val", per_image=False, parallel=False, reads=("dataset",)))

@@ -164,17 +164,20 @@ READS = {
     "instance_train": {"dataset", "weak", "seed"}, "dfr_train": {"dataset", "weak", "seed"}, "dfr_eval": {"dataset"},
     "blpseg_train": {"dataset", "weak", "seed"}, "blpseg_eval": {"dataset"},
     "rrm_train": {"dataset", "weak", "seed"}, "rrm_eval": {"dataset", "weak"},  # rrm_eval: the tags of its CAM + CRF map
+    "spml_train": {"dataset", "weak", "seed"}, "spml": {"dataset", "weak"},  # weak: the classes an image names
+    "fewshot_train": {"dataset", "seed"}, "fewshot_eval": {"dataset"},
 }
 FLIPS = {"run": "u", "output_root": "elsewhere", "device": "cpu", "workers": 3, "shard_size": 5, "engine": "prefect",
          "task_runner": "process", "threads": 2, "dask": {"n_workers": 3}, "lock": "refuse", "min_usable": 0.9,
          "seed": 1, "weak": {"seed": 1},
-         "dataset": {"kind": "demo", "num_train": 6, "num_val": 2, "seed": 1}, "supervision": "scribble"}
+         "dataset": {"kind": "demo", "num_train": 6, "num_val": 2, "seed": 1}, "supervision": "scribble",
+         "task": "fewshot"}  # task: another DAG, no stage in common
 
 
 def test_each_top_level_field_changes_exactly_the_stages_that_read_it(tmp_path):
     assert {n: set(STAGES.get(n).reads) for n in STAGES.names()} == READS
     sections = set(STAGES.names())
-    shared = {"dataset", "weak", "seed", "supervision"}
+    shared = {"dataset", "weak", "seed", "supervision", "task"}
     assert set(Config.model_fields) == sections | shared | set(RESULT_NEUTRAL)
     assert set(FLIPS) == shared | set(RESULT_NEUTRAL)  # a new top-level field needs a flip here
     base = make_run(demo_config(tmp_path, cam__enabled=True, instance_train__enabled=False))
