@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from models.fewshot import cross_guided, prototype_logits
 from models.types import IGNORE, Supervision
 
+from .augment import rescale
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .fewshot_train import class_mask, fold_classes, images_of, load_trained
 from .training import release
@@ -82,11 +82,7 @@ def run(ctx: StageContext) -> StageResult:
     def loaded(image_id: str) -> tuple[torch.Tensor, np.ndarray]:
         image, gt = ctx.dataset.load_image(image_id), ctx.dataset.load_gt(image_id)
         if cfg.size is not None:
-            h, w = gt.shape
-            f = cfg.size / min(h, w)
-            size = (max(1, round(w * f)), max(1, round(h * f)))
-            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-            gt = cv2.resize(gt, size, interpolation=cv2.INTER_NEAREST)
+            image, (gt,) = rescale(image, cfg.size / min(gt.shape), (gt,))
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().to(ctx.device), gt
 
     @functools.lru_cache(maxsize=512)

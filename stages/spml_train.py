@@ -86,9 +86,9 @@ def spml_objective(emb: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
     return terms, bank
 
 
-def image_tags(ctx: StageContext, image_id: str) -> np.ndarray:
-    """(K-1,) bool: the foreground classes the image's weak labels or seeds name."""
-    named = classes_of(ctx.input("seeds").read_label(image_id), ctx.dataset.load_weak(image_id))
+def image_tags(ctx: StageContext, image_id: str, seeds: np.ndarray) -> np.ndarray:
+    """(K-1,) bool: the foreground classes the image's weak labels or ``seeds`` name."""
+    named = classes_of(seeds, ctx.dataset.load_weak(image_id))
     out = np.zeros(ctx.dataset.num_classes - 1, bool)
     out[named[(named >= 1) & (named < ctx.dataset.num_classes)] - 1] = True
     return out
@@ -99,7 +99,8 @@ def run(ctx: StageContext) -> StageResult:
     if not ids:
         raise ValueError("spml_train: the train split is empty")
     k = ctx.dataset.num_classes
-    tags = np.stack([image_tags(ctx, i) for i in ids])
+    seeds_of = functools.lru_cache(maxsize=4096)(lambda i: ctx.input("seeds").read_label(ids[i]))
+    tags = np.stack([image_tags(ctx, image_id, seeds_of(i)) for i, image_id in enumerate(ids)])
     arch = {"depth": cfg.depth, "num_classes": k, "weights": cfg.weights, "channels": cfg.channels, "dim": cfg.dim}
     torch.manual_seed(ctx.config.seed)
     model = build_model(arch).to(ctx.device)
@@ -114,7 +115,7 @@ def run(ctx: StageContext) -> StageResult:
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
         x, y, real, regions = crop_batch(ctx, ids, picks, step,
-                                         lambda i, image: ctx.input("seeds").read_label(ids[i]),
+                                         lambda i, image: seeds_of(i),
                                          extra_for=lambda i, image: regions_of(i))
         emb, logits = model.forward_train(x)
         entries = bank["entries"]
