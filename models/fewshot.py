@@ -11,6 +11,7 @@ CANet-style base, and the prototype-only baseline.
     P_s2  = softmax(D(FPM_s(Concat([F_s, V_pri, V_aux]))))                       (Eq. 5.8-5.9)
     P_q   = softmax(D(FPM_q(Concat([F_q, V_pri, V_aux]))))                       (Eq. 5.11-5.12)
     L     = CE(P_s1, M_s) + CE(P_s2, M_s) + CE(P_q, M_q)          (Eq. 5.7 / 5.10 / 5.13, Eq. 5.14)
+    Y_q   = minmax_q max_{j} cos(H_q(q), H_s(j) m_s(j))                         (PFENet's prior mask)
     U^k   = 1/K sum_i IoU(argmax G(I_s^i | I_s^k), M_s^i)                        (Eq. 5.15-5.16)
     P^_q  = softmax(1/K sum_k U^k G(I_q | I_s^k))                                (Eq. 5.17)
 
@@ -18,6 +19,13 @@ The masks are taken to the feature grid by nearest sampling; an empty mask gives
 vector (the thesis is silent; v_aux is empty whenever the support is predicted perfectly).
 The CE terms are means over the pixels of the masks' resolution (logits upsampled bilinearly).
 G(.|.) in Eq. 5.15-5.17 is the 1-shot model's query logits.
+
+The PFENet-style base (``prior=True``; the thesis' "SCL (PFENet)", Fig. 5.5) adds PFENet's
+training-free prior Y_q as one more channel of the query FPM only (the thesis: never in the
+support FPM): H are the backbone's last-stage features, taken without gradient (PFENet's frozen
+ImageNet backbone gives none), m_s the support's foreground resized bilinearly, the max over
+every support position (background ones are zero vectors, cosine 0), then min-max normalised
+over the query's positions.
 """
 from __future__ import annotations
 
@@ -56,6 +64,20 @@ def expand(v: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return v[:, :, None, None].expand(-1, -1, *size)
 
 
+def prior_mask(hq: torch.Tensor, hs: torch.Tensor, ms: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """PFENet's prior Y_q (N, 1, h, w) of query features ``hq`` (N, C, h, w) from support features
+    ``hs`` (N, C, h', w') and its mask ``ms`` (N, H, W) (1 = foreground):
+    Y(q) = max_j <hq(q), s(j)> / (|hq(q)| |s(j)| + eps) with s = hs * m_s, min-max normalised
+    over q."""
+    m = F.interpolate((ms == 1).float()[:, None], size=hs.shape[-2:], mode="bilinear", align_corners=False)
+    s = (hs * m).flatten(2)                                            # (N, C, J)
+    q = hq.flatten(2)                                                  # (N, C, Q)
+    cos = torch.einsum("ncj,ncq->njq", s, q) / (s.norm(dim=1)[:, :, None] * q.norm(dim=1)[:, None] + eps)
+    y = cos.max(1).values                                              # (N, Q)
+    lo, hi = y.min(1, keepdim=True).values, y.max(1, keepdim=True).values
+    return ((y - lo) / (hi - lo + eps)).view(hq.shape[0], 1, *hq.shape[-2:])
+
+
 class Residual(nn.Module):
     """CANet's residual block: x + conv3x3(ReLU(conv3x3(ReLU(x))))."""
 
@@ -88,12 +110,13 @@ class Decoder(nn.Module):
 
 
 class FPM(nn.Module):
-    """A feature processing module: the concatenation [F, V_a, V_b] (3C) through a 1x1 conv to C,
-    ReLU, then a residual block (the single-scale FPM of the thesis' CANet variant)."""
+    """A feature processing module: the concatenation [F, V_a, V_b] (3C, + ``extra`` channels such
+    as the prior mask) through a 1x1 conv to C, ReLU, then a residual block (the single-scale FPM
+    of the thesis' CANet variant)."""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, extra: int = 0) -> None:
         super().__init__()
-        self.merge = nn.Conv2d(3 * c, c, 1)
+        self.merge = nn.Conv2d(3 * c + extra, c, 1)
         self.res = Residual(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,24 +127,31 @@ class SclNet(nn.Module):
     """SCL on a CANet-style base: a ResNet encoder at output stride 8 whose stage-2 and stage-3
     maps are concatenated and reduced by a 1x1 conv (+ ReLU, dropout 0.5) to ``channels``
     (CANet's encoder), the support FPM_s and query FPM_q, and one shared decoder D.
-    ``sgm=False`` is the base alone (the query guided by [V_s, V_s])."""
+    ``sgm=False`` is the base alone (the query guided by [V_s, V_s]); ``prior=True`` feeds the
+    query FPM PFENet's prior mask (:func:`prior_mask`) of the last-stage features."""
 
-    def __init__(self, depth: int = 50, channels: int = 256, weights: str = "none", sgm: bool = True) -> None:
+    def __init__(self, depth: int = 50, channels: int = 256, weights: str = "none", sgm: bool = True,
+                 prior: bool = False) -> None:
         super().__init__()
         self.backbone = ResNetBackbone(depth, 8, weights)
         c2, c3 = self.backbone.channels[1], self.backbone.channels[2]
         self.reduce = nn.Sequential(nn.Conv2d(c2 + c3, channels, 1), nn.ReLU(inplace=True), nn.Dropout2d(0.5))
-        self.fpm_s, self.fpm_q = FPM(channels), FPM(channels)
+        self.fpm_s, self.fpm_q = FPM(channels), FPM(channels, int(prior))
         self.decoder = Decoder(channels)
-        self.sgm = sgm
+        self.sgm, self.prior = sgm, prior
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) 0..255 -> F (N, C, H/8, W/8)."""
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, 3, H, W) 0..255 -> (F (N, C, H/8, W/8), the detached last-stage features for the
+        prior mask, None without it)."""
         feats = self.backbone(normalize(images))
         f2, f3 = feats[1], feats[2]
         if f2.shape[-2:] != f3.shape[-2:]:
             f2 = F.interpolate(f2, size=f3.shape[-2:], mode="bilinear", align_corners=False)
-        return self.reduce(torch.cat([f2, f3], 1))
+        return self.reduce(torch.cat([f2, f3], 1)), feats[3].detach() if self.prior else None
+
+    def prior_of(self, hq: torch.Tensor | None, hs: torch.Tensor | None, ms: torch.Tensor) -> torch.Tensor | None:
+        """The prior mask of a query from one support (None without the prior)."""
+        return prior_mask(hq, hs, ms) if self.prior else None
 
     def support_vectors(self, fs: torch.Tensor, ms: torch.Tensor) -> dict[str, torch.Tensor]:
         """Eq. 5.1-5.9 on encoded supports ``fs`` and their masks ``ms`` (N, H, W): v_s, v_pri,
@@ -136,10 +166,15 @@ class SclNet(nn.Module):
         s2 = self.decoder(self.fpm_s(torch.cat([fs, expand(v_pri, size), expand(v_aux, size)], 1)))
         return {"v_s": v_s, "a": v_pri, "b": v_aux, "s1": s1, "s2": s2}
 
-    def query_logits(self, fq: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Eq. 5.11-5.12 (before the softmax): the query guided by the vectors ``a``, ``b``."""
+    def query_logits(self, fq: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prior: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Eq. 5.11-5.12 (before the softmax): the query guided by the vectors ``a``, ``b`` (and
+        the ``prior`` mask, resized to the grid, in the PFENet-style base)."""
         size = fq.shape[-2:]
-        return self.decoder(self.fpm_q(torch.cat([fq, expand(a, size), expand(b, size)], 1)))
+        parts = [fq, expand(a, size), expand(b, size)]
+        if self.prior:
+            parts.append(F.interpolate(prior, size=size, mode="bilinear", align_corners=False))
+        return self.decoder(self.fpm_q(torch.cat(parts, 1)))
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone, new layers)."""
@@ -151,8 +186,9 @@ class SclNet(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """One 1-shot episode per row: logits ``q`` of the query and ``s1`` / ``s2`` of the
         support, on the feature grid."""
-        out = self.support_vectors(self.encode(support), support_mask)
-        out["q"] = self.query_logits(self.encode(query), out["a"], out["b"])
+        (fs, hs), (fq, hq) = self.encode(support), self.encode(query)
+        out = self.support_vectors(fs, support_mask)
+        out["q"] = self.query_logits(fq, out["a"], out["b"], self.prior_of(hq, hs, support_mask))
         return out
 
 

@@ -601,19 +601,27 @@ class FewshotTrainConfig(SgdTrainConfig):
     """The few-shot task (``supervision: fewshot``; thesis Ch. 5, SCL): 1-shot episodes of the
     training classes on the train split. Classes: ``classes`` (null: every class but 0) shuffled
     by ``fold_seed`` and dealt into ``folds``; fold ``fold``'s classes are held out for the
-    ``fewshot_eval`` episodes (val split), the rest train. An image serves a class when it holds
+    ``fewshot_eval`` episodes (val split), the rest train, with ``train_classes`` (never held out:
+    e.g. the stuff classes when the folds are the thing classes). An image serves a class when it holds
     at least ``min_pixels`` of it. SclNet (:mod:`models.fewshot`): ResNet-``depth`` at stride 8
     (CANet: ResNet-50 from ImageNet), stage-2 + stage-3 features reduced to ``channels``; ``sgm``:
-    the self-guided module (off: the CANet-style base). SGD lr 2.5e-3, momentum 0.9, weight decay
-    5e-4, poly 0.9, batch 4 episodes, rescale, flip and crop 321 of support and query each."""
+    the self-guided module (off: the CANet-style base). ``prior``: PFENet's prior mask in the query
+    FPM (the thesis' SCL (PFENet) base; off: CANet's). ``held_out_pixels``: what the training
+    masks make of the held-out classes' pixels, ``background`` (OSLSM / CANet: they are not the
+    episode's class) or ``ignore`` (255: the network is never taught that a novel class is
+    background). SGD lr 2.5e-3, momentum 0.9, weight decay 5e-4, poly 0.9, batch 4 episodes,
+    rescale, flip and crop 321 of support and query each."""
 
     classes: list[int] | None = None
+    train_classes: list[int] = []
     folds: Annotated[int, Field(ge=2)] = 4
     fold: Annotated[int, Field(ge=0)] = 0
     fold_seed: int = 0
     min_pixels: Annotated[int, Field(ge=1)] = 2 * 32 * 32
     channels: PositiveInt = 256
     sgm: bool = True
+    prior: bool = False
+    held_out_pixels: Literal["background", "ignore"] = "background"
     batch_size: PositiveInt = 4
     iterations: PositiveInt | None = 20000
     lr: PositiveFloat = 2.5e-3

@@ -86,7 +86,7 @@ def run(ctx: StageContext) -> StageResult:
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().to(ctx.device), gt
 
     @functools.lru_cache(maxsize=512)
-    def encoded(image_id: str) -> torch.Tensor:
+    def encoded(image_id: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         return model.encode(loaded(image_id)[0])
 
     def mask_of(image_id: str, c: int) -> torch.Tensor:
@@ -101,18 +101,20 @@ def run(ctx: StageContext) -> StageResult:
         for k in cfg.shots:
             scl, proto = Scores(), Scores()
             for c, supports, query in episodes(pool, k, cfg.episodes, cfg.seed):
-                vectors = [model.support_vectors(encoded(s), mask_of(s, c)) for s in supports]
+                vectors = [model.support_vectors(encoded(s)[0], mask_of(s, c)) for s in supports]
 
                 def logits_of(j: int, image_id: str) -> torch.Tensor:
-                    return up(model.query_logits(encoded(image_id), vectors[j]["a"], vectors[j]["b"]), image_id)
+                    (f, h), s = encoded(image_id), supports[j]
+                    prior = model.prior_of(h, encoded(s)[1], mask_of(s, c))
+                    return up(model.query_logits(f, vectors[j]["a"], vectors[j]["b"], prior), image_id)
 
                 if k == 1:
                     pred = logits_of(0, query).argmax(0)
                 else:
                     pred = cross_guided(logits_of, supports, [mask_of(s, c)[0] for s in supports], query).argmax(0)
                 mask = class_mask(loaded(query)[1], c)
-                base = prototype_logits([encoded(s) for s in supports], [mask_of(s, c) for s in supports],
-                                        encoded(query))
+                base = prototype_logits([encoded(s)[0] for s in supports], [mask_of(s, c) for s in supports],
+                                        encoded(query)[0])
                 records.append({"shots": k, "class": c, "supports": supports, "query": query,
                                 "iou": scl.add(c, pred.cpu().numpy(), mask),
                                 "prototype_iou": proto.add(c, up(base, query).argmax(0).cpu().numpy(), mask)})

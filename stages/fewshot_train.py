@@ -12,7 +12,7 @@ and every episode is a function of (seed, step), so a killed run resumes exactly
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ VERSION = "1"
 
 
 def build_model(arch: dict[str, Any]) -> SclNet:
-    return SclNet(arch["depth"], arch["channels"], arch.get("weights", "none"), arch["sgm"])
+    return SclNet(arch["depth"], arch["channels"], arch.get("weights", "none"), arch["sgm"], arch.get("prior", False))
 
 
 def load_trained(state: dict[str, Any], device: str) -> SclNet:
@@ -38,16 +38,21 @@ def load_trained(state: dict[str, Any], device: str) -> SclNet:
 
 def fold_classes(cfg, num_classes: int) -> tuple[list[int], list[int]]:
     """(training classes, held-out classes of fold ``cfg.fold``): ``cfg.classes`` (default
-    1..K-1) permuted by ``cfg.fold_seed``, fold f = every ``folds``-th from position f."""
+    1..K-1) permuted by ``cfg.fold_seed``, fold f = every ``folds``-th from position f; the
+    ``cfg.train_classes`` always train."""
     classes = list(cfg.classes) if cfg.classes is not None else list(range(1, num_classes))
     bad = [c for c in classes if not 1 <= c < num_classes]
     if bad:
         raise ValueError(f"fewshot classes {bad} are not foreground class ids of this dataset (1..{num_classes - 1})")
     if len(classes) < cfg.folds:
         raise ValueError(f"{len(classes)} classes cannot make {cfg.folds} folds")
+    extra = [c for c in cfg.train_classes if c not in classes]
+    bad = [c for c in extra if not 1 <= c < num_classes]
+    if bad:
+        raise ValueError(f"fewshot train_classes {bad} are not foreground class ids of this dataset (1..{num_classes - 1})")
     perm = [classes[i] for i in np.random.default_rng(cfg.fold_seed).permutation(len(classes))]
     held = sorted(perm[cfg.fold::cfg.folds])
-    return sorted(c for c in perm if c not in held), held
+    return sorted([c for c in perm if c not in held] + extra), held
 
 
 def images_of(ctx: StageContext, ids: list[str], classes: list[int], min_pixels: int) -> dict[int, list[str]]:
@@ -64,9 +69,12 @@ def images_of(ctx: StageContext, ids: list[str], classes: list[int], min_pixels:
     return out
 
 
-def class_mask(gt: np.ndarray, c: int) -> np.ndarray:
-    """The episode mask of class ``c``: 1 on it, 255 where the GT is ignored, else 0."""
-    return np.where(gt == IGNORE, IGNORE, (gt == c).astype(np.uint8)).astype(np.uint8)
+def class_mask(gt: np.ndarray, c: int, ignored: Sequence[int] = ()) -> np.ndarray:
+    """The episode mask of class ``c``: 1 on it, 255 where the GT is ignored or holds one of the
+    ``ignored`` classes, else 0."""
+    out = (gt == c).astype(np.uint8)
+    out[(gt == IGNORE) | np.isin(gt, list(ignored))] = IGNORE
+    return out
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -77,7 +85,8 @@ def run(ctx: StageContext) -> StageResult:
         raise ValueError(f"fewshot_train: no training class of {train} has two train images with "
                          f"{cfg.min_pixels}+ pixels of it")
     classes = sorted(pool)
-    arch = {"depth": cfg.depth, "channels": cfg.channels, "weights": cfg.weights, "sgm": cfg.sgm}
+    arch = {"depth": cfg.depth, "channels": cfg.channels, "weights": cfg.weights, "sgm": cfg.sgm, "prior": cfg.prior}
+    ignored = held if cfg.held_out_pixels == "ignore" else ()
     torch.manual_seed(ctx.config.seed)
     model = build_model(arch).to(ctx.device)
     opt, base_lrs = sgd(model, cfg)
@@ -89,7 +98,7 @@ def run(ctx: StageContext) -> StageResult:
 
     def crop(image_id: str, c: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         image, (mask,) = scale_flip_crop(ctx.dataset.load_image(image_id), rng, cfg.scale_range, cfg.crop,
-                                         (class_mask(gt_of(image_id), c),))
+                                         (class_mask(gt_of(image_id), c, ignored),))
         return image, mask
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:

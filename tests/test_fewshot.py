@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.fewshot import (SclNet, binary_iou, cross_guided, guided_vectors, masked_gap, prototype_logits, scl_loss,
-                            up_ce)
+from models.fewshot import (SclNet, binary_iou, cross_guided, guided_vectors, masked_gap, prior_mask, prototype_logits,
+                            scl_loss, up_ce)
 
 
 def _loop_gap(feat, mask):
@@ -118,6 +118,15 @@ def test_scl_net_shapes_and_the_base_without_sgm():
     out = base(s, m, q)
     assert "s2" not in out and torch.equal(out["a"], out["b"])
     assert math.isfinite(float(scl_loss(out, m, m)["loss"].detach()))
+    # the PFENet-style base: the prior mask is one more channel of the query FPM, never of the support's
+    pfe = SclNet(18, 16, prior=True).eval()
+    assert pfe.fpm_q.merge.in_channels == 3 * 16 + 1 and pfe.fpm_s.merge.in_channels == 3 * 16
+    (fs, hs), (fq, hq) = pfe.encode(s), pfe.encode(q)
+    assert hs is not None and not hs.requires_grad and net.encode(s)[1] is None
+    out = pfe(s, m, q)
+    vec = pfe.support_vectors(fs, m)
+    assert torch.allclose(out["q"], pfe.query_logits(fq, vec["a"], vec["b"], prior_mask(hq, hs, m)))
+    assert not torch.allclose(out["q"], pfe.query_logits(fq, vec["a"], vec["b"], torch.zeros_like(prior_mask(hq, hs, m))))
 
 
 def test_fold_split_is_seeded_and_disjoint():
@@ -132,6 +141,43 @@ def test_fold_split_is_seeded_and_disjoint():
     assert sorted(sum(folds, [])) == [1, 2, 3, 4, 5]
     with pytest.raises(ValueError, match="not foreground class ids"):
         fold_classes(FewshotTrainConfig(classes=[0, 1, 2, 3]), 6)
+    # train_classes join every fold's training classes and are never held out
+    extra = FewshotTrainConfig(classes=[1, 2, 3, 4, 5], train_classes=[6, 7], folds=3, fold=0, fold_seed=0)
+    assert fold_classes(extra, 8) == (sorted(train + [6, 7]), held)
+    with pytest.raises(ValueError, match="train_classes"):
+        fold_classes(FewshotTrainConfig(classes=[1, 2], train_classes=[9], folds=2), 8)
+
+
+def test_class_mask_ignores_the_given_classes():
+    import numpy as np
+
+    from stages.fewshot_train import class_mask
+
+    gt = np.array([[0, 1, 2], [3, 255, 1]], np.uint8)
+    assert class_mask(gt, 1).tolist() == [[0, 1, 0], [0, 255, 1]]
+    assert class_mask(gt, 1, (2, 3)).tolist() == [[0, 1, 255], [255, 255, 1]]
+
+
+def test_prior_mask_against_the_loop():
+    g = torch.Generator().manual_seed(4)
+    hq = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64)
+    hs = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64)
+    ms = torch.tensor([[[1, 0], [255, 1]], [[0, 0], [0, 1]]])  # at the features' size: the bilinear resize is exact
+    got = prior_mask(hq, hs, ms)
+    assert got.shape == (2, 1, 3, 4)
+    for b in range(2):
+        sim = torch.zeros(3, 4, dtype=torch.float64)
+        for y in range(3):
+            for x in range(4):
+                q = hq[b, :, y, x]
+                best = -math.inf
+                for j in range(2):
+                    for i in range(2):
+                        s = hs[b, :, j, i] * float(ms[b, j, i] == 1)
+                        best = max(best, float(q @ s) / (float(q.norm()) * float(s.norm()) + 1e-7))
+                sim[y, x] = best
+        want = (sim - sim.min()) / (sim.max() - sim.min() + 1e-7)
+        assert torch.allclose(got[b, 0], want)
 
 
 def test_fewshot_task_runs_its_two_stages_and_scores_episodes(tmp_path):
