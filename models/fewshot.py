@@ -139,6 +139,22 @@ class SclNet(nn.Module):
         self.fpm_s, self.fpm_q = FPM(channels), FPM(channels, int(prior))
         self.decoder = Decoder(channels)
         self.sgm, self.prior = sgm, prior
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal (fan-in, ReLU) convolutions, zero biases, residual blocks starting as the identity
+        and a small classifier in the new layers: PyTorch's
+        default (kaiming-uniform, a = sqrt 5) shrinks the signal by ~sqrt 6 a layer, and from
+        scratch (no ImageNet features) the ~12 BN-free layers of FPM + decoder then pass nothing:
+        the query logits stay at the foreground prior."""
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d) and not name.startswith("backbone"):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, Residual):  # each block starts as the identity
+                nn.init.zeros_(m.b.weight)
+        nn.init.normal_(self.decoder.cls.weight, std=0.01)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, 3, H, W) 0..255 -> (F (N, C, H/8, W/8), the detached last-stage features for the

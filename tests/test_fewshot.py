@@ -110,6 +110,10 @@ def test_prototype_baseline_is_cosine_to_the_masked_means():
 def test_scl_net_shapes_and_the_base_without_sgm():
     torch.manual_seed(0)
     net = SclNet(18, 16).eval()
+    x = torch.randn(1, 16, 5, 5)
+    assert torch.equal(net.fpm_q.res(x), x) and torch.equal(net.decoder.res(x), x)  # blocks start as the identity
+    w = net.fpm_q.merge.weight
+    assert float(w.detach().std()) == pytest.approx(math.sqrt(2 / w[0].numel()), rel=0.1)  # He (fan-in): the signal passes
     s, m, q = torch.rand(2, 3, 64, 64) * 255, (torch.rand(2, 64, 64) > 0.5).long(), torch.rand(2, 3, 64, 64) * 255
     out = net(s, m, q)
     assert out["q"].shape == (2, 2, 8, 8) and out["s1"].shape == out["s2"].shape == (2, 2, 8, 8)
