@@ -142,11 +142,11 @@ class SclNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """He-normal (fan-in, ReLU) convolutions, zero biases, residual blocks starting as the identity
-        and a small classifier in the new layers: PyTorch's
-        default (kaiming-uniform, a = sqrt 5) shrinks the signal by ~sqrt 6 a layer, and from
-        scratch (no ImageNet features) the ~12 BN-free layers of FPM + decoder then pass nothing:
-        the query logits stay at the foreground prior."""
+        """The new layers: He-normal (fan-in, ReLU) convolutions, zero biases, residual blocks
+        that start as the identity and a small classifier. PyTorch's default (kaiming-uniform,
+        a = sqrt 5) shrinks the signal by ~sqrt 6 a layer; from scratch (no ImageNet features)
+        the ~12 BN-free layers of FPM + decoder then passed nothing and the query logits stayed
+        at the foreground prior."""
         for name, m in self.named_modules():
             if isinstance(m, nn.Conv2d) and not name.startswith("backbone"):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")

@@ -601,9 +601,9 @@ class FewshotTrainConfig(SgdTrainConfig):
     """The few-shot task (``supervision: fewshot``; thesis Ch. 5, SCL): 1-shot episodes of the
     training classes on the train split. Classes: ``classes`` (null: every class but 0) shuffled
     by ``fold_seed`` and dealt into ``folds``; fold ``fold``'s classes are held out for the
-    ``fewshot_eval`` episodes (val split), the rest train, with ``train_classes`` (never held out:
-    e.g. the stuff classes when the folds are the thing classes). An image serves a class when it holds
-    at least ``min_pixels`` of it. SclNet (:mod:`models.fewshot`): ResNet-``depth`` at stride 8
+    ``fewshot_eval`` episodes (val split), the rest train, with ``train_classes`` (never held
+    out: e.g. the stuff classes when the folds are the thing classes). An image serves a class
+    when it holds at least ``min_pixels`` of it. SclNet (:mod:`models.fewshot`): ResNet-``depth`` at stride 8
     (CANet: ResNet-50 from ImageNet), stage-2 + stage-3 features reduced to ``channels``; ``sgm``:
     the self-guided module (off: the CANet-style base). ``prior``: PFENet's prior mask in the query
     FPM (the thesis' SCL (PFENet) base; off: CANet's). ``held_out_pixels``: what the training

@@ -24,7 +24,7 @@ from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .training import save_trained, sgd, train_loop, trained_model, trained_result
 
-VERSION = "1"
+VERSION = "2"  # 2: He-initialised head, prior mask, held-out pixels option
 
 
 def build_model(arch: dict[str, Any]) -> SclNet:
