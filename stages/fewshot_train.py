@@ -41,15 +41,16 @@ def fold_classes(cfg, num_classes: int) -> tuple[list[int], list[int]]:
     1..K-1) permuted by ``cfg.fold_seed``, fold f = every ``folds``-th from position f; the
     ``cfg.train_classes`` always train."""
     classes = list(cfg.classes) if cfg.classes is not None else list(range(1, num_classes))
-    bad = [c for c in classes if not 1 <= c < num_classes]
+    extra = list(cfg.train_classes)
+    both = sorted(set(classes) & set(extra))
+    if both:
+        raise ValueError(f"fewshot classes {both} are both in the folds and in train_classes (never held out)")
+    bad = [c for c in classes + extra if not 1 <= c < num_classes]
     if bad:
-        raise ValueError(f"fewshot classes {bad} are not foreground class ids of this dataset (1..{num_classes - 1})")
+        raise ValueError(f"fewshot classes / train_classes {bad} are not foreground class ids of this dataset "
+                         f"(1..{num_classes - 1})")
     if len(classes) < cfg.folds:
         raise ValueError(f"{len(classes)} classes cannot make {cfg.folds} folds")
-    extra = [c for c in cfg.train_classes if c not in classes]
-    bad = [c for c in extra if not 1 <= c < num_classes]
-    if bad:
-        raise ValueError(f"fewshot train_classes {bad} are not foreground class ids of this dataset (1..{num_classes - 1})")
     perm = [classes[i] for i in np.random.default_rng(cfg.fold_seed).permutation(len(classes))]
     held = sorted(perm[cfg.fold::cfg.folds])
     return sorted([c for c in perm if c not in held] + extra), held

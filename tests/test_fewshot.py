@@ -113,7 +113,8 @@ def test_scl_net_shapes_and_the_base_without_sgm():
     x = torch.randn(1, 16, 5, 5)
     assert torch.equal(net.fpm_q.res(x), x) and torch.equal(net.decoder.res(x), x)  # blocks start as the identity
     w = net.fpm_q.merge.weight
-    assert float(w.detach().std()) == pytest.approx(math.sqrt(2 / w[0].numel()), rel=0.1)  # He (fan-in): the signal passes
+    # He (fan-in): the signal passes the BN-free layers
+    assert float(w.detach().std()) == pytest.approx(math.sqrt(2 / w[0].numel()), rel=0.1)
     s, m, q = torch.rand(2, 3, 64, 64) * 255, (torch.rand(2, 64, 64) > 0.5).long(), torch.rand(2, 3, 64, 64) * 255
     out = net(s, m, q)
     assert out["q"].shape == (2, 2, 8, 8) and out["s1"].shape == out["s2"].shape == (2, 2, 8, 8)
@@ -130,7 +131,8 @@ def test_scl_net_shapes_and_the_base_without_sgm():
     out = pfe(s, m, q)
     vec = pfe.support_vectors(fs, m)
     assert torch.allclose(out["q"], pfe.query_logits(fq, vec["a"], vec["b"], prior_mask(hq, hs, m)))
-    assert not torch.allclose(out["q"], pfe.query_logits(fq, vec["a"], vec["b"], torch.zeros_like(prior_mask(hq, hs, m))))
+    flat = torch.zeros_like(prior_mask(hq, hs, m))
+    assert not torch.allclose(out["q"], pfe.query_logits(fq, vec["a"], vec["b"], flat))
 
 
 def test_fold_split_is_seeded_and_disjoint():
@@ -150,6 +152,8 @@ def test_fold_split_is_seeded_and_disjoint():
     assert fold_classes(extra, 8) == (sorted(train + [6, 7]), held)
     with pytest.raises(ValueError, match="train_classes"):
         fold_classes(FewshotTrainConfig(classes=[1, 2], train_classes=[9], folds=2), 8)
+    with pytest.raises(ValueError, match="both in the folds"):
+        fold_classes(FewshotTrainConfig(classes=[1, 2], train_classes=[2, 3], folds=2), 8)
 
 
 def test_class_mask_ignores_the_given_classes():
