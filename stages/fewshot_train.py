@@ -28,7 +28,8 @@ VERSION = "2"  # 2: He-initialised head, prior mask, held-out pixels option
 
 
 def build_model(arch: dict[str, Any]) -> SclNet:
-    return SclNet(arch["depth"], arch["channels"], arch.get("weights", "none"), arch["sgm"], arch.get("prior", False))
+    return SclNet(arch["depth"], arch["channels"], arch.get("weights", "none"), arch["sgm"],
+                  arch.get("prior", False))  # models stored before the prior have no "prior" key
 
 
 def load_trained(state: dict[str, Any], device: str) -> SclNet:
