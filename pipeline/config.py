@@ -665,6 +665,12 @@ class RrmEvalConfig(Section):
     crf: DenseCrfParams = Field(default_factory=DenseCrfParams)
 
 
+class RrmLabelsConfig(RrmEvalConfig):
+    """Train-split inference of the RRM network (``rrm_labels``: its pseudo-labels, the
+    thesis' two-step use): the same keys as ``rrm_eval``, the segmentation branch given the
+    image's tags as the main map."""
+
+
 class DaskConfig(Section):
     """``task_runner: dask``: Prefect's ``DaskTaskRunner`` on a Dask cluster. ``address``: an
     existing scheduler (``tcp://host:8786``; its workers must see the dataset and
@@ -720,6 +726,7 @@ class Config(Section):
     blpseg_eval: BlpsegEvalConfig = Field(default_factory=BlpsegEvalConfig)
     rrm_train: RrmTrainConfig = Field(default_factory=RrmTrainConfig)
     rrm_eval: RrmEvalConfig = Field(default_factory=RrmEvalConfig)
+    rrm_labels: RrmLabelsConfig = Field(default_factory=RrmLabelsConfig)
     spml_train: SpmlTrainConfig = Field(default_factory=SpmlTrainConfig)
     spml: SpmlConfig = Field(default_factory=SpmlConfig)
     fewshot_train: FewshotTrainConfig = Field(default_factory=FewshotTrainConfig)

@@ -9,7 +9,7 @@ import importlib
 
 MODULES = ("box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf",
            "final_train", "final_eval", "instances", "instance_train", "dfr_train", "dfr_eval", "blpseg_train",
-           "blpseg_eval", "rrm_train", "rrm_eval", "spml_train", "spml", "fewshot_train", "fewshot_eval")
+           "blpseg_eval", "rrm_train", "rrm_eval", "rrm_labels", "spml_train", "spml", "fewshot_train", "fewshot_eval")
 
 
 def load_all() -> None:

@@ -9,6 +9,8 @@ then the same CRF. ``cam_crf`` and ``tags`` read the image's tags, the main map 
 comparison with ``cam_crf`` is fair against ``tags``."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -27,19 +29,32 @@ VERSION = "2"  # 2: the ``tags`` map
 VARIANTS = ["no_crf", "cam_crf", "tags"]
 
 
-def _rrm_label(ctx: StageContext, image_id: str, model: torch.nn.Module) -> dict:
-    cfg, train = ctx.section, ctx.config.rrm_train
+def rrm_maps(ctx: StageContext, image_id: str, model: torch.nn.Module, cfg) -> dict[str, np.ndarray]:
+    """Every label map of the RRM network for one image, with ``cfg`` the inference section
+    (``rrm_eval`` or ``rrm_labels``: scales, flip, CRF): ``seg`` the segmentation branch (+ the
+    CRF when ``crf_post``), ``no_crf`` its argmax, ``tags`` the branch given the image's tags
+    (:func:`tag_restricted_labels`) and ``cam_crf`` the classification branch's CAM + CRF labels
+    (Eq. 2.5 with ``rrm_train``'s CAM scales, gamma and CRF)."""
+    train = ctx.config.rrm_train
     image = ctx.dataset.load_image(image_id)
     probs = predict_probs(model, image, cfg.scales, cfg.flip, ctx.device)
     plain = labels_from_soft(probs)
-    ctx.out.write_label(image_id, plain, "no_crf")
-    final = labels_from_soft(crf_from_probs(image, probs, cfg.crf)) if cfg.crf_post else plain
     tags = sorted(c for c in set(ctx.dataset.load_weak(image_id).tags) if 1 <= c < ctx.dataset.num_classes)
-    ctx.out.write_label(image_id, tag_restricted_labels(image, probs, tags, cfg.crf if cfg.crf_post else None),
-                        "tags")
     cams = multiscale_cam(model, image, [c - 1 for c in tags], train.cam_scales, flip=False, device=ctx.device)
-    ctx.out.write_label(image_id, cam_crf_labels(image, cams, tags, train.gamma, train.crf), "cam_crf")
-    ctx.out.write_label(image_id, final)
+    return {"seg": labels_from_soft(crf_from_probs(image, probs, cfg.crf)) if cfg.crf_post else plain,
+            "no_crf": plain,
+            "tags": tag_restricted_labels(image, probs, tags, cfg.crf if cfg.crf_post else None),
+            "cam_crf": cam_crf_labels(image, cams, tags, train.gamma, train.crf)}
+
+
+def write_maps(ctx: StageContext, image_id: str, model: torch.nn.Module, main: str) -> dict:
+    """:func:`rrm_maps` of the stage's section written out: ``main`` as the stage's label,
+    the others as its variants."""
+    maps = rrm_maps(ctx, image_id, model, ctx.section)
+    for name, labels in maps.items():
+        if name != main:
+            ctx.out.write_label(image_id, labels, name)
+    ctx.out.write_label(image_id, maps[main])
     return {}
 
 
@@ -56,8 +71,8 @@ def tag_restricted_labels(image: np.ndarray, probs: np.ndarray, tags: list[int],
 
 
 def run(ctx: StageContext) -> StageResult:
-    return infer_items(ctx, load_trained(ctx.input("rrm_train").read_model(), ctx.device), _rrm_label,
-                       "RRM inference")
+    return infer_items(ctx, load_trained(ctx.input("rrm_train").read_model(), ctx.device),
+                       functools.partial(write_maps, main="seg"), "RRM inference")
 
 
 SPEC = STAGES.register(StageSpec(

@@ -111,13 +111,13 @@ def bench_rows(tmp_path, name: str, *args: str) -> list[dict]:
     return json.loads((tmp_path / "b.json").read_text())
 
 
-def run_single_stage(tmp_path, supervision: str) -> tuple[object, dict]:
-    """A tiny demo run of a single-stage branch: its DAG is ``<sup>_train``, ``<sup>_eval``;
-    both run (local engine). Returns the run and the stages' manifests."""
+def run_single_stage(tmp_path, supervision: str, extra: tuple[str, ...] = ()) -> tuple[object, dict]:
+    """A tiny demo run of a single-stage branch: its DAG is ``<sup>_train``, ``<sup>_eval``
+    and the ``extra`` stages; all run (local engine). Returns the run and the stages' manifests."""
     from pipeline.runner import make_run, run_local
 
     run = make_run(demo_config(tmp_path, supervision=supervision))
-    assert run.names == [f"{supervision}_train", f"{supervision}_eval"]
+    assert run.names == [f"{supervision}_train", f"{supervision}_eval", *extra]
     return run, run_local(run, run.names)
 
 

@@ -163,7 +163,8 @@ READS = {
     "final_train": {"dataset", "seed"}, "final_eval": {"dataset"}, "instances": {"dataset", "weak"},
     "instance_train": {"dataset", "weak", "seed"}, "dfr_train": {"dataset", "weak", "seed"}, "dfr_eval": {"dataset"},
     "blpseg_train": {"dataset", "weak", "seed"}, "blpseg_eval": {"dataset"},
-    "rrm_train": {"dataset", "weak", "seed"}, "rrm_eval": {"dataset", "weak"},  # rrm_eval: the tags of its CAM + CRF map
+    "rrm_train": {"dataset", "weak", "seed"},
+    "rrm_eval": {"dataset", "weak"}, "rrm_labels": {"dataset", "weak"},  # the tags of their CAM + CRF maps
     "spml_train": {"dataset", "weak", "seed"}, "spml": {"dataset", "weak"},  # weak: the classes an image names
     "fewshot_train": {"dataset", "seed"}, "fewshot_eval": {"dataset"},
 }

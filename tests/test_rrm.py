@@ -205,12 +205,18 @@ def test_rrm_dag_stages_and_switches(tmp_path):
 
     from .conftest import run_single_stage
 
-    run, done = run_single_stage(tmp_path, "rrm")
+    run, done = run_single_stage(tmp_path, "rrm", extra=("rrm_labels",))
     info = done["rrm_train"]["info"]
     assert info["terms"] == ["cls", "ce", "energy", "bcd"] and info["steps"] == 2 and info["ce_last"] > 0
     assert 0 < info["reliable_last"] < 1
     ev = done["rrm_eval"]
     assert ev["counts"]["done"] == 2 and set(ev["metrics"]["maps"]) == {"no_crf", "cam_crf", "tags"}
+    labels = done["rrm_labels"]  # the train split: the pseudo-labels, the tags map as the main one
+    assert labels["counts"]["done"] == run.config.dataset.num_train
+    assert set(labels["metrics"]["maps"]) == {"cam_crf", "seg", "no_crf"}
+    for image_id in run.dataset.ids("train")[:2]:
+        tagged = {0, *run.dataset.load_weak(image_id).tags}
+        assert set(np.unique(run.store("rrm_labels").read_label(image_id)).tolist()) <= tagged
     base = run.config.rrm_train.model_dump()
     plain = make_run(_tiny(tmp_path / "p", rrm_train={**base, "energy": False, "bcd": False, "reweight": False}))
     assert run_local(plain, ["rrm_train"])["rrm_train"]["info"]["terms"] == ["cls", "ce"]

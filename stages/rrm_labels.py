@@ -1,0 +1,33 @@
+"""``rrm_labels``: the RRM network as a pseudo-label maker on the train split (the thesis'
+two-step use, Sect. 2.3: "we firstly used our network to produce the pseudo masks for the
+training dataset"). Main map ``tags``: the segmentation branch's softmax restricted to
+background and the image's tags, renormalised, then the dense CRF (pseudo-labels may use the
+image's tags, as every pseudo-label stage here does). Beside it: ``cam_crf``, the plain CAM +
+CRF labels of the same network's classification branch (Eq. 2.5; from a network trained with
+``rrm_train.cls_only_fraction: 1`` it is RRM's baseline, the plain CAM network), ``seg`` (the
+branch + CRF without tags, what ``rrm_eval`` scores on val) and ``no_crf``. Scored on the
+train split's GT, so settings are chosen here, never on val."""
+from __future__ import annotations
+
+import functools
+
+from models.types import Supervision
+
+from .base import STAGES, StageContext, StageResult, StageSpec
+from .rrm_eval import write_maps
+from .rrm_train import load_trained
+from .training import infer_items
+
+VERSION = "1"
+VARIANTS = ["cam_crf", "seg", "no_crf"]
+
+
+def run(ctx: StageContext) -> StageResult:
+    return infer_items(ctx, load_trained(ctx.input("rrm_train").read_model(), ctx.device),
+                       functools.partial(write_maps, main="tags"), "RRM pseudo-labels")
+
+
+SPEC = STAGES.register(StageSpec(
+    name="rrm_labels", run=run, inputs=lambda config: ["rrm_train"], supervisions=(Supervision.RRM,),
+    output="label", version=VERSION, split="train", parallel=False, variants=lambda config: VARIANTS,
+    reads=("dataset", "weak")))
