@@ -127,8 +127,8 @@ DEMO_BACKGROUND_ONLY = 0.2151  # mIoU of an all-background prediction on the dem
 def demo_branch_vs_baseline(tmp_path, supervision: str, baseline_map: str | None = None,
                             **baseline) -> tuple[dict, dict]:
     """``configs/demo_<supervision>.yaml`` (what `make demo` runs) and the same config with the
-    ``<supervision>_train`` keys ``baseline`` changed, both trained and evaluated (local
-    engine); their ``<supervision>_train`` and ``_eval`` manifests. The baseline's map
+    ``<supervision>_train`` keys ``baseline`` changed, every stage of both run (local engine);
+    their manifests by stage. The baseline's map
     (``baseline_map``, default the main one) must learn (val mIoU 0.15 above all-background),
     or the comparison says nothing."""
     import yaml
@@ -142,11 +142,12 @@ def demo_branch_vs_baseline(tmp_path, supervision: str, baseline_map: str | None
     # machine: torch sums in another order on another thread count, and from scratch that alone moves
     # these runs by points (DFR's demo gap: +0.062 on 2 threads, +0.005 on 1).
     data.update(output_root=str(tmp_path / "artifacts"), engine="local", threads=2)
-    stages = [f"{supervision}_train", f"{supervision}_eval"]
-    full = run_local(make_run(config_from_dict(data, str(path))), stages)
-    data[stages[0]].update(baseline)
-    base = run_local(make_run(config_from_dict(data, "<baseline>")), stages)
-    scores = base[stages[1]]["metrics"]
+    run = make_run(config_from_dict(data, str(path)))
+    full = run_local(run, run.names)
+    data[f"{supervision}_train"].update(baseline)
+    run = make_run(config_from_dict(data, "<baseline>"))
+    base = run_local(run, run.names)
+    scores = base[f"{supervision}_eval"]["metrics"]
     learned = scores["miou"] if baseline_map is None else scores["maps"][baseline_map]["miou"]
     assert learned > DEMO_BACKGROUND_ONLY + 0.15, scores
     return full, base
