@@ -70,9 +70,15 @@ def tag_restricted_labels(image: np.ndarray, probs: np.ndarray, tags: list[int],
     return labels_from_soft(kept, ids)
 
 
-def run(ctx: StageContext) -> StageResult:
+def run_maps(ctx: StageContext, main: str, desc: str) -> StageResult:
+    """An RRM inference stage: the trained network over the stage's images, :func:`write_maps`
+    with ``main`` as the stage's label (``rrm_eval``: ``seg``, ``rrm_labels``: ``tags``)."""
     return infer_items(ctx, load_trained(ctx.input("rrm_train").read_model(), ctx.device),
-                       functools.partial(write_maps, main="seg"), "RRM inference")
+                       functools.partial(write_maps, main=main), desc)
+
+
+def run(ctx: StageContext) -> StageResult:
+    return run_maps(ctx, "seg", "RRM inference")
 
 
 SPEC = STAGES.register(StageSpec(

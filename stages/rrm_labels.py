@@ -9,22 +9,17 @@ branch + CRF without tags, what ``rrm_eval`` scores on val) and ``no_crf``. Scor
 train split's GT, so settings are chosen here, never on val."""
 from __future__ import annotations
 
-import functools
-
 from models.types import Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec
-from .rrm_eval import write_maps
-from .rrm_train import load_trained
-from .training import infer_items
+from .rrm_eval import run_maps
 
 VERSION = "1"
 VARIANTS = ["cam_crf", "seg", "no_crf"]
 
 
 def run(ctx: StageContext) -> StageResult:
-    return infer_items(ctx, load_trained(ctx.input("rrm_train").read_model(), ctx.device),
-                       functools.partial(write_maps, main="tags"), "RRM pseudo-labels")
+    return run_maps(ctx, "tags", "RRM pseudo-labels")
 
 
 SPEC = STAGES.register(StageSpec(
