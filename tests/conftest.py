@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -125,12 +126,14 @@ DEMO_BACKGROUND_ONLY = 0.2151  # mIoU of an all-background prediction on the dem
 
 
 def demo_branch_vs_baseline(tmp_path, supervision: str, baseline_map: str | None = None,
-                            **baseline) -> tuple[dict, dict]:
+                            shared_steps: int | None = None, **baseline) -> tuple[dict, dict]:
     """``configs/demo_<supervision>.yaml`` (what `make demo` runs) and the same config with the
     ``<supervision>_train`` keys ``baseline`` changed, every stage of both run (local engine);
     their manifests by stage. The baseline's map
     (``baseline_map``, default the main one) must learn (val mIoU 0.15 above all-background),
-    or the comparison says nothing."""
+    or the comparison says nothing. ``shared_steps``: the two trainings are the same run up to
+    this step (the caller tests that), so the baseline resumes from the branch's checkpoint
+    there instead of training those steps again."""
     import yaml
 
     from pipeline.config import config_from_dict
@@ -144,9 +147,16 @@ def demo_branch_vs_baseline(tmp_path, supervision: str, baseline_map: str | None
     data.update(output_root=str(tmp_path / "artifacts"), engine="local", threads=2)
     run = make_run(config_from_dict(data, str(path)))
     full = run_local(run, run.names)
-    data[f"{supervision}_train"].update(baseline)
+    stage = f"{supervision}_train"
+    shared = run.store(stage).dir / f"ckpt-{shared_steps:08d}.pt" if shared_steps else None
+    data[stage].update(baseline)
     run = make_run(config_from_dict(data, "<baseline>"))
+    if shared is not None:
+        run.store(stage).dir.mkdir(parents=True)
+        shutil.copy(shared, run.store(stage).dir)
     base = run_local(run, run.names)
+    if shared is not None:
+        assert base[stage]["info"]["resumed_from"] == shared_steps
     scores = base[f"{supervision}_eval"]["metrics"]
     learned = scores["miou"] if baseline_map is None else scores["maps"][baseline_map]["miou"]
     assert learned > DEMO_BACKGROUND_ONLY + 0.15, scores

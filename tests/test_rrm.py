@@ -228,6 +228,31 @@ def test_rrm_dag_stages_and_switches(tmp_path):
     assert info["joint_from"] == 2 and info["terms"] == ["cls"] and "reliable_last" not in info
 
 
+def test_the_plain_cam_baseline_is_rrm_up_to_its_joint_phase(tmp_path):
+    """The claim below resumes its baseline from RRM's checkpoint at ``joint_from``: up to there
+    the two trainings are one run (same data, crops, RNG; the segmentation heads get no gradient
+    and SGD skips them), so the resumed baseline ends bit-identical to one trained from scratch."""
+    import shutil
+
+    from pipeline.runner import make_run, run_local
+
+    base = {**_tiny(tmp_path).rrm_train.model_dump(), "iterations": 4, "checkpoint_every": 2}
+    rrm = make_run(_tiny(tmp_path / "r", rrm_train={**base, "cls_only_fraction": 0.5}))
+    assert run_local(rrm, ["rrm_train"])["rrm_train"]["info"]["joint_from"] == 2
+    scratch = make_run(_tiny(tmp_path / "s", rrm_train={**base, "cls_only_fraction": 1.0}))
+    run_local(scratch, ["rrm_train"])
+    resumed = make_run(_tiny(tmp_path / "c", rrm_train={**base, "cls_only_fraction": 1.0}))
+    resumed.store("rrm_train").dir.mkdir(parents=True)
+    shutil.copy(rrm.store("rrm_train").dir / "ckpt-00000002.pt", resumed.store("rrm_train").dir)
+    info = run_local(resumed, ["rrm_train"])["rrm_train"]["info"]
+    assert info["resumed_from"] == 2 and info["terms"] == ["cls"]
+    a, b = scratch.store("rrm_train").read_model(), resumed.store("rrm_train").read_model()
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][key], value), key
+    assert info["loss_curve"] == scratch.store("rrm_train").read_manifest()["info"]["loss_curve"]
+
+
 def test_demo_rrm_beats_the_plain_cam_crf_labels(tmp_path):
     """configs/demo_rrm.yaml (what `make demo` runs) against the plain CAM + CRF labels (Eq. 2.5)
     of a classification-only network of the same budget (``cls_only_fraction: 1``). RRM's
@@ -235,10 +260,14 @@ def test_demo_rrm_beats_the_plain_cam_crf_labels(tmp_path):
     (``rrm_labels``, its pseudo-labels) 0.422 / 0.513 / 0.381 against 0.366 / 0.473 / 0.366
     (gaps 0.0555 / 0.0405 / 0.0147), val (``rrm_eval`` ``tags``) 0.508 / 0.504 / 0.467 against
     0.460 / 0.492 / 0.376 (gaps 0.0483 / 0.0114 / 0.0913): each margin is under half the
-    smallest gap of its split; this runs seed 0."""
+    smallest gap of its split; this runs seed 0. The baseline's classification-only first half
+    is RRM's own (test above), so it resumes from RRM's checkpoint there."""
     from .conftest import demo_branch_vs_baseline
 
-    full, plain = demo_branch_vs_baseline(tmp_path, "rrm", baseline_map="cam_crf", cls_only_fraction=1.0)
+    joint_from = 100  # cls_only_fraction 0.5 of 200 steps; checkpoint_every 100
+    full, plain = demo_branch_vs_baseline(tmp_path, "rrm", baseline_map="cam_crf", shared_steps=joint_from,
+                                          cls_only_fraction=1.0)
+    assert full["rrm_train"]["info"]["joint_from"] == joint_from
     train = full["rrm_labels"]["metrics"]["miou"], plain["rrm_labels"]["metrics"]["maps"]["cam_crf"]["miou"]
     val = (full["rrm_eval"]["metrics"]["maps"]["tags"]["miou"],
            plain["rrm_eval"]["metrics"]["maps"]["cam_crf"]["miou"])
