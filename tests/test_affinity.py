@@ -24,7 +24,9 @@ def test_pair_distance_backward_matches_autograd_of_the_plain_expression(offsets
     ref = (x[:, None] - shifted(x, offsets)).abs().mean(2) * valid_pairs(7, 9, offsets)
     (grad_ref,) = torch.autograd.grad((ref * g).sum(), x)
     assert torch.allclose(got, ref, atol=1e-12) and torch.allclose(grad_got, grad_ref, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda t: pair_distance(t, offsets), (x,))
+    # finite differences on a smaller grid (one evaluation per input: 630 inputs took ~5 s a case)
+    small = x.detach()[:1, :3, :5, :6].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: pair_distance(t, offsets), (small,))
 
 
 def test_window_offsets():
