@@ -126,14 +126,14 @@ def test_a2gnn_beats_the_random_walk_and_the_seeds(demo_box_run):
 
 
 def test_spml_labels_above_the_seeds_it_learns_from(demo_box_run):
-    """The demo ladder's SPML row (configs/demo.yaml: 200 steps from scratch, the seeds kept, a
+    """The demo ladder's SPML row (configs/demo.yaml: 150 steps from scratch, the seeds kept, a
     4-step walk): its pseudo-labels beat the seeds they are trained on. Training seeds 0 / 1 / 2
-    on two torch threads (as `make demo` and this fixture) gave +0.032 / +0.021 / +0.009, on one
-    +0.058 / +0.046 / +0.015 (README); the margin is half the smallest."""
+    on two torch threads (as `make demo` and this fixture) gave +0.040 / +0.015 / +0.019
+    (README); the margin is under half the smallest."""
     spml = run_local(demo_box_run, ["spml_train", "spml"])["spml"]["metrics"]
     seeds = demo_box_run.store("seeds").read_manifest()["metrics"]["miou"]
     assert spml["coverage"] == 1.0
-    assert spml["miou"] > seeds + 0.004, (spml["miou"], seeds)
+    assert spml["miou"] > seeds + 0.007, (spml["miou"], seeds)
 
 
 def test_a2gnn_result_does_not_depend_on_the_batch(demo_box_run):
