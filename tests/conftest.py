@@ -125,6 +125,14 @@ def run_single_stage(tmp_path, supervision: str, extra: tuple[str, ...] = ()) ->
 DEMO_BACKGROUND_ONLY = 0.2151  # mIoU of an all-background prediction on the demo val split
 
 
+def start_from_checkpoint(run, stage: str, checkpoint: Path) -> None:
+    """Put ``checkpoint`` (another run's ``ckpt-<step>.pt``) in ``run``'s ``stage`` folder: the
+    stage then resumes from it, as from a checkpoint of its own."""
+    folder = run.store(stage).dir
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(checkpoint, folder)
+
+
 def demo_branch_vs_baseline(tmp_path, supervision: str, baseline_map: str | None = None,
                             shared_steps: int | None = None, **baseline) -> tuple[dict, dict]:
     """``configs/demo_<supervision>.yaml`` (what `make demo` runs) and the same config with the
@@ -152,8 +160,7 @@ def demo_branch_vs_baseline(tmp_path, supervision: str, baseline_map: str | None
     data[stage].update(baseline)
     run = make_run(config_from_dict(data, "<baseline>"))
     if shared is not None:
-        run.store(stage).dir.mkdir(parents=True)
-        shutil.copy(shared, run.store(stage).dir)
+        start_from_checkpoint(run, stage, shared)
     base = run_local(run, run.names)
     if shared is not None:
         assert base[stage]["info"]["resumed_from"] == shared_steps

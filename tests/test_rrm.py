@@ -232,9 +232,9 @@ def test_the_plain_cam_baseline_is_rrm_up_to_its_joint_phase(tmp_path):
     """The claim below resumes its baseline from RRM's checkpoint at ``joint_from``: up to there
     the two trainings are one run (same data, crops, RNG; the segmentation heads get no gradient
     and SGD skips them), so the resumed baseline ends bit-identical to one trained from scratch."""
-    import shutil
-
     from pipeline.runner import make_run, run_local
+
+    from .conftest import start_from_checkpoint
 
     base = {**_tiny(tmp_path).rrm_train.model_dump(), "iterations": 4, "checkpoint_every": 2}
     rrm = make_run(_tiny(tmp_path / "r", rrm_train={**base, "cls_only_fraction": 0.5}))
@@ -242,8 +242,7 @@ def test_the_plain_cam_baseline_is_rrm_up_to_its_joint_phase(tmp_path):
     scratch = make_run(_tiny(tmp_path / "s", rrm_train={**base, "cls_only_fraction": 1.0}))
     run_local(scratch, ["rrm_train"])
     resumed = make_run(_tiny(tmp_path / "c", rrm_train={**base, "cls_only_fraction": 1.0}))
-    resumed.store("rrm_train").dir.mkdir(parents=True)
-    shutil.copy(rrm.store("rrm_train").dir / "ckpt-00000002.pt", resumed.store("rrm_train").dir)
+    start_from_checkpoint(resumed, "rrm_train", rrm.store("rrm_train").dir / "ckpt-00000002.pt")
     info = run_local(resumed, ["rrm_train"])["rrm_train"]["info"]
     assert info["resumed_from"] == 2 and info["terms"] == ["cls"]
     a, b = scratch.store("rrm_train").read_model(), resumed.store("rrm_train").read_model()
