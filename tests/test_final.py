@@ -186,7 +186,10 @@ def test_instances_need_boxes_and_final_train_rejects_unknown_weights(tmp_path):
 
 # --------------------------------------------------------------------------- the demo
 def test_demo_final_model_is_within_10_points_of_its_gt_upper_bound(demo_box_run):
-    """Table 3.1 at demo scale: DeepLab on the CRF'd A²GNN labels vs the same settings on GT."""
+    """Table 3.1 at demo scale: DeepLab on the CRF'd A²GNN labels vs the same settings on GT.
+    Training seeds 0 / 1 / 2 (README): 0.354 / 0.354 / 0.360 against 0.425 / 0.407 / 0.364 on GT,
+    all-background 0.215: both floors (+0.10) are under the smallest gain over all-background
+    (0.139); this runs seed 0."""
     run = demo_box_run
     done = run_local(run, ["crf", "final_train", "final_eval", "instances"])
     pseudo = done["final_eval"]["metrics"]
@@ -194,7 +197,7 @@ def test_demo_final_model_is_within_10_points_of_its_gt_upper_bound(demo_box_run
     data["final_train"]["labels"] = "gt"
     upper_run = make_run(config_from_dict(data, "<upper bound>"))
     upper = run_local(upper_run, ["final_train", "final_eval"])["final_eval"]["metrics"]
-    assert upper["miou"] > DEMO_BACKGROUND_ONLY + 0.15, upper["miou"]
+    assert upper["miou"] > DEMO_BACKGROUND_ONLY + 0.10, upper["miou"]
     assert pseudo["miou"] > DEMO_BACKGROUND_ONLY + 0.10, pseudo["miou"]
     assert pseudo["miou"] > upper["miou"] - 0.10, (pseudo["miou"], upper["miou"])
     assert "crf" in pseudo["maps"]
