@@ -238,11 +238,14 @@ class StageStore:
         torch-serialisable dict) and keep only the newest ``keep`` checkpoints."""
         import torch
 
-        path = self.dir / f"ckpt-{step:08d}.pt"
+        path = self.checkpoint_path(step)
         atomic_write(path, lambda f: torch.save(state, f))
         for old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.dir / f"ckpt-{step:08d}.pt"
 
     def checkpoints(self) -> list[Path]:
         return sorted(self.dir.glob("ckpt-*.pt")) if self.dir.is_dir() else []

@@ -125,12 +125,12 @@ def run_single_stage(tmp_path, supervision: str, extra: tuple[str, ...] = ()) ->
 DEMO_BACKGROUND_ONLY = 0.2151  # mIoU of an all-background prediction on the demo val split
 
 
-def start_from_checkpoint(run, stage: str, checkpoint: Path) -> None:
-    """Put ``checkpoint`` (another run's ``ckpt-<step>.pt``) in ``run``'s ``stage`` folder: the
-    stage then resumes from it, as from a checkpoint of its own."""
+def start_from_checkpoint(run, stage: str, source, step: int) -> None:
+    """Put the checkpoint at ``step`` of ``stage`` in another run, ``source``, in ``run``'s
+    ``stage`` folder: the stage then resumes from it, as from a checkpoint of its own."""
     folder = run.store(stage).dir
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(checkpoint, folder)
+    shutil.copy(source.store(stage).checkpoint_path(step), folder)
 
 
 def demo_branch_vs_baseline(tmp_path, supervision: str, baseline_map: str | None = None,
@@ -153,16 +153,15 @@ def demo_branch_vs_baseline(tmp_path, supervision: str, baseline_map: str | None
     # machine: torch sums in another order on another thread count, and from scratch that alone moves
     # these runs by points (DFR's demo gap: +0.062 on 2 threads, +0.005 on 1).
     data.update(output_root=str(tmp_path / "artifacts"), engine="local", threads=2)
-    run = make_run(config_from_dict(data, str(path)))
-    full = run_local(run, run.names)
+    branch = make_run(config_from_dict(data, str(path)))
+    full = run_local(branch, branch.names)
     stage = f"{supervision}_train"
-    shared = run.store(stage).dir / f"ckpt-{shared_steps:08d}.pt" if shared_steps else None
     data[stage].update(baseline)
     run = make_run(config_from_dict(data, "<baseline>"))
-    if shared is not None:
-        start_from_checkpoint(run, stage, shared)
+    if shared_steps:
+        start_from_checkpoint(run, stage, branch, shared_steps)
     base = run_local(run, run.names)
-    if shared is not None:
+    if shared_steps:
         assert base[stage]["info"]["resumed_from"] == shared_steps
     scores = base[f"{supervision}_eval"]["metrics"]
     learned = scores["miou"] if baseline_map is None else scores["maps"][baseline_map]["miou"]

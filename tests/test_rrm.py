@@ -242,7 +242,7 @@ def test_the_plain_cam_baseline_is_rrm_up_to_its_joint_phase(tmp_path):
     scratch = make_run(_tiny(tmp_path / "s", rrm_train={**base, "cls_only_fraction": 1.0}))
     run_local(scratch, ["rrm_train"])
     resumed = make_run(_tiny(tmp_path / "c", rrm_train={**base, "cls_only_fraction": 1.0}))
-    start_from_checkpoint(resumed, "rrm_train", rrm.store("rrm_train").dir / "ckpt-00000002.pt")
+    start_from_checkpoint(resumed, "rrm_train", rrm, 2)
     info = run_local(resumed, ["rrm_train"])["rrm_train"]["info"]
     assert info["resumed_from"] == 2 and info["terms"] == ["cls"]
     a, b = scratch.store("rrm_train").read_model(), resumed.store("rrm_train").read_model()
