@@ -705,6 +705,9 @@ class Config(Section):
     threads: Annotated[int, Field(ge=0)] = 0
     lock: Literal["wait", "refuse"] = "wait"  # a stage another run is computing: wait for it, or stop
     min_usable: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # share of a training stage's images that must be usable
+    # stage -> one line: why its figure can stay at or under its baseline on this data; the
+    # quality ladder of `wsss demo` prints it beside such a figure
+    notes: dict[str, str] = Field(default_factory=dict)
     dataset: DatasetConfig = Field(default_factory=DemoDataset)
     weak: WeakConfig = Field(default_factory=WeakConfig)
     box_seeds: BoxSeedsConfig = Field(default_factory=BoxSeedsConfig)

@@ -68,6 +68,7 @@ RESULT_NEUTRAL = {
     "dask": "where the Dask task runner's workers are",
     "lock": "what a second run does while another computes a stage",
     "min_usable": "when a training stage refuses to start; it never changes which images it uses",
+    "notes": "lines the quality ladder prints beside a figure",
 }
 
 
@@ -269,6 +270,9 @@ def build_dag(config: Config) -> tuple[list[StageSpec], dict[str, list[str]]]:
 
 def make_run(config: Config) -> Run:
     """Bind a config to its dataset (errors here stop before any work) and fingerprints."""
+    unknown = sorted(set(config.notes) - set(STAGES.names()))
+    if unknown:
+        raise ConfigError(f"notes: '{unknown[0]}' is not a stage (stages: {', '.join(STAGES.names())})")
     dataset = build_dataset(config)
     dag, upstream = build_dag(config)
     for spec in dag:

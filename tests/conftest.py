@@ -46,6 +46,19 @@ def demo_config(tmp_path: Path, **overrides):
     return config_from_dict(data, "<test>")
 
 
+# Fixtures that train from scratch for a quality ordering: only the claims tier (`make claims`)
+# may use them, so `make test` never pays for them.
+CLAIM_FIXTURES = {"demo_box_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Refuse a test that uses a claim fixture without the ``claims`` marker."""
+    for item in items:
+        used = CLAIM_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if used and item.get_closest_marker("claims") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(used))}: mark it @pytest.mark.claims")
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness

@@ -197,6 +197,7 @@ def test_objective_switches_to_its_own_confident_labels_and_plain_ce_without_blp
     assert torch.allclose(plain["bl"], torch.nn.functional.cross_entropy(up, labels, ignore_index=IGNORE))
 
 
+@pytest.mark.claims
 def test_demo_blpseg_beats_pce_only(tmp_path):
     """configs/demo_blpseg.yaml (what `make demo` runs: LAM + BL) against the same network and
     schedule trained with partial CE alone. Training seeds 0 / 1 / 2 gave 0.538 / 0.533 / 0.538

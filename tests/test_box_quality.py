@@ -14,6 +14,7 @@ LADDER = ["box_seeds", "seeds", "affinity_train", "graph", "random_walk", "a2gnn
 SHORT = ["affinity_train.epochs=3", "affinity_train.crop=128", "affinity_train.batch_size=4",
          "a2gnn.epochs=30", "a2gnn.hidden=64", "engine=local", "workers=2"]
 SUBSETS = {"horses": ("horses_box.yaml", "weizmann_horse", 8), "camvid": ("camvid_box.yaml", "camvid", 8)}
+pytestmark = pytest.mark.claims  # the method tier: trained from scratch on real photographs
 _RUNS: dict[str, dict] = {}
 _RUN_OF: dict = {}
 

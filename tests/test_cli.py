@@ -80,6 +80,28 @@ def test_run_status_eval_inspect_and_cache(tmp_path):
     assert res.exit_code == 2 and "unknown image id" in res.output
 
 
+def test_the_ladder_prints_the_note_beside_a_figure_under_its_baseline(tmp_path, monkeypatch, capsys):
+    import pipeline.cli as cli
+    from pipeline.config import ConfigError, load_config
+    from pipeline.runner import make_run
+
+    path = write_config(tmp_path, notes={"crf": "flat shapes: GrabCut solves them"})
+    assert runner.invoke(app, ["run", str(path), "--until", "crf"]).exit_code == 0
+    the_run = make_run(load_config(path))
+    crf = the_run.store("crf").read_manifest()["metrics"]["miou"]
+    filled = the_run.store("box_seeds").read_manifest()["metrics"]["maps"]["grabcut_filled"]["miou"]
+    pairs = cli.baseline_pairs(the_run, "crf", the_run.store("crf").read_manifest()["metrics"])
+    assert pairs == [("crf", crf, "GrabCut filled", filled)]
+    for value, shown in ((filled - 0.1, True), (filled + 0.1, False)):
+        monkeypatch.setattr(cli, "baseline_pairs", lambda r, n, m, v=value: [("crf", v, "GrabCut filled", filled)]
+                            if n == "crf" else [])
+        cli._print_ladder(the_run)
+        out = capsys.readouterr().out
+        assert ("flat shapes: GrabCut solves them" in out) == shown and ("is not above GrabCut filled" in out) == shown
+    with pytest.raises(ConfigError, match="notes: 'nope' is not a stage"):
+        make_run(load_config(path, ["notes.nope=x"]))
+
+
 def test_label_and_instance_images_hatch_unknown_and_colour_instances_apart():
     from pipeline.visualize import colourize, instance_image, label_image
     from stages.base import IGNORE

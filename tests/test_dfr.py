@@ -228,6 +228,7 @@ def test_bench_dfr_train_rows(tmp_path):
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (train, single))
 
 
+@pytest.mark.claims
 def test_demo_dfr_beats_pce_only(tmp_path):
     """Table 4's first step at demo scale: configs/demo_dfr.yaml (what `make demo` runs) with
     the full Eq. 1 against the same network and schedule trained with pCE alone."""

@@ -170,6 +170,7 @@ READS = {
 }
 FLIPS = {"run": "u", "output_root": "elsewhere", "device": "cpu", "workers": 3, "shard_size": 5, "engine": "prefect",
          "task_runner": "process", "threads": 2, "dask": {"n_workers": 3}, "lock": "refuse", "min_usable": 0.9,
+         "notes": {"crf": "why"},
          "seed": 1, "weak": {"seed": 1},
          "dataset": {"kind": "demo", "num_train": 6, "num_val": 2, "seed": 1}, "supervision": "scribble",
          "task": "fewshot"}  # task: another DAG, no stage in common

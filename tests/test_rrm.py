@@ -252,6 +252,7 @@ def test_the_plain_cam_baseline_is_rrm_up_to_its_joint_phase(tmp_path):
     assert info["loss_curve"] == scratch.store("rrm_train").read_manifest()["info"]["loss_curve"]
 
 
+@pytest.mark.claims
 def test_demo_rrm_beats_the_plain_cam_crf_labels(tmp_path):
     """configs/demo_rrm.yaml (what `make demo` runs) against the plain CAM + CRF labels (Eq. 2.5)
     of a classification-only network of the same budget (``cls_only_fraction: 1``). RRM's

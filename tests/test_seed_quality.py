@@ -40,6 +40,7 @@ def _untrained_cam_miou(run) -> float:
     return scores(conf)["miou"]
 
 
+@pytest.mark.claims
 def test_trained_cam_beats_constant_background_and_untrained(demo_box_run):
     cam = demo_box_run.store("cam").read_manifest()["metrics"]
     assert cam["images"] == 32
@@ -51,6 +52,7 @@ def test_trained_cam_beats_constant_background_and_untrained(demo_box_run):
     assert cam["best_threshold_miou"] >= max(cam["threshold_sweep"].values())
 
 
+@pytest.mark.claims
 def test_confident_seeds_are_more_precise_than_fused_than_cam(demo_box_run):
     seeds = demo_box_run.store("seeds").read_manifest()["metrics"]
     m_g, maps = seeds, seeds["maps"]
@@ -61,6 +63,7 @@ def test_confident_seeds_are_more_precise_than_fused_than_cam(demo_box_run):
     assert m_g["coverage"] < maps["M_F"]["coverage"]
 
 
+@pytest.mark.claims
 def test_random_walk_beats_the_seeds_it_starts_from(demo_box_run):
     """Table 3.4's "+L_Ac +RW" step at demo scale: propagating the confident seeds M_g over
     the affinity graph labels every pixel and raises mIoU."""
@@ -111,6 +114,7 @@ def test_horses_scribble_seeds(tmp_path, horses):
     assert m["precision"] > 0.9 and m["coverage"] > 0.2
 
 
+@pytest.mark.claims
 def test_a2gnn_beats_the_random_walk_and_the_seeds(demo_box_run):
     """Table 3.4 at demo scale: A²GNN (CE + MP + L_reg, consistency checking) on the same
     graph and seeds labels every pixel and beats both the seeds and the random walk."""
@@ -125,6 +129,7 @@ def test_a2gnn_beats_the_random_walk_and_the_seeds(demo_box_run):
 
 
 
+@pytest.mark.claims
 def test_spml_labels_above_the_seeds_it_learns_from(demo_box_run):
     """The demo ladder's SPML row (configs/demo.yaml: 150 steps from scratch, the seeds kept, a
     4-step walk): its pseudo-labels beat the seeds they are trained on. Training seeds 0 / 1 / 2
@@ -136,6 +141,7 @@ def test_spml_labels_above_the_seeds_it_learns_from(demo_box_run):
     assert spml["miou"] > seeds + 0.007, (spml["miou"], seeds)
 
 
+@pytest.mark.claims
 def test_a2gnn_result_does_not_depend_on_the_batch(demo_box_run):
     """Re-training three images one at a time gives what the stage stored for them when it
     trained them stacked with others (same per-image seeds)."""
