@@ -7,6 +7,7 @@ tensors; the store decides what is already done.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import json
 import logging
@@ -181,17 +182,32 @@ def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, id
 # --------------------------------------------------------------------------- the run
 def environment(device: str) -> dict[str, Any]:
     """Where a stage last ran. Trained stages are bit-reproducible for one environment; another
-    torch build, CPU instruction set (AVX2 vs AVX512 kernels), thread count or GPU changes float
-    rounding, and a from-scratch network then ends a point or two away."""
+    torch build, processor (model or vendor: :func:`cpu_model`), instruction set (AVX2 vs AVX512
+    kernels), thread count or GPU changes float rounding, and a from-scratch network then ends
+    a point or two away."""
     import platform
 
     import torch
 
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
-                           "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+                           "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                           "cpu": cpu_model()}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
+
+
+def cpu_model() -> str:
+    """The processor's model name: MKL picks its matrix kernels by processor (vendor and
+    instruction set), so the same torch build rounds MKL-backed ops (linear, bmm) apart on
+    another CPU, while oneDNN's convolutions agree."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def resolve_device(device: str) -> str:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # (run name, the config's overrides, the stages to run); every training stage of every
 # method appears once (instance_train needs torchvision's compiled ops, absent on this torch).
 RUNS: list[tuple[str, dict, list[str]]] = [
-    ("box", {"spml_train": {"enabled": True}},
+    ("box", {"spml_train": {"enabled": True}, "crf": {"input": "a2gnn"}},
      ["box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf",
       "final_train", "spml_train"]),
     ("dfr", {"supervision": "dfr"}, ["dfr_train"]),
@@ -38,8 +38,9 @@ def train_all(root: str, crf_workers: int) -> None:
 
     for name, overrides, stages in RUNS:
         data = {"run": name, "output_root": root, "engine": "local", "workers": 2, "threads": 1,
-                "dataset": {"kind": "demo", "num_train": 6, "num_val": 2},
-                **json.loads(json.dumps(TINY_TRAINING)), **overrides}
+                "dataset": {"kind": "demo", "num_train": 6, "num_val": 2}, **json.loads(json.dumps(TINY_TRAINING))}
+        for key, value in overrides.items():  # a section's keys over the tiny ones
+            data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
         data["rrm_train"].update(iterations=4, cls_only_fraction=0.5, crf_workers=crf_workers)
         run = make_run(config_from_dict(data, "<determinism>"))
         run_local(run, stages)
@@ -73,7 +74,7 @@ def test_every_training_stage_reruns_bit_for_bit(tmp_path):
         for key, value in weights_a.items():
             assert torch.equal(weights_b[key], value), f"{stage}: {key} differs between the two runs"
         assert sa.get("history") == sb.get("history"), stage
-    a2gnn_a = sorted((tmp_path / "a" / "box" / "a2gnn").glob("*/*.npz"))
+    a2gnn_a = sorted((tmp_path / "a" / "box" / "a2gnn").glob("*/items/*.npz"))
     assert a2gnn_a, "a2gnn wrote no maps"
     for path in a2gnn_a:  # the per-image transductive training, too
         other = tmp_path / "b" / path.relative_to(tmp_path / "a")

@@ -253,26 +253,27 @@ def test_the_plain_cam_baseline_is_rrm_up_to_its_joint_phase(tmp_path):
 
 
 @pytest.mark.claims
-def test_demo_rrm_beats_the_plain_cam_crf_labels(tmp_path):
-    """configs/demo_rrm.yaml (what `make demo` runs) against the plain CAM + CRF labels (Eq. 2.5)
-    of a classification-only network of the same budget (``cls_only_fraction: 1``). RRM's
-    segmentation branch given the tags, training seeds 0 / 1 / 2 (README): train split
-    (``rrm_labels``, its pseudo-labels) 0.422 / 0.513 / 0.381 against 0.366 / 0.473 / 0.366
-    (gaps 0.0555 / 0.0405 / 0.0147), val (``rrm_eval`` ``tags``) 0.508 / 0.504 / 0.467 against
-    0.460 / 0.492 / 0.376 (gaps 0.0483 / 0.0114 / 0.0913): each margin is under half the
-    smallest gap of its split; this runs seed 0. The baseline's classification-only first half
-    is RRM's own (test above), so it resumes from RRM's checkpoint there."""
-    from .conftest import demo_branch_vs_baseline
+def test_demo_rrm_learns_but_stays_under_the_plain_cam_crf_labels(tmp_path):
+    """configs/demo_rrm.yaml (what `make demo-all` runs) against the plain CAM + CRF labels
+    (Eq. 2.5) of a classification-only network of the same budget (``cls_only_fraction: 1``),
+    on the val split (``rrm_eval``: the segmentation branch given the tags against the
+    baseline's ``cam_crf``). What three training seeds show (README, the RRM demo row): the
+    branch learns from the labels it mines (above all-background), and from scratch at this
+    budget it stays under the plain CAM + CRF; each margin is half the smallest of the three
+    seeds' gaps. On the train split the order changes with the seed, so nothing is asserted
+    there. The baseline's classification-only first half is RRM's own (test above), so it
+    resumes from RRM's checkpoint there."""
+    from .conftest import DEMO_BACKGROUND_ONLY, demo_branch_vs_baseline
 
     joint_from = 100  # cls_only_fraction 0.5 of 200 steps; checkpoint_every 100
     full, plain = demo_branch_vs_baseline(tmp_path, "rrm", baseline_map="cam_crf", shared_steps=joint_from,
                                           cls_only_fraction=1.0)
     assert full["rrm_train"]["info"]["joint_from"] == joint_from
-    train = full["rrm_labels"]["metrics"]["miou"], plain["rrm_labels"]["metrics"]["maps"]["cam_crf"]["miou"]
-    val = (full["rrm_eval"]["metrics"]["maps"]["tags"]["miou"],
-           plain["rrm_eval"]["metrics"]["maps"]["cam_crf"]["miou"])
-    assert train[0] > train[1] + 0.007, train
-    assert val[0] > val[1] + 0.005, val
+    rrm = full["rrm_eval"]["metrics"]["maps"]["tags"]["miou"]
+    cam_crf = plain["rrm_eval"]["metrics"]["maps"]["cam_crf"]["miou"]
+    assert rrm > DEMO_BACKGROUND_ONLY + 0.057, rrm
+    assert cam_crf > rrm + 0.03, (cam_crf, rrm)
+    assert 0.0 < full["rrm_train"]["info"]["reliable_last"] < 1.0
 
 
 def test_objective_terms_and_their_sum():

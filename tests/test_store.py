@@ -50,6 +50,7 @@ def test_interrupted_stage_resumes_with_only_the_rest(tmp_path, counters):
 
     env = manifest["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["threads"] >= 1
+    assert env["cpu"] and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_config_change_recomputes_stage_and_downstream_only(tmp_path, counters):
