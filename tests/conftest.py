@@ -11,9 +11,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="wsss-prefect-"))
-if os.environ.get("PYTEST_XDIST_WORKER"):  # each pytest-xdist worker starts its own Prefect server and database
-    os.environ["PREFECT_HOME"] = os.path.join(os.environ["PREFECT_HOME"], os.environ["PYTEST_XDIST_WORKER"])
-    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
