@@ -198,3 +198,19 @@ def test_voc_configs_are_the_thesis_settings_and_missing_weights_stop_them(tmp_p
             if spec.name in ("cam_train", "affinity_train", "final_train"):
                 with pytest.raises(OSError, match=f"{tmp_path}/torch/hub/checkpoints/resnet.*never downloads"):
                     spec.preflight(cfg)
+
+
+@pytest.mark.parametrize("flag, runs, spml", [([], ["demo", "demo_dfr"], False),
+                                              (["--all"], ["demo", "demo_dfr", "demo_blpseg", "demo_rrm", "demo_fewshot"],
+                                               True)])
+def test_demo_runs_the_main_flow_and_all_every_branch(monkeypatch, flag, runs, spml):
+    import pipeline.cli as cli
+
+    ran = []
+    monkeypatch.setattr(cli, "execute", lambda the_run: ran.append(the_run))
+    monkeypatch.setattr(cli, "_print_ladder", lambda the_run: None)
+    res = runner.invoke(app, ["demo", *flag, "--engine", "local"])
+    assert res.exit_code == 0, res.output
+    assert [r.config.run for r in ran] == runs
+    assert ("spml_train" in ran[0].names) == spml and ran[0].config.spml_train.enabled == spml
+    assert "final_train" in ran[0].names and "instances" in ran[0].names
