@@ -320,8 +320,8 @@ def demo(overrides: Optional[list[str]] = SetOpt,
     configs/demo_fewshot.yaml (the few-shot task). ``--set`` applies to the first."""
     _setup_logging()
     extra = [f"engine={engine}"] if engine else []
-    main = [] if all_branches else ["spml_train.enabled=false"]
-    runs = [_make_run(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, main + (overrides or []) + extra)]
+    main_flow = [] if all_branches else ["spml_train.enabled=false"]
+    runs = [_make_run(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, main_flow + (overrides or []) + extra)]
     runs += [_make_run(path, extra) for path in (DEMO_ALL if all_branches else DEMO_MAIN) if path.is_file()]
     for the_run in runs:
         execute(the_run)
