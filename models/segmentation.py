@@ -39,6 +39,7 @@ from torch import nn
 from .backbones import (ResNetBackbone, SwinBackbone, WeightsError, freeze_batchnorm, load_state, multiscale_sum,
                         normalize)
 from .blpseg import lam
+from .dilated import prune_dead_taps
 
 # arch -> (torchvision builder, ImageNet classifier whose weights seed the backbone, key prefix
 # of the classifier's backbone in its own state dict)
@@ -66,6 +67,7 @@ class DeepLab(nn.Module):
             if missing:
                 raise WeightsError(f"weights '{weights}' do not fit the {classifier} backbone of {arch}: "
                                    f"missing {missing[:4]}")
+        prune_dead_taps(net)  # ASPP's rates exceed the head's grid on small crops
         self.backbone, self.head = net.backbone, net.classifier
         self.arch, self.num_classes = arch, num_classes
         self.pretrained = state is not None

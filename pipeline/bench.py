@@ -1,14 +1,13 @@
 """``wsss bench NAME``: speed and peak memory of one stage's work at VOC size.
 
-Each case runs in a fresh child process, so its peak resident memory (``ru_maxrss``) is
-its own; on CUDA the peak allocated GPU memory is reported too. Inputs are synthetic
+Each case runs in a fresh child process (forked from :mod:`pipeline.processes`' server), so
+its peak resident memory (``ru_maxrss``) is its own; on CUDA the peak allocated GPU memory is reported too. Inputs are synthetic
 images from the demo generator at the requested size (500x375 by default, a typical VOC
 image) with their synthesized weak labels, so no dataset is needed. Models have random
 weights: speed and memory do not depend on what the weights are.
 """
 from __future__ import annotations
 
-import multiprocessing
 import resource
 import time
 from dataclasses import dataclass
@@ -90,9 +89,11 @@ def _child(fn, case, options, queue) -> None:
 
 
 def in_child(fn: Callable, case: Case, **options: Any) -> dict[str, Any]:
-    """Run ``fn(case, **options)`` in a spawned process (threads set from ``case``); its dict
+    """Run ``fn(case, **options)`` in a child process (threads set from ``case``); its dict
     result carries the process's own peak memory."""
-    ctx = multiprocessing.get_context("spawn")
+    from .processes import forkserver
+
+    ctx = forkserver()
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, case, options, queue))
     proc.start()

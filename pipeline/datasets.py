@@ -234,7 +234,8 @@ class _Base(abc.ABC):
     def _synthesize(self, image_id: str, semantic: np.ndarray, instance: np.ndarray | None, source: str) -> WeakLabels:
         w = self.weak_cfg
         return synthesize(semantic, instance, image_rng(w.seed, image_id), w.min_object_area, w.scribble_coverage,
-                          w.scribble_length, w.scribble_background, w.background_points, source=source)
+                          w.scribble_length, w.scribble_background, w.background_points, source=source,
+                          strokes=bool(self.needs & {"points", "scribbles"}))
 
 
 # --------------------------------------------------------------------------- demo
@@ -842,8 +843,9 @@ def _coco_points(points: str, instances: str) -> dict[str, list]:
     return coco.points_by_image(_read_json(Path(points)), coco.load(Path(instances)), Path(points))
 
 
-def build_dataset(config: Config):
-    """The dataset reader a config names (errors here stop the run before any work)."""
+def build_dataset(config: Config, all_weak: bool = False):
+    """The dataset reader a config names (errors here stop the run before any work); it
+    reads the weak labels the supervision needs, or with ``all_weak`` every kind."""
     d = config.dataset
     kind = {DemoDataset: DemoData, MasksDataset: MasksData, CocoDataset: CocoData, VocDataset: VocData}[type(d)]
-    return kind(d, config.weak, config.supervision)
+    return kind(d, config.weak, None if all_weak else config.supervision)

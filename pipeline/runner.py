@@ -32,6 +32,7 @@ from .config import Config, ConfigError, config_from_dict, dump_config
 from .datasets import build_dataset
 
 stages.load_all()
+from .processes import forkserver
 from .store import StageBusy, StageStore, atomic_write_text, fingerprint
 
 log = logging.getLogger("wsss")
@@ -99,10 +100,9 @@ def _worker_init(threads: int) -> None:
 
 @functools.lru_cache(maxsize=4)
 def _pool(workers: int, threads: int) -> cf.ProcessPoolExecutor:
-    # forkserver: children start clean (no Prefect/torch threads inherited through fork).
     # The workers share the cores: torch in each would otherwise start one thread per core.
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+    return cf.ProcessPoolExecutor(workers, mp_context=forkserver(),
                                   initializer=_worker_init, initargs=(threads,))
 
 

@@ -115,13 +115,18 @@ def interior_point(region: np.ndarray, rng: np.random.Generator) -> tuple[int, i
 def synthesize(semantic: np.ndarray, instance: np.ndarray | None, rng: np.random.Generator,
                min_object_area: float = 0.001, scribble_coverage: float = 0.03,
                scribble_length: float = 0.6, scribble_background: bool = True,
-               background_points: int = 0, source: str = "<mask>") -> WeakLabels:
-    """All weak labels of one image from its GT (``semantic``, optional ``instance`` ids)."""
+               background_points: int = 0, source: str = "<mask>", strokes: bool = True) -> WeakLabels:
+    """The weak labels of one image from its GT (``semantic``, optional ``instance`` ids):
+    tags and boxes, and with ``strokes`` the scribbles and points (the only ones that draw
+    from ``rng``, scribbles first, so points do not depend on whether scribbles are used)."""
     min_area = max(1, int(round(min_object_area * semantic.size)))
     objects = instances_from_semantic(semantic, instance, min_area)
     if not objects:
         raise DataError(source, "mask has no foreground object (empty mask): no weak labels can be made")
     boxes = [box_of(mask, cls) for cls, mask in objects]
+    tags = sorted({cls for cls, _ in objects})
+    if not strokes:
+        return WeakLabels(tags=tags, boxes=boxes, scribbles=None, points=[])
     scribbles = np.full(semantic.shape, IGNORE, np.uint8)
     points: list[Point] = []
     background = semantic == 0
@@ -134,7 +139,6 @@ def synthesize(semantic: np.ndarray, instance: np.ndarray | None, rng: np.random
     for _ in range(background_points if background.any() else 0):
         x, y = interior_point(background, rng)
         points.append(Point(x, y, 0))
-    tags = sorted({cls for cls, _ in objects})
     return WeakLabels(tags=tags, boxes=boxes, scribbles=scribbles, points=points)
 
 

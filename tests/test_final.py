@@ -137,6 +137,53 @@ def test_mask_ap_matches_a_hand_computed_example():
     assert np.isnan(average_precision(np.array([True]), 0))
 
 
+# --------------------------------------------------------------------------- dead dilated taps
+@pytest.mark.parametrize("size,dilation,groups", [((8, 8), 12, 1), ((8, 10), 6, 1), ((5, 30), 4, 3), ((9, 9), 2, 6)])
+def test_live_tap_conv_equals_the_full_dilated_conv_in_value_and_gradient(size, dilation, groups):
+    from models.dilated import LiveTapConv2d, live_taps
+
+    torch.manual_seed(0)
+    full = torch.nn.Conv2d(6, 6, 5, padding=2 * dilation, dilation=dilation, groups=groups).double()
+    live = LiveTapConv2d(6, 6, 5, padding=2 * dilation, dilation=dilation, groups=groups).double()
+    live.load_state_dict(full.state_dict())
+    x = torch.randn(2, 6, *size, dtype=torch.float64, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    a, b = full(x), live(y)
+    torch.testing.assert_close(b, a)
+    (a * a.detach()).sum().backward()
+    (b * a.detach()).sum().backward()
+    torch.testing.assert_close(y.grad, x.grad)
+    torch.testing.assert_close(live.weight.grad, full.weight.grad)
+    # the pruned taps' gradient is exactly zero, as the full conv's is
+    m = live_taps(5, dilation, size[0])
+    if m < 2:
+        assert live.weight.grad[:, :, :2 - m].abs().max() == 0 and full.weight.grad[:, :, :2 - m].abs().max() == 0
+
+
+def test_deeplab_swaps_the_aspp_convs_and_keeps_its_state_dict_keys():
+    from models.dilated import LiveTapConv2d
+    from models.segmentation import DeepLab
+
+    torch.manual_seed(0)
+    net = DeepLab("deeplabv3_mobilenet_v3_large", 3).eval()
+    swapped = [m for m in net.head.modules() if isinstance(m, LiveTapConv2d)]
+    assert [m.dilation for m in swapped] == [(12, 12), (24, 24), (36, 36)]
+    torch.manual_seed(0)
+    import torchvision
+    ref = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                       num_classes=3, aux_loss=False)
+    assert {f"backbone.{k}" for k in ref.backbone.state_dict()} | {f"head.{k}" for k in ref.classifier.state_dict()} \
+        == set(net.state_dict())
+    ref.backbone.load_state_dict(net.backbone.state_dict())
+    ref.classifier.load_state_dict(net.head.state_dict())
+    ref.eval()
+    images = torch.rand(1, 3, 128, 96) * 255
+    with torch.no_grad():
+        expect = F.interpolate(ref.classifier(ref.backbone(normalize(images))["out"]), size=(128, 96),
+                               mode="bilinear", align_corners=False)
+        torch.testing.assert_close(net(images), expect, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- final_train
 def _tiny_final(tmp_path, **kw):
     settings = dict(dataset__num_train=4, dataset__height=64, dataset__width=64,

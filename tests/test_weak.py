@@ -56,6 +56,20 @@ def test_synthesis_is_deterministic_per_seed_and_id():
     assert not ((a.scribbles == c.scribbles).all() and a.points == c.points)
 
 
+def test_boxes_and_tags_alone_skip_the_strokes_and_do_not_change():
+    sem = two_objects()
+    full = synthesize(sem, None, image_rng(3, "img"))
+    lean = synthesize(sem, None, image_rng(3, "img"), strokes=False)
+    assert (lean.tags, lean.boxes) == (full.tags, full.boxes)
+    assert lean.scribbles is None and lean.points == []
+    cfg = DemoDataset(num_train=2, num_val=1, height=60, width=80)
+    for supervision, strokes in (("box", False), ("image", False), ("point", True), ("scribble", True)):
+        weak = DemoData(cfg, WeakConfig(), supervision).load_weak("train_0001")
+        every = DemoData(cfg, WeakConfig()).load_weak("train_0001")
+        assert (weak.tags, weak.boxes) == (every.tags, every.boxes)
+        assert (weak.scribbles is not None) == strokes and (weak.points == every.points) == strokes
+
+
 def test_instances_separate_touching_objects_of_one_class():
     sem = np.zeros((30, 40), np.uint8)
     sem[5:25, 5:35] = 1
