@@ -25,16 +25,15 @@ from models.types import PIPELINE
 
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
 from .routing import affinity_map, offsets_of
-from .training import crop_batch, save_trained, sgd, train_loop, trained_result
+from .training import crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
 
 VERSION = "2"
 
 
 def load_affinity(state: dict[str, Any], device: str) -> tuple[AffinityNet, list[tuple[int, int]]]:
     """The trained affinity net (eval mode) and the offsets it was trained with."""
-    model = AffinityNet(state["arch"]["depth"], "none")
-    model.load_state_dict(state["state_dict"])
-    return model.to(device).eval(), window_offsets(state["radius"], state["neighbourhood"])
+    model = trained_model(state, lambda arch: AffinityNet(arch["depth"], "none"), device)
+    return model, window_offsets(state["radius"], state["neighbourhood"])
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -253,9 +253,16 @@ def amp_setup(amp: bool, device: str) -> tuple[bool, torch.amp.GradScaler | None
 
 def trained_model(state: dict, build: Callable[[dict], torch.nn.Module], device: str) -> torch.nn.Module:
     """The network of a ``model.pt`` state (``arch`` + ``state_dict``), rebuilt by ``build``
-    without pretrained weights (the state has them all), in eval mode on ``device``."""
-    model = build({**state["arch"], "weights": "none"})
-    model.load_state_dict(state["state_dict"])
+    without pretrained weights (the state has them all), in eval mode on ``device``. It is
+    built on the meta device and takes the state's tensors, so no random init is computed
+    only to be overwritten."""
+    arch = {**state["arch"], "weights": "none"}
+    with torch.device("meta"):
+        model = build(arch)
+    model.load_state_dict(state["state_dict"], assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor the state does not hold
+        model = build(arch)
+        model.load_state_dict(state["state_dict"])
     return model.to(device).eval()
 
 

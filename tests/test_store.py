@@ -1,5 +1,6 @@
 """Resume, invalidation and atomicity of the artifact store (the README's store contract)."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,13 +54,25 @@ def test_interrupted_stage_resumes_with_only_the_rest(tmp_path, counters):
     assert env["cpu"] and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
-def test_config_change_recomputes_stage_and_downstream_only(tmp_path, counters):
-    seeds, crf = counters
-    run = make_run(demo_config(tmp_path))
-    n = len(run.ids("box_seeds"))
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """The artifacts of the tiny demo DAG run to its end once; each test starts from a copy."""
+    root = tmp_path_factory.mktemp("finished")
+    run = make_run(demo_config(root))
     run_local(run, run.names)
-    assert (len(seeds.calls), len(crf.calls)) == (n, n)
-    seeds.calls.clear(), crf.calls.clear()
+    return root / "artifacts"
+
+
+def finished_copy(tmp_path: Path, finished: Path):
+    """The finished run, copied into ``tmp_path`` (``current`` links are relative)."""
+    shutil.copytree(finished, tmp_path / "artifacts", symlinks=True)
+    return make_run(demo_config(tmp_path))
+
+
+def test_config_change_recomputes_stage_and_downstream_only(tmp_path, counters, finished):
+    seeds, crf = counters
+    run = finished_copy(tmp_path, finished)
+    n = len(run.ids("box_seeds"))
     run_local(make_run(demo_config(tmp_path)), run.names)  # unchanged: all cached
     assert (len(seeds.calls), len(crf.calls)) == (0, 0)
     changed = make_run(demo_config(tmp_path, crf__iterations=3))
@@ -78,11 +91,10 @@ def test_config_change_recomputes_stage_and_downstream_only(tmp_path, counters):
     assert (run.run_dir / "crf" / "current").resolve() == run.store("crf").dir.resolve()
 
 
-def test_deleted_stage_folder_is_recomputed(tmp_path, counters):
+def test_deleted_stage_folder_is_recomputed(tmp_path, counters, finished):
     seeds, crf = counters
-    run = make_run(demo_config(tmp_path))
+    run = finished_copy(tmp_path, finished)
     n = len(run.ids("box_seeds"))
-    run_local(run, run.names)
     shutil.rmtree(run.store("crf").dir)
     seeds.calls.clear(), crf.calls.clear()
     run_local(make_run(demo_config(tmp_path)), run.names)
@@ -90,13 +102,11 @@ def test_deleted_stage_folder_is_recomputed(tmp_path, counters):
     assert (run.run_dir / "crf" / "current").resolve() == run.store("crf").dir.resolve()
 
 
-def test_force_recomputes_stage_and_downstream(tmp_path, counters):
+def test_force_recomputes_stage_and_downstream(tmp_path, counters, finished):
     from pipeline.runner import forced
 
     seeds, crf = counters
-    run = make_run(demo_config(tmp_path))
-    run_local(run, run.names)
-    seeds.calls.clear(), crf.calls.clear()
+    run = finished_copy(tmp_path, finished)
     assert forced(run, ["box_seeds"]) == {"box_seeds", "seeds", "affinity_train", "graph", "random_walk", "a2gnn",
                                              "crf", "final_train", "final_eval", "instances"}
     run_local(run, run.names, forced(run, ["box_seeds"]))
