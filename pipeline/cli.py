@@ -298,13 +298,12 @@ def prepare(config: Path = ConfigArg, out: Path = typer.Option(..., "--out", hel
             overrides: Optional[list[str]] = SetOpt) -> None:
     """Synthesize weak labels from GT masks (boxes.json, points.json, tags.json, scribbles/*.png)
     with the config's ``weak`` seed; point ``dataset.weak_dir`` at OUT to use them."""
-    from .datasets import build_dataset
     from .prepare import write_weak_labels
 
     the_run = _make_run(config, overrides)
     splits = ["train", "val"] if split == "all" else [split]
     try:
-        summary = write_weak_labels(build_dataset(the_run.config, all_weak=True), splits, out)
+        summary = write_weak_labels(the_run.config, splits, out)
     except DataError as err:
         _fail(str(err))
     console.print_json(json.dumps(summary))

@@ -121,8 +121,13 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 # The weak labels each supervision reads beyond the tags (every kind reads tags); a dataset
 # reads or synthesizes the others only when asked for everything (``supervision=None``).
+# DFR and BLPSeg train on scribbles or points (their ``labels`` key); RRM reads the tags and
+# the few-shot task the masks.
 WEAK_NEEDS: dict[str, frozenset[str]] = {"box": frozenset({"boxes"}), "image": frozenset(),
-                                         "point": frozenset({"points"}), "scribble": frozenset({"scribbles"})}
+                                         "point": frozenset({"points"}), "scribble": frozenset({"scribbles"}),
+                                         "dfr": frozenset({"points", "scribbles"}),
+                                         "blpseg": frozenset({"points", "scribbles"}),
+                                         "rrm": frozenset(), "fewshot": frozenset()}
 ALL_WEAK = frozenset({"boxes", "points", "scribbles"})
 
 

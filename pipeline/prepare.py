@@ -22,7 +22,12 @@ from .runner import track
 from .store import atomic_write, atomic_write_text, encode_label_png
 
 
-def write_weak_labels(dataset, splits: list[str], out: Path) -> dict[str, Any]:
+def write_weak_labels(config, splits: list[str], out: Path) -> dict[str, Any]:
+    """Every kind of weak label of ``config``'s dataset (whatever its supervision reads) for
+    ``splits``, written to ``out``; returns the summary."""
+    from .datasets import build_dataset
+
+    dataset = build_dataset(config, all_weak=True)
     out = Path(out)
     (out / "scribbles").mkdir(parents=True, exist_ok=True)
     boxes, points, tags, failed = {}, {}, {}, {}

@@ -209,7 +209,7 @@ def test_editing_a_weak_label_file_changes_the_stages_that_read_it(tmp_path, hor
 
     root = horse_subset(tmp_path, horses, 3)
     cfg = horse_config(tmp_path, root)
-    write_weak_labels(make_run(config_from_dict(cfg)).dataset, ["train"], tmp_path / "weak")
+    write_weak_labels(config_from_dict(cfg), ["train"], tmp_path / "weak")
     cfg["dataset"]["weak_dir"] = str(tmp_path / "weak")
     before = make_run(config_from_dict(cfg)).fingerprints
     boxes = json.loads((tmp_path / "weak" / "boxes.json").read_text())
