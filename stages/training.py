@@ -257,10 +257,14 @@ def trained_model(state: dict, build: Callable[[dict], torch.nn.Module], device:
     built on the meta device and takes the state's tensors, so no random init is computed
     only to be overwritten."""
     arch = {**state["arch"], "weights": "none"}
-    with torch.device("meta"):
-        model = build(arch)
-    model.load_state_dict(state["state_dict"], assign=True)
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor the state does not hold
+    try:
+        with torch.device("meta"):
+            model = build(arch)
+        model.load_state_dict(state["state_dict"], assign=True)
+        complete = not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    except (NotImplementedError, RuntimeError):  # a constructor that needs real values; a real error recurs below
+        complete = False
+    if not complete:  # or a tensor the state does not hold
         model = build(arch)
         model.load_state_dict(state["state_dict"])
     return model.to(device).eval()

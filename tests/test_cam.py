@@ -102,6 +102,38 @@ def test_cam_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
         torch.testing.assert_close(state2["state_dict"][key], value, rtol=1e-4, atol=1e-5)
 
 
+class _NeedsValues(torch.nn.Module):
+    """A constructor that reads a tensor's value (impossible on the meta device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.k = int(torch.ones(1).sum().item())
+
+
+class _ExtraBuffer(torch.nn.Module):
+    """A buffer the state dict does not hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.register_buffer("scale", torch.full((2,), 2.0), persistent=False)
+
+
+@pytest.mark.parametrize("cls", [lambda: CamNet(3, 18), _NeedsValues, _ExtraBuffer])
+def test_trained_model_takes_the_checkpoint_tensors_and_falls_back_to_a_real_build(cls):
+    from stages.training import trained_model
+
+    torch.manual_seed(0)
+    ref = cls().eval()
+    model = trained_model({"arch": {}, "state_dict": ref.state_dict()}, lambda arch: cls(), "cpu")
+    assert not model.training and not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    for (name, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    if isinstance(ref, _ExtraBuffer):
+        assert torch.equal(model.scale, ref.scale)
+
+
 def test_sgd_gets_momentum_and_weight_decay_by_name(tmp_path, monkeypatch):
     """PSA's PolyOptimizer passed weight_decay into SGD's momentum slot; check ours."""
     import stages.cam_train as ct
