@@ -37,24 +37,23 @@ class LiveTapConv2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, 1, (mh * dh, mw * dw), self.dilation, self.groups)
 
 
-def _prunable(conv: nn.Conv2d) -> bool:
-    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
-    return (type(conv) is nn.Conv2d and conv.stride == (1, 1) and conv.padding_mode == "zeros"
-            and max(dh, dw) > 1 and kh % 2 == 1 and kw % 2 == 1
-            and conv.padding == (dh * (kh - 1) // 2, dw * (kw - 1) // 2))
+def _prunable(m: nn.Module) -> bool:
+    """A plain dilated Conv2d with stride 1, zero "same" padding and an odd kernel."""
+    if type(m) is not nn.Conv2d:
+        return False
+    (kh, kw), (dh, dw) = m.kernel_size, m.dilation
+    return (m.stride == (1, 1) and m.padding_mode == "zeros" and max(dh, dw) > 1 and kh % 2 == 1 and kw % 2 == 1
+            and m.padding == (dh * (kh - 1) // 2, dw * (kw - 1) // 2))
 
 
-def prune_dead_taps(module: nn.Module) -> int:
+def prune_dead_taps(module: nn.Module) -> None:
     """Swap every prunable dilated :class:`~torch.nn.Conv2d` under ``module`` for a
-    :class:`LiveTapConv2d` sharing its parameters (state-dict keys unchanged); returns how many."""
-    swapped = 0
+    :class:`LiveTapConv2d` sharing its parameters (state-dict keys unchanged)."""
     for parent in module.modules():
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and _prunable(child):
+            if _prunable(child):
                 new = LiveTapConv2d(child.in_channels, child.out_channels, child.kernel_size, 1, child.padding,
                                     child.dilation, child.groups, child.bias is not None,
                                     device=child.weight.device, dtype=child.weight.dtype)
                 new.weight, new.bias = child.weight, child.bias
                 setattr(parent, name, new)
-                swapped += 1
-    return swapped

@@ -1,8 +1,8 @@
 """``wsss bench NAME``: speed and peak memory of one stage's work at VOC size.
 
 Each case runs in a fresh child process (forked from :mod:`pipeline.processes`' server), so
-its peak resident memory (``ru_maxrss``) is its own; on CUDA the peak allocated GPU memory is reported too. Inputs are synthetic
-images from the demo generator at the requested size (500x375 by default, a typical VOC
+its peak resident memory (``ru_maxrss``) is its own; on CUDA the peak allocated GPU memory
+is reported too. Inputs are synthetic images from the demo generator at the requested size (500x375 by default, a typical VOC
 image) with their synthesized weak labels, so no dataset is needed. Models have random
 weights: speed and memory do not depend on what the weights are.
 """
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+
+from .processes import forkserver
 
 BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {}
 
@@ -91,8 +93,6 @@ def _child(fn, case, options, queue) -> None:
 def in_child(fn: Callable, case: Case, **options: Any) -> dict[str, Any]:
     """Run ``fn(case, **options)`` in a child process (threads set from ``case``); its dict
     result carries the process's own peak memory."""
-    from .processes import forkserver
-
     ctx = forkserver()
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, case, options, queue))

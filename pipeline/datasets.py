@@ -123,12 +123,11 @@ def _image_size(path: Path) -> tuple[int, int]:
 # reads or synthesizes the others only when asked for everything (``supervision=None``).
 # DFR and BLPSeg train on scribbles or points (their ``labels`` key); RRM reads the tags and
 # the few-shot task the masks.
+STROKES = frozenset({"points", "scribbles"})  # synthesized together (pipeline.weak.synthesize)
 WEAK_NEEDS: dict[str, frozenset[str]] = {"box": frozenset({"boxes"}), "image": frozenset(),
                                          "point": frozenset({"points"}), "scribble": frozenset({"scribbles"}),
-                                         "dfr": frozenset({"points", "scribbles"}),
-                                         "blpseg": frozenset({"points", "scribbles"}),
-                                         "rrm": frozenset(), "fewshot": frozenset()}
-ALL_WEAK = frozenset({"boxes", "points", "scribbles"})
+                                         "dfr": STROKES, "blpseg": STROKES, "rrm": frozenset(), "fewshot": frozenset()}
+ALL_WEAK = frozenset({"boxes"}) | STROKES
 
 
 class _Base(abc.ABC):
@@ -240,7 +239,7 @@ class _Base(abc.ABC):
         w = self.weak_cfg
         return synthesize(semantic, instance, image_rng(w.seed, image_id), w.min_object_area, w.scribble_coverage,
                           w.scribble_length, w.scribble_background, w.background_points, source=source,
-                          strokes=bool(self.needs & {"points", "scribbles"}))
+                          strokes=bool(self.needs & STROKES))
 
 
 # --------------------------------------------------------------------------- demo

@@ -30,9 +30,9 @@ from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec,
 
 from .config import Config, ConfigError, config_from_dict, dump_config
 from .datasets import build_dataset
+from .processes import forkserver
 
 stages.load_all()
-from .processes import forkserver
 from .store import StageBusy, StageStore, atomic_write_text, fingerprint
 
 log = logging.getLogger("wsss")

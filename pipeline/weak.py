@@ -118,7 +118,7 @@ def synthesize(semantic: np.ndarray, instance: np.ndarray | None, rng: np.random
                background_points: int = 0, source: str = "<mask>", strokes: bool = True) -> WeakLabels:
     """The weak labels of one image from its GT (``semantic``, optional ``instance`` ids):
     tags and boxes, and with ``strokes`` the scribbles and points (the only ones that draw
-    from ``rng``, scribbles first, so points do not depend on whether scribbles are used)."""
+    from ``rng``: always together, scribbles first, so either kind is the same whoever asks)."""
     min_area = max(1, int(round(min_object_area * semantic.size)))
     objects = instances_from_semantic(semantic, instance, min_area)
     if not objects:
