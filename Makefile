@@ -26,9 +26,11 @@ demo: $(STAMP)
 demo-all: $(STAMP)
 	$(BIN)/wsss demo --all
 
-# The correctness tier: equations against loops, store, reliability, CLI, own data, Dask, configs
+# The correctness tier: lint and format (ruff), then equations against loops, store, reliability, CLI, own data, Dask, configs
 # and a smoke run of every branch. No from-scratch quality ordering here.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not claims" --durations=15
 
 # The method tier: every from-scratch claim, each model trained once for all the claims on it.

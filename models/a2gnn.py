@@ -29,10 +29,12 @@ axis and runs them on M graphs of the same grid at once (``x`` (M, N, d), a stac
 :class:`GridGraph`). Their losses are summed; Adam is element-wise, so training M models
 at once gives every model the update it would get alone.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +65,14 @@ class GridGraph:
     slot: torch.Tensor
 
     @classmethod
-    def from_edges(cls, edge_index: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int],
-                   tile: int = 8, radius: int | None = None) -> "GridGraph":
+    def from_edges(
+        cls,
+        edge_index: torch.Tensor,
+        weight: torch.Tensor,
+        grid: tuple[int, int],
+        tile: int = 8,
+        radius: int | None = None,
+    ) -> GridGraph:
         """From a raster-numbered edge list (``edge_index[1]`` = target i, ``[0]`` = source j);
         ``radius`` (default: the longest edge) must be the same for graphs to be stacked."""
         h, w = grid
@@ -77,7 +85,7 @@ class GridGraph:
         r = longest if radius is None else radius
         th, tw, span = -(-h // tile), -(-w // tile), tile + 2 * r
         pad_id = torch.full((th * tile + 2 * r, tw * tile + 2 * r), n, dtype=torch.long, device=dev)
-        pad_id[r:r + h, r:r + w] = torch.arange(n, device=dev).view(h, w)
+        pad_id[r : r + h, r : r + w] = torch.arange(n, device=dev).view(h, w)
 
         def cells(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
             y, x = torch.meshgrid(torch.arange(rows, device=dev), torch.arange(cols, device=dev), indexing="ij")
@@ -100,16 +108,21 @@ class GridGraph:
         return cls(centre, near, dense, mask, slot)
 
     @classmethod
-    def stack(cls, graphs: Sequence["GridGraph"]) -> "GridGraph":
+    def stack(cls, graphs: Sequence[GridGraph]) -> GridGraph:
         """M graphs of the same grid, tile and radius -> one with M stacked edge sets."""
         first = graphs[0]
         for g in graphs[1:]:
             if g.near.shape != first.near.shape or not torch.equal(g.near, first.near):
                 raise ValueError("only graphs of the same grid, tile and radius can be stacked")
-        return cls(first.centre, first.near, torch.cat([g.weight for g in graphs]),
-                   torch.cat([g.mask for g in graphs]), first.slot)
+        return cls(
+            first.centre,
+            first.near,
+            torch.cat([g.weight for g in graphs]),
+            torch.cat([g.mask for g in graphs]),
+            first.slot,
+        )
 
-    def to(self, device) -> "GridGraph":
+    def to(self, device) -> GridGraph:
         return GridGraph(*(getattr(self, f).to(device) for f in ("centre", "near", "weight", "mask", "slot")))
 
 
@@ -122,14 +135,14 @@ class DenseGraph:
     neighbours: torch.Tensor
 
     @classmethod
-    def from_edges(cls, edge_index: torch.Tensor, weight: torch.Tensor, num_nodes: int) -> "DenseGraph":
+    def from_edges(cls, edge_index: torch.Tensor, weight: torch.Tensor, num_nodes: int) -> DenseGraph:
         adj = weight.new_zeros(num_nodes, num_nodes)
         adj[edge_index[1].long(), edge_index[0].long()] = weight
         neighbours = torch.zeros(num_nodes, num_nodes, dtype=torch.bool, device=weight.device)
         neighbours[edge_index[1].long(), edge_index[0].long()] = True
         return cls(adj, neighbours)
 
-    def to(self, device) -> "DenseGraph":
+    def to(self, device) -> DenseGraph:
         return DenseGraph(self.adj.to(device), self.neighbours.to(device))
 
 
@@ -158,7 +171,7 @@ class AffinityAttention(MessagePassing):
         super().reset_parameters()
         with torch.no_grad():
             for m, g in enumerate(generators or [None] * len(self.w)):
-                self.w[m:m + 1].uniform_(0.0, 1.0, generator=g)
+                self.w[m : m + 1].uniform_(0.0, 1.0, generator=g)
 
     def logits(self, cos: torch.Tensor, edge: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """The pre-softmax score of a pair from its cosine and edge weight (``w``: ``w_l``
@@ -181,8 +194,16 @@ class AffinityAttention(MessagePassing):
         x_norm = F.normalize(x, p=2.0, dim=-1)
         return self.propagate(graph, x=x, x_norm=x_norm, edge_weight=edge_weight)
 
-    def message(self, x_j: torch.Tensor, x_norm_i: torch.Tensor, x_norm_j: torch.Tensor, edge_weight: torch.Tensor,
-                index: torch.Tensor, ptr: torch.Tensor | None, size_i: int | None) -> torch.Tensor:
+    def message(
+        self,
+        x_j: torch.Tensor,
+        x_norm_i: torch.Tensor,
+        x_norm_j: torch.Tensor,
+        edge_weight: torch.Tensor,
+        index: torch.Tensor,
+        ptr: torch.Tensor | None,
+        size_i: int | None,
+    ) -> torch.Tensor:
         alpha = edge_softmax(self.logits((x_norm_i * x_norm_j).sum(-1), edge_weight), index, ptr, size_i)
         return x_j * alpha.unsqueeze(-1)
 
@@ -232,9 +253,18 @@ class A2GNN(nn.Module):
     (GATConv, one head), ``agnn`` (AGNNConv); the baselines run on edge lists, one model.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, hidden: int = 256, layers: int = 3, dropout: float = 0.5,
-                 layer: str = "a2gnn", beta: float = 10.0, negative: Literal["drop", "keep"] = "drop",
-                 models: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        hidden: int = 256,
+        layers: int = 3,
+        dropout: float = 0.5,
+        layer: str = "a2gnn",
+        beta: float = 10.0,
+        negative: Literal["drop", "keep"] = "drop",
+        models: int = 1,
+    ) -> None:
         super().__init__()
         if layer not in LAYERS:
             raise ValueError(f"unknown A2GNN layer {layer!r} (known: {', '.join(LAYERS)})")
@@ -243,8 +273,12 @@ class A2GNN(nn.Module):
         self.layer = layer
         self.dropout = dropout
         self.embed = nn.Parameter(torch.empty(models, hidden, in_channels))
-        make = {"a2gnn": lambda: AffinityAttention(beta, negative, models), "gcn": lambda: GCNConv(hidden, hidden),
-                "gat": lambda: GATConv(hidden, hidden, heads=1), "agnn": lambda: AGNNConv(requires_grad=True)}[layer]
+        make = {
+            "a2gnn": lambda: AffinityAttention(beta, negative, models),
+            "gcn": lambda: GCNConv(hidden, hidden),
+            "gat": lambda: GATConv(hidden, hidden, heads=1),
+            "agnn": lambda: AGNNConv(requires_grad=True),
+        }[layer]
         self.props = nn.ModuleList([make() for _ in range(layers)])
         self.out = nn.Parameter(torch.empty(models, num_classes, hidden))
         self.reset_parameters()
@@ -266,8 +300,9 @@ class A2GNN(nn.Module):
             else:
                 p.reset_parameters()
 
-    def forward(self, x: torch.Tensor, graph: Graph, edge_weight: torch.Tensor | None = None,
-                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, graph: Graph, edge_weight: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` (N, d) or (M, N, d). ``noise``: uniform draws shaped like the embedding
         (the dropout mask is ``noise >= dropout``; default ``torch.rand``), so a caller
         can give every model its own random stream."""

@@ -21,9 +21,10 @@ The printed Eq. 3.13 has unsquared norms; the Gaussian bandwidth filter it cites
 released gated-CRF code) squares them, which is what is implemented. ``1e-5`` inside the
 logarithms is the released code's.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ def shifted(x: torch.Tensor, offsets: Sequence[tuple[int, int]], fill: float = 0
     n, c, h, w = x.shape
     r = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
     padded = F.pad(x, (r, r, r, r), value=fill)
-    return torch.stack([padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w] for dy, dx in offsets], 1)
+    return torch.stack([padded[:, :, r + dy : r + dy + h, r + dx : r + dx + w] for dy, dx in offsets], 1)
 
 
 def valid_pairs(h: int, w: int, offsets: Sequence[tuple[int, int]], device=None) -> torch.Tensor:
@@ -69,8 +70,9 @@ def valid_pairs(h: int, w: int, offsets: Sequence[tuple[int, int]], device=None)
     return shifted(ones, offsets)[0, :, 0] > 0
 
 
-def pair_reduce(x: torch.Tensor, offsets: Sequence[tuple[int, int]],
-                fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def pair_reduce(
+    x: torch.Tensor, offsets: Sequence[tuple[int, int]], fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """(N, K, H, W): ``fn(x, x shifted by o_k)`` for every offset, ``fn`` a *symmetric*
     reduction of the channel axis of two (N, C, H, W) tensors to (N, H, W); 0 where the
     neighbour is out of the image. One offset at a time, so wide features never need the
@@ -83,9 +85,9 @@ def pair_reduce(x: torch.Tensor, offsets: Sequence[tuple[int, int]],
     for dy, dx in offsets:
         if (-dy, -dx) in maps:
             moved = F.pad(maps[(-dy, -dx)], (r, r, r, r))
-            maps[(dy, dx)] = moved[:, r + dy:r + dy + h, r + dx:r + dx + w]
+            maps[(dy, dx)] = moved[:, r + dy : r + dy + h, r + dx : r + dx + w]
         else:
-            maps[(dy, dx)] = fn(x, padded[:, :, r + dy:r + dy + h, r + dx:r + dx + w])
+            maps[(dy, dx)] = fn(x, padded[:, :, r + dy : r + dy + h, r + dx : r + dx + w])
     return torch.stack([maps[o] for o in offsets], 1) * valid_pairs(h, w, offsets, x.device)
 
 
@@ -126,12 +128,12 @@ class _PairDistance(torch.autograd.Function):
                 continue  # folded into its partner's pass
             g = grad[:, k]
             if (-dy, -dx) in index:
-                g = g + F.pad(grad[:, index[(-dy, -dx)]], (r, r, r, r))[:, r + dy:r + dy + h, r + dx:r + dx + w]
+                g = g + F.pad(grad[:, index[(-dy, -dx)]], (r, r, r, r))[:, r + dy : r + dy + h, r + dx : r + dx + w]
             rows, cols = slice(r + dy, r + dy + h), slice(r + dx, r + dx + w)
             step = torch.sign(x - padded[:, :, rows, cols]).mul_((g / c)[:, None])
             centre += step
             acc[:, :, rows, cols] -= step
-        return centre + acc[:, :, r:r + h, r:r + w], None
+        return centre + acc[:, :, r : r + h, r : r + w], None
 
 
 def pair_distance(features: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -159,10 +161,12 @@ def pair_labels(seeds: torch.Tensor, offsets: Sequence[tuple[int, int]]) -> dict
     return {"bg_pos": same & (centre == 0), "fg_pos": same & (centre != 0), "neg": known & (nb != centre)}
 
 
-def affinity_class_loss(aff: torch.Tensor, pairs: dict[str, torch.Tensor],
-                        weights: tuple[float, float, float] = (0.25, 0.25, 0.5)) -> dict[str, torch.Tensor]:
+def affinity_class_loss(
+    aff: torch.Tensor, pairs: dict[str, torch.Tensor], weights: tuple[float, float, float] = (0.25, 0.25, 0.5)
+) -> dict[str, torch.Tensor]:
     """L_Ac = bg/4 + fg/4 + neg/2 (Eq. 3.10 as the released code weights it); DFR's L_fd
     (DFR Eq. 11) is the same sum with ``weights`` (1, 1, 2). A set with no pairs gives 0."""
+
     def mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return (values * mask).sum() / (mask.sum() + EPS)
 
@@ -173,17 +177,19 @@ def affinity_class_loss(aff: torch.Tensor, pairs: dict[str, torch.Tensor],
     return {"loss": w_bg * bg + w_fg * fg + w_neg * neg, "bg": bg, "fg": fg, "neg": neg}
 
 
-def gaussian_kernel(image: torch.Tensor, offsets: Sequence[tuple[int, int]], sigma_xy: float,
-                    sigma_rgb: float) -> torch.Tensor:
+def gaussian_kernel(
+    image: torch.Tensor, offsets: Sequence[tuple[int, int]], sigma_xy: float, sigma_rgb: float
+) -> torch.Tensor:
     """G(i, j) of Eq. 3.13 (N, K, H, W) for an (N, 3, H, W) colour image; 0 outside."""
     d_xy = torch.tensor([dy * dy + dx * dx for dy, dx in offsets], dtype=image.dtype, device=image.device)
     d_rgb = ((image[:, None] - shifted(image, offsets)) ** 2).sum(2)
-    k = torch.exp(-d_xy.view(1, -1, 1, 1) / (2 * sigma_xy ** 2) - d_rgb / (2 * sigma_rgb ** 2))
+    k = torch.exp(-d_xy.view(1, -1, 1, 1) / (2 * sigma_xy**2) - d_rgb / (2 * sigma_rgb**2))
     return k * valid_pairs(*image.shape[-2:], offsets, image.device)
 
 
-def image_kernel(images: torch.Tensor, size: tuple[int, int], offsets: Sequence[tuple[int, int]],
-                 sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
+def image_kernel(
+    images: torch.Tensor, size: tuple[int, int], offsets: Sequence[tuple[int, int]], sigma_xy: float, sigma_rgb: float
+) -> torch.Tensor:
     """G(i, j) of Eq. 3.13 (= K_f of DFR Eq. 13, the position and colour factors of DFR Eq. 6)
     on a feature grid of ``size``: the ImageNet-normalised (N, 3, H, W)
     0..255 images resized bilinearly to the grid (as the released code), positions in grid
@@ -192,8 +198,9 @@ def image_kernel(images: torch.Tensor, size: tuple[int, int], offsets: Sequence[
     return gaussian_kernel(rgb, offsets, sigma_xy, sigma_rgb)
 
 
-def affinity_reg_loss(distance: torch.Tensor, kernel: torch.Tensor, offsets: Sequence[tuple[int, int]],
-                      valid: torch.Tensor | None = None) -> torch.Tensor:
+def affinity_reg_loss(
+    distance: torch.Tensor, kernel: torch.Tensor, offsets: Sequence[tuple[int, int]], valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """L_Ar (Eq. 3.12): the kernel-weighted L1 feature distance over every pair in the window,
     divided by the number of pairs (the released code's gated-CRF normalisation, which also
     counts each pixel's pair with itself; its weight 3 is tuned for that scale).
@@ -202,8 +209,11 @@ def affinity_reg_loss(distance: torch.Tensor, kernel: torch.Tensor, offsets: Seq
     left out of the sum and of the count.
     """
     n, _, h, w = distance.shape
-    centres = torch.ones(n, 1, h, w, dtype=distance.dtype, device=distance.device) if valid is None \
+    centres = (
+        torch.ones(n, 1, h, w, dtype=distance.dtype, device=distance.device)
+        if valid is None
         else valid.to(distance.dtype)[:, None]
+    )
     pairs = centres * shifted(centres, offsets)[:, :, 0]
     return (kernel * pairs * distance).sum() / (pairs.sum() + centres.sum()).clamp_min(1.0)
 
@@ -244,9 +254,16 @@ class AffinityNet(nn.Module):
         return [p for p in self.backbone.parameters() if p.requires_grad], new
 
 
-def affinity_objective(model: AffinityNet, images: torch.Tensor, seeds: torch.Tensor, valid: torch.Tensor,
-                  offsets: list[tuple[int, int]], sigma_xy: float, sigma_rgb: float,
-                  reg_weight: float) -> dict[str, torch.Tensor]:
+def affinity_objective(
+    model: AffinityNet,
+    images: torch.Tensor,
+    seeds: torch.Tensor,
+    valid: torch.Tensor,
+    offsets: list[tuple[int, int]],
+    sigma_xy: float,
+    sigma_rgb: float,
+    reg_weight: float,
+) -> dict[str, torch.Tensor]:
     """Eq. 3.9, ``L_Aff = L_Ac + lambda L_Ar`` (``reg_weight`` = lambda), for a batch: images
     (N, 3, H, W) 0..255; seeds and valid (N, h, w) on the feature grid."""
     f_a, _ = model(images)

@@ -13,11 +13,12 @@ it had been strided::
     output_stride 16: layer4 dilation 2
     output_stride  8: layer3 dilation 2, layer4 dilation 4
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,8 @@ def weights_path(weights: str, arch: str) -> Path | None:
             raise WeightsError(
                 f"ImageNet weights for {arch} are not in the torch hub cache ({path}); this project never "
                 f"downloads at run time. Fetch {url} into that folder (or set TORCH_HOME), pass a file with "
-                f"weights: /path/to/{os.path.basename(url)}, or use weights: none")
+                f"weights: /path/to/{os.path.basename(url)}, or use weights: none"
+            )
     else:
         path = Path(weights)
         if not path.is_file():
@@ -105,8 +107,9 @@ class ResNetBackbone(nn.Module):
         if state is not None:
             missing, unexpected = net.load_state_dict(state, strict=False)
             if [k for k in missing if not k.startswith("fc.")] or unexpected:
-                raise WeightsError(f"weights '{weights}' do not fit {arch}: missing {missing[:4]}, "
-                                   f"unexpected {unexpected[:4]}")
+                raise WeightsError(
+                    f"weights '{weights}' do not fit {arch}: missing {missing[:4]}, unexpected {unexpected[:4]}"
+                )
         if output_stride <= 16:
             _dilate(net.layer4, 2 if output_stride == 16 else 4)
         if output_stride == 8:
@@ -118,7 +121,7 @@ class ResNetBackbone(nn.Module):
         self.output_stride = output_stride
         self.pretrained = state is not None
 
-    def train(self, mode: bool = True) -> "ResNetBackbone":
+    def train(self, mode: bool = True) -> ResNetBackbone:
         """Pretrained backbones keep their BatchNorm statistics frozen in training."""
         super().train(mode)
         if self.pretrained:
@@ -151,8 +154,9 @@ def freeze_batchnorm(module: nn.Module) -> None:
                 p.requires_grad_(False)
 
 
-def multiscale_sum(fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, scales: Sequence[float],
-                   flip: bool) -> torch.Tensor:
+def multiscale_sum(
+    fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, scales: Sequence[float], flip: bool
+) -> torch.Tensor:
     """``sum_s sum_f up(fn(f(resize_s(x))))``: ``fn`` maps (B, 3, h, w) images to (B, K, h', w')
     maps; each scale (and its horizontal flip, flipped back) is resized bilinearly to the
     (1, 3, H, W) ``image``'s size and summed into one (K, H, W) map."""
@@ -180,8 +184,9 @@ def swin_weights_path(arch: str, weights: str) -> Path | None:
         raise ValueError(f"unknown Swin '{arch}' (known: {', '.join(SWINS)})")
     if SWINS[arch] is None:
         if weights != "none":
-            raise WeightsError(f"{arch} is a demo-sized Swin without pretrained weights; use weights: none "
-                               f"or swin_t / swin_s / swin_b")
+            raise WeightsError(
+                f"{arch} is a demo-sized Swin without pretrained weights; use weights: none or swin_t / swin_s / swin_b"
+            )
         return None
     return weights_path(weights, SWINS[arch])
 
@@ -203,8 +208,10 @@ class SwinBackbone(nn.Module):
         if SWINS[arch] is None:
             from torchvision.models.swin_transformer import SwinTransformer
 
-            net, state = SwinTransformer([4, 4], 32, [2, 2, 2, 2], [1, 2, 4, 8], [7, 7],
-                                         stochastic_depth_prob=0.1), None
+            net, state = (
+                SwinTransformer([4, 4], 32, [2, 2, 2, 2], [1, 2, 4, 8], [7, 7], stochastic_depth_prob=0.1),
+                None,
+            )
         else:
             net = getattr(torchvision.models, arch)(weights=None)
             state = load_state(weights, arch)

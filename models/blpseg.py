@@ -26,6 +26,7 @@ local window of ``radius``: as masked N x N matrices on small grids, one window 
 on large ones (never the N x N matrix the released code builds on its 96 x 96 grid); with a
 window that covers the grid it equals :func:`lam_dense`, the printed N x N form.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -44,7 +45,7 @@ def _row_windows(x: torch.Tensor, radius: int, dy: int) -> torch.Tensor:
     outside the image (one row of the window, by ``unfold``)."""
     b, c, h, w = x.shape
     r = radius
-    padded = F.pad(x, (r, r, r, r))[:, :, r + dy:r + dy + h]  # (B, C, h, w + 2r): rows moved by dy
+    padded = F.pad(x, (r, r, r, r))[:, :, r + dy : r + dy + h]  # (B, C, h, w + 2r): rows moved by dy
     return F.unfold(padded, (1, 2 * r + 1)).view(b, c, 2 * r + 1, h, w)
 
 
@@ -61,8 +62,7 @@ window one row at a time. On small grids (the CPU configs' 32 x 32 / 40 x 40) on
 matmul is ~10x faster than the offset loop; VOC's 96 x 96 grid takes the window."""
 
 
-def lam(z: torch.Tensor, f: torch.Tensor, sigma: float, radius: int,
-        dense_bytes: int = DENSE_BYTES) -> torch.Tensor:
+def lam(z: torch.Tensor, f: torch.Tensor, sigma: float, radius: int, dense_bytes: int = DENSE_BYTES) -> torch.Tensor:
     """Local aggregation (BLPSeg Eq. 3-5 / 8) on a ``radius`` window: ``z`` (B, C, h, w) class
     scores, ``f`` (B, D, h, w) low-level features on the same grid -> (B, C, h, w) with
     ``out[:, :, j] = sum_{i in W(j)} A_ij z[:, :, i]``, ``A_{.j} = softmax_i(f_i.f_j -
@@ -87,7 +87,8 @@ def _lam_masked(z: torch.Tensor, f: torch.Tensor, sigma: float, radius: int) -> 
     ys, xs = ys.flatten(), xs.flatten()
     dy, dx = ys[:, None] - ys[None], xs[:, None] - xs[None]
     position = ((dy * dy + dx * dx).to(z.dtype) / (-2.0 * sigma * sigma)).masked_fill(
-        torch.maximum(dy.abs(), dx.abs()) > radius, float("-inf"))
+        torch.maximum(dy.abs(), dx.abs()) > radius, float("-inf")
+    )
     feats = f.flatten(2)
     a = torch.softmax(torch.baddbmm(position, feats.transpose(1, 2), feats), 1)
     return torch.bmm(z.flatten(2), a).view(b, c, h, w)
@@ -105,7 +106,7 @@ def _lam_rows(z: torch.Tensor, f: torch.Tensor, sigma: float, radius: int) -> to
     k = 2 * radius + 1
     out = z.new_zeros(z.shape)
     for n, dy in enumerate(rows):
-        out = out + (_row_windows(z, radius, dy) * a[:, None, n * k:(n + 1) * k]).sum(2)
+        out = out + (_row_windows(z, radius, dy) * a[:, None, n * k : (n + 1) * k]).sum(2)
     return out
 
 
@@ -137,8 +138,13 @@ def unlabelled_target(labels: torch.Tensor, real: torch.Tensor, num_classes: int
     return target
 
 
-def weighted_ce(scrib_logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, unlabelled_weight: float,
-                normalize: Normalize = "printed") -> torch.Tensor:
+def weighted_ce(
+    scrib_logits: torch.Tensor,
+    labels: torch.Tensor,
+    real: torch.Tensor,
+    unlabelled_weight: float,
+    normalize: Normalize = "printed",
+) -> torch.Tensor:
     """WCE of the scribble head (BLPSeg Eq. 1-2): ``scrib_logits`` (B, K+1, H, W), ``labels``
     (B, H, W) scribbles with IGNORE where unlabelled, ``real`` (B, H, W) the image's pixels
     (padding is left out). w = 1 for the K classes, ``unlabelled_weight`` (0.02) for class K+1;
@@ -154,13 +160,18 @@ def weighted_ce(scrib_logits: torch.Tensor, labels: torch.Tensor, real: torch.Te
     return ce.sum() / real.sum().clamp_min(1)
 
 
-def blp_loss(seg_logits: torch.Tensor, scrib_probs: torch.Tensor | None, labels: torch.Tensor, gamma: float,
-             normalize: Normalize = "printed") -> torch.Tensor:
+def blp_loss(
+    seg_logits: torch.Tensor,
+    scrib_probs: torch.Tensor | None,
+    labels: torch.Tensor,
+    gamma: float,
+    normalize: Normalize = "printed",
+) -> torch.Tensor:
     """BL (BLPSeg Eq. 9-11): ``seg_logits`` (B, K, H, W) after LAM, ``scrib_probs`` (B, K+1, H, W)
     the scribble head's softmax (its class K+1 unused; None: delta = 1, plain partial CE),
-    ``labels`` (B, H, W) with IGNORE where unlabelled. ``delta = (1 - p^scrib p^seg)^gamma`` is a weight without gradient; per image the
-    sum over labelled pixels is divided by N_seg (``released``: by the sum of delta), then
-    averaged over the batch (an image without labels adds 0)."""
+    ``labels`` (B, H, W) with IGNORE where unlabelled. ``delta = (1 - p^scrib p^seg)^gamma`` is
+    a weight without gradient; per image the sum over labelled pixels is divided by N_seg
+    (``released``: by the sum of delta), then averaged over the batch (an image without labels adds 0)."""
     k = seg_logits.shape[1]
     logp = F.log_softmax(seg_logits, 1)
     known = labels != IGNORE
@@ -176,8 +187,9 @@ def blp_loss(seg_logits: torch.Tensor, scrib_probs: torch.Tensor | None, labels:
 
 
 @torch.no_grad()
-def self_training_labels(seg_probs: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
-                         threshold: float = 0.9) -> torch.Tensor:
+def self_training_labels(
+    seg_probs: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, threshold: float = 0.9
+) -> torch.Tensor:
     """The segmentation head's own labels after ``itr_SELF`` (BLPSeg Sect. IV-B): argmax over
     the classes the image's scribbles name, IGNORE where that probability is below
     ``threshold`` (0.9) and on padding; scribbled pixels keep their scribble."""

@@ -19,9 +19,10 @@ the constrained probabilities are
 (a pixel whose mass is all on excluded classes becomes background). A class that has no box
 in the image (a tag-only class) is not restricted.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ def box_support(shape: tuple[int, int], boxes: Sequence[tuple[Window, int]], num
     support[boxed] = False
     for (y0, y1, x0, x1), c in boxes:
         if c != 0:
-            support[c, max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+            support[c, max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
     return support
 
 

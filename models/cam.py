@@ -14,9 +14,10 @@ each upsampled bilinearly to the image size, then normalises each class by its m
 
 and the background score is ``P_bg = (1 - max_c P_c)^alpha`` (Eq. 2.4).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -64,9 +65,14 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def multiscale_cam(model: CamNet, image: np.ndarray, classes: Sequence[int],
-                   scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0), flip: bool = True,
-                   device: str | torch.device = "cpu") -> np.ndarray:
+def multiscale_cam(
+    model: CamNet,
+    image: np.ndarray,
+    classes: Sequence[int],
+    scales: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+    flip: bool = True,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
     """Normalised CAMs (K, H, W) float32 of the foreground ``classes`` (0-based among the
     foreground, i.e. class id - 1) for an RGB uint8 image (Eq. 2.2-2.3)."""
     h, w = image.shape[:2]

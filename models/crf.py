@@ -9,6 +9,7 @@ Energy, for labels x and image I::
 with Potts compatibility mu and mean-field inference. The CRF runs over the classes
 present in the input only (as PSA/IRN do): fewer labels, same answer for absent ones.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -45,8 +46,12 @@ def dense_crf(image: np.ndarray, unary: np.ndarray, params: CrfParams) -> np.nda
     d = dcrf.DenseCRF2D(w, h, n)
     d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     d.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    d.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
-                           rgbim=np.require(image, np.uint8, ["C", "W"]), compat=params.bilateral_compat)
+    d.addPairwiseBilateral(
+        sxy=params.bilateral_sxy,
+        srgb=params.bilateral_srgb,
+        rgbim=np.require(image, np.uint8, ["C", "W"]),
+        compat=params.bilateral_compat,
+    )
     q = d.inference(params.iterations)
     return np.asarray(q, dtype=np.float32).reshape(n, h, w)
 

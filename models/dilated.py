@@ -11,6 +11,7 @@ Tap ``j`` reads a real pixel for some ``i`` only if ``|j - c| * d <= n - 1``. Wi
 ASPP rates 12/24/36 on the 8x8 map of a 128-pixel crop at output stride 16 are the case
 that matters: every tap but the centre is dead, and the 3x3 convolution is a 1x1.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,7 @@ class LiveTapConv2d(nn.Conv2d):
         ch, cw = (kh - 1) // 2, (kw - 1) // 2
         if (mh, mw) == (ch, cw):
             return super().forward(x)
-        weight = self.weight[:, :, ch - mh:ch + mh + 1, cw - mw:cw + mw + 1]
+        weight = self.weight[:, :, ch - mh : ch + mh + 1, cw - mw : cw + mw + 1]
         return F.conv2d(x, weight, self.bias, 1, (mh * dh, mw * dw), self.dilation, self.groups)
 
 
@@ -42,8 +43,14 @@ def _prunable(m: nn.Module) -> bool:
     if type(m) is not nn.Conv2d:
         return False
     (kh, kw), (dh, dw) = m.kernel_size, m.dilation
-    return (m.stride == (1, 1) and m.padding_mode == "zeros" and max(dh, dw) > 1 and kh % 2 == 1 and kw % 2 == 1
-            and m.padding == (dh * (kh - 1) // 2, dw * (kw - 1) // 2))
+    return (
+        m.stride == (1, 1)
+        and m.padding_mode == "zeros"
+        and max(dh, dw) > 1
+        and kh % 2 == 1
+        and kw % 2 == 1
+        and m.padding == (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+    )
 
 
 def prune_dead_taps(module: nn.Module) -> None:
@@ -52,8 +59,17 @@ def prune_dead_taps(module: nn.Module) -> None:
     for parent in module.modules():
         for name, child in list(parent.named_children()):
             if _prunable(child):
-                new = LiveTapConv2d(child.in_channels, child.out_channels, child.kernel_size, 1, child.padding,
-                                    child.dilation, child.groups, child.bias is not None,
-                                    device=child.weight.device, dtype=child.weight.dtype)
+                new = LiveTapConv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    1,
+                    child.padding,
+                    child.dilation,
+                    child.groups,
+                    child.bias is not None,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                )
                 new.weight, new.bias = child.weight, child.bias
                 setattr(parent, name, new)

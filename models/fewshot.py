@@ -27,9 +27,10 @@ ImageNet backbone gives none), m_s the support's foreground resized bilinearly, 
 every support position (background ones are zero vectors, cosine 0), then min-max normalised
 over the query's positions.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,10 +71,10 @@ def prior_mask(hq: torch.Tensor, hs: torch.Tensor, ms: torch.Tensor, eps: float 
     Y(q) = max_j <hq(q), s(j)> / (|hq(q)| |s(j)| + eps) with s = hs * m_s, min-max normalised
     over q."""
     m = F.interpolate((ms == 1).float()[:, None], size=hs.shape[-2:], mode="bilinear", align_corners=False)
-    s = (hs * m).flatten(2)                                            # (N, C, J)
-    q = hq.flatten(2)                                                  # (N, C, Q)
+    s = (hs * m).flatten(2)  # (N, C, J)
+    q = hq.flatten(2)  # (N, C, Q)
     cos = torch.einsum("ncj,ncq->njq", s, q) / (s.norm(dim=1)[:, :, None] * q.norm(dim=1)[:, None] + eps)
-    y = cos.max(1).values                                              # (N, Q)
+    y = cos.max(1).values  # (N, Q)
     lo, hi = y.min(1, keepdim=True).values, y.max(1, keepdim=True).values
     return ((y - lo) / (hi - lo + eps)).view(hq.shape[0], 1, *hq.shape[-2:])
 
@@ -96,8 +97,9 @@ class Decoder(nn.Module):
 
     def __init__(self, c: int) -> None:
         super().__init__()
-        self.branches = nn.ModuleList([nn.Conv2d(c, c, 1)] + [nn.Conv2d(c, c, 3, padding=d, dilation=d)
-                                                              for d in (6, 12, 18)])
+        self.branches = nn.ModuleList(
+            [nn.Conv2d(c, c, 1)] + [nn.Conv2d(c, c, 3, padding=d, dilation=d) for d in (6, 12, 18)]
+        )
         self.pool = nn.Conv2d(c, c, 1)
         self.fuse = nn.Conv2d(5 * c, c, 1)
         self.res = Residual(c)
@@ -130,8 +132,9 @@ class SclNet(nn.Module):
     ``sgm=False`` is the base alone (the query guided by [V_s, V_s]); ``prior=True`` feeds the
     query FPM PFENet's prior mask (:func:`prior_mask`) of the last-stage features."""
 
-    def __init__(self, depth: int = 50, channels: int = 256, weights: str = "none", sgm: bool = True,
-                 prior: bool = False) -> None:
+    def __init__(
+        self, depth: int = 50, channels: int = 256, weights: str = "none", sgm: bool = True, prior: bool = False
+    ) -> None:
         super().__init__()
         self.backbone = ResNetBackbone(depth, 8, weights)
         c2, c3 = self.backbone.channels[1], self.backbone.channels[2]
@@ -182,8 +185,9 @@ class SclNet(nn.Module):
         s2 = self.decoder(self.fpm_s(torch.cat([fs, expand(v_pri, size), expand(v_aux, size)], 1)))
         return {"v_s": v_s, "a": v_pri, "b": v_aux, "s1": s1, "s2": s2}
 
-    def query_logits(self, fq: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prior: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+    def query_logits(
+        self, fq: torch.Tensor, a: torch.Tensor, b: torch.Tensor, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Eq. 5.11-5.12 (before the softmax): the query guided by the vectors ``a``, ``b`` (and
         the ``prior`` mask, resized to the grid, in the PFENet-style base)."""
         size = fq.shape[-2:]
@@ -198,8 +202,9 @@ class SclNet(nn.Module):
         ids = {id(p) for p in backbone}
         return backbone, [p for p in self.parameters() if id(p) not in ids]
 
-    def forward(self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(
+        self, support: torch.Tensor, support_mask: torch.Tensor, query: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """One 1-shot episode per row: logits ``q`` of the query and ``s1`` / ``s2`` of the
         support, on the feature grid."""
         (fs, hs), (fq, hq) = self.encode(support), self.encode(query)
@@ -215,8 +220,9 @@ def up_ce(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(up, mask.long(), ignore_index=255)
 
 
-def scl_loss(out: dict[str, torch.Tensor], support_mask: torch.Tensor, query_mask: torch.Tensor
-             ) -> dict[str, torch.Tensor]:
+def scl_loss(
+    out: dict[str, torch.Tensor], support_mask: torch.Tensor, query_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Eq. 5.14: L_ce^s1 + L_ce^s2 + L_ce^q (the base alone: L_ce^s1 + L_ce^q, CANet has no
     support loss; here it keeps the decoder's support path trained for the comparison)."""
     terms = {"s1": up_ce(out["s1"], support_mask), "q": up_ce(out["q"], query_mask)}
@@ -236,21 +242,28 @@ def binary_iou(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
-def cross_guided(logits_of: Callable[[int, torch.Tensor], torch.Tensor], supports: Sequence[torch.Tensor],
-                 masks: Sequence[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
+def cross_guided(
+    logits_of: Callable[[int, torch.Tensor], torch.Tensor],
+    supports: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    query: torch.Tensor,
+) -> torch.Tensor:
     """Eq. 5.15-5.17 for one episode of K support images (3, H_i, W_i) with masks (H_i, W_i) and
     a query (3, H, W): ``logits_of(k, image)`` is the 1-shot model's logits (2, H, W) of
     ``image`` guided by support k, at the image's size. U^k is the mean IoU of the supports
     predicted under support k; returns P^_q (2, H, W)."""
     k = len(supports)
-    weights = [torch.stack([binary_iou(logits_of(j, s).argmax(0), m) for s, m in zip(supports, masks)]).mean()
-               for j in range(k)]
+    weights = [
+        torch.stack([binary_iou(logits_of(j, s).argmax(0), m) for s, m in zip(supports, masks)]).mean()
+        for j in range(k)
+    ]
     fused = sum(w * logits_of(j, query) for j, w in enumerate(weights)) / k
     return torch.softmax(fused, 0)
 
 
-def prototype_logits(support_feats: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], fq: torch.Tensor,
-                     scale: float = 20.0) -> torch.Tensor:
+def prototype_logits(
+    support_feats: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], fq: torch.Tensor, scale: float = 20.0
+) -> torch.Tensor:
     """The prototype-only baseline (masked average pooling + cosine): the foreground and
     background prototypes of each support's features (1, C, h, w) and mask (1, H, W), averaged
     over the shots; the query's features (1, C, h, w) scaled cosine to each: (1, 2, h, w)."""

@@ -26,9 +26,10 @@ models are fitted to the propagated labels, and the graph cut snaps their stride
 the image edges. Re-running GrabCut on a better mask is Khoreva et al.'s "Simple Does It"
 (CVPR 2017) recursion; it is not in the thesis.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -37,8 +38,9 @@ from .boxes import largest_first
 from .types import IGNORE, Box
 
 
-def grabcut_box(image: np.ndarray, box: Box, iterations: int, crop_margin: float | None,
-                seed: int, init: np.ndarray | None = None) -> np.ndarray:
+def grabcut_box(
+    image: np.ndarray, box: Box, iterations: int, crop_margin: float | None, seed: int, init: np.ndarray | None = None
+) -> np.ndarray:
     """Foreground mask (bool, image-sized, False outside the box) of GrabCut on one box.
 
     ``init`` (bool, image-sized): probable foreground inside the box (the rest of the box
@@ -58,7 +60,7 @@ def grabcut_box(image: np.ndarray, box: Box, iterations: int, crop_margin: float
     if init is None:
         mask[by0:by1, bx0:bx1] = cv2.GC_PR_FGD
     else:
-        inner = init[box.y0:box.y1, box.x0:box.x1]
+        inner = init[box.y0 : box.y1, box.x0 : box.x1]
         mask[by0:by1, bx0:bx1] = np.where(inner, cv2.GC_PR_FGD, cv2.GC_PR_BGD)
     if (mask == cv2.GC_BGD).sum() == 0:
         # The box covers the whole crop: GrabCut needs background samples, so its 1-pixel
@@ -73,7 +75,7 @@ def grabcut_box(image: np.ndarray, box: Box, iterations: int, crop_margin: float
     cv2.grabCut(crop, mask, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
     fg[cy0:cy1, cx0:cx1] = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
     box_only = np.zeros((h, w), bool)
-    box_only[box.y0:box.y1, box.x0:box.x1] = True
+    box_only[box.y0 : box.y1, box.x0 : box.x1] = True
     return fg & box_only
 
 
@@ -81,14 +83,20 @@ def _usable(box: Box, min_box_side: int) -> bool:
     return min(box.x1 - box.x0, box.y1 - box.y0) >= min_box_side
 
 
-def grabcut_seeds(image: np.ndarray, boxes: Sequence[Box], iterations: int = 5,
-                  crop_margin: float | None = 0.5, min_box_side: int = 4, seed: int = 0) -> np.ndarray:
+def grabcut_seeds(
+    image: np.ndarray,
+    boxes: Sequence[Box],
+    iterations: int = 5,
+    crop_margin: float | None = 0.5,
+    min_box_side: int = 4,
+    seed: int = 0,
+) -> np.ndarray:
     """M_B of Eq. 3.3 for an RGB uint8 image and its boxes; uint8 labels, 255 = unknown
     (a box thinner than ``min_box_side`` stays unknown)."""
     h, w = image.shape[:2]
     labels = np.zeros((h, w), np.uint8)
     for box in boxes:
-        labels[box.y0:box.y1, box.x0:box.x1] = IGNORE
+        labels[box.y0 : box.y1, box.x0 : box.x1] = IGNORE
     for k in largest_first(boxes):
         box = boxes[k]
         if _usable(box, min_box_side):
@@ -101,9 +109,16 @@ def grabcut_filled(labels: np.ndarray) -> np.ndarray:
     return np.where(labels == IGNORE, 0, labels).astype(np.uint8)
 
 
-def grabcut_refine(image: np.ndarray, labels: np.ndarray, boxes: Sequence[Box], iterations: int = 5,
-                   crop_margin: float | None = 0.5, min_box_side: int = 4, seed: int = 0,
-                   min_iou: float = 0.0) -> np.ndarray:
+def grabcut_refine(
+    image: np.ndarray,
+    labels: np.ndarray,
+    boxes: Sequence[Box],
+    iterations: int = 5,
+    crop_margin: float | None = 0.5,
+    min_box_side: int = 4,
+    seed: int = 0,
+    min_iou: float = 0.0,
+) -> np.ndarray:
     """GrabCut per box started from ``labels`` (a full label map, no 255).
 
     Inside the boxes every pixel of a boxed class is decided again: background unless some
@@ -118,13 +133,13 @@ def grabcut_refine(image: np.ndarray, labels: np.ndarray, boxes: Sequence[Box], 
     usable = [k for k in largest_first(boxes) if _usable(boxes[k], min_box_side)]
     for k in usable:
         b = boxes[k]
-        inside[b.y0:b.y1, b.x0:b.x1] = True
+        inside[b.y0 : b.y1, b.x0 : b.x1] = True
     boxed = np.isin(labels, [boxes[k].cls for k in usable])
     out[inside & boxed] = 0
     for k in usable:
         box = boxes[k]
         init = np.zeros(labels.shape, bool)
-        init[box.y0:box.y1, box.x0:box.x1] = labels[box.y0:box.y1, box.x0:box.x1] == box.cls
+        init[box.y0 : box.y1, box.x0 : box.x1] = labels[box.y0 : box.y1, box.x0 : box.x1] == box.cls
         fg = grabcut_box(image, box, iterations, crop_margin, seed + k, init=init)
         union = (fg | init).sum()
         if union and (fg & init).sum() < min_iou * union:

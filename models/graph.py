@@ -19,10 +19,11 @@ O(N^2) memory and O(N^3 logt) time. :func:`random_walk` applies the same operato
 O(2^logt E C) time. The two are equal up to float rounding (tested); the dense one is
 kept as :func:`random_walk_dense` for tests and the benchmark.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -34,8 +35,9 @@ from .types import IGNORE
 EDGE_THRESHOLD = 1e-3
 
 
-def grid_edges(f_a: torch.Tensor, offsets: Sequence[tuple[int, int]],
-               threshold: float = EDGE_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_edges(
+    f_a: torch.Tensor, offsets: Sequence[tuple[int, int]], threshold: float = EDGE_THRESHOLD
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Edges of one image's grid graph from its affinity features F_A (C, h, w) (Eq. 3.14).
 
     Returns ``(edge_index (2, E) int64, weight (E,))``: the N self-loops first (weight 1),
@@ -61,8 +63,9 @@ def node_features(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return rows / rows.abs().sum(1, keepdim=True).clamp_min(eps)
 
 
-def transition(edge_index: torch.Tensor, weight: torch.Tensor, n: int, beta: float,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def transition(
+    edge_index: torch.Tensor, weight: torch.Tensor, n: int, beta: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """T^T as a sparse CSR (N, N) matrix: row j holds A_ij^beta / sum_i A_ij^beta."""
     a = weight.to(dtype) ** beta
     col_sum = torch.zeros(n, dtype=a.dtype, device=a.device).index_add_(0, edge_index[1], a)
@@ -73,20 +76,22 @@ def transition(edge_index: torch.Tensor, weight: torch.Tensor, n: int, beta: flo
         return t.to_sparse_csr()
 
 
-def random_walk(edge_index: torch.Tensor, weight: torch.Tensor, source: torch.Tensor, beta: float = 8.0,
-                logt: int = 8) -> torch.Tensor:
+def random_walk(
+    edge_index: torch.Tensor, weight: torch.Tensor, source: torch.Tensor, beta: float = 8.0, logt: int = 8
+) -> torch.Tensor:
     """``M T^(2^logt)`` for scores ``source`` (C, N), by 2^logt sparse products; O(E) memory.
     Computed in ``source.dtype``."""
     n = source.shape[1]
     t_transposed = transition(edge_index, weight, n, beta, source.dtype)
     x = source.t().contiguous()  # (N, C): M'^T = (T^T)^(2^logt) M^T
-    for _ in range(2 ** logt):
+    for _ in range(2**logt):
         x = t_transposed @ x
     return x.t()
 
 
-def random_walk_dense(edge_index: torch.Tensor, weight: torch.Tensor, source: torch.Tensor, beta: float = 8.0,
-                      logt: int = 8) -> torch.Tensor:
+def random_walk_dense(
+    edge_index: torch.Tensor, weight: torch.Tensor, source: torch.Tensor, beta: float = 8.0, logt: int = 8
+) -> torch.Tensor:
     """The reference code's formulation: dense T, squared ``logt`` times; O(N^2) memory.
     Computed in ``source.dtype``."""
     n = source.shape[1]
@@ -111,8 +116,9 @@ def to_grid(maps: torch.Tensor, stride: int = 8) -> torch.Tensor:
     gh, gw = -(-h // stride), -(-w // stride)
     pad = (0, gw * stride - w, 0, gh * stride - h)
     total = F.avg_pool2d(F.pad(maps, pad)[None], stride, divisor_override=1)[0]
-    count = F.avg_pool2d(F.pad(torch.ones(1, h, w, dtype=maps.dtype, device=maps.device), pad)[None], stride,
-                         divisor_override=1)[0]
+    count = F.avg_pool2d(
+        F.pad(torch.ones(1, h, w, dtype=maps.dtype, device=maps.device), pad)[None], stride, divisor_override=1
+    )[0]
     return total / count
 
 
@@ -120,7 +126,7 @@ def from_grid(maps: torch.Tensor, size: tuple[int, int], stride: int = 8) -> tor
     """(C, h, w) or (N, C, h, w) grid maps -> (..., H, W): bilinear upsampling by
     ``stride``, cropped to ``size`` (the inverse placement of :func:`to_grid`)."""
     batch = maps if maps.dim() == 4 else maps[None]
-    up = F.interpolate(batch, scale_factor=stride, mode="bilinear", align_corners=False)[..., :size[0], :size[1]]
+    up = F.interpolate(batch, scale_factor=stride, mode="bilinear", align_corners=False)[..., : size[0], : size[1]]
     return up if maps.dim() == 4 else up[0]
 
 
@@ -128,6 +134,7 @@ def sample_grid(maps: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, stride: 
     """``from_grid(maps)[:, ys, xs].T`` (P, C) without upsampling the whole (C, h, w) map:
     bilinear at the source position ``(y + 0.5) / stride - 0.5`` (clamped to the grid),
     as :func:`torch.nn.functional.interpolate` with ``align_corners=False`` places it."""
+
     def axis(v: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         src = ((v.to(maps.dtype) + 0.5) / stride - 0.5).clamp_min(0)
         lo = src.floor().long().clamp_max(n - 1)
@@ -148,9 +155,15 @@ def cell_labels(labels: torch.Tensor, n_classes: int, stride: int = 8, purity: f
     return torch.where(frac >= purity, cls, torch.full_like(cls, IGNORE))
 
 
-def pair_confusion(edge_index: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int],
-                   offsets: Sequence[tuple[int, int]], cells: torch.Tensor, involved: torch.Tensor,
-                   threshold: float = 0.5) -> torch.Tensor:
+def pair_confusion(
+    edge_index: torch.Tensor,
+    weight: torch.Tensor,
+    grid: tuple[int, int],
+    offsets: Sequence[tuple[int, int]],
+    cells: torch.Tensor,
+    involved: torch.Tensor,
+    threshold: float = 0.5,
+) -> torch.Tensor:
     """How well a graph's affinities separate the classes: counts (2, 2) over window pairs
     (i, i + o) whose two cells have a label in ``cells`` (h, w; IGNORE = skip) and at least one
     of which is ``involved`` (h, w bool)::
@@ -195,8 +208,9 @@ def keep_known(probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return np.where(known, scores, probs).astype(probs.dtype)
 
 
-def propagate(graph: dict[str, np.ndarray], scores: np.ndarray, beta: float, logt: int,
-              device: str = "cpu") -> np.ndarray:
+def propagate(
+    graph: dict[str, np.ndarray], scores: np.ndarray, beta: float, logt: int, device: str = "cpu"
+) -> np.ndarray:
     """Image-resolution scores (C, H, W) -> random-walk probabilities (C, H, W), float32:
     the scores pooled to the graph's stride-8 grid, walked (:func:`random_walk`) over
     ``graph`` (``edge_index``, ``weight``, ``grid`` arrays), upsampled and normalised per pixel."""

@@ -14,16 +14,24 @@ The printed Eq. 3.22 lacks the disagreement factor ([c_i != c_j], relaxed to
 1 - P(i).P(j)) and would be constant in the prediction; the relaxed Potts form is what the
 released gated-CRF code computes and what is implemented.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .affinity import (affinity_class_loss, image_kernel, pair_distance, pair_labels, pair_reduce, shifted,
-                       window_offsets)
+from .affinity import (
+    affinity_class_loss,
+    image_kernel,
+    pair_distance,
+    pair_labels,
+    pair_reduce,
+    shifted,
+    window_offsets,
+)
 from .graph import from_grid, sample_grid
 from .params import DfrTerms
 from .types import IGNORE
@@ -32,8 +40,9 @@ from .types import IGNORE
 def seed_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_ce (Eq. 3.21 as the released code computes it), per image: CE(background seeds) +
     CE(foreground seeds), each a mean over its own pixels; a set with no pixels contributes
-    0. ``logits`` (N, C, H, W), ``labels`` (N, H, W) class indices into C with IGNORE for unknown. Returns (N,): one loss per image
-    (sum them for independent per-image models, average them for a shared model)."""
+    0. ``logits`` (N, C, H, W), ``labels`` (N, H, W) class indices into C with IGNORE for
+    unknown. Returns (N,): one loss per image (sum them for independent per-image models,
+    average them for a shared model)."""
     ce = F.cross_entropy(logits, labels.long(), ignore_index=IGNORE, reduction="none")  # 0 where ignored
     total = logits.new_zeros(len(labels))
     for part in (labels == 0, (labels != 0) & (labels != IGNORE)):
@@ -53,8 +62,15 @@ def potts_loss(probs: torch.Tensor, kernel: torch.Tensor, offsets: Sequence[tupl
     return (kernel * (1.0 - agree)).sum() / (n * h * w)
 
 
-def dense_crf_loss(logits: torch.Tensor, images: torch.Tensor, valid: torch.Tensor, radius: int, scale: float,
-                   sigma_xy: float, sigma_rgb: float) -> torch.Tensor:
+def dense_crf_loss(
+    logits: torch.Tensor,
+    images: torch.Tensor,
+    valid: torch.Tensor,
+    radius: int,
+    scale: float,
+    sigma_xy: float,
+    sigma_rgb: float,
+) -> torch.Tensor:
     """The relaxed dense-CRF regularized loss of Tang et al. (ECCV 2018, Tang Eq. 4, Potts form
     ``sum_ij W_ij (1 - S_i . S_j)``) on a local square window of ``radius``, computed, as
     their released code does (``--rloss-scale``), at ``scale`` x the input: :func:`potts_loss` of the bilinearly
@@ -71,8 +87,9 @@ def dense_crf_loss(logits: torch.Tensor, images: torch.Tensor, valid: torch.Tens
     return potts_loss(probs, image_kernel(images, size, offsets, sigma_xy, sigma_rgb) * real_pairs, offsets)
 
 
-def grid_validity(valid: torch.Tensor, size: tuple[int, int],
-                  offsets: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_validity(
+    valid: torch.Tensor, size: tuple[int, int], offsets: Sequence[tuple[int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The (N, H, W) real-pixel mask (crop padding False) resized (nearest) to a grid of
     ``size``: (N, h, w) bool, and (N, K, h, w) float = 1 where both ends of a pair are real."""
     real = F.interpolate(valid[:, None].float(), size=size, mode="nearest")
@@ -93,8 +110,9 @@ def mp_nodes(prob: torch.Tensor, window: Window) -> torch.Tensor:
     return torch.cat([rows, cols])
 
 
-def mp_loss(logits: torch.Tensor, feats: torch.Tensor, boxes: list[tuple[Window, int]],
-            stride: int = 8) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def mp_loss(
+    logits: torch.Tensor, feats: torch.Tensor, boxes: list[tuple[Window, int]], stride: int = 8
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """MP loss (Eq. 3.25-3.26) at image resolution, as the released code: ``logits``
     (C, H, W) the upsampled prediction, ``feats`` (D, h, w) the last attention layer's
     features on the grid, ``boxes`` ``(window in pixels, class index)``. In each box the MP
@@ -139,8 +157,9 @@ def prototype_similarity(feats: torch.Tensor, proto: torch.Tensor, centred: bool
     return F.cosine_similarity(feats, proto[:, None, None], dim=0)
 
 
-def consistency_check(labels: torch.Tensor, similarity: torch.Tensor, region: Window, cls: int,
-                      threshold: float = 0.0) -> torch.Tensor:
+def consistency_check(
+    labels: torch.Tensor, similarity: torch.Tensor, region: Window, cls: int, threshold: float = 0.0
+) -> torch.Tensor:
     """Eq. 3.27-3.28: seed pixels of class ``cls`` inside ``region`` whose cosine similarity
     to the box prototype is below ``threshold`` (0, the released code; the printed
     "distance > 0" means similarity) become unknown. ``labels`` and ``similarity`` (H, W);
@@ -170,7 +189,7 @@ def feature_kernel(feats: torch.Tensor, offsets: Sequence[tuple[int, int]], sigm
     ImageNet-normalised RGB resized to the grid; an infinite sigma switches a factor off,
     Table 5); with those two alone it is K_f of DFR Eq. 13 and Tang et al.'s Potts kernel."""
     sq = pair_reduce(feats.detach(), offsets, lambda a, b: ((a - b) ** 2).sum(1))
-    return torch.exp(-sq / (2 * sigma ** 2))
+    return torch.exp(-sq / (2 * sigma**2))
 
 
 def feature_distance_loss(distance: torch.Tensor, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,10 +207,18 @@ def feature_regularized_loss(distance: torch.Tensor, kernel: torch.Tensor, known
     return (kernel * known * distance).sum() / (n * h * w)
 
 
-def a2gnn_objective(up: torch.Tensor, grid_logits: torch.Tensor, feats: torch.Tensor | None, labels: torch.Tensor,
-                    boxes: Sequence[Sequence[tuple[Window, int]]], kernel: torch.Tensor,
-                    offsets: Sequence[tuple[int, int]], reg_weight: float, check: tuple[float, bool] | None = None,
-                    stride: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def a2gnn_objective(
+    up: torch.Tensor,
+    grid_logits: torch.Tensor,
+    feats: torch.Tensor | None,
+    labels: torch.Tensor,
+    boxes: Sequence[Sequence[tuple[Window, int]]],
+    kernel: torch.Tensor,
+    offsets: Sequence[tuple[int, int]],
+    reg_weight: float,
+    check: tuple[float, bool] | None = None,
+    stride: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Thesis Eq. 3.20 for M stacked per-image models, summed over the images::
 
         L_G = L_ce + L_mp + lambda_1 L_reg
@@ -214,8 +241,9 @@ def a2gnn_objective(up: torch.Tensor, grid_logits: torch.Tensor, feats: torch.Te
             if check is not None:
                 for (window, cls), proto in zip(image_boxes, protos):
                     cos = prototype_similarity(feats[i].detach(), proto, check[1])
-                    labels[i] = consistency_check(labels[i], from_grid(cos[None], labels.shape[1:], stride)[0],
-                                                  window, cls, check[0])
+                    labels[i] = consistency_check(
+                        labels[i], from_grid(cos[None], labels.shape[1:], stride)[0], window, cls, check[0]
+                    )
     loss = loss + seed_ce(up, labels).sum()
     if reg_weight > 0:
         # potts_loss averages over the stack; the models' losses are summed
@@ -223,9 +251,11 @@ def a2gnn_objective(up: torch.Tensor, grid_logits: torch.Tensor, feats: torch.Te
     return loss, labels
 
 
-DFR_PRESETS = {"pce": dict(dfr=False, fd=False, fr=False),  # partial CE alone
-               "potts": dict(kernel_feature=False, fd=False, fr=False),  # + Tang et al.'s Potts (XY + RGB)
-               "dfr": {}}  # DFR Eq. 1 in full
+DFR_PRESETS = {
+    "pce": dict(dfr=False, fd=False, fr=False),  # partial CE alone
+    "potts": dict(kernel_feature=False, fd=False, fr=False),  # + Tang et al.'s Potts (XY + RGB)
+    "dfr": {},
+}  # DFR Eq. 1 in full
 
 
 def dfr_preset(name: str) -> DfrTerms:
@@ -244,18 +274,24 @@ def partial_ce(logits: torch.Tensor, scribbles: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(up, scribbles.long(), ignore_index=IGNORE)
 
 
-def dfr_objective(logits: torch.Tensor, feats: torch.Tensor | None, images: torch.Tensor, scribbles: torch.Tensor,
-                  valid: torch.Tensor, terms: DfrTerms) -> dict[str, torch.Tensor]:
+def dfr_objective(
+    logits: torch.Tensor,
+    feats: torch.Tensor | None,
+    images: torch.Tensor,
+    scribbles: torch.Tensor,
+    valid: torch.Tensor,
+    terms: DfrTerms,
+) -> dict[str, torch.Tensor]:
     """DFR Eq. 1: ``L = L_pce + l1 L_dfr + l2 (L_fd + L_fr)``, the switched-off terms left out.
 
     ``logits`` (N, C, h, w) and ``feats`` (N, d, h, w) on the head's grid (stride 4);
     ``images`` (N, 3, H, W) 0..255, ``scribbles`` (N, H, W) with IGNORE = unlabelled and
     ``valid`` (N, H, W) = real pixels (False on crop padding), at input size. L_pce:
-    :func:`partial_ce`; the pairwise terms live on the grid, over the (2r+1)^2 - 1 offsets of a square window (DFR Eq. 3), pairs
-    touching padding excluded. Returns every computed term and ``loss``, plus two detached
-    diagnostics: ``k_feature``, the mean deep-feature factor of K over real pairs (near 1 means
-    sigma_3 is wide for the scale of F and L_dfr acts as the Potts loss), and ``confident``, the
-    fraction of real pixels with a label in M (DFR Eq. 7).
+    :func:`partial_ce`; the pairwise terms live on the grid, over the (2r+1)^2 - 1 offsets of a
+    square window (DFR Eq. 3), pairs touching padding excluded. Returns every computed term and
+    ``loss``, plus two detached diagnostics: ``k_feature``, the mean deep-feature factor of K
+    over real pairs (near 1 means sigma_3 is wide for the scale of F and L_dfr acts as the Potts
+    loss), and ``confident``, the fraction of real pixels with a label in M (DFR Eq. 7).
     """
     n, _, h, w = logits.shape
     out = {"pce": partial_ce(logits, scribbles)}
@@ -274,8 +310,12 @@ def dfr_objective(logits: torch.Tensor, feats: torch.Tensor | None, images: torc
 
     probs = torch.softmax(logits, 1)
     if terms.dfr:
-        kernel = image_part(terms.sigma_xy if terms.kernel_xy else math.inf,
-                            terms.sigma_rgb if terms.kernel_rgb else math.inf) * real_pairs
+        kernel = (
+            image_part(
+                terms.sigma_xy if terms.kernel_xy else math.inf, terms.sigma_rgb if terms.kernel_rgb else math.inf
+            )
+            * real_pairs
+        )
         if terms.kernel_feature and feats is not None:
             k_feature = feature_kernel(feats, offsets, terms.sigma_feat)
             kernel = kernel * k_feature

@@ -15,6 +15,7 @@ segmentation); classes absent from both GT and prediction are NaN and left out o
 ``lost`` names the classes present in the GT that no pixel is labelled as: a label map
 with no background, or one that dropped a class, is degenerate whatever its mIoU.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from .types import IGNORE
-
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int = IGNORE) -> np.ndarray:
@@ -35,7 +35,8 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore:
         raise ValueError(f"ground truth has class {int(g.max())} but the dataset has {num_classes} classes")
     p = np.minimum(pred[valid].astype(np.int64), num_classes)
     return np.bincount(g * (num_classes + 1) + p, minlength=num_classes * (num_classes + 1)).reshape(
-        num_classes, num_classes + 1)
+        num_classes, num_classes + 1
+    )
 
 
 def scores(conf: np.ndarray, class_names: list[str] | None = None) -> dict[str, Any]:
@@ -84,8 +85,9 @@ def mask_iou(masks_a: list[np.ndarray], masks_b: list[np.ndarray]) -> np.ndarray
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
-def match_instances(dets: list[tuple[int, float, np.ndarray]], gts: list[tuple[int, np.ndarray]],
-                    thresholds: list[float]) -> list[tuple[int, float, list[bool]]]:
+def match_instances(
+    dets: list[tuple[int, float, np.ndarray]], gts: list[tuple[int, np.ndarray]], thresholds: list[float]
+) -> list[tuple[int, float, list[bool]]]:
     """One image's detections ``(class, score, mask)`` against its GT ``(class, mask)``, VOC
     style (the mAP^r protocol of Hariharan et al.): in decreasing score, a detection takes
     the same-class GT it overlaps most; it is a true positive at threshold t when that IoU
@@ -122,8 +124,12 @@ def average_precision(tp: np.ndarray, n_pos: int) -> float:
     return float(((recall[steps + 1] - recall[steps]) * precision[steps + 1]).sum())
 
 
-def mask_ap(records: list[tuple[int, float, list[bool]]], gt_counts: dict[int, int], thresholds: list[float],
-            class_names: list[str] | None = None) -> dict[str, Any]:
+def mask_ap(
+    records: list[tuple[int, float, list[bool]]],
+    gt_counts: dict[int, int],
+    thresholds: list[float],
+    class_names: list[str] | None = None,
+) -> dict[str, Any]:
     """mAP^r at each threshold over a dataset: ``records`` from :func:`match_instances` of
     every image, ``gt_counts`` the number of GT objects per class. Per-class AP and their
     mean over the classes that have GT objects."""

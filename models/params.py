@@ -3,6 +3,7 @@
 The config sections that set them (``pipeline.config``) are subclasses, so a section is
 passed to the numerics as it is and every field and default lives here once. No torch.
 """
+
 from __future__ import annotations
 
 from typing import Annotated

@@ -32,10 +32,11 @@ The BCD loss (Eq. 2.22-2.26) pulls each pixel's feature F_m = concat(F_l, F_g) t
 predicted class centre (foreground: one centre per class over the batch; background: one
 per image) and the centres apart; each of its four terms is a mean over its own pairs.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -101,8 +102,16 @@ def soft_gate(probs: torch.Tensor, reliable: torch.Tensor, real: torch.Tensor) -
     return gate * real.to(gate.dtype)
 
 
-def dense_energy_loss(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
-                      sigma_d: float, sigma_r: float, scale: float, radius: int) -> torch.Tensor:
+def dense_energy_loss(
+    logits: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    real: torch.Tensor,
+    sigma_d: float,
+    sigma_r: float,
+    scale: float,
+    radius: int,
+) -> torch.Tensor:
     """L_energy (Eq. 2.17-2.21) of segmentation ``logits`` (N, C, h, w) against the crop:
     ``images`` (N, 3, H, W) 0..255, reliable ``labels`` (N, H, W) (IGNORE = unreliable) and
     ``real`` (N, H, W) (False on padding). Everything is resized to ``scale`` x the crop (the
@@ -159,8 +168,9 @@ def bcd_loss(logits: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def online_reliable_labels(image: np.ndarray, p_fg: np.ndarray, class_ids: Sequence[int], gamma: float,
-                           ratio: float, crf_params) -> np.ndarray:
+def online_reliable_labels(
+    image: np.ndarray, p_fg: np.ndarray, class_ids: Sequence[int], gamma: float, ratio: float, crf_params
+) -> np.ndarray:
     """I_final of Eq. 2.1-2.7 for one training crop: ``p_fg`` (K, H, W) the max-normalised
     multi-scale CAMs (Eq. 2.1-2.3) of the image's tagged classes ``class_ids`` (ids >= 1) at
     crop size, P_bg = (1 - max P_fg)^gamma (Eq. 2.4), the dense CRF (Eq. 2.5) and the top ``ratio`` of each class
@@ -176,8 +186,9 @@ def online_reliable_labels(image: np.ndarray, p_fg: np.ndarray, class_ids: Seque
     return reliable_from_probs(image, with_background(p_fg, gamma), ids, ratio, crf_params)
 
 
-def cam_crf_labels(image: np.ndarray, p_fg: np.ndarray, class_ids: Sequence[int], gamma: float,
-                   crf_params) -> np.ndarray:
+def cam_crf_labels(
+    image: np.ndarray, p_fg: np.ndarray, class_ids: Sequence[int], gamma: float, crf_params
+) -> np.ndarray:
     """I_crf of Eq. 2.5 (the plain CAM + CRF labels, RRM's baseline): argmax of the CRF of
     [P_bg, P_fg] (``p_fg`` max-normalised, e.g. :func:`models.cam.multiscale_cam`) as class ids
     (H, W) uint8; all background without tags."""

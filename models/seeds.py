@@ -34,13 +34,15 @@ Maps (255 = unknown everywhere):
   superpixel touched by exactly one class takes it; one touched by several keeps only the
   annotated pixels; the rest stay 255. They are M_g for scribble / point supervision.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from .types import IGNORE, Box
+
 
 def labels_from_soft(probs: np.ndarray, class_ids: np.ndarray | None = None) -> np.ndarray:
     """A soft map (n, H, W) over ``class_ids`` (``None``: classes 0..n-1) -> uint8 class ids,
@@ -64,8 +66,9 @@ def top_ratio_mask(labels: np.ndarray, score: np.ndarray, ratio: float) -> np.nd
     return keep
 
 
-def reliable_cam_labels(probs: np.ndarray, class_ids: np.ndarray, ratio: float,
-                        crf_labels: np.ndarray | None = None) -> np.ndarray:
+def reliable_cam_labels(
+    probs: np.ndarray, class_ids: np.ndarray, ratio: float, crf_labels: np.ndarray | None = None
+) -> np.ndarray:
     """M'_I: the top ``ratio`` of each class of M_I, where the CRF labels agree (if given)."""
     m_i = labels_from_soft(probs, class_ids)
     keep = top_ratio_mask(m_i, probs.max(0), ratio)
@@ -74,8 +77,9 @@ def reliable_cam_labels(probs: np.ndarray, class_ids: np.ndarray, ratio: float,
     return np.where(keep, m_i, IGNORE).astype(np.uint8)
 
 
-def reliable_from_probs(image: np.ndarray, probs: np.ndarray, class_ids: np.ndarray, ratio: float,
-                        crf_params=None) -> np.ndarray:
+def reliable_from_probs(
+    image: np.ndarray, probs: np.ndarray, class_ids: np.ndarray, ratio: float, crf_params=None
+) -> np.ndarray:
     """M'_I of an image (Ch. 2 Eq. 2.5-2.7): the dense CRF (``crf_params``; None: no CRF check)
     of the CAM probabilities ``probs`` (n, H, W) over ``class_ids`` (background first), then
     :func:`reliable_cam_labels`. An image with one class only skips the CRF (nothing to
@@ -92,7 +96,7 @@ def box_masks(shape: tuple[int, int], boxes: Sequence[Box]) -> list[np.ndarray]:
     out = []
     for b in boxes:
         m = np.zeros(shape, bool)
-        m[b.y0:b.y1, b.x0:b.x1] = True
+        m[b.y0 : b.y1, b.x0 : b.x1] = True
         out.append(m)
     return out
 

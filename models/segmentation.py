@@ -24,9 +24,10 @@ map without gradient, as released, so only the segmentation loss trains the trun
 segmentation logits are locally aggregated (:func:`models.blpseg.lam`) by a low-level
 embedding of the image (4x4 conv, stride 4, + LayerNorm) on the stride-4 grid.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -36,8 +37,15 @@ from . import tvcompat  # noqa: F401  (before torchvision: CPU-only torch)
 import torchvision  # noqa: E402
 from torch import nn
 
-from .backbones import (ResNetBackbone, SwinBackbone, WeightsError, freeze_batchnorm, load_state, multiscale_sum,
-                        normalize)
+from .backbones import (
+    ResNetBackbone,
+    SwinBackbone,
+    WeightsError,
+    freeze_batchnorm,
+    load_state,
+    multiscale_sum,
+    normalize,
+)
 from .blpseg import lam
 from .dilated import prune_dead_taps
 
@@ -59,14 +67,16 @@ class DeepLab(nn.Module):
             raise ValueError(f"unknown segmentation arch '{arch}' (known: {', '.join(ARCHS)})")
         builder, classifier, prefix = ARCHS[arch]
         net = getattr(torchvision.models.segmentation, builder)(
-            weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+            weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False
+        )
         state = load_state(weights, classifier)
         if state is not None:
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             missing, unexpected = net.backbone.load_state_dict(state, strict=False)
             if missing:
-                raise WeightsError(f"weights '{weights}' do not fit the {classifier} backbone of {arch}: "
-                                   f"missing {missing[:4]}")
+                raise WeightsError(
+                    f"weights '{weights}' do not fit the {classifier} backbone of {arch}: missing {missing[:4]}"
+                )
         prune_dead_taps(net)  # ASPP's rates exceed the head's grid on small crops
         self.backbone, self.head = net.backbone, net.classifier
         self.arch, self.num_classes = arch, num_classes
@@ -79,7 +89,7 @@ class DeepLab(nn.Module):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.momentum = 0.1
 
-    def train(self, mode: bool = True) -> "DeepLab":
+    def train(self, mode: bool = True) -> DeepLab:
         super().train(mode)
         if self.pretrained:
             freeze_batchnorm(self.backbone)
@@ -92,13 +102,17 @@ class DeepLab(nn.Module):
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone, head): the head trains at ``head_lr_mult`` x the backbone's rate."""
-        return ([p for p in self.backbone.parameters() if p.requires_grad],
-                [p for p in self.head.parameters() if p.requires_grad])
+        return (
+            [p for p in self.backbone.parameters() if p.requires_grad],
+            [p for p in self.head.parameters() if p.requires_grad],
+        )
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     """mmseg's ConvModule: conv (no bias) + BatchNorm + ReLU."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class UperFusion(nn.Module):
@@ -111,15 +125,21 @@ class UperFusion(nn.Module):
     stride-4 grid of stage 1 so every choice yields the same map size.
     """
 
-    def __init__(self, in_channels: Sequence[int], stages: Sequence[int] = (1, 2, 3, 4), channels: int = 512,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6)) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        stages: Sequence[int] = (1, 2, 3, 4),
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+    ) -> None:
         super().__init__()
         self.stages = sorted(set(stages))
         if not self.stages or not set(self.stages) <= {1, 2, 3, 4}:
             raise ValueError(f"fusion stages must be a non-empty subset of 1-4, got {list(stages)}")
         cins = [in_channels[s - 1] for s in self.stages]
-        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(p), conv_bn_relu(cins[-1], channels, 1))
-                                 for p in pool_scales)
+        self.ppm = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(p), conv_bn_relu(cins[-1], channels, 1)) for p in pool_scales
+        )
         self.ppm_bottleneck = conv_bn_relu(cins[-1] + len(pool_scales) * channels, channels, 3)
         self.laterals = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in cins[:-1])
         self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in cins[:-1])
@@ -130,17 +150,24 @@ class UperFusion(nn.Module):
         xs = [feats[s - 1] for s in self.stages]
         top = xs[-1]
         pooled = [F.interpolate(m(top), size=top.shape[-2:], mode="bilinear", align_corners=False) for m in self.ppm]
-        levels = [conv(x) for conv, x in zip(self.laterals, xs[:-1])] + [self.ppm_bottleneck(torch.cat([top, *pooled], 1))]
+        levels = [conv(x) for conv, x in zip(self.laterals, xs[:-1])] + [
+            self.ppm_bottleneck(torch.cat([top, *pooled], 1))
+        ]
         for k in range(len(levels) - 1, 0, -1):
-            levels[k - 1] = levels[k - 1] + F.interpolate(levels[k], size=levels[k - 1].shape[-2:], mode="bilinear",
-                                                          align_corners=False)
+            levels[k - 1] = levels[k - 1] + F.interpolate(
+                levels[k], size=levels[k - 1].shape[-2:], mode="bilinear", align_corners=False
+            )
         outs = [conv(x) for conv, x in zip(self.fpn_convs, levels[:-1])] + [levels[-1]]
         size = outs[0].shape[-2:]
-        fused = self.bottleneck(torch.cat([outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False)
-                                                       for o in outs[1:]], 1))
+        fused = self.bottleneck(
+            torch.cat(
+                [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]], 1
+            )
+        )
         grid = feats[0].shape[-2:]
-        return fused if fused.shape[-2:] == grid else F.interpolate(fused, size=grid, mode="bilinear",
-                                                                    align_corners=False)
+        return (
+            fused if fused.shape[-2:] == grid else F.interpolate(fused, size=grid, mode="bilinear", align_corners=False)
+        )
 
 
 class DfrNet(nn.Module):
@@ -148,8 +175,16 @@ class DfrNet(nn.Module):
     ``P = softmax(conv1x1(dropout(X)))`` (semantic head), ``F = ReLU(conv1x1(X))``, d =
     ``feature_dim`` channels (feature consistency head, training only)."""
 
-    def __init__(self, backbone: str, num_classes: int, weights: str = "none", stages: Sequence[int] = (1, 2, 3, 4),
-                 channels: int = 512, feature_dim: int = 128, feature_head: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        weights: str = "none",
+        stages: Sequence[int] = (1, 2, 3, 4),
+        channels: int = 512,
+        feature_dim: int = 128,
+        feature_head: bool = True,
+    ) -> None:
         super().__init__()
         self.backbone = SwinBackbone(backbone, weights)
         self.fusion = UperFusion(self.backbone.channels, stages, channels)
@@ -182,8 +217,9 @@ class DfrNet(nn.Module):
 
 def two_layer_head(channels: int, out: int) -> nn.Sequential:
     """BLPSeg's heads: two "1x1 conv + BN + ReLU" layers, then a 1x1 classifier to ``out``."""
-    return nn.Sequential(conv_bn_relu(channels, channels, 1), conv_bn_relu(channels, channels, 1),
-                         nn.Conv2d(channels, out, 1))
+    return nn.Sequential(
+        conv_bn_relu(channels, channels, 1), conv_bn_relu(channels, channels, 1), nn.Conv2d(channels, out, 1)
+    )
 
 
 class LowLevelEmbed(nn.Module):
@@ -206,8 +242,17 @@ class BlpNet(nn.Module):
     as the released UperNet) or a Swin name; LAM with ``sigma`` and window ``radius`` on the
     stride-4 grid (``lam: false`` leaves it out, the ablation's baseline)."""
 
-    def __init__(self, backbone: str, num_classes: int, weights: str = "none", channels: int = 256,
-                 low_dim: int = 64, sigma: float = 6.0, radius: int = 18, use_lam: bool = True) -> None:
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        weights: str = "none",
+        channels: int = 256,
+        low_dim: int = 64,
+        sigma: float = 6.0,
+        radius: int = 18,
+        use_lam: bool = True,
+    ) -> None:
         super().__init__()
         if backbone.startswith("resnet"):
             self.backbone = ResNetBackbone(int(backbone[6:]), 32, weights)
@@ -252,8 +297,16 @@ class RrmNet(nn.Module):
     Segmentation logits ``(P_l + P_g) / 2`` (Eq. 2.13, softmax taken by the losses) and the
     BCD features F_m = concat(F_l, F_g) (Eq. 2.22)."""
 
-    def __init__(self, depth: int, num_classes: int, weights: str = "none", local_channels: int = 512,
-                 attention_channels: int = 256, reweight: bool = True, dilation: int = 12) -> None:
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        weights: str = "none",
+        local_channels: int = 512,
+        attention_channels: int = 256,
+        reweight: bool = True,
+        dilation: int = 12,
+    ) -> None:
         super().__init__()
         from .rrm import RFAM
 
@@ -313,7 +366,6 @@ class RrmNet(nn.Module):
         return [p for p in self.parameters() if p.requires_grad and id(p) not in ids], head
 
 
-
 class SpmlNet(nn.Module):
     """SPML's embedding network (the released ``resnet_pspnet``): a ResNet of ``depth`` at output
     stride 8, PSPNet's pyramid pooling on its last stage (:class:`UperFusion` over stage 4 alone:
@@ -323,14 +375,18 @@ class SpmlNet(nn.Module):
     ReLU + dropout 0.75 + 1x1 to K on the *detached*, normalised embedding, so it never trains
     the embedding."""
 
-    def __init__(self, depth: int, num_classes: int, weights: str = "none", channels: int = 512,
-                 dim: int = 64) -> None:
+    def __init__(self, depth: int, num_classes: int, weights: str = "none", channels: int = 512, dim: int = 64) -> None:
         super().__init__()
         self.backbone = ResNetBackbone(depth, 8, weights)
         self.fusion = UperFusion(self.backbone.channels, (4,), channels)
         self.embed = nn.Conv2d(channels, dim, 1)
-        self.classifier = nn.Sequential(nn.Conv2d(dim, 2 * dim, 3, padding=1, bias=False), nn.BatchNorm2d(2 * dim),
-                                        nn.ReLU(inplace=True), nn.Dropout(0.75), nn.Conv2d(2 * dim, num_classes, 1))
+        self.classifier = nn.Sequential(
+            nn.Conv2d(dim, 2 * dim, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.75),
+            nn.Conv2d(2 * dim, num_classes, 1),
+        )
         self.num_classes = num_classes
 
     def embedding(self, images: torch.Tensor) -> torch.Tensor:
@@ -356,8 +412,13 @@ class SpmlNet(nn.Module):
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, image: np.ndarray, scales: Sequence[float] = (1.0,), flip: bool = False,
-                  device: str | torch.device = "cpu") -> np.ndarray:
+def predict_probs(
+    model: nn.Module,
+    image: np.ndarray,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
     """Class probabilities (C, H, W) float32 of an RGB uint8 image: the softmax averaged over
     ``scales`` (and their horizontal flips), each resized bilinearly to the image."""
     x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float().to(device)

@@ -32,6 +32,7 @@ Inside each set the released ``segsort+`` numerator is the positives other than 
 when there are none; the denominator is that numerator plus the negatives (s is in neither set
 otherwise). Each term is the mean over its pixels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,8 +74,14 @@ def split_segments(*maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return inverse, uniq
 
 
-def segsort_plus(emb: torch.Tensor, own: torch.Tensor, protos: torch.Tensor, positive: torch.Tensor,
-                 negative: torch.Tensor, kappa: float) -> torch.Tensor:
+def segsort_plus(
+    emb: torch.Tensor,
+    own: torch.Tensor,
+    protos: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    kappa: float,
+) -> torch.Tensor:
     """SPML Eq. 3 per pixel (P,): ``emb`` (P, D) unit embeddings, ``own`` (P,) each pixel's
     segment, ``protos`` (S, D), ``positive`` / ``negative`` (P, S) bool (C+ / C-; ``own`` may be
     in ``positive``: it counts only where no other positive exists, as released)."""
@@ -110,8 +117,15 @@ class Batch:
     tags: torch.Tensor
 
 
-def make_batch(emb: torch.Tensor, label: torch.Tensor, region: torch.Tensor, tags: torch.Tensor,
-               clusters: tuple[int, int], iterations: int, valid: torch.Tensor | None = None) -> Batch:
+def make_batch(
+    emb: torch.Tensor,
+    label: torch.Tensor,
+    region: torch.Tensor,
+    tags: torch.Tensor,
+    clusters: tuple[int, int],
+    iterations: int,
+    valid: torch.Tensor | None = None,
+) -> Batch:
     """Segments of a batch: ``emb`` (B, D, h, w) raw embeddings (normalised here), ``label``
     (B, h, w) semantic annotation, ``region`` (B, h, w) over-segmentation, ``tags`` (B, K) bool,
     ``clusters`` (ny, nx) the k-means grid, ``valid`` (B, h, w) bool (crop padding False: left
@@ -119,8 +133,9 @@ def make_batch(emb: torch.Tensor, label: torch.Tensor, region: torch.Tensor, tag
     split by label and region; segment ids are unique over the batch."""
     b, d, h, w = emb.shape
     e = F.normalize(emb, dim=1).permute(0, 2, 3, 1)  # (B, h, w, D)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, h, device=emb.device), torch.linspace(0, 1, w, device=emb.device),
-                            indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.linspace(0, 1, h, device=emb.device), torch.linspace(0, 1, w, device=emb.device), indexing="ij"
+    )
     loc = torch.stack([yy, xx], -1) - 0.5
     init = grid_clusters(h, w, *clusters, device=emb.device)
     if valid is None:
@@ -140,8 +155,18 @@ def make_batch(emb: torch.Tensor, label: torch.Tensor, region: torch.Tensor, tag
         rows["cluster"].append(cl)
     cat = {key: torch.cat(v) for key, v in rows.items()}
     seg, keys = split_segments(cat["image"], cat["cluster"], cat["label"], cat["region"])
-    return Batch(cat["emb"], cat["emb_loc"], cat["image"], cat["label"], cat["region"], seg,
-                 keys[:, 0], keys[:, 2], keys[:, 3], tags.bool())
+    return Batch(
+        cat["emb"],
+        cat["emb_loc"],
+        cat["image"],
+        cat["label"],
+        cat["region"],
+        seg,
+        keys[:, 0],
+        keys[:, 2],
+        keys[:, 3],
+        tags.bool(),
+    )
 
 
 @dataclass
@@ -153,9 +178,15 @@ class Memory:
     tags: torch.Tensor
 
 
-def semantic_annotation_loss(batch: Batch, protos: torch.Tensor, unlabelled: int, kappa: float,
-                             memory: Memory | None = None, labels: torch.Tensor | None = None,
-                             seg_labels: torch.Tensor | None = None) -> torch.Tensor:
+def semantic_annotation_loss(
+    batch: Batch,
+    protos: torch.Tensor,
+    unlabelled: int,
+    kappa: float,
+    memory: Memory | None = None,
+    labels: torch.Tensor | None = None,
+    seg_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The C term: labelled pixels against labelled segments (same class: C+, other: C-),
     the memory bank's labelled prototypes appended. ``labels`` / ``seg_labels`` replace the
     annotation (the feature-affinity term passes its expanded labels). Zero without labelled
@@ -187,7 +218,7 @@ def co_occurrence_loss(batch: Batch, protos: torch.Tensor, kappa: float, memory:
     # decided per (image, segment), then read per pixel
     pos_of_image = (batch.tags.float() @ all_tags.float().t()) > 0  # (B, S)
     images = torch.arange(len(batch.tags), device=protos.device)
-    pos_of_image[:, :len(protos)] |= images[:, None] == batch.seg_image[None, :]
+    pos_of_image[:, : len(protos)] |= images[:, None] == batch.seg_image[None, :]
     pos = pos_of_image[batch.image]
     return segsort_plus(batch.emb, batch.seg, all_protos, pos, ~pos, kappa).mean()
 
@@ -227,8 +258,15 @@ def feature_affinity_loss(batch: Batch, protos: torch.Tensor, unlabelled: int, k
 
 
 @torch.no_grad()
-def embedding_walk(emb: torch.Tensor, logits: torch.Tensor, class_ids: torch.Tensor, size: tuple[int, int],
-                   beta: float, gamma: float, logt: int) -> torch.Tensor:
+def embedding_walk(
+    emb: torch.Tensor,
+    logits: torch.Tensor,
+    class_ids: torch.Tensor,
+    size: tuple[int, int],
+    beta: float,
+    gamma: float,
+    logt: int,
+) -> torch.Tensor:
     """SPML's pseudo-labels before the CRF (released ``pseudo_softmaxrw_crf``): on the (H//8,
     W//8) grid, the classifier's softmax of ``logits`` (K, h, w) over every class, rows
     ``class_ids`` kept (the classes the image's labels name; the rest are 0), each divided by

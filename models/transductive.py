@@ -42,6 +42,7 @@ as the thesis describes; ``raw`` is the released, inert form.
 
 ``cfg`` below is any object with the ``a2gnn`` config section's fields.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -61,7 +62,7 @@ from .types import IGNORE, Box
 
 def image_seed(seed: int, image_id: str) -> int:
     """A per-image random seed: the same image gets the same model whatever its batch."""
-    return (seed * 1_000_003 + zlib.crc32(image_id.encode())) % (2 ** 62)
+    return (seed * 1_000_003 + zlib.crc32(image_id.encode())) % (2**62)
 
 
 @dataclass
@@ -122,16 +123,29 @@ def fit(problems: list[Problem], cfg, radius: int, device: str) -> tuple[torch.T
         phase2 = epoch >= cfg.epochs
         model.train()
         opt.zero_grad()
-        noise = torch.stack([torch.rand(h * w, cfg.hidden, generator=g, device=device) for g in noise_gens]) \
-            if cfg.dropout > 0 else None
+        noise = (
+            torch.stack([torch.rand(h * w, cfg.hidden, generator=g, device=device) for g in noise_gens])
+            if cfg.dropout > 0
+            else None
+        )
         logits, feats = model(x, graph, edge_weight, noise)
         grid_logits = logits.transpose(1, 2).reshape(m, c, h, w)
         feats_grid = feats.transpose(1, 2).reshape(m, -1, h, w) if cfg.mp else None
-        check = (cfg.consistency_threshold, cfg.consistency_similarity == "centred") \
-            if phase2 and cfg.consistency else None
-        loss, labels = a2gnn_objective(from_grid(grid_logits, size, STRIDE), grid_logits, feats_grid, labels,
-                                       [p.boxes for p in problems], kernel, reg_offsets,
-                                       cfg.reg_weight if phase2 else 0.0, check, STRIDE)
+        check = (
+            (cfg.consistency_threshold, cfg.consistency_similarity == "centred") if phase2 and cfg.consistency else None
+        )
+        loss, labels = a2gnn_objective(
+            from_grid(grid_logits, size, STRIDE),
+            grid_logits,
+            feats_grid,
+            labels,
+            [p.boxes for p in problems],
+            kernel,
+            reg_offsets,
+            cfg.reg_weight if phase2 else 0.0,
+            check,
+            STRIDE,
+        )
         loss.backward()
         opt.step()
     model.eval()
@@ -158,8 +172,9 @@ def keep_seeds(probs: torch.Tensor, labels: torch.Tensor, weight: float = 1.0) -
     return torch.where(known[:, None], clamped, probs)
 
 
-def fuse(probs: np.ndarray, class_ids: np.ndarray, rw: np.ndarray, rw_ids: np.ndarray,
-         rw_weight: float) -> tuple[np.ndarray, np.ndarray]:
+def fuse(
+    probs: np.ndarray, class_ids: np.ndarray, rw: np.ndarray, rw_ids: np.ndarray, rw_weight: float
+) -> tuple[np.ndarray, np.ndarray]:
     """``(P + rw_weight P_rw) / (1 + rw_weight)`` over the union of both class lists."""
     ids = np.union1d(class_ids, rw_ids)
     out = np.zeros((len(ids),) + probs.shape[1:], np.float32)
@@ -183,18 +198,40 @@ def class_index(class_ids: np.ndarray) -> np.ndarray:
     return index
 
 
-def make_problem(image: np.ndarray, seeds: np.ndarray, class_ids: np.ndarray, boxes: list[Box], x: torch.Tensor,
-                 edge_index: torch.Tensor, weight: torch.Tensor, grid: tuple[int, int], cfg, seed: int) -> Problem:
+def make_problem(
+    image: np.ndarray,
+    seeds: np.ndarray,
+    class_ids: np.ndarray,
+    boxes: list[Box],
+    x: torch.Tensor,
+    edge_index: torch.Tensor,
+    weight: torch.Tensor,
+    grid: tuple[int, int],
+    cfg,
+    seed: int,
+) -> Problem:
     """One image's :class:`Problem`: seeds and boxes mapped to class indices (boxes clipped
     to the image, empty ones dropped), the L_reg kernel from the image."""
     index = class_index(class_ids)
     h, w = seeds.shape
-    windows = [((max(b.y0, 0), min(b.y1, h), max(b.x0, 0), min(b.x1, w)), int(index[b.cls])) for b in boxes
-               if min(b.y1, h) > max(b.y0, 0) and min(b.x1, w) > max(b.x0, 0)]
+    windows = [
+        ((max(b.y0, 0), min(b.y1, h), max(b.x0, 0), min(b.x1, w)), int(index[b.cls]))
+        for b in boxes
+        if min(b.y1, h) > max(b.y0, 0) and min(b.x1, w) > max(b.x0, 0)
+    ]
     rgb = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
     kernel = image_kernel(rgb, grid, window_offsets(cfg.reg_radius, "square"), cfg.sigma_xy, cfg.sigma_rgb)[0]
-    return Problem(x=x, edge_index=edge_index, weight=weight, grid=grid, seeds=torch.from_numpy(index[seeds]),
-                   kernel=kernel, num_classes=len(class_ids), boxes=windows, seed=seed)
+    return Problem(
+        x=x,
+        edge_index=edge_index,
+        weight=weight,
+        grid=grid,
+        seeds=torch.from_numpy(index[seeds]),
+        kernel=kernel,
+        num_classes=len(class_ids),
+        boxes=windows,
+        seed=seed,
+    )
 
 
 def batches(keys: list, size: int) -> list[list[int]]:
@@ -202,4 +239,4 @@ def batches(keys: list, size: int) -> list[list[int]]:
     by_key: dict[Any, list[int]] = {}
     for i, key in enumerate(keys):
         by_key.setdefault(key, []).append(i)
-    return [ids[i:i + size] for ids in by_key.values() for i in range(0, len(ids), size)]
+    return [ids[i : i + size] for ids in by_key.values() for i in range(0, len(ids), size)]

@@ -17,6 +17,7 @@ that matches the installed torch).
 
 Import this module before torchvision (``models/__init__.py`` does).
 """
+
 from __future__ import annotations
 
 import glob

@@ -2,38 +2,15 @@
 
 No torch here: the CLI and the stage registry import this without loading torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import numpy as np
 
 IGNORE = 255
 """Label value for unknown / ignored pixels everywhere in the project."""
-
-
-class Supervision(StrEnum):
-    """What a run's weak labels are: object boxes, scribbles, points or image tags (the
-    A²GNN pipeline), or a single-stage branch: scribbles (DFR, BLPSeg) or tags (RRM); or the
-    few-shot task (``fewshot``: support / query episodes of a masks dataset, SCL)."""
-
-    BOX = "box"
-    SCRIBBLE = "scribble"
-    POINT = "point"
-    IMAGE = "image"
-    DFR = "dfr"
-    BLPSEG = "blpseg"
-    RRM = "rrm"
-    FEWSHOT = "fewshot"
-
-
-PIPELINE = (Supervision.BOX, Supervision.SCRIBBLE, Supervision.POINT, Supervision.IMAGE)
-"""The supervisions of the multi-stage (A²GNN) pipeline."""
-
-SINGLE_STAGE = {Supervision.DFR: ("dfr_train", "dfr_eval"), Supervision.BLPSEG: ("blpseg_train", "blpseg_eval"),
-                Supervision.RRM: ("rrm_train", "rrm_eval"), Supervision.FEWSHOT: ("fewshot_train", "fewshot_eval")}
-"""The single-stage branches: supervision -> (training stage, val inference stage)."""
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,18 @@
 
 Each case runs in a fresh child process (forked from :mod:`pipeline.processes`' server), so
 its peak resident memory (``ru_maxrss``) is its own; on CUDA the peak allocated GPU memory
-is reported too. Inputs are synthetic images from the demo generator at the requested size (500x375 by default, a typical VOC
-image) with their synthesized weak labels, so no dataset is needed. Models have random
+is reported too. Inputs are synthetic images from the demo generator at the requested size (500x375 by default,
+a typical VOC image) with their synthesized weak labels, so no dataset is needed. Models have random
 weights: speed and memory do not depend on what the weights are.
 """
+
 from __future__ import annotations
 
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -26,20 +28,70 @@ TINY_TRAINING: dict[str, dict[str, Any]] = {
     "cam": {"scales": [1.0]},
     "affinity_train": {"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
     "a2gnn": {"epochs": 2, "hidden": 16},
-    "final_train": {"arch": "deeplabv3_mobilenet_v3_large", "crop": 48, "batch_size": 2, "iterations": 2,
-                    "checkpoint_every": 1000},
-    "dfr_train": {"backbone": "swin_mini", "channels": 16, "feature_dim": 8, "crop": 48, "batch_size": 2,
-                  "iterations": 2, "warmup_iterations": 0, "lr": 1e-3, "checkpoint_every": 1000},
+    "final_train": {
+        "arch": "deeplabv3_mobilenet_v3_large",
+        "crop": 48,
+        "batch_size": 2,
+        "iterations": 2,
+        "checkpoint_every": 1000,
+    },
+    "dfr_train": {
+        "backbone": "swin_mini",
+        "channels": 16,
+        "feature_dim": 8,
+        "crop": 48,
+        "batch_size": 2,
+        "iterations": 2,
+        "warmup_iterations": 0,
+        "lr": 1e-3,
+        "checkpoint_every": 1000,
+    },
     "dfr_eval": {"scales": [1.0], "flip": False},
-    "blpseg_train": {"backbone": "resnet18", "channels": 16, "low_dim": 8, "radius": 3, "crop": 48, "batch_size": 2,
-                     "iterations": 2, "self_training_from": 1, "checkpoint_every": 1000},
-    "rrm_train": {"depth": 18, "local_channels": 16, "attention_channels": 8, "crop": 48, "batch_size": 2,
-                  "iterations": 2, "cls_only_fraction": 0.0, "cam_scales": [1.0], "crf_workers": 1,
-                  "checkpoint_every": 1000},
-    "spml_train": {"depth": 18, "channels": 16, "dim": 8, "clusters": 2, "kmeans_iterations": 2, "crop": 48,
-                   "batch_size": 2, "iterations": 2, "warmup_iterations": 0, "checkpoint_every": 1000},
-    "fewshot_train": {"depth": 18, "channels": 16, "crop": 48, "batch_size": 2, "iterations": 2, "folds": 3,
-                      "min_pixels": 16, "checkpoint_every": 1000},
+    "blpseg_train": {
+        "backbone": "resnet18",
+        "channels": 16,
+        "low_dim": 8,
+        "radius": 3,
+        "crop": 48,
+        "batch_size": 2,
+        "iterations": 2,
+        "self_training_from": 1,
+        "checkpoint_every": 1000,
+    },
+    "rrm_train": {
+        "depth": 18,
+        "local_channels": 16,
+        "attention_channels": 8,
+        "crop": 48,
+        "batch_size": 2,
+        "iterations": 2,
+        "cls_only_fraction": 0.0,
+        "cam_scales": [1.0],
+        "crf_workers": 1,
+        "checkpoint_every": 1000,
+    },
+    "spml_train": {
+        "depth": 18,
+        "channels": 16,
+        "dim": 8,
+        "clusters": 2,
+        "kmeans_iterations": 2,
+        "crop": 48,
+        "batch_size": 2,
+        "iterations": 2,
+        "warmup_iterations": 0,
+        "checkpoint_every": 1000,
+    },
+    "fewshot_train": {
+        "depth": 18,
+        "channels": 16,
+        "crop": 48,
+        "batch_size": 2,
+        "iterations": 2,
+        "folds": 3,
+        "min_pixels": 16,
+        "checkpoint_every": 1000,
+    },
     "fewshot_eval": {"episodes": 4, "shots": [1, 2]},
 }
 
@@ -74,6 +126,7 @@ def bench(name: str):
     def register(fn):
         BENCHES[name] = fn
         return fn
+
     return register
 
 
@@ -119,9 +172,14 @@ def measured(work: Callable[[], int], device: str, warmup: Callable[[], Any] | N
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    out = {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 3),
-           "s_per_image": round(seconds / n, 4), "rss_before_mb": round(base, 1),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {
+        "images": n,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n / seconds, 3),
+        "s_per_image": round(seconds / n, 4),
+        "rss_before_mb": round(base, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
     out["peak_over_start_mb"] = round(out["peak_rss_mb"] - base, 1)
     if device.startswith("cuda"):
         out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -130,6 +188,7 @@ def measured(work: Callable[[], int], device: str, warmup: Callable[[], Any] | N
 
 def measured_steps(loss_fn: Callable[[], Any], opt, steps: int, batch: int, device: str) -> dict[str, Any]:
     """Time ``steps`` optimiser steps on ``loss_fn()`` after one warm-up step; images = steps x batch."""
+
     def step() -> None:
         loss = loss_fn()
         opt.zero_grad()
@@ -141,6 +200,7 @@ def measured_steps(loss_fn: Callable[[], Any], opt, steps: int, batch: int, devi
 
 def measured_repeat(step: Callable[[], Any], steps: int, batch: int, device: str) -> dict[str, Any]:
     """Time ``steps`` calls of ``step()`` after one warm-up call; images = steps x batch."""
+
     def work() -> int:
         for _ in range(steps):
             step()
@@ -188,8 +248,9 @@ def _cam_train_step(case: Case, depth: int, output_stride: int, batch: int, crop
 
 
 @bench("cam")
-def bench_cam(case: Case, depth: int = 50, output_stride: int = 16, batch: int = 4, crop: int = 512,
-              **_: Any) -> list[dict[str, Any]]:
+def bench_cam(
+    case: Case, depth: int = 50, output_stride: int = 16, batch: int = 4, crop: int = 512, **_: Any
+) -> list[dict[str, Any]]:
     """CAM inference (4 scales + flip) per image, and classifier training throughput."""
     scales = [0.5, 1.0, 1.5, 2.0]
     rows = []
@@ -215,17 +276,23 @@ def _seeds(case: Case, kind: str) -> dict[str, Any]:
     # Plausible CAMs: blurred GT class masks plus noise (the rules' cost does not depend on their values).
     cams = []
     for _, gt, weak in samples:
-        maps = [cv2.GaussianBlur((gt == c).astype(np.float32), (0, 0), 15) + 0.1 * rng.random(gt.shape, np.float32)
-                for c in weak.tags]
+        maps = [
+            cv2.GaussianBlur((gt == c).astype(np.float32), (0, 0), 15) + 0.1 * rng.random(gt.shape, np.float32)
+            for c in weak.tags
+        ]
         cams.append((with_background(np.stack([m / m.max() for m in maps]), 4.0), np.array([0, *weak.tags])))
     cfg = SeedsConfig()
-    supervision, with_cam = {"cam_reliable": ("image", True), "box": ("box", True), "scribble": ("scribble", False),
-                             "point": ("point", False)}[kind]
+    labels, with_cam = {
+        "cam_reliable": ("tags", True),
+        "box": ("box", True),
+        "scribble": ("scribble", False),
+        "point": ("point", False),
+    }[kind]
 
     def work() -> int:
         for (image, _, weak), cam in zip(samples, cams):
-            m_b = grabcut_seeds(image, weak.boxes) if supervision == "box" else None
-            seed_maps(supervision, cfg, image, weak, cam if with_cam else None, m_b)
+            m_b = grabcut_seeds(image, weak.boxes) if labels == "box" else None
+            seed_maps(labels, cfg, image, weak, cam if with_cam else None, m_b)
         return len(samples)
 
     return measured(work, "cpu")
@@ -234,9 +301,12 @@ def _seeds(case: Case, kind: str) -> dict[str, Any]:
 @bench("seeds")
 def bench_seeds(case: Case, **_: Any) -> list[dict[str, Any]]:
     """Seed maps per image (CPU work: dense CRF, GrabCut, SLIC), one process."""
-    cases = {"cam_reliable": "M_I + M'_I (dense CRF agreement, top 40%)",
-             "box": "box: GrabCut M_B + M'_I + M_F + M_g",
-             "scribble": "scribble: SLIC + expansion (M_S)", "point": "point: SLIC + expansion (M_P)"}
+    cases = {
+        "cam_reliable": "M_I + M'_I (dense CRF agreement, top 40%)",
+        "box": "box: GrabCut M_B + M'_I + M_F + M_g",
+        "scribble": "scribble: SLIC + expansion (M_S)",
+        "point": "point: SLIC + expansion (M_P)",
+    }
     return [{"case": label, **in_child(_seeds, case, kind=kind)} for kind, label in cases.items()]
 
 
@@ -257,13 +327,15 @@ def _affinity_train_step(case: Case, depth: int, radius: int, batch: int, crop: 
     valid = torch.ones(batch, grid, grid, dtype=torch.bool, device=device)
     offsets = window_offsets(radius)
 
-    return measured_steps(lambda: affinity_objective(model, x, seeds, valid, offsets, 6.0, 0.1, 3.0)["loss"], opt, steps,
-                          batch, device)
+    return measured_steps(
+        lambda: affinity_objective(model, x, seeds, valid, offsets, 6.0, 0.1, 3.0)["loss"], opt, steps, batch, device
+    )
 
 
 @bench("affinity_train")
-def bench_affinity_train(case: Case, depth: int = 50, radius: int = 5, batch: int = 4, crop: int = 448,
-                         **_: Any) -> list[dict[str, Any]]:
+def bench_affinity_train(
+    case: Case, depth: int = 50, radius: int = 5, batch: int = 4, crop: int = 448, **_: Any
+) -> list[dict[str, Any]]:
     """Affinity CNN training throughput (L_Ac + 3 L_Ar, one SGD step per batch), VOC settings."""
     r = in_child(_affinity_train_step, case, depth=depth, radius=radius, batch=batch, crop=crop)
     return [{"case": f"affinity_train step resnet{depth} os8 batch {batch} crop {crop} r={radius}", **r}]
@@ -303,8 +375,9 @@ def _smooth_noise(channels: int, grid: tuple[int, int], gen):
     return torch.nn.functional.interpolate(coarse, size=grid, mode="bilinear", align_corners=False)[0]
 
 
-def _walk(case: Case, dense: bool, grid: tuple[int, int], radius: int, classes: int, beta: float,
-          logt: int) -> dict[str, Any]:
+def _walk(
+    case: Case, dense: bool, grid: tuple[int, int], radius: int, classes: int, beta: float, logt: int
+) -> dict[str, Any]:
     import torch
 
     from models.affinity import window_offsets
@@ -327,16 +400,29 @@ def _walk(case: Case, dense: bool, grid: tuple[int, int], radius: int, classes: 
 
 
 @bench("random_walk")
-def bench_random_walk(case: Case, depth: int = 50, radius: int = 5, classes: int = 3, beta: float = 8.0,
-                      logt: int = 8, dense: bool = True, grid_stride: int = 8, **_: Any) -> list[dict[str, Any]]:
+def bench_random_walk(
+    case: Case,
+    depth: int = 50,
+    radius: int = 5,
+    classes: int = 3,
+    beta: float = 8.0,
+    logt: int = 8,
+    dense: bool = True,
+    grid_stride: int = 8,
+    **_: Any,
+) -> list[dict[str, Any]]:
     """Graph construction (affinity net forward + edges, npz bytes) and the random walk on
     the image's stride-8 grid: sparse (this project) against the dense N x N formulation of
     the reference code, same graph, same source. ``--opt dense=false`` skips the dense case;
     ``--opt grid_stride=4`` walks on IRN's finer grid (16x the dense matrix)."""
     grid = case.grid(grid_stride)
-    rows = [{"case": f"graph: affinity net resnet{depth} + edges r={radius}",
-             **in_child(_affinity_graph, case, depth=depth, radius=radius)}]
-    for is_dense in ([False, True] if dense else [False]):
+    rows = [
+        {
+            "case": f"graph: affinity net resnet{depth} + edges r={radius}",
+            **in_child(_affinity_graph, case, depth=depth, radius=radius),
+        }
+    ]
+    for is_dense in [False, True] if dense else [False]:
         kind = "dense N x N, squared (reference code)" if is_dense else "sparse, O(N K) (this project)"
         r = in_child(_walk, case, dense=is_dense, grid=grid, radius=radius, classes=classes, beta=beta, logt=logt)
         rows.append({"case": f"random walk {grid[0]}x{grid[1]} grid, logt {logt}: {kind}", **r})
@@ -369,12 +455,18 @@ def _a2gnn_problems(case: Case, radius: int, channels: int, seed_fraction: float
         edge_index, weight = grid_edges(torch.cat([onehot * 3, _smooth_noise(8, grid, gen)]), window_offsets(radius))
         signal = onehot.flatten(1).t().repeat_interleave(-(-channels // len(class_ids)), 1)[:, :channels]
         x = signal + torch.rand(grid[0] * grid[1], channels, generator=gen)
-        out.append((make_problem(image, seeds, class_ids, weak.boxes, x, edge_index, weight.half().float(), grid,
-                                 cfg, k), truth))
+        out.append(
+            (
+                make_problem(image, seeds, class_ids, weak.boxes, x, edge_index, weight.half().float(), grid, cfg, k),
+                truth,
+            )
+        )
     return out
 
 
-def _a2gnn_fit(case: Case, path: str, layer: str, batch: int, epochs: int, radius: int, channels: int) -> dict[str, Any]:
+def _a2gnn_fit(
+    case: Case, path: str, layer: str, batch: int, epochs: int, radius: int, channels: int
+) -> dict[str, Any]:
     from models.metrics import confusion_matrix, scores
     from models.transductive import batches, fit
     from pipeline.config import A2GNN_RELEASED, A2gnnConfig
@@ -396,13 +488,24 @@ def _a2gnn_fit(case: Case, path: str, layer: str, batch: int, epochs: int, radiu
     out = measured(work, device, warmup=lambda: fit([problems[0]], warm, radius, device))
     # per-image class indices differ between images: mean of the per-image mIoU
     miou = np.mean([scores(confusion_matrix(p.argmax(0), t, p.shape[0]))["miou"] for p, t in zip(probs, truths)])
-    return {**out, "s_per_epoch": round(out["seconds"] / n / (2 * epochs), 4), "image_miou": round(float(miou), 4),
-            "probs": probs}
+    return {
+        **out,
+        "s_per_epoch": round(out["seconds"] / n / (2 * epochs), 4),
+        "image_miou": round(float(miou), 4),
+        "probs": probs,
+    }
 
 
 @bench("a2gnn")
-def bench_a2gnn(case: Case, epochs: int = 150, radius: int = 4, channels: int = 3584, batch: int = 4,
-                paths: str = "grid,batched,dense,edges", **_: Any) -> list[dict[str, Any]]:
+def bench_a2gnn(
+    case: Case,
+    epochs: int = 150,
+    radius: int = 4,
+    channels: int = 3584,
+    batch: int = 4,
+    paths: str = "grid,batched,dense,edges",
+    **_: Any,
+) -> list[dict[str, Any]]:
     """Per-image A²GNN training, box schedule (``epochs`` per phase; 150 = the released
     300), on the stride-8 grid of the image size: each implementation path of the affinity
     attention layer, with the released code's dense N x N formulation measured in the same
@@ -412,11 +515,13 @@ def bench_a2gnn(case: Case, epochs: int = 150, radius: int = 4, channels: int = 
     agree to rounding for the same MP nodes; over many epochs rounding-level differences
     can flip the MP loss's argmax between near-tied pixels (bilinear upsampling makes
     exact ties), and the trajectories drift apart without changing the labels much."""
-    cases = {"grid": ("grid", "a2gnn", 1, "tiled grid (this project)"),
-             "batched": ("grid", "a2gnn", batch, f"tiled grid, {batch} images stacked"),
-             "dense": ("dense", "a2gnn", 1, "dense N x N (released code)"),
-             "edges": ("edges", "a2gnn", 1, "PyG message passing"),
-             "gcn": ("edges", "gcn", 1, "GCN baseline (PyG)")}
+    cases = {
+        "grid": ("grid", "a2gnn", 1, "tiled grid (this project)"),
+        "batched": ("grid", "a2gnn", batch, f"tiled grid, {batch} images stacked"),
+        "dense": ("dense", "a2gnn", 1, "dense N x N (released code)"),
+        "edges": ("edges", "a2gnn", 1, "PyG message passing"),
+        "gcn": ("edges", "gcn", 1, "GCN baseline (PyG)"),
+    }
     grid = case.grid()
     rows, first = [], None
     for name in paths.split(","):
@@ -429,7 +534,9 @@ def bench_a2gnn(case: Case, epochs: int = 150, radius: int = 4, channels: int = 
         if layer == "a2gnn":
             dprob = max(float(np.abs(a - b).max()) for a, b in zip(probs, first))
             r["max_dprob"] = float(f"{dprob:.2e}")
-            r["same_label"] = round(float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(probs, first)])), 5)
+            r["same_label"] = round(
+                float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(probs, first)])), 5
+            )
         rows.append({"case": f"a2gnn {grid[0]}x{grid[1]} grid, {2 * epochs} epochs: {label}", **r})
     return rows
 
@@ -440,8 +547,9 @@ def _seg_model(kind: str, arch: str, classes: int = 21):
     RRM (rrm, ``arch`` = ResNet depth, the thesis' widths) network of ``arch``, from scratch."""
     from models.segmentation import BlpNet, DeepLab, DfrNet, RrmNet
 
-    return {"final": DeepLab, "dfr": DfrNet, "blpseg": BlpNet,
-            "rrm": lambda depth, k: RrmNet(int(depth), k)}[kind](arch, classes)
+    return {"final": DeepLab, "dfr": DfrNet, "blpseg": BlpNet, "rrm": lambda depth, k: RrmNet(int(depth), k)}[kind](
+        arch, classes
+    )
 
 
 def _seg_train_step(case: Case, kind: str, arch: str, batch: int, crop: int, amp: bool, loss: str) -> dict[str, Any]:
@@ -460,8 +568,11 @@ def _seg_train_step(case: Case, kind: str, arch: str, batch: int, crop: int, amp
 
     device, steps = case.device, max(1, case.images // batch)
     model = _seg_model(kind, arch).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9) if kind == "final" else \
-        torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.01)
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+        if kind == "final"
+        else torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=0.01)
+    )
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 255, (batch, 3, crop, crop), generator=gen).float().to(device)
     y = torch.randint(0, 21, (batch, crop, crop), generator=gen).to(device)
@@ -503,8 +614,9 @@ def _seg_infer(case: Case, kind: str, arch: str, scales: list[float], flip: bool
     return measured(work, device, warmup=lambda: predict_probs(model, samples[0][0], [1.0], False, device))
 
 
-def _seg_rows(case: Case, kind: str, arch: str, batch: int, crop: int, amp: bool, loss: str,
-              multiscale: bool) -> list[dict[str, Any]]:
+def _seg_rows(
+    case: Case, kind: str, arch: str, batch: int, crop: int, amp: bool, loss: str, multiscale: bool
+) -> list[dict[str, Any]]:
     rows = []
     r = in_child(_seg_train_step, case, kind=kind, arch=arch, batch=batch, crop=crop, amp=amp, loss=loss)
     tags = (" amp" if amp and case.device.startswith("cuda") else "") + f" loss {loss}"
@@ -518,16 +630,32 @@ def _seg_rows(case: Case, kind: str, arch: str, batch: int, crop: int, amp: bool
 
 
 @bench("final_train")
-def bench_final_train(case: Case, arch: str = "deeplabv3_resnet50", batch: int = 10, crop: int = 321, amp: bool = True,
-                      reg: bool = False, multiscale: bool = True, **_: Any) -> list[dict[str, Any]]:
+def bench_final_train(
+    case: Case,
+    arch: str = "deeplabv3_resnet50",
+    batch: int = 10,
+    crop: int = 321,
+    amp: bool = True,
+    reg: bool = False,
+    multiscale: bool = True,
+    **_: Any,
+) -> list[dict[str, Any]]:
     """Final-model training throughput (one SGD step per batch; ``amp`` on CUDA, ``reg`` adds
     the dense-CRF loss) and inference per image: single scale, and 6 scales + flip."""
     return _seg_rows(case, "final", arch, batch, crop, amp, "crf" if reg else "ce", multiscale)
 
 
 @bench("dfr_train")
-def bench_dfr_train(case: Case, arch: str = "swin_t", batch: int = 2, crop: int = 512, amp: bool = True,
-                    loss: str = "dfr", multiscale: bool = True, **_: Any) -> list[dict[str, Any]]:
+def bench_dfr_train(
+    case: Case,
+    arch: str = "swin_t",
+    batch: int = 2,
+    crop: int = 512,
+    amp: bool = True,
+    loss: str = "dfr",
+    multiscale: bool = True,
+    **_: Any,
+) -> list[dict[str, Any]]:
     """DFR training throughput (one AdamW step per batch of ``crop`` x ``crop``, Eq. 1 with
     ``loss`` dfr / potts / pce; the paper's batch is 2 per GPU) and inference per image:
     single scale, and 6 scales + flip (no feature head)."""
@@ -538,8 +666,16 @@ def bench_dfr_train(case: Case, arch: str = "swin_t", batch: int = 2, crop: int 
 
 
 @bench("blpseg_train")
-def bench_blpseg_train(case: Case, arch: str = "resnet101", batch: int = 2, crop: int = 384, amp: bool = True,
-                       loss: str = "blp", multiscale: bool = False, **_: Any) -> list[dict[str, Any]]:
+def bench_blpseg_train(
+    case: Case,
+    arch: str = "resnet101",
+    batch: int = 2,
+    crop: int = 384,
+    amp: bool = True,
+    loss: str = "blp",
+    multiscale: bool = False,
+    **_: Any,
+) -> list[dict[str, Any]]:
     """BLPSeg training throughput (one AdamW step per batch of ``crop`` x ``crop``, BLPSeg Eq. 12
     with the paper's LAM: sigma 6, a 37 x 37 window, 256-d low-level features; ``loss`` blp or
     pce) and single-scale inference per image (``multiscale``: + scales 0.5-1.75 and flips)."""
@@ -548,8 +684,9 @@ def bench_blpseg_train(case: Case, arch: str = "resnet101", batch: int = 2, crop
     return _seg_rows(case, "blpseg", arch, batch, crop, amp, loss, multiscale)
 
 
-def _rrm_train_step(case: Case, depth: int, batch: int, crop: int, scales: list[float], crf_workers: int,
-                    joint: bool) -> dict[str, Any]:
+def _rrm_train_step(
+    case: Case, depth: int, batch: int, crop: int, scales: list[float], crf_workers: int, joint: bool
+) -> dict[str, Any]:
     """One RRM step per batch of the synthetic images' crops (tags from their GT, 21 classes):
     ``joint`` = Algorithm 1's step (forward, CAMs at ``scales``, the batch's online labels with
     their CRFs on ``crf_workers`` processes, Eq. 2.15, SGD); else the classification-only step
@@ -572,8 +709,9 @@ def _rrm_train_step(case: Case, depth: int, batch: int, crop: int, scales: list[
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     samples = case.samples()[:batch]
     picked = (samples * (batch // len(samples) + 1))[:batch]  # a batch of the images, repeated
-    crops = [scale_flip_crop(image, step_rng(0, 0, j), cfg.scale_range, crop)[0] for j, (image, _, _) in
-             enumerate(picked)]
+    crops = [
+        scale_flip_crop(image, step_rng(0, 0, j), cfg.scale_range, crop)[0] for j, (image, _, _) in enumerate(picked)
+    ]
     x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().to(device)
     tags = np.zeros((batch, 20), np.float32)
     for j, (_, gt, _) in enumerate(picked):
@@ -596,8 +734,16 @@ def _rrm_train_step(case: Case, depth: int, batch: int, crop: int, scales: list[
 
 
 @bench("rrm_train")
-def bench_rrm_train(case: Case, depth: int = 50, batch: int = 8, crop: int = 321, crf_workers: int = 0,
-                    scales: str = "0.5,1,1.5,2", multiscale: bool = False, **_: Any) -> list[dict[str, Any]]:
+def bench_rrm_train(
+    case: Case,
+    depth: int = 50,
+    batch: int = 8,
+    crop: int = 321,
+    crf_workers: int = 0,
+    scales: str = "0.5,1,1.5,2",
+    multiscale: bool = False,
+    **_: Any,
+) -> list[dict[str, Any]]:
     """RRM training throughput: Algorithm 1's joint step (CAMs at ``scales``, the batch's
     online labels with their dense CRFs on ``crf_workers`` processes, 0 = one per core, Eq. 2.15,
     SGD), the classification-only warm-up step, and single-scale inference per image (the
@@ -605,18 +751,33 @@ def bench_rrm_train(case: Case, depth: int = 50, batch: int = 8, crop: int = 321
     cam_scales = [float(s) for s in str(scales).split(",")]
     rows = []
     for joint in (True, False):
-        r = in_child(_rrm_train_step, case, depth=int(depth), batch=int(batch), crop=int(crop), scales=cam_scales,
-                     crf_workers=int(crf_workers), joint=joint)
-        what = f"joint step, CAM scales {scales}, CRF workers {crf_workers or 'all cores'}" if joint \
+        r = in_child(
+            _rrm_train_step,
+            case,
+            depth=int(depth),
+            batch=int(batch),
+            crop=int(crop),
+            scales=cam_scales,
+            crf_workers=int(crf_workers),
+            joint=joint,
+        )
+        what = (
+            f"joint step, CAM scales {scales}, CRF workers {crf_workers or 'all cores'}"
+            if joint
             else "classification-only step"
+        )
         rows.append({"case": f"rrm_train {what}: resnet{depth} batch {batch} crop {crop}", **r})
     cases = [([1.0], False)] + ([([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], True)] if multiscale else [])
     for sc, flip in cases:
         r = in_child(_seg_infer, case, kind="rrm", arch=str(depth), scales=sc, flip=flip)
-        rows.append({"case": f"rrm_eval resnet{depth} {'single scale' if len(sc) == 1 else 'scales 0.5-1.75 + flip'}"
-                             " (before the CRF)", **r})
+        rows.append(
+            {
+                "case": f"rrm_eval resnet{depth} {'single scale' if len(sc) == 1 else 'scales 0.5-1.75 + flip'}"
+                " (before the CRF)",
+                **r,
+            }
+        )
     return rows
-
 
 
 def _spml_train_step(case: Case, depth: int, batch: int, crop: int, memory: int) -> dict[str, Any]:
@@ -653,7 +814,7 @@ def _spml_train_step(case: Case, depth: int, batch: int, crop: int, memory: int)
         terms, new = spml_objective(emb.float(), logits.float(), y, regions, real, tags, cfg, 21, mem)
         optimizer_step(terms["loss"], opt)
         bank.append(new)
-        del bank[:-memory or len(bank)]
+        del bank[: -memory or len(bank)]
 
     return measured_repeat(step, steps, batch, device)
 
@@ -686,8 +847,9 @@ def _spml_infer(case: Case, depth: int) -> dict[str, Any]:
 
 
 @bench("spml_train")
-def bench_spml_train(case: Case, depth: int = 101, batch: int = 4, crop: int = 512, memory: int = 2,
-                     **_: Any) -> list[dict[str, Any]]:
+def bench_spml_train(
+    case: Case, depth: int = 101, batch: int = 4, crop: int = 512, memory: int = 2, **_: Any
+) -> list[dict[str, Any]]:
     """SPML training throughput (one step per batch of ``crop`` x ``crop``: embedding, k-means
     segments, the pixel-to-segment terms with a memory bank of ``memory`` batches, SGD; the
     released VOC batch is 4) and its pseudo-label per image (embedding, classifier, random walk
@@ -717,14 +879,21 @@ def _timed_stage(data: dict[str, Any], stage: str, label: str) -> dict[str, Any]
     wall = time.perf_counter() - t0
     manifest = run.store(stage).read_manifest()
     n, seconds = manifest["timings"]["last_run_images"], manifest["timings"]["last_run_s"]
-    return {"case": label, "images": n, "seconds": seconds, "images_per_s": round(n / seconds, 3),
-            "s_per_image": round(seconds / n, 4), "wall_s_with_startup": round(wall, 1),
-            "processes": len(manifest.get("ran_on", []))}
+    return {
+        "case": label,
+        "images": n,
+        "seconds": seconds,
+        "images_per_s": round(n / seconds, 3),
+        "s_per_image": round(seconds / n, 4),
+        "wall_s_with_startup": round(wall, 1),
+        "processes": len(manifest.get("ran_on", [])),
+    }
 
 
 @bench("scale_out")
-def bench_scale_out(case: Case, stage: str = "crf", workers: tuple[int, ...] = (1, 2), shard_size: int = 1,
-                    **_: Any) -> list[dict[str, Any]]:
+def bench_scale_out(
+    case: Case, stage: str = "crf", workers: tuple[int, ...] = (1, 2), shard_size: int = 1, **_: Any
+) -> list[dict[str, Any]]:
     """Images/s of one per-image stage (``stage``: crf, graph, a2gnn, box_seeds, ...) on
     ``case.images`` demo images at the case size, in one run: the local engine with a process
     pool of each ``workers`` count (1: in the process), then Prefect's Dask task runner on a
@@ -734,21 +903,45 @@ def bench_scale_out(case: Case, stage: str = "crf", workers: tuple[int, ...] = (
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="wsss-bench-") as tmp:
-        base = {"run": "bench", "output_root": tmp, "device": case.device, "engine": "local",
-                "shard_size": shard_size, **TINY_TRAINING,
-                "dataset": {"kind": "demo", "num_train": case.images, "num_val": 1, "height": case.height,
-                            "width": case.width}}
+        base = {
+            "run": "bench",
+            "output_root": tmp,
+            "device": case.device,
+            "engine": "local",
+            "shard_size": shard_size,
+            **TINY_TRAINING,
+            "dataset": {
+                "kind": "demo",
+                "num_train": case.images,
+                "num_val": 1,
+                "height": case.height,
+                "width": case.width,
+            },
+        }
         from .config import config_from_dict
         from .runner import make_run, run_local
 
         run = make_run(config_from_dict(base, "<bench>"))
         if stage not in run.names or not run.spec(stage).per_image:
-            raise ValueError(f"scale_out: '{stage}' is not a per-image stage of the demo DAG "
-                             f"({', '.join(n for n in run.names if run.spec(n).per_image)})")
-        run_local(run, run.names[:run.names.index(stage)])
-        rows = [_timed_stage({**base, "workers": k}, stage,
-                             f"{stage}: local engine, " + ("in the process" if k == 1 else f"process pool of {k}"))
-                for k in workers]
-        rows += [_timed_stage({**base, "engine": "prefect", "task_runner": "dask", "dask": {"n_workers": k}}, stage,
-                              f"{stage}: Prefect + Dask, {k} worker process{'es' if k > 1 else ''}") for k in workers]
+            raise ValueError(
+                f"scale_out: '{stage}' is not a per-image stage of the demo DAG "
+                f"({', '.join(n for n in run.names if run.spec(n).per_image)})"
+            )
+        run_local(run, run.names[: run.names.index(stage)])
+        rows = [
+            _timed_stage(
+                {**base, "workers": k},
+                stage,
+                f"{stage}: local engine, " + ("in the process" if k == 1 else f"process pool of {k}"),
+            )
+            for k in workers
+        ]
+        rows += [
+            _timed_stage(
+                {**base, "engine": "prefect", "task_runner": "dask", "dask": {"n_workers": k}},
+                stage,
+                f"{stage}: Prefect + Dask, {k} worker process{'es' if k > 1 else ''}",
+            )
+            for k in workers
+        ]
     return rows

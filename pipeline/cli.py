@@ -1,15 +1,17 @@
 """``wsss``: run, resume and look inside the pipeline.
 
-    wsss run CONFIG [--from S] [--until S] [--only S] [--force S] [--set key=value]
-    wsss status CONFIG            a table: stage, fingerprint, done/total, failed, time, metrics
-    wsss inspect CONFIG IMAGE_ID  one PNG panel: image, GT, weak labels, every stage's labels, graph edges
-    wsss eval CONFIG --stage S    per-class IoU, mIoU, coverage, precision of one stage
-    wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, tags) from GT
-    wsss export CONFIG --out DIR  a stage's labels as palette PNGs (mmseg layout) or COCO JSON
-    wsss predict CONFIG --images DIR --out DIR   the trained model on new images
-    wsss demo [--all]             the main flow (or every branch) on the built-in synthetic data
-    wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, blpseg_train, rrm_train, scale_out)
+wsss run CONFIG [--from S] [--until S] [--only S] [--force S] [--set key=value]
+wsss status CONFIG            a table: stage, fingerprint, done/total, failed, time, metrics
+wsss inspect CONFIG IMAGE_ID  one PNG panel: image, GT, weak labels, every stage's labels, graph edges
+wsss eval CONFIG --stage S    per-class IoU, mIoU, coverage, precision of one stage
+wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, tags) from GT
+wsss export CONFIG --out DIR  a stage's labels as palette PNGs (mmseg layout) or COCO JSON
+wsss predict CONFIG --images DIR --out DIR   the trained model on new images
+wsss demo [--all]             the main flow (or every branch) on the built-in synthetic data
+wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train,
+                              random_walk, a2gnn, final_train, dfr_train, blpseg_train, rrm_train, scale_out)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +21,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import typer
@@ -31,8 +33,12 @@ from stages.base import DataError
 
 from .config import ConfigError, load_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Weak labels (tags, boxes, scribbles, points) -> pixel pseudo-labels -> segmenter.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Weak labels (tags, boxes, scribbles, points) -> pixel pseudo-labels -> segmenter.",
+)
 # Piped output (CI logs, `| tee`) gets a wide table instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 150)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
@@ -49,8 +55,12 @@ DEMO_ALL = DEMO_MAIN + [DEMO_CONFIG.with_name(f"demo_{name}.yaml") for name in (
 def _setup_logging(verbose: bool = False) -> None:
     # Prefect reads this when it is first imported (by the flow, after this point).
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)], force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
     for noisy in ("httpx", "prefect", "uvicorn", "alembic", "aiosqlite"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -60,7 +70,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _make_run(config: Optional[Path], overrides: Optional[list[str]]):
+def _make_run(config: Path | None, overrides: list[str] | None):
     from .runner import make_run
 
     try:
@@ -76,7 +86,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def status_table(run) -> Table:
     from .store import StageStore
 
-    table = Table(title=f"run '{run.config.run}' ({run.config.supervision} supervision, {run.dataset.name})")
+    table = Table(title=f"run '{run.config.run}' ({run.config.labels} -> {run.config.method}, {run.dataset.name})")
     for col in ("stage", "fingerprint", "status", "done/total", "failed", "time s", "mIoU", "coverage", "precision"):
         table.add_column(col, justify="left" if col in ("stage", "fingerprint", "status") else "right")
     for name in run.names:
@@ -88,12 +98,29 @@ def status_table(run) -> Table:
         c, met = m.get("counts", {}), m.get("metrics", {})
         damaged = store.damaged(m)
         state = f"damaged: {len(damaged)} file(s) missing or changed" if damaged else m.get("status", "?")
-        table.add_row(name, store.fingerprint, state, f"{c.get('done', 0)}/{c.get('total', 0)}",
-                      str(c.get("failed", 0)), _fmt(m.get("timings", {}).get("total_s"), 1), _fmt(met.get("miou")),
-                      _fmt(met.get("coverage")), _fmt(met.get("precision")))
+        table.add_row(
+            name,
+            store.fingerprint,
+            state,
+            f"{c.get('done', 0)}/{c.get('total', 0)}",
+            str(c.get("failed", 0)),
+            _fmt(m.get("timings", {}).get("total_s"), 1),
+            _fmt(met.get("miou")),
+            _fmt(met.get("coverage")),
+            _fmt(met.get("precision")),
+        )
         for label, sub in extra_rows(met):
-            table.add_row(f"  {label}", "", "", "", "", "", _fmt(sub.get("miou")), _fmt(sub.get("coverage")),
-                          _fmt(sub.get("precision")))
+            table.add_row(
+                f"  {label}",
+                "",
+                "",
+                "",
+                "",
+                "",
+                _fmt(sub.get("miou")),
+                _fmt(sub.get("coverage")),
+                _fmt(sub.get("precision")),
+            )
     return table
 
 
@@ -118,19 +145,24 @@ def _print_failures(run, most: int = 5) -> None:
         for image_id, msg in list(failures.items())[:most]:
             err_console.print(f"[yellow]{name}: {image_id} failed:[/] {msg}", highlight=False)
         if len(failures) > most:
-            err_console.print(f"[yellow]{name}: {len(failures) - most} more failed image(s)[/] (`wsss status` counts "
-                              f"them; {run.store(name).failed_dir} has each reason)", highlight=False)
+            err_console.print(
+                f"[yellow]{name}: {len(failures) - most} more failed image(s)[/] (`wsss status` counts "
+                f"them; {run.store(name).failed_dir} has each reason)",
+                highlight=False,
+            )
 
 
 @app.command()
-def run(config: Path = ConfigArg,
-        start: Optional[str] = typer.Option(None, "--from", help="Start at this stage (upstream must be cached)."),
-        until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage."),
-        only: Optional[list[str]] = typer.Option(None, "--only", help="Run just this stage (repeatable)."),
-        force: Optional[list[str]] = typer.Option(None, "--force", help="Recompute this stage and its downstream."),
-        overrides: Optional[list[str]] = SetOpt,
-        engine: Optional[str] = typer.Option(None, help="prefect (default) or local (no Prefect server)."),
-        verbose: bool = typer.Option(False, "-v", "--verbose")) -> None:
+def run(
+    config: Path = ConfigArg,
+    start: str | None = typer.Option(None, "--from", help="Start at this stage (upstream must be cached)."),
+    until: str | None = typer.Option(None, "--until", help="Stop after this stage."),
+    only: list[str] | None = typer.Option(None, "--only", help="Run just this stage (repeatable)."),
+    force: list[str] | None = typer.Option(None, "--force", help="Recompute this stage and its downstream."),
+    overrides: list[str] | None = SetOpt,
+    engine: str | None = typer.Option(None, help="prefect (default) or local (no Prefect server)."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+) -> None:
     """Run the DAG for CONFIG; cached stages are skipped, interrupted ones resume."""
     _setup_logging(verbose)
     the_run = _make_run(config, (overrides or []) + ([f"engine={engine}"] if engine else []))
@@ -162,7 +194,7 @@ def execute(the_run, only=None, start=None, until=None, force=None) -> None:
         console.print(status_table(the_run))
         _print_failures(the_run)
         err_console.print(f"[bold red]error:[/] {err}", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     except (ConfigError, DataError, PipelineError) as err:
         _fail(str(err))
     console.print(status_table(the_run))
@@ -171,12 +203,14 @@ def execute(the_run, only=None, start=None, until=None, force=None) -> None:
 
 
 @app.command()
-def export(config: Path = ConfigArg,
-           stage: str = typer.Option("crf", "--stage", help="The stage whose labels to export."),
-           out: Path = typer.Option(..., "--out", help="Folder to write (created)."),
-           fmt: str = typer.Option("png", "--format", help="png (an mmseg-ready folder) or coco (RLE JSON)."),
-           soft: bool = typer.Option(False, "--soft", help="Also write the probability maps (soft stages)."),
-           overrides: Optional[list[str]] = SetOpt) -> None:
+def export(
+    config: Path = ConfigArg,
+    stage: str = typer.Option("crf", "--stage", help="The stage whose labels to export."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (created)."),
+    fmt: str = typer.Option("png", "--format", help="png (an mmseg-ready folder) or coco (RLE JSON)."),
+    soft: bool = typer.Option(False, "--soft", help="Also write the probability maps (soft stages)."),
+    overrides: list[str] | None = SetOpt,
+) -> None:
     """Write a stage's labels out of the artifact store, at each image's own size."""
     from .export import ExportError, export as export_stage
 
@@ -186,16 +220,20 @@ def export(config: Path = ConfigArg,
         summary = export_stage(the_run, stage, out, fmt, soft)
     except (ConfigError, DataError, ExportError) as err:
         _fail(str(err))
-    console.print(f"exported {summary['images']} {summary['split']} image(s) of {stage} "
-                  f"({summary['fingerprint']}) to {out}" + (f": {summary['coco_json']}" if "coco_json" in summary
-                                                              else ""), highlight=False)
+    console.print(
+        f"exported {summary['images']} {summary['split']} image(s) of {stage} "
+        f"({summary['fingerprint']}) to {out}" + (f": {summary['coco_json']}" if "coco_json" in summary else ""),
+        highlight=False,
+    )
 
 
 @app.command()
-def predict(config: Path = ConfigArg,
-            images: Path = typer.Option(..., "--images", help="Folder of images to label."),
-            out: Path = typer.Option(..., "--out", help="Folder for the label PNGs (created)."),
-            overrides: Optional[list[str]] = SetOpt) -> None:
+def predict(
+    config: Path = ConfigArg,
+    images: Path = typer.Option(..., "--images", help="Folder of images to label."),
+    out: Path = typer.Option(..., "--out", help="Folder for the label PNGs (created)."),
+    overrides: list[str] | None = SetOpt,
+) -> None:
     """The run's trained model (final_train, or dfr_train) on new images: one palette PNG each."""
     from .predict import PredictError, predict as predict_images
 
@@ -205,17 +243,22 @@ def predict(config: Path = ConfigArg,
         summary = predict_images(the_run, images, out)
     except (ConfigError, PredictError) as err:
         _fail(str(err))
-    console.print(f"{summary['written']} label PNG(s) in {out} ({summary['model']} {summary['fingerprint']})"
-                  + (f"; {len(summary['failed'])} image(s) failed" if summary["failed"] else ""), highlight=False)
+    console.print(
+        f"{summary['written']} label PNG(s) in {out} ({summary['model']} {summary['fingerprint']})"
+        + (f"; {len(summary['failed'])} image(s) failed" if summary["failed"] else ""),
+        highlight=False,
+    )
 
 
 @app.command()
-def status(config: Path = ConfigArg, overrides: Optional[list[str]] = SetOpt) -> None:
+def status(config: Path = ConfigArg, overrides: list[str] | None = SetOpt) -> None:
     """A table of every stage: fingerprint, done/total, failures, time and metrics."""
     the_run = _make_run(config, overrides)
     if not the_run.run_dir.is_dir():
-        _fail(f"no run folder at {the_run.run_dir.resolve()} (output_root '{the_run.config.output_root}' is relative "
-              f"to the folder you run wsss from: {Path.cwd()}); nothing has run for this config there")
+        _fail(
+            f"no run folder at {the_run.run_dir.resolve()} (output_root '{the_run.config.output_root}' is relative "
+            f"to the folder you run wsss from: {Path.cwd()}); nothing has run for this config there"
+        )
     console.print(status_table(the_run))
     _print_failures(the_run)
     _print_loss_curves(the_run)
@@ -232,10 +275,14 @@ def _print_loss_curves(run) -> None:
 
 
 @app.command("eval")
-def eval_cmd(config: Path = ConfigArg, stage: str = typer.Option(..., "--stage", help="Stage to score."),
-             map_name: Optional[str] = typer.Option(None, "--map", help="One of the stage's extra maps (seeds: "
-                                                    "M_I, M_I_reliable, M_F, affinity)."),
-             overrides: Optional[list[str]] = SetOpt) -> None:
+def eval_cmd(
+    config: Path = ConfigArg,
+    stage: str = typer.Option(..., "--stage", help="Stage to score."),
+    map_name: str | None = typer.Option(
+        None, "--map", help="One of the stage's extra maps (seeds: M_I, M_I_reliable, M_F, affinity)."
+    ),
+    overrides: list[str] | None = SetOpt,
+) -> None:
     """Per-class IoU, mIoU, coverage and precision of one stage's labels against GT."""
     from .runner import evaluate_store
 
@@ -244,7 +291,9 @@ def eval_cmd(config: Path = ConfigArg, stage: str = typer.Option(..., "--stage",
         spec = the_run.spec(stage)
         known = spec.variants(the_run.config)
         if map_name is not None and map_name not in known:
-            raise ConfigError(f"stage '{stage}' has no map '{map_name}' in this run (maps: {', '.join(known) or 'none'})")
+            raise ConfigError(
+                f"stage '{stage}' has no map '{map_name}' in this run (maps: {', '.join(known) or 'none'})"
+            )
         metrics = evaluate_store(the_run, stage, map_name)
     except (ConfigError, DataError) as err:
         _fail(str(err))
@@ -254,9 +303,12 @@ def eval_cmd(config: Path = ConfigArg, stage: str = typer.Option(..., "--stage",
     damaged, manifest = store.damaged(), store.read_manifest() or {}
     if damaged or manifest.get("status") != "complete":
         state = "damaged" if damaged else manifest.get("status", "not run")
-        err_console.print(f"[yellow]warning:[/] {stage} is {state}"
-                          f"{f' ({len(damaged)} file(s) missing or changed)' if damaged else ''}: these scores cover "
-                          f"the {metrics['images']} images it has; run it again to complete it", highlight=False)
+        err_console.print(
+            f"[yellow]warning:[/] {stage} is {state}"
+            f"{f' ({len(damaged)} file(s) missing or changed)' if damaged else ''}: these scores cover "
+            f"the {metrics['images']} images it has; run it again to complete it",
+            highlight=False,
+        )
     table = Table(title=f"{stage}{'' if map_name is None else '/' + map_name}: {metrics['images']} images")
     table.add_column("class")
     table.add_column("IoU", justify="right")
@@ -268,11 +320,15 @@ def eval_cmd(config: Path = ConfigArg, stage: str = typer.Option(..., "--stage",
 
 
 @app.command()
-def inspect(config: Path = ConfigArg, image_id: str = typer.Argument(..., help="Image id, e.g. train_0003."),
-            out: Optional[Path] = typer.Option(None, help="Output PNG (default artifacts/<run>/inspect/<id>.png)."),
-            pixel: Optional[str] = typer.Option(None, help="X,Y of the pixel whose graph edges to show "
-                                                           "(default: the image centre)."),
-            overrides: Optional[list[str]] = SetOpt) -> None:
+def inspect(
+    config: Path = ConfigArg,
+    image_id: str = typer.Argument(..., help="Image id, e.g. train_0003."),
+    out: Path | None = typer.Option(None, help="Output PNG (default artifacts/<run>/inspect/<id>.png)."),
+    pixel: str | None = typer.Option(
+        None, help="X,Y of the pixel whose graph edges to show (default: the image centre)."
+    ),
+    overrides: list[str] | None = SetOpt,
+) -> None:
     """Write one PNG panel: image, GT, the weak labels, every stage's labels for IMAGE_ID and
     the graph edges of one pixel as a heat map; print its path."""
     from .visualize import inspect_panel
@@ -293,9 +349,12 @@ def inspect(config: Path = ConfigArg, image_id: str = typer.Argument(..., help="
 
 
 @app.command()
-def prepare(config: Path = ConfigArg, out: Path = typer.Option(..., "--out", help="Folder for the weak labels."),
-            split: str = typer.Option("all", help="train, val or all."),
-            overrides: Optional[list[str]] = SetOpt) -> None:
+def prepare(
+    config: Path = ConfigArg,
+    out: Path = typer.Option(..., "--out", help="Folder for the weak labels."),
+    split: str = typer.Option("all", help="train, val or all."),
+    overrides: list[str] | None = SetOpt,
+) -> None:
     """Synthesize weak labels from GT masks (boxes.json, points.json, tags.json, scribbles/*.png)
     with the config's ``weak`` seed; point ``dataset.weak_dir`` at OUT to use them."""
     from .prepare import write_weak_labels
@@ -310,9 +369,11 @@ def prepare(config: Path = ConfigArg, out: Path = typer.Option(..., "--out", hel
 
 
 @app.command()
-def demo(overrides: Optional[list[str]] = SetOpt,
-         engine: Optional[str] = typer.Option(None, help="prefect (default) or local."),
-         all_branches: bool = typer.Option(False, "--all", help="Every branch, not only the main flow.")) -> None:
+def demo(
+    overrides: list[str] | None = SetOpt,
+    engine: str | None = typer.Option(None, help="prefect (default) or local."),
+    all_branches: bool = typer.Option(False, "--all", help="Every branch, not only the main flow."),
+) -> None:
     """Run the main flow on the built-in synthetic data and print its quality ladders:
     configs/demo.yaml (boxes, the A²GNN pipeline to the final model and its instances) and
     configs/demo_dfr.yaml (the single-stage DFR branch on scribbles). ``--all`` adds SPML
@@ -320,7 +381,7 @@ def demo(overrides: Optional[list[str]] = SetOpt,
     configs/demo_fewshot.yaml (the few-shot task). ``--set`` applies to the first."""
     _setup_logging()
     extra = [f"engine={engine}"] if engine else []
-    main_flow = [] if all_branches else ["spml_train.enabled=false"]
+    main_flow = [] if all_branches else ["method=a2gnn"]
     runs = [_make_run(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, main_flow + (overrides or []) + extra)]
     runs += [_make_run(path, extra) for path in (DEMO_ALL if all_branches else DEMO_MAIN) if path.is_file()]
     for the_run in runs:
@@ -330,8 +391,10 @@ def demo(overrides: Optional[list[str]] = SetOpt,
 
 
 def _print_ladder(the_run) -> None:
-    console.print(f"[bold]quality ladder[/] of '{the_run.config.run}' ({the_run.config.supervision}; mIoU: "
-                  "pseudo-labels on the train split, trained models on val; seeds count unlabeled pixels as misses)")
+    console.print(
+        f"[bold]quality ladder[/] of '{the_run.config.run}' ({the_run.config.labels} -> {the_run.config.method}; mIoU: "
+        "pseudo-labels on the train split, trained models on val; seeds count unlabeled pixels as misses)"
+    )
     for name in the_run.names:
         m = (the_run.store(name).read_manifest() or {}).get("metrics", {})
         split = the_run.spec(name).split
@@ -341,20 +404,28 @@ def _print_ladder(the_run) -> None:
             console.print(f"  {label:<34} {aps}   ({m['gt_objects']} GT objects)", highlight=False)
         for key in [k for k in m if k.endswith("shot")]:
             base = m.get(f"{key}_prototype", {})
-            console.print(f"  {label + ' ' + key:<34} class mIoU {_fmt(m[key]['miou'])}   FB-IoU {_fmt(m[key]['fb_iou'])}"
-                          f"   (prototype baseline {_fmt(base.get('miou'))} / {_fmt(base.get('fb_iou'))})", highlight=False)
+            console.print(
+                f"  {label + ' ' + key:<34} class mIoU {_fmt(m[key]['miou'])}   FB-IoU {_fmt(m[key]['fb_iou'])}"
+                f"   (prototype baseline {_fmt(base.get('miou'))} / {_fmt(base.get('fb_iou'))})",
+                highlight=False,
+            )
         if "miou" in m:
             rows = [(label, m)] + [(f"  {sub_label}", sub) for sub_label, sub in extra_rows(m)]
             for row_label, sub in rows:
                 lost = f"   [bold yellow]no {', '.join(sub['lost'])} pixel![/]" if sub.get("lost") else ""
-                console.print(f"  {row_label:<34} mIoU {_fmt(sub.get('miou'))}   coverage {_fmt(sub.get('coverage'))}   "
-                              f"precision {_fmt(sub.get('precision'))}{lost}", highlight=False)
+                console.print(
+                    f"  {row_label:<34} mIoU {_fmt(sub.get('miou'))}   coverage {_fmt(sub.get('coverage'))}   "
+                    f"precision {_fmt(sub.get('precision'))}{lost}",
+                    highlight=False,
+                )
         for figure, value, baseline, base_value in baseline_pairs(the_run, name, m):
             if value > base_value:
                 continue
             why = the_run.config.notes.get(name, "no note in the config's `notes` says why")
-            console.print(f"    [yellow]{figure} {_fmt(value)} is not above {baseline} {_fmt(base_value)}:[/] {why}",
-                          highlight=False)
+            console.print(
+                f"    [yellow]{figure} {_fmt(value)} is not above {baseline} {_fmt(base_value)}:[/] {why}",
+                highlight=False,
+            )
 
 
 def baseline_pairs(the_run, name: str, metrics: dict[str, Any]) -> list[tuple[str, float, str, float]]:
@@ -364,8 +435,13 @@ def baseline_pairs(the_run, name: str, metrics: dict[str, Any]) -> list[tuple[st
     the prototype-only baseline."""
     pairs = []
     if name == "crf" and "miou" in metrics and "box_seeds" in the_run.names:
-        filled = ((the_run.store("box_seeds").read_manifest() or {}).get("metrics", {}).get("maps", {})
-                  .get("grabcut_filled", {}).get("miou"))
+        filled = (
+            (the_run.store("box_seeds").read_manifest() or {})
+            .get("metrics", {})
+            .get("maps", {})
+            .get("grabcut_filled", {})
+            .get("miou")
+        )
         if filled is not None:
             pairs.append(("crf", metrics["miou"], "GrabCut filled", filled))
     if "cam_crf" in metrics.get("maps", {}) and "miou" in metrics:
@@ -378,13 +454,19 @@ def baseline_pairs(the_run, name: str, metrics: dict[str, Any]) -> list[tuple[st
 
 
 @app.command("bench")
-def bench_cmd(name: str = typer.Argument(..., help="What to measure: cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, blpseg_train, rrm_train, scale_out."),
-              device: str = typer.Option("auto", help="auto, cpu or cuda."),
-              size: str = typer.Option("500x375", help="Image WIDTHxHEIGHT (VOC-typical default)."),
-              images: int = typer.Option(8, help="Images per case."),
-              threads: int = typer.Option(0, help="torch/OpenCV threads (0 = all cores)."),
-              options: Optional[list[str]] = typer.Option(None, "--opt", help="Case option KEY=VALUE, e.g. depth=101."),
-              json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON.")) -> None:
+def bench_cmd(
+    name: str = typer.Argument(
+        ...,
+        help="What to measure: cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, blpseg_train, "
+        "rrm_train, scale_out.",
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    size: str = typer.Option("500x375", help="Image WIDTHxHEIGHT (VOC-typical default)."),
+    images: int = typer.Option(8, help="Images per case."),
+    threads: int = typer.Option(0, help="torch/OpenCV threads (0 = all cores)."),
+    options: list[str] | None = typer.Option(None, "--opt", help="Case option KEY=VALUE, e.g. depth=101."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON."),
+) -> None:
     """Images per second and peak memory of one stage's work; prints a table."""
     import yaml
 
@@ -425,8 +507,9 @@ def _stop(signum: int, frame: Any) -> None:
     temporary server) and exit 130 / 143 at once. Every finished item, checkpoint and
     manifest is on disk (atomic writes); a write cut short is a temp file the next run removes."""
     try:
-        err_console.print(f"{'interrupted' if signum == signal.SIGINT else 'stopped'}; run again to resume",
-                          highlight=False)
+        err_console.print(
+            f"{'interrupted' if signum == signal.SIGINT else 'stopped'}; run again to resume", highlight=False
+        )
         from .runner import stop_workers
 
         stop_workers()

@@ -22,13 +22,15 @@ on its workers (one shard per worker thread). The cluster is either an existing 
   temp file and renamed); Dask runs the shard again elsewhere, or the run stops and the next
   run computes only the images without an item.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from .config import Config
 from .runner import PipelineError
@@ -84,16 +86,20 @@ def check_workers(client: Any, config: Config) -> None:
     bad = {worker: problems for worker, problems in answers.items() if problems}
     if bad:
         lines = "; ".join(f"{worker}: {', '.join(problems)}" for worker, problems in sorted(bad.items()))
-        raise PipelineError(f"task_runner dask: {len(bad)} of {len(answers)} workers cannot use the run's files "
-                            f"(the dataset and output_root must be on a filesystem every worker shares, at the "
-                            f"same paths): {lines}")
+        raise PipelineError(
+            f"task_runner dask: {len(bad)} of {len(answers)} workers cannot use the run's files "
+            f"(the dataset and output_root must be on a filesystem every worker shares, at the "
+            f"same paths): {lines}"
+        )
     wanted = config.dask.resources
     if wanted:
         offered = [w.get("resources", {}) for w in client.scheduler_info(n_workers=-1)["workers"].values()]
         if not any(all(r.get(k, 0) >= v for k, v in wanted.items()) for r in offered):
-            raise PipelineError(f"task_runner dask: the training stages ask for resources {dict(wanted)}, which no "
-                                f"worker offers (start one with `dask worker ADDRESS --resources "
-                                f"{','.join(f'{k}={v:g}' for k, v in wanted.items())}`), or drop dask.resources")
+            raise PipelineError(
+                f"task_runner dask: the training stages ask for resources {dict(wanted)}, which no "
+                f"worker offers (start one with `dask worker ADDRESS --resources "
+                f"{','.join(f'{k}={v:g}' for k, v in wanted.items())}`), or drop dask.resources"
+            )
 
 
 @contextlib.contextmanager
@@ -108,17 +114,25 @@ def dask_task_runner(config: Config) -> Iterator[Any]:
         if d.address:
             address = d.address
         else:
-            cluster = stack.enter_context(LocalCluster(
-                n_workers=d.n_workers, threads_per_worker=d.threads_per_worker, processes=True,
-                resources=dict(d.resources) or None, dashboard_address=None,
-                env={"OMP_NUM_THREADS": str(local_threads(config))}))
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=d.n_workers,
+                    threads_per_worker=d.threads_per_worker,
+                    processes=True,
+                    resources=dict(d.resources) or None,
+                    dashboard_address=None,
+                    env={"OMP_NUM_THREADS": str(local_threads(config))},
+                )
+            )
             address = cluster.scheduler_address
         try:
             client = stack.enter_context(Client(address, timeout=d.connect_timeout, set_as_default=False))
             client.wait_for_workers(1, timeout=d.connect_timeout)
         except (OSError, TimeoutError) as err:
-            raise PipelineError(f"task_runner dask: no worker at the scheduler {address} within "
-                                f"{d.connect_timeout:g} s ({type(err).__name__}: {err})") from None
+            raise PipelineError(
+                f"task_runner dask: no worker at the scheduler {address} within "
+                f"{d.connect_timeout:g} s ({type(err).__name__}: {err})"
+            ) from None
         check_workers(client, config)
         yield DaskTaskRunner(address=address)
 

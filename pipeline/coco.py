@@ -6,6 +6,7 @@ order of their ids (0 is background). Annotations that cannot be used (unknown c
 no box, empty segmentation) are reported once each, with the file and the annotation id,
 and left out; the rest of the image and the run go on.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,8 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -77,8 +79,11 @@ def parse(path: Path) -> CocoIndex:
         raise DataError(path, "COCO JSON not found") from None
     except ValueError as err:
         raise DataError(path, f"malformed JSON ({err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or \
-            not isinstance(data.get("categories"), list):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("categories"), list)
+    ):
         raise DataError(path, "not a COCO instances file (needs 'images' and 'categories' lists)")
     try:
         categories = sorted((int(c["id"]), str(c["name"])) for c in data["categories"])
@@ -96,8 +101,12 @@ def parse(path: Path) -> CocoIndex:
             coco_id = int(entry["id"])
             image = CocoImage(str(entry["file_name"]), int(entry["width"]), int(entry["height"]), coco_id)
         except (KeyError, TypeError, ValueError) as err:
-            log.warning("%s: image entry %s skipped: %s", path, entry.get("id", "?") if isinstance(entry, dict) else
-                        "?", err if isinstance(err, ValueError) else f"missing or bad field {err}")
+            log.warning(
+                "%s: image entry %s skipped: %s",
+                path,
+                entry.get("id", "?") if isinstance(entry, dict) else "?",
+                err if isinstance(err, ValueError) else f"missing or bad field {err}",
+            )
             continue
         if stem in images:
             raise DataError(path, f"two images have the file stem '{stem}' (ids must be unique)")
@@ -106,8 +115,12 @@ def parse(path: Path) -> CocoIndex:
         ann_id = ann.get("id", "?") if isinstance(ann, dict) else "?"
         image = by_coco_id.get(ann.get("image_id")) if isinstance(ann, dict) else None
         if image is None:
-            log.warning("%s: annotation %s skipped: no image with id %s", path, ann_id,
-                        ann.get("image_id") if isinstance(ann, dict) else "?")
+            log.warning(
+                "%s: annotation %s skipped: no image with id %s",
+                path,
+                ann_id,
+                ann.get("image_id") if isinstance(ann, dict) else "?",
+            )
             continue
         cls = class_of.get(ann.get("category_id"))
         if cls is None:
@@ -128,13 +141,18 @@ def parse(path: Path) -> CocoIndex:
         if seg is None and not crowd:
             image.unsegmented = True
             unsegmented.append((ann_id, image.file_name))
-        image.annotations.append(Annotation(int(ann_id) if str(ann_id).lstrip("-").isdigit() else -1, cls,
-                                            (x, y, w, h), seg, crowd))
+        image.annotations.append(
+            Annotation(int(ann_id) if str(ann_id).lstrip("-").isdigit() else -1, cls, (x, y, w, h), seg, crowd)
+        )
     index = CocoIndex(categories, images)
     if index.has_masks():  # a boxes-only file has no GT at all, not one warning per box
         for ann_id, name in unsegmented[:10]:
-            log.warning("%s: annotation %s (image %s) has no segmentation: its box is used, its pixels are "
-                        "ignored in the GT", path, ann_id, name)
+            log.warning(
+                "%s: annotation %s (image %s) has no segmentation: its box is used, its pixels are ignored in the GT",
+                path,
+                ann_id,
+                name,
+            )
         if len(unsegmented) > 10:
             log.warning("%s: %d more annotations without a segmentation", path, len(unsegmented) - 10)
     return index
@@ -182,7 +200,7 @@ def rasterize(image: CocoImage) -> tuple[np.ndarray, np.ndarray]:
         if a.segmentation is None:
             if not a.crowd:
                 x0, y0, x1, y1 = box_window(a.bbox)
-                unknown[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
+                unknown[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
             continue
         mask = decode(a.segmentation, h, w)
         if a.crowd:
@@ -213,8 +231,11 @@ def points_by_image(data: Any, index: CocoIndex, path: Path) -> dict[str, list[t
                 x, y = (float(v) for v in ann["point"])
                 out.setdefault(stem, []).append((x, y, ("category", int(ann["category_id"]))))
             except (KeyError, TypeError, ValueError):
-                log.warning("%s: point annotation %s skipped: needs a known image_id, category_id and point [x, y]",
-                            path, ann.get("id", "?") if isinstance(ann, dict) else "?")
+                log.warning(
+                    "%s: point annotation %s skipped: needs a known image_id, category_id and point [x, y]",
+                    path,
+                    ann.get("id", "?") if isinstance(ann, dict) else "?",
+                )
         return out
     if not isinstance(data, dict):
         raise DataError(path, "a points file is {image id: [{x, y, cls}]} or COCO-style with 'annotations'")

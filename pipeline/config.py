@@ -4,20 +4,28 @@ Every section forbids unknown keys, so a typo is an error that names the key and
 file. Each stage reads only its own section (its *config slice*); the slice is part of the
 stage's fingerprint, so changing it recomputes that stage and everything downstream.
 """
+
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from models.params import CrfParams, DfrTerms
-from models.types import Supervision
 from stages.base import safe_name
-
+from stages.methods import LABEL_KINDS, METHODS, OLD_SUPERVISION, check_pair
 
 
 class ConfigError(ValueError):
@@ -107,7 +115,7 @@ class CocoDataset(DatasetSection):
     limit: PositiveInt | None = None
 
 
-DatasetConfig = Annotated[Union[DemoDataset, MasksDataset, VocDataset, CocoDataset], Field(discriminator="kind")]
+DatasetConfig = Annotated[DemoDataset | MasksDataset | VocDataset | CocoDataset, Field(discriminator="kind")]
 
 
 class WeakConfig(Section):
@@ -262,8 +270,10 @@ class RandomWalkConfig(Section):
     keep_seeds: bool = True
 
 
-A2GNN_RELEASED = {"box": {"epochs": 150, "lr": 0.035, "reg_weight": 0.01},
-                  "other": {"epochs": 50, "lr": 0.03, "reg_weight": 0.3}}
+A2GNN_RELEASED = {
+    "box": {"epochs": 150, "lr": 0.035, "reg_weight": 0.01},
+    "other": {"epochs": 50, "lr": 0.03, "reg_weight": 0.3},
+}
 """The released A²GNN schedules (``train_infer_A2GNN_{box,others}.py``): epochs per phase, lr, lambda_1."""
 
 
@@ -281,8 +291,9 @@ class A2gnnConfig(Section):
     ``keep_seeds``: the pixels still seeds after the consistency check keep their label and
     A²GNN fills the rest (:func:`models.transductive.keep_seeds`; not the thesis; the horses
     config turns it on, README); ``seed_weight`` w: those pixels get ``w onehot + (1 - w) P``
-    (1: hard; from 0.5 the seed still wins the argmax and the CRF keeps A²GNN's confidence). ``box_constraint`` (boxes): a class keeps probability only inside its own boxes
-    (:func:`models.boxes.restrict_to_boxes`; not in the thesis, which applies the box prior to the seeds only;
+    (1: hard; from 0.5 the seed still wins the argmax and the CRF keeps A²GNN's confidence). ``box_constraint``
+    (boxes): a class keeps probability only inside its own boxes (:func:`models.boxes.restrict_to_boxes`; not
+    in the thesis, which applies the box prior to the seeds only;
     measured gain on horses and CamVid, README).
     """
 
@@ -400,7 +411,7 @@ class DfrTrainConfig(DfrTerms, Section):
     AdamW (lr 3e-5, weight decay 0.01 of Sect. 4.2; none on norms, biases and position
     tables), linear warm-up of ``warmup_iterations`` from ``warmup_ratio`` x lr, then poly
     decay (power 1, mmseg); random rescale in ``scale_range``, flip, photometric distortion,
-    ``crop``; mixed precision on CUDA. ``labels``: ``scribble`` (or ``point``) weak labels.
+    ``crop``; mixed precision on CUDA. It trains on the run's ``labels`` (scribble or point).
     """
 
     backbone: SwinArch = "swin_t"
@@ -408,7 +419,6 @@ class DfrTrainConfig(DfrTerms, Section):
     fusion_stages: list[Annotated[int, Field(ge=1, le=4)]] = [1, 2, 3, 4]
     channels: PositiveInt = 512
     feature_dim: PositiveInt = 128
-    labels: Literal["scribble", "point"] = "scribble"
     batch_size: PositiveInt = 16
     iterations: PositiveInt = 40000
     lr: PositiveFloat = 3e-5
@@ -461,7 +471,6 @@ class BlpsegTrainConfig(Section):
     normalize: Literal["printed", "released"] = "printed"
     self_training_from: Annotated[int, Field(ge=0)] | None = 10000
     self_training_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
-    labels: Literal["scribble", "point"] = "scribble"
     batch_size: PositiveInt = 10
     epochs: PositiveInt = 40
     iterations: PositiveInt | None = None
@@ -502,8 +511,9 @@ class RrmTrainConfig(SgdTrainConfig):
     switchable (``energy``, ``bcd``); ``ce``: L_ce as printed (Eq. 2.16, one CE over the reliable
     pixels) or as released (background and foreground CE averaged apart). Reliable labels online
     every step (Eq. 2.1-2.7): CAMs of the crop at ``cam_scales`` averaged, background
-    ``(1 - max)^gamma`` (4), dense CRF with ``crf`` (PSA's values, "[18]"), the top ``reliable_ratio`` (40%) of each class where the CRF
-    agrees; the CRFs of a batch run in ``crf_workers`` processes (0: one per core). The
+    ``(1 - max)^gamma`` (4), dense CRF with ``crf`` (PSA's values, "[18]"), the top ``reliable_ratio`` (40%) of
+    each class where the CRF agrees; the CRFs of a batch run in ``crf_workers`` processes (0: one per core).
+    The
     energy loss: sigma_d 100, sigma_r 15 (printed) on a square window of ``energy_radius`` at
     ``energy_scale`` x the crop (the released code's 0.5). ``cls_only_fraction``: the first
     share of the steps trains the classification branch alone (the released code: 0.3; the
@@ -544,8 +554,8 @@ class SpmlTrainConfig(SgdTrainConfig):
     """SPML's pixel embedding (Ke et al. ICLR 2021; defaults: the released VOC scripts,
     ``bashscripts/voc12``), trained on the ``seeds`` stage's labels (the semantic annotation: the
     scribbles / points / CAM seeds; unknown pixels unlabelled) with the pixel-to-segment loss of
-    :mod:`models.spml`. Off by default (``enabled``); on, ``spml`` labels the train split and the
-    ``crf`` stage reads it where ``crf.input`` is ``auto``. ResNet-``depth`` at output stride 8 +
+    :mod:`models.spml`. ``method: spml`` runs it beside the A²GNN pipeline; ``spml`` labels the
+    train split and the ``crf`` stage reads it where ``crf.input`` is ``auto``. ResNet-``depth`` at output stride 8 +
     PSP pooling into ``channels`` + 1x1 to ``dim`` (64). Segments: spherical k-means on a
     ``clusters`` x ``clusters`` start grid (6: 36 segments an image), ``kmeans_iterations`` (10),
     split by label and by SLIC regions (``superpixels``; SPML: HED + gPb-owt-ucm). Concentrations
@@ -557,7 +567,6 @@ class SpmlTrainConfig(SgdTrainConfig):
     5e-4, poly 0.9 after a 100-step linear warm-up, batch 4, crop 512, 30k steps; flip and
     rescale in ``scale_range`` (ours: the released range lives in its data code, not printed)."""
 
-    enabled: bool = False
     depth: Literal[18, 34, 50, 101] = 101
     channels: PositiveInt = 512
     dim: PositiveInt = 64
@@ -598,7 +607,7 @@ class SpmlConfig(Section):
 
 
 class FewshotTrainConfig(SgdTrainConfig):
-    """The few-shot task (``supervision: fewshot``; thesis Ch. 5, SCL): 1-shot episodes of the
+    """The few-shot method (``method: scl``; thesis Ch. 5, SCL): 1-shot episodes of the
     training classes on the train split. Classes: ``classes`` (null: every class but 0) shuffled
     by ``fold_seed`` and dealt into ``folds``; fold ``fold``'s classes are held out for the
     ``fewshot_eval`` episodes (val split), the rest train, with ``train_classes`` (never held
@@ -632,7 +641,7 @@ class FewshotTrainConfig(SgdTrainConfig):
     checkpoint_every: PositiveInt = 1000
 
     @model_validator(mode="after")
-    def _check_fold(self) -> "FewshotTrainConfig":
+    def _check_fold(self) -> FewshotTrainConfig:
         if self.fold >= self.folds:
             raise ValueError(f"fold {self.fold} is not one of the {self.folds} folds (0..{self.folds - 1})")
         return self
@@ -688,12 +697,15 @@ class DaskConfig(Section):
 
 
 class Config(Section):
-    """A whole run. Defaults are the built-in demo (box supervision on synthetic data)."""
+    """A whole run. Defaults are the built-in demo (boxes into the A²GNN pipeline on synthetic data).
+
+    ``labels``: what the user has (``box | scribble | point | tags | masks``; null: the
+    method's first); ``method``: what runs on them (:data:`stages.methods.METHODS`)."""
 
     run: str = "demo"
     output_root: str = "artifacts"
-    supervision: Supervision = Supervision.BOX
-    task: Literal["segmentation", "fewshot"] = "segmentation"  # fewshot: the same as supervision: fewshot
+    labels: Literal[LABEL_KINDS] | None = None  # type: ignore[valid-type]
+    method: str = "a2gnn"
     seed: int = 0
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     workers: Annotated[int, Field(ge=0)] = 0
@@ -742,27 +754,29 @@ class Config(Section):
         return safe_name(value, "run name")
 
     @model_validator(mode="after")
-    def _check_cam(self) -> "Config":
-        if self.supervision == Supervision.IMAGE and not self.cam.enabled:
-            raise ValueError("supervision 'image' needs CAMs: cam.enabled must be true")
+    def _resolve(self) -> Config:
+        """Check the (labels, method) pair and fill the defaults that follow from it, so the
+        saved ``config.yaml`` is what ran: the labels (the method's first kind), what the
+        random walk propagates (CAMs for tags and points with CAMs, else the seeds), the
+        affinity radius (4 for boxes, 5 otherwise, as released) and A²GNN's schedule
+        (:data:`A2GNN_RELEASED`), its box-only terms off for other labels, and edge lists
+        for the torch_geometric baselines."""
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown method {self.method!r} (known: {', '.join(METHODS.names())})")
+        if self.labels is None:
+            self.labels = METHODS.get(self.method).labels[0]
+        try:
+            check_pair(self.labels, self.method)
+        except ValueError as err:
+            raise ValueError(f"labels: {err}") from None
+        pipeline = "a2gnn" in METHODS.get(self.method).family()
+        if pipeline and self.labels == "tags" and not self.cam.enabled:
+            raise ValueError("labels 'tags' need CAMs: cam.enabled must be true")
         if self.random_walk.source == "cam" and not self.cam.enabled:
             raise ValueError("random_walk.source 'cam' needs CAMs: cam.enabled must be true")
-        return self
-
-    @model_validator(mode="after")
-    def _resolve(self) -> "Config":
-        """Fill the supervision-dependent defaults, so the saved ``config.yaml`` is what ran:
-        what the random walk propagates (CAMs for tags and points with CAMs, else the seeds),
-        the affinity radius (4 for boxes, 5 otherwise, as released) and A²GNN's schedule
-        (:data:`A2GNN_RELEASED`), its box-only terms off for other supervisions, and edge
-        lists for the torch_geometric baselines."""
-        if self.task == "fewshot" and self.supervision != Supervision.FEWSHOT:
-            self.supervision = Supervision.FEWSHOT
-        elif self.supervision == Supervision.FEWSHOT and self.task != "fewshot":
-            self.task = "fewshot"
-        box = self.supervision == Supervision.BOX
+        box = self.labels == "box"
         if self.random_walk.source == "auto":
-            tags_or_points = self.supervision in (Supervision.IMAGE, Supervision.POINT)
+            tags_or_points = pipeline and self.labels in ("tags", "point")
             self.random_walk.source = "cam" if tags_or_points and self.cam.enabled else "seeds"
         if self.affinity_train.radius is None:
             self.affinity_train.radius = 4 if box else 5
@@ -819,18 +833,46 @@ def _format_errors(err: ValidationError, source: str, overridden: dict[str, str]
         loc = ".".join(parts)
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         value = "" if e["type"] == "extra_forbidden" or not loc else f" (got {e.get('input')!r})"
-        loc = loc or "config"
         origin = f" (from --set {loc}={overridden[loc]})" if loc in overridden else ""
-        lines.append(f"{source}: {loc}: {msg}{value}{origin}")
+        lines.append(f"{source}: {loc}: {msg}{value}{origin}" if loc else f"{source}: {msg}")  # whole-config checks
     return "\n".join(lines)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<config>",
-                     overrides: list[str] | None = None) -> Config:
-    data = copy.deepcopy(data or {})
+# Keys that moved: (section or None for the top level, key) -> what to write instead.
+MOVED = {
+    (None, "task"): "method: scl (for task: fewshot)",
+    ("spml_train", "enabled"): "method: spml",
+    ("dfr_train", "labels"): "the top-level labels: (scribble or point)",
+    ("blpseg_train", "labels"): "the top-level labels: (scribble or point)",
+}
+
+
+def _check_moved_keys(data: dict[str, Any], source: str) -> None:
+    """One line for a key of an older config: what replaced it."""
+    if "supervision" in data:
+        old = data["supervision"]
+        instead = OLD_SUPERVISION.get(str(old), "labels: and method:")
+        raise ConfigError(
+            f"{source}: supervision: was split into labels: (what you have) and method: (what runs); "
+            f"for supervision: {old} write {instead}"
+        )
+    for (section, key), instead in MOVED.items():
+        node = data if section is None else data.get(section)
+        if isinstance(node, dict) and key in node:
+            where = key if section is None else f"{section}.{key}"
+            raise ConfigError(f"{source}: {where}: this key is gone; write {instead}")
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None) -> Config:
+    data = (
+        expand_bases(copy.deepcopy(data or {}), Path.cwd(), source)
+        if BASE_KEY in (data or {})
+        else copy.deepcopy(data or {})
+    )
     pairs = parse_overrides(overrides)
     for key, value in pairs:
         _set_dotted(data, key, value, f"{source} (--set {key}={value})")
+    _check_moved_keys(data, source)
     if isinstance(data.get("dataset"), dict):
         data["dataset"].setdefault("kind", "demo")
     try:
@@ -839,20 +881,68 @@ def config_from_dict(data: dict[str, Any], source: str = "<config>",
         raise ConfigError(_format_errors(err, source, dict(pairs))) from None
 
 
+BASE_KEY = "_base_"  # a config file (or a list of them) this one is written over
+DELETE_KEY = "_delete_"  # in a mapping: replace the base's mapping instead of merging into it
+
+
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, recursively; anything else
+    (lists included) replaces, as does a mapping with ``_delete_: true`` (mmseg's rule)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict):
+            start = out.get(key) if isinstance(out.get(key), dict) and not value.get(DELETE_KEY) else {}
+            out[key] = merge_config(start, {k: v for k, v in value.items() if k != DELETE_KEY})
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_mapping(path: Path, mentioned_by: str | None) -> dict[str, Any]:
+    where = f"{mentioned_by}: {BASE_KEY}: {path}" if mentioned_by else str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not a text (UTF-8) file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections at the top level")
+    return data
+
+
+def expand_bases(data: dict[str, Any], here: Path, source: str, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """``data`` with its ``_base_`` files (one path or a list, relative to the folder
+    ``here``) merged in order under it, each base expanded the same way first."""
+    bases = data.get(BASE_KEY, [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{source}: {BASE_KEY}: expected a file name or a list of them")
+    merged: dict[str, Any] = {}
+    for name in bases:
+        path = (here / name).resolve()
+        if path in chain:
+            raise ConfigError(
+                f"{source}: {BASE_KEY}: {name} includes itself (through {' -> '.join(p.name for p in chain)})"
+            )
+        base = _read_mapping(path, source)
+        merged = merge_config(merged, expand_bases(base, path.parent, str(path), chain + (path,)))
+    return merge_config(merged, {k: v for k, v in data.items() if k != BASE_KEY})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file stands for: its bases merged, its own keys on top."""
+    path = Path(path)
+    return expand_bases(_read_mapping(path, None), path.resolve().parent, str(path), (path.resolve(),))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (``None``: the built-in demo), apply overrides, validate."""
+    """Read a YAML config (``None``: the built-in demo) with its bases, apply overrides, validate."""
     if path is None:
         return config_from_dict({}, "<built-in demo>", overrides)
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return config_from_dict(data, str(path), overrides)
+    return config_from_dict(read_config_file(path), str(path), overrides)
 
 
 def dump_config(cfg: Config) -> str:

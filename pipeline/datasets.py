@@ -6,6 +6,7 @@ interface of :class:`stages.base.Dataset`. Bad files raise :class:`DataError` na
 file and the problem; the pipeline records the item as failed and goes on. A missing root
 or folder raises at construction, before any work starts.
 """
+
 from __future__ import annotations
 
 import abc
@@ -89,10 +90,19 @@ def scale_weak(weak: WeakLabels, scale: float, shape: tuple[int, int]) -> WeakLa
     """Weak labels of an image resized by ``scale`` to ``shape`` (h, w): boxes grow outward
     to whole pixels, points round, scribbles resize nearest."""
     h, w = shape
-    boxes = [Box(int(np.floor(b.x0 * scale)), int(np.floor(b.y0 * scale)), min(w, int(np.ceil(b.x1 * scale))),
-                 min(h, int(np.ceil(b.y1 * scale))), b.cls) for b in weak.boxes]
-    points = [Point(min(w - 1, int(round(p.x * scale))), min(h - 1, int(round(p.y * scale))), p.cls)
-              for p in weak.points]
+    boxes = [
+        Box(
+            int(np.floor(b.x0 * scale)),
+            int(np.floor(b.y0 * scale)),
+            min(w, int(np.ceil(b.x1 * scale))),
+            min(h, int(np.ceil(b.y1 * scale))),
+            b.cls,
+        )
+        for b in weak.boxes
+    ]
+    points = [
+        Point(min(w - 1, int(round(p.x * scale))), min(h - 1, int(round(p.y * scale))), p.cls) for p in weak.points
+    ]
     scribbles = None if weak.scribbles is None else cv2.resize(weak.scribbles, (w, h), interpolation=cv2.INTER_NEAREST)
     return WeakLabels(tags=list(weak.tags), boxes=boxes, scribbles=scribbles, points=points)
 
@@ -119,14 +129,18 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DataError(path, f"unreadable image ({err})") from None
 
 
-# The weak labels each supervision reads beyond the tags (every kind reads tags); a dataset
-# reads or synthesizes the others only when asked for everything (``supervision=None``).
+# The weak labels each label kind reads beyond the tags (every kind reads tags); a dataset
+# reads or synthesizes the others only when asked for everything (``labels=None``).
 # DFR and BLPSeg train on scribbles or points (their ``labels`` key); RRM reads the tags and
 # the few-shot task the masks.
 STROKES = frozenset({"points", "scribbles"})  # synthesized together (pipeline.weak.synthesize)
-WEAK_NEEDS: dict[str, frozenset[str]] = {"box": frozenset({"boxes"}), "image": frozenset(),
-                                         "point": frozenset({"points"}), "scribble": frozenset({"scribbles"}),
-                                         "dfr": STROKES, "blpseg": STROKES, "rrm": frozenset(), "fewshot": frozenset()}
+WEAK_NEEDS: dict[str, frozenset[str]] = {
+    "box": frozenset({"boxes"}),
+    "tags": frozenset(),
+    "masks": frozenset(),
+    "point": frozenset({"points"}),
+    "scribble": frozenset({"scribbles"}),
+}
 ALL_WEAK = frozenset({"boxes"}) | STROKES
 
 
@@ -134,9 +148,9 @@ class _Base(abc.ABC):
     name: str
     class_names: list[str]
 
-    def __init__(self, weak: WeakConfig, supervision: str | None = None) -> None:
+    def __init__(self, weak: WeakConfig, labels: str | None = None) -> None:
         self.weak_cfg = weak
-        self.needs = WEAK_NEEDS.get(supervision, ALL_WEAK) if supervision else ALL_WEAK
+        self.needs = WEAK_NEEDS.get(labels, ALL_WEAK) if labels else ALL_WEAK
 
     cfg: Any  # the dataset's config section (max_side, oversize, ...)
 
@@ -187,9 +201,12 @@ class _Base(abc.ABC):
         """:func:`working_size` of the image (None: used as it is)."""
         w, h = self._size(image_id)
         if max(w, h) > self.cfg.max_side and self.cfg.oversize == "fail":
-            raise DataError(self.image_path(image_id), f"image is {w}x{h}, above dataset.max_side "
-                                                       f"{self.cfg.max_side}; raise max_side or set dataset.oversize: "
-                                                       "downscale")
+            raise DataError(
+                self.image_path(image_id),
+                f"image is {w}x{h}, above dataset.max_side "
+                f"{self.cfg.max_side}; raise max_side or set dataset.oversize: "
+                "downscale",
+            )
         return working_size(w, h, self.cfg)
 
     def load_image(self, image_id: str) -> np.ndarray:
@@ -199,11 +216,19 @@ class _Base(abc.ABC):
             return image
         (h, w), shape = target[1], f"{image.shape[1]}x{image.shape[0]}"
         if target[0] < 1:
-            warn_once(self.image_path(image_id), "oversize", f"{self.image_path(image_id)}: image is {shape}, above "
-                      f"dataset.max_side {self.cfg.max_side}; working at {w}x{h}")
+            warn_once(
+                self.image_path(image_id),
+                "oversize",
+                f"{self.image_path(image_id)}: image is {shape}, above "
+                f"dataset.max_side {self.cfg.max_side}; working at {w}x{h}",
+            )
             return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-        warn_once(self.name, "upscale", f"{self.name}: images with a side below dataset.min_side {self.cfg.min_side} "
-                  f"are upscaled to work on (first: {Path(self.image_path(image_id)).name} {shape} -> {w}x{h})")
+        warn_once(
+            self.name,
+            "upscale",
+            f"{self.name}: images with a side below dataset.min_side {self.cfg.min_side} "
+            f"are upscaled to work on (first: {Path(self.image_path(image_id)).name} {shape} -> {w}x{h})",
+        )
         return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
 
     def _nearest(self, image_id: str, labels: np.ndarray | None) -> np.ndarray | None:
@@ -237,17 +262,26 @@ class _Base(abc.ABC):
 
     def _synthesize(self, image_id: str, semantic: np.ndarray, instance: np.ndarray | None, source: str) -> WeakLabels:
         w = self.weak_cfg
-        return synthesize(semantic, instance, image_rng(w.seed, image_id), w.min_object_area, w.scribble_coverage,
-                          w.scribble_length, w.scribble_background, w.background_points, source=source,
-                          strokes=bool(self.needs & STROKES))
+        return synthesize(
+            semantic,
+            instance,
+            image_rng(w.seed, image_id),
+            w.min_object_area,
+            w.scribble_coverage,
+            w.scribble_length,
+            w.scribble_background,
+            w.background_points,
+            source=source,
+            strokes=bool(self.needs & STROKES),
+        )
 
 
 # --------------------------------------------------------------------------- demo
 class DemoData(_Base):
     """Synthetic images generated on the fly; ids are ``train_0007`` / ``val_0003``."""
 
-    def __init__(self, cfg: DemoDataset, weak: WeakConfig, supervision: str | None = None) -> None:
-        super().__init__(weak, supervision)
+    def __init__(self, cfg: DemoDataset, weak: WeakConfig, labels: str | None = None) -> None:
+        super().__init__(weak, labels)
         self.cfg = cfg
         self.name = "demo"
         self.class_names = list(demo_gen.CLASS_NAMES)
@@ -298,12 +332,12 @@ class MasksData(_Base):
     ``weak_dir`` (written by ``wsss prepare``, or your own) or are synthesized on the fly,
     identically. With ``weak_dir`` the masks are optional: every image is used, scored where
     it has a mask; of ``boxes.json``, ``points.json``, ``scribbles/`` only what the
-    supervision needs is read (and must exist), ``tags.json`` where present (else the
+    run's labels need is read (and must exist), ``tags.json`` where present (else the
     classes the other labels name).
     """
 
-    def __init__(self, cfg: MasksDataset, weak: WeakConfig, supervision: str | None = None) -> None:
-        super().__init__(weak, supervision)
+    def __init__(self, cfg: MasksDataset, weak: WeakConfig, labels: str | None = None) -> None:
+        super().__init__(weak, labels)
         self.cfg = cfg
         self.root = Path(cfg.root)
         self.name = self.root.name
@@ -323,19 +357,30 @@ class MasksData(_Base):
             all_ids = sorted(self._images)
             for name in ("boxes", "points", "tags"):
                 if name != "tags" and name in self.needs and not (Path(cfg.weak_dir) / f"{name}.json").is_file():
-                    raise DataError(Path(cfg.weak_dir) / f"{name}.json", "file not found (the supervision needs it)")
+                    raise DataError(Path(cfg.weak_dir) / f"{name}.json", "file not found (the run's labels need it)")
         else:
             unpaired = sorted(set(self._images) - set(masks))
             if unpaired:
-                log.warning("%s: %d image(s) without a mask are skipped (e.g. %s); weak labels from files "
-                            "(dataset.weak_dir) need no mask", self.mask_dir, len(unpaired), unpaired[0])
+                log.warning(
+                    "%s: %d image(s) without a mask are skipped (e.g. %s); weak labels from files "
+                    "(dataset.weak_dir) need no mask",
+                    self.mask_dir,
+                    len(unpaired),
+                    unpaired[0],
+                )
             all_ids = sorted(set(self._images) & set(masks))
         if not all_ids:
-            raise DataError(self.root, f"no image in {cfg.images}/ has a mask in {cfg.masks}/" if not cfg.weak_dir
-                            else f"no image in {cfg.images}/")
+            raise DataError(
+                self.root,
+                f"no image in {cfg.images}/ has a mask in {cfg.masks}/"
+                if not cfg.weak_dir
+                else f"no image in {cfg.images}/",
+            )
         if cfg.train_list or cfg.val_list:
-            self._splits = {split: self._read_list(name, set(all_ids)) if name else []
-                            for split, name in (("train", cfg.train_list), ("val", cfg.val_list))}
+            self._splits = {
+                split: self._read_list(name, set(all_ids)) if name else []
+                for split, name in (("train", cfg.train_list), ("val", cfg.val_list))
+            }
             if cfg.limit:
                 self._splits = {k: v[: cfg.limit] for k, v in self._splits.items()}
         else:
@@ -362,8 +407,9 @@ class MasksData(_Base):
             except ValueError as err:
                 raise DataError(path, f"line {n}: {err}") from None
             if image_id not in known:
-                raise DataError(path, f"line {n}: '{image_id}' has no image in {self.cfg.images}/ with a mask in "
-                                      f"{self.cfg.masks}/")
+                raise DataError(
+                    path, f"line {n}: '{image_id}' has no image in {self.cfg.images}/ with a mask in {self.cfg.masks}/"
+                )
             ids.append(image_id)
         return ids
 
@@ -389,7 +435,8 @@ class MasksData(_Base):
         root = Path(self.cfg.weak_dir)
         scribbles = root / "scribbles"
         return [root / f"{n}.json" for n in ("boxes", "points", "tags") if n == "tags" or n in self.needs] + (
-            sorted(scribbles.glob("*.png")) if scribbles.is_dir() and "scribbles" in self.needs else [])
+            sorted(scribbles.glob("*.png")) if scribbles.is_dir() and "scribbles" in self.needs else []
+        )
 
     def _size(self, image_id: str) -> tuple[int, int]:
         # images are read at (or resized to) their mask's size
@@ -431,8 +478,12 @@ class MasksData(_Base):
             known = np.isin(raw, list(self.cfg.class_map))
             if not known.all():
                 odd = sorted(int(v) for v in np.unique(raw[~known]))[:8]
-                warn_once(self.mask_dir, "unmapped", f"{path}: mask values {odd} are not in dataset.class_map and "
-                          "are ignored (255); further masks of this dataset are not reported")
+                warn_once(
+                    self.mask_dir,
+                    "unmapped",
+                    f"{path}: mask values {odd} are not in dataset.class_map and "
+                    "are ignored (255); further masks of this dataset are not reported",
+                )
             lut = np.full(max(256, int(raw.max()) + 1), IGNORE, np.uint8)
             for value, cls in self.cfg.class_map.items():
                 if value < lut.size:
@@ -440,9 +491,13 @@ class MasksData(_Base):
             return lut[raw]
         top = int(raw.max())
         if 0 < top < self.cfg.threshold:
-            warn_once(self.mask_dir, "below", f"{path}: every mask value is below dataset.threshold "
-                      f"{self.cfg.threshold} (max {top}), so the mask is all background; class indices need "
-                      "dataset.class_map (further masks of this dataset are not reported)")
+            warn_once(
+                self.mask_dir,
+                "below",
+                f"{path}: every mask value is below dataset.threshold "
+                f"{self.cfg.threshold} (max {top}), so the mask is all background; class indices need "
+                "dataset.class_map (further masks of this dataset are not reported)",
+            )
         return (raw >= self.cfg.threshold).astype(np.uint8)
 
     def _read_image(self, image_id: str) -> np.ndarray:
@@ -457,8 +512,11 @@ class MasksData(_Base):
         if abs(w / h - mw / mh) > 0.02 * (mw / mh) + 1.0 / min(mh, h):
             raise DataError(ipath, f"image is {w}x{h} but its mask {mpath} is {mw}x{mh}, a different aspect ratio")
         if self.cfg.resize != "image_to_mask":
-            raise DataError(ipath, f"image is {w}x{h} but its mask {mpath} is {mw}x{mh}; set "
-                                   "dataset.resize: image_to_mask to resize images to their masks")
+            raise DataError(
+                ipath,
+                f"image is {w}x{h} but its mask {mpath} is {mw}x{mh}; set "
+                "dataset.resize: image_to_mask to resize images to their masks",
+            )
         return cv2.resize(image, (mw, mh), interpolation=cv2.INTER_AREA)
 
     def _weak_file(self, name: str) -> dict[str, Any] | None:
@@ -483,8 +541,10 @@ class MasksData(_Base):
             boxes = clip_boxes(boxes, *self._size(image_id), f"{root / 'boxes.json'} [{image_id}]", log)
         points: list[Point] = []
         if "points" in self.needs and (entries := self._weak_file("points")) is not None:
-            points = [Point(int(p["x"]), int(p["y"]), self._check_cls(int(p["cls"]), root / "points.json"))
-                      for p in entries.get(image_id, [])]
+            points = [
+                Point(int(p["x"]), int(p["y"]), self._check_cls(int(p["cls"]), root / "points.json"))
+                for p in entries.get(image_id, [])
+            ]
         scribbles = None
         spath = root / "scribbles" / f"{image_id}.png"
         if "scribbles" in self.needs and spath.is_file():
@@ -515,13 +575,43 @@ def _read_json(path: Path) -> Any:
 
 
 # --------------------------------------------------------------------------- voc
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor"]
+VOC_CLASSES = [
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 # Short and alternative names used by ScribbleSup and other annotation files.
-VOC_ALIASES = {"plane": "aeroplane", "airplane": "aeroplane", "bike": "bicycle", "table": "diningtable",
-               "dining table": "diningtable", "motorcycle": "motorbike", "plant": "pottedplant",
-               "potted plant": "pottedplant", "monitor": "tvmonitor", "tv": "tvmonitor", "bg": "background"}
+VOC_ALIASES = {
+    "plane": "aeroplane",
+    "airplane": "aeroplane",
+    "bike": "bicycle",
+    "table": "diningtable",
+    "dining table": "diningtable",
+    "motorcycle": "motorbike",
+    "plant": "pottedplant",
+    "potted plant": "pottedplant",
+    "monitor": "tvmonitor",
+    "tv": "tvmonitor",
+    "bg": "background",
+}
 
 
 class VocData(_Base):
@@ -530,21 +620,26 @@ class VocData(_Base):
     JSON (``{id: [{x, y, cls}]}``, ``cls`` a class id or name); the classes from
     ``dataset.class_names`` (default VOC's)."""
 
-    def __init__(self, cfg: VocDataset, weak: WeakConfig, supervision: str | None = None) -> None:
-        super().__init__(weak, supervision)
+    def __init__(self, cfg: VocDataset, weak: WeakConfig, labels: str | None = None) -> None:
+        super().__init__(weak, labels)
         self.cfg = cfg
         self.root = Path(cfg.root)
         self.name = self.root.name
         self.class_names = list(cfg.class_names or VOC_CLASSES)
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
-            raise DataError(self.root, f"dataset.class_names needs background and at least one class, no "
-                                       f"repeats: {self.class_names}")
+            raise DataError(
+                self.root,
+                f"dataset.class_names needs background and at least one class, no repeats: {self.class_names}",
+            )
         self.aliases = VOC_ALIASES if cfg.class_names is None else {}
         for d in (self.root, self.root / "JPEGImages"):
             if not d.is_dir():
                 raise DataError(d, "VOC folder not found")
-        self._images = {p.stem: p for p in sorted((self.root / "JPEGImages").iterdir())
-                        if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
+        self._images = {
+            p.stem: p
+            for p in sorted((self.root / "JPEGImages").iterdir())
+            if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+        }
         self.gt_dir: Path | None = None
         if cfg.gt_dir != "none":
             names = ["SegmentationClassAug", "SegmentationClass"] if cfg.gt_dir == "auto" else [cfg.gt_dir]
@@ -572,8 +667,11 @@ class VocData(_Base):
         path = lists / f"{name}.txt"
         if not lists.is_dir() and split in ("train", "val"):
             # no lists at all: every image with an Annotations XML is train, val is empty
-            annotated = [] if split == "val" else sorted(
-                p.stem for p in (self.root / "Annotations").glob("*.xml") if p.stem in self._images)
+            annotated = (
+                []
+                if split == "val"
+                else sorted(p.stem for p in (self.root / "Annotations").glob("*.xml") if p.stem in self._images)
+            )
             warn_once(self.root, "no-lists", f"{lists}: no split lists; every annotated image is train, val is empty")
             return annotated[: self.cfg.limit] if self.cfg.limit else annotated
         if not path.is_file():
@@ -605,9 +703,13 @@ class VocData(_Base):
         gt = read_label_png(path)
         odd = (gt >= self.num_classes) & (gt != IGNORE)
         if odd.any():
-            warn_once(self.gt_dir, "classes", f"{path}: GT values {sorted(set(np.unique(gt[odd]).tolist()))[:8]} are "
-                      f"not class ids (0..{self.num_classes - 1}) and are ignored (255); further GT files of this "
-                      "dataset are not reported")
+            warn_once(
+                self.gt_dir,
+                "classes",
+                f"{path}: GT values {sorted(set(np.unique(gt[odd]).tolist()))[:8]} are "
+                f"not class ids (0..{self.num_classes - 1}) and are ignored (255); further GT files of this "
+                "dataset are not reported",
+            )
             gt = np.where(odd, IGNORE, gt).astype(np.uint8)
         return gt
 
@@ -647,8 +749,9 @@ class VocData(_Base):
             except (TypeError, ValueError):
                 raise DataError(path, f"object '{name}' has a bad <bndbox>") from None
             # VOC boxes are 1-based and inclusive.
-            boxes.append(Box(int(round(x0)) - 1, int(round(y0)) - 1, int(round(x1)), int(round(y1)),
-                             self.class_id(name, path)))
+            boxes.append(
+                Box(int(round(x0)) - 1, int(round(y0)) - 1, int(round(x1)), int(round(y1)), self.class_id(name, path))
+            )
         return clip_boxes(boxes, width, height, str(path), log)
 
     def _scribbles(self, image_id: str, width: int, height: int) -> np.ndarray | None:
@@ -693,8 +796,12 @@ class VocData(_Base):
     def _read_weak(self, image_id: str) -> WeakLabels:
         width, height = _image_size(Path(self.image_path(image_id)))
         boxes = self._boxes(image_id, width, height)
-        return WeakLabels(tags=sorted({b.cls for b in boxes}), boxes=boxes,
-                          scribbles=self._scribbles(image_id, width, height), points=self._point_list(image_id))
+        return WeakLabels(
+            tags=sorted({b.cls for b in boxes}),
+            boxes=boxes,
+            scribbles=self._scribbles(image_id, width, height),
+            points=self._point_list(image_id),
+        )
 
 
 # --------------------------------------------------------------------------- coco
@@ -703,8 +810,8 @@ class CocoData(_Base):
     Image ids are the file names' stems. The parsed JSON is cached per process and not
     pickled: a worker process parses it once, lazily."""
 
-    def __init__(self, cfg: CocoDataset, weak: WeakConfig, supervision: str | None = None) -> None:
-        super().__init__(weak, supervision)
+    def __init__(self, cfg: CocoDataset, weak: WeakConfig, labels: str | None = None) -> None:
+        super().__init__(weak, labels)
         self.cfg = cfg
         self.root = Path(cfg.root)
         self.name = self.root.name
@@ -725,8 +832,10 @@ class CocoData(_Base):
             if index.categories != first.categories:
                 raise DataError(self.json[split], f"its categories differ from {self.json['train']}'s")
         self.class_names = first.class_names
-        self._ids = {split: sorted(index.images)[: cfg.limit] if cfg.limit else sorted(index.images)
-                     for split, index in indexes.items()}
+        self._ids = {
+            split: sorted(index.images)[: cfg.limit] if cfg.limit else sorted(index.images)
+            for split, index in indexes.items()
+        }
         self._split_of = {i: split for split, ids in self._ids.items() for i in ids}
         self._has_masks = {split: index.has_masks() for split, index in indexes.items()}
         self.scribble_dir = self.root / cfg.scribbles if cfg.scribbles else None
@@ -769,8 +878,10 @@ class CocoData(_Base):
         entry, source = self._entry(image_id)
         image = read_image(Path(self.image_path(image_id)))
         if image.shape[:2] != (entry.height, entry.width):
-            raise DataError(self.image_path(image_id), f"image is {image.shape[1]}x{image.shape[0]} but {source} says "
-                                                       f"{entry.width}x{entry.height}")
+            raise DataError(
+                self.image_path(image_id),
+                f"image is {image.shape[1]}x{image.shape[0]} but {source} says {entry.width}x{entry.height}",
+            )
         return image
 
     def _rasterized(self, image_id: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -806,14 +917,24 @@ class CocoData(_Base):
 
     def _read_weak(self, image_id: str) -> WeakLabels:
         entry, source = self._entry(image_id)
-        boxes = [b for a in entry.annotations if not a.crowd and "boxes" in self.needs
-                 for b in clip_boxes([Box(*coco.box_window(a.bbox), a.cls)], entry.width, entry.height,
-                                     f"{source}: annotation {a.ann_id} ({entry.file_name})", log)]
+        boxes = [
+            b
+            for a in entry.annotations
+            if not a.crowd and "boxes" in self.needs
+            for b in clip_boxes(
+                [Box(*coco.box_window(a.bbox), a.cls)],
+                entry.width,
+                entry.height,
+                f"{source}: annotation {a.ann_id} ({entry.file_name})",
+                log,
+            )
+        ]
         # points / scribbles: from their files, else synthesized from the masks when the
-        # supervision needs them and the image has an object mask
+        # run's labels need them and the image has an object mask
         r = None
-        if ("points" in self.needs and self.points_path is None) or \
-                ("scribbles" in self.needs and self.scribble_dir is None):
+        if ("points" in self.needs and self.points_path is None) or (
+            "scribbles" in self.needs and self.scribble_dir is None
+        ):
             r = self._rasterized(image_id)
         synthesized = None
         if r is not None and ((r[0] != 0) & (r[0] != IGNORE)).any():
@@ -821,7 +942,9 @@ class CocoData(_Base):
         points: list[Point] = []
         if "points" in self.needs and self.points_path is not None:
             clicks = _coco_points(str(self.points_path), str(source)).get(image_id, [])
-            points = [Point(int(round(x)), int(round(y)), self._class_of(cls, self.points_path)) for x, y, cls in clicks]
+            points = [
+                Point(int(round(x)), int(round(y)), self._class_of(cls, self.points_path)) for x, y, cls in clicks
+            ]
         elif "points" in self.needs and synthesized is not None:
             points = synthesized.points
         scribbles = None
@@ -849,7 +972,7 @@ def _coco_points(points: str, instances: str) -> dict[str, list]:
 
 def build_dataset(config: Config, all_weak: bool = False):
     """The dataset reader a config names (errors here stop the run before any work); it
-    reads the weak labels the supervision needs, or with ``all_weak`` every kind."""
+    reads the weak labels the run's ``labels`` need, or with ``all_weak`` every kind."""
     d = config.dataset
     kind = {DemoDataset: DemoData, MasksDataset: MasksData, CocoDataset: CocoData, VocDataset: VocData}[type(d)]
-    return kind(d, config.weak, None if all_weak else config.supervision)
+    return kind(d, config.weak, None if all_weak else config.labels)

@@ -11,6 +11,7 @@ ones; the instance map keeps what is visible). Backgrounds are a smooth two-colo
 with clutter blobs whose colours are drawn from the whole colour range (so they can look
 like objects), plus pixel noise: a colour threshold does not solve it (see the tests).
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,8 +94,7 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=512)
-def generate(seed: int, split: str, index: int, height: int, width: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate(seed: int, split: str, index: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(RGB uint8 image, semantic uint8 labels, instance ids uint8) of one demo image."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
     h, w = height, width

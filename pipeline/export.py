@@ -14,6 +14,7 @@
 ``instances`` (with its ``score``); category ids are the dataset's own where it came from a
 COCO file, else the class ids. ``--soft`` adds the npz files as above.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def _resize_soft(probs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if probs.shape[1:] == shape:
         return probs
-    out = np.stack([cv2.resize(p.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
-                    for p in probs])
+    out = np.stack(
+        [cv2.resize(p.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR) for p in probs]
+    )
     return (out / np.maximum(out.sum(0, keepdims=True), 1e-6)).astype(np.float16)
 
 
@@ -67,23 +69,34 @@ def export(run, stage: str, out: Path, fmt: str = "png", soft: bool = False) -> 
         raise ExportError(f"unknown export format '{fmt}' (png, coco)")
     spec = run.spec(stage)
     if spec.output not in ("label", "soft", "instances"):
-        raise ExportError(f"stage '{stage}' writes {spec.output} outputs, not label maps; export a label stage "
-                          "(crf, a2gnn, seeds, ...)")
+        raise ExportError(
+            f"stage '{stage}' writes {spec.output} outputs, not label maps; export a label stage "
+            "(crf, a2gnn, seeds, ...)"
+        )
     store, dataset, split = run.store(stage), run.dataset, spec.split
     ids = [i for i in run.ids(stage) if store.has(i)]
     if not ids:
         raise ExportError(f"stage '{stage}' has no outputs for this config ({store.dir}); run it first")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Any] = {"stage": stage, "fingerprint": store.fingerprint, "split": split, "images": len(ids),
-                               "format": fmt, "out": str(out)}
+    written: dict[str, Any] = {
+        "stage": stage,
+        "fingerprint": store.fingerprint,
+        "split": split,
+        "images": len(ids),
+        "format": fmt,
+        "out": str(out),
+    }
     if soft and spec.output == "soft":
         soft_dir = out / "soft" / split
         soft_dir.mkdir(parents=True, exist_ok=True)
         for image_id in ids:
             probs, class_ids = store.read_soft(image_id)
-            np.savez_compressed(soft_dir / f"{image_id}.npz", probs=_resize_soft(probs, own_size(dataset, image_id)),
-                                class_ids=class_ids)
+            np.savez_compressed(
+                soft_dir / f"{image_id}.npz",
+                probs=_resize_soft(probs, own_size(dataset, image_id)),
+                class_ids=class_ids,
+            )
         written["soft"] = str(soft_dir)
     if fmt == "png":
         written.update(_png(run, stage, store, ids, out, split))
@@ -106,8 +119,14 @@ def _png(run, stage: str, store, ids: list[str], out: Path, split: str) -> dict[
             os.symlink(source.resolve(), link)
     (out / "splits" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     palette = np.array(voc_palette(), np.uint8).reshape(256, 3)
-    meta = {"classes": dataset.class_names, "palette": palette[:dataset.num_classes].tolist(), "ignore_index": IGNORE,
-            "stage": stage, "fingerprint": store.fingerprint, "run": run.config.run}
+    meta = {
+        "classes": dataset.class_names,
+        "palette": palette[: dataset.num_classes].tolist(),
+        "ignore_index": IGNORE,
+        "stage": stage,
+        "fingerprint": store.fingerprint,
+        "run": run.config.run,
+    }
     (out / "classes.json").write_text(json.dumps(meta, indent=1))
     return {"labels": str(ann), "split_list": str(out / "splits" / f"{split}.txt")}
 
@@ -118,13 +137,22 @@ def _coco(run, stage: str, store, ids: list[str], out: Path, split: str) -> dict
     images, annotations = [], []
     for n, image_id in enumerate(ids, 1):
         h, w = own_size(dataset, image_id)
-        images.append({"id": n, "file_name": Path(dataset.image_path(image_id)).name, "wsss_id": image_id,
-                       "height": h, "width": w})
+        images.append(
+            {
+                "id": n,
+                "file_name": Path(dataset.image_path(image_id)).name,
+                "wsss_id": image_id,
+                "height": h,
+                "width": w,
+            }
+        )
         if spec.output == "instances":
             inst = store.read_label(image_id)
             found = objects_of(inst, dataset.load_weak(image_id).boxes)
-            objects = [(box.cls, _resize_labels(mask.astype(np.uint8), (h, w)).astype(bool), round(score, 4))
-                       for box, mask, score in found]
+            objects = [
+                (box.cls, _resize_labels(mask.astype(np.uint8), (h, w)).astype(bool), round(score, 4))
+                for box, mask, score in found
+            ]
         else:
             labels = _resize_labels(store.labels_of(image_id), (h, w))
             objects = [(int(c), labels == c, None) for c in np.unique(labels) if c not in (0, IGNORE)]
@@ -133,9 +161,15 @@ def _coco(run, stage: str, store, ids: list[str], out: Path, split: str) -> dict
                 continue
             rle = rle_encode(mask)
             ys, xs = np.nonzero(mask)
-            entry = {"id": len(annotations) + 1, "image_id": n, "category_id": category[cls], "segmentation": rle,
-                     "area": int(mask.sum()), "iscrowd": 0,
-                     "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]}
+            entry = {
+                "id": len(annotations) + 1,
+                "image_id": n,
+                "category_id": category[cls],
+                "segmentation": rle,
+                "area": int(mask.sum()),
+                "iscrowd": 0,
+                "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+            }
             if score is not None:
                 entry["score"] = score
             annotations.append(entry)

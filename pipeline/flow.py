@@ -7,6 +7,7 @@ each uses a process pool of ``workers``; with ``task_runner: process`` shards ru
 parallel processes (one image at a time each); with ``task_runner: dask`` they run on the
 workers of a Dask cluster (``pipeline/cluster.py``), one image at a time each.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,9 @@ def shard_task(config_json: str, name: str, index: int, ids: list[str], workers:
 
 
 @task(name="finish", task_run_name="{name}/finish", cache_policy=NO_CACHE)
-def finish_task(config_json: str, name: str, shard_results: list[dict[str, Any]], seconds: float,
-                computed: int) -> dict[str, Any]:
+def finish_task(
+    config_json: str, name: str, shard_results: list[dict[str, Any]], seconds: float, computed: int
+) -> dict[str, Any]:
     from stages.base import StageResult
 
     run = run_from_json(config_json)
@@ -61,8 +63,11 @@ def publish(run_name: str, name: str, manifest: dict[str, Any]) -> None:
     if rows:
         create_table_artifact(key=key, table=rows, description=f"{name}: per-class IoU")
     counts = manifest.get("counts", {})
-    lines = [f"### {name} `{manifest.get('fingerprint')}`", "",
-             f"- images: {counts.get('done')}/{counts.get('total')} done, {counts.get('failed')} failed"]
+    lines = [
+        f"### {name} `{manifest.get('fingerprint')}`",
+        "",
+        f"- images: {counts.get('done')}/{counts.get('total')} done, {counts.get('failed')} failed",
+    ]
     for k in ("miou", "coverage", "precision", *(k for k in metrics if k.startswith("mAP@"))):
         if k in metrics:
             lines.append(f"- {k}: {metrics[k]:.4f}")
@@ -82,8 +87,11 @@ def wsss_flow(config_json: str, names: list[str], force: list[str]) -> dict[str,
         todo = begin_task(config_json, name, forced)
         parts = shards(run, name, todo)
         with placement(run.config, run.spec(name).per_image):
-            futures = shard_task.map(config_json, name, list(range(len(parts))), parts,
-                                     1 if parallel_shards else None) if parts else []
+            futures = (
+                shard_task.map(config_json, name, list(range(len(parts))), parts, 1 if parallel_shards else None)
+                if parts
+                else []
+            )
         results = [f.result() for f in futures]
         return finish_task(config_json, name, results, time.time() - t0, len(todo))
 
@@ -97,11 +105,15 @@ def run_prefect(run, names: list[str], force: set[str]) -> dict[str, Any]:
         with dask_task_runner(cfg) as runner:
             return _run_flow(run, names, force, runner)
     workers = (os.cpu_count() or 1) if cfg.workers == 0 else cfg.workers
-    runner = ProcessPoolTaskRunner(max_workers=workers) if cfg.task_runner == "process" else ThreadPoolTaskRunner(
-        max_workers=1)
+    runner = (
+        ProcessPoolTaskRunner(max_workers=workers)
+        if cfg.task_runner == "process"
+        else ThreadPoolTaskRunner(max_workers=1)
+    )
     return _run_flow(run, names, force, runner)
 
 
 def _run_flow(run, names: list[str], force: set[str], runner) -> dict[str, Any]:
     return wsss_flow.with_options(task_runner=runner, flow_run_name=f"{run.config.run}")(
-        run.config_json(), names, sorted(force))
+        run.config_json(), names, sorted(force)
+    )

@@ -1,12 +1,13 @@
 """``wsss predict``: the trained segmentation model of a run on new images.
 
 The model is the run's ``final_train`` (or, for a single-stage branch, its network:
-``dfr_train``, ``blpseg_train``) for the current config. Each image is brought to the working size the model was trained at
-(``dataset.min_side`` / ``max_side``, :func:`pipeline.datasets.working_size`), run with
+``dfr_train``, ``blpseg_train``) for the current config. Each image is brought to the working size the model
+was trained at (``dataset.min_side`` / ``max_side``, :func:`pipeline.datasets.working_size`), run with
 the config's eval settings (``final_eval``: scales, flip, dense CRF; ``dfr_eval`` /
 ``blpseg_eval``: scales, flip), and its labels are written at the image's own size as ``OUT/<stem>.png`` (palette
 PNG, pixel = class id). An unreadable image is reported and skipped.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,8 +21,8 @@ import numpy as np
 from models.crf import crf_from_probs
 from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
-from models.types import SINGLE_STAGE
 from stages.base import DataError
+from stages.methods import METHODS
 
 from .datasets import IMAGE_EXTS, read_image, working_size
 from .runner import progress_bar, resolve_device
@@ -35,21 +36,24 @@ class PredictError(ValueError):
 
 
 def model_stage(config) -> str:
-    """The run's trained model: a single-stage branch's network, else ``final_train``."""
-    return SINGLE_STAGE.get(config.supervision, ("final_train",))[0]
+    """The stage of the run's trained model (its method's ``model``: ``final_train``, ``dfr_train``, ...)."""
+    return METHODS.get(config.method).model
 
 
 def eval_section(config):
     """The inference settings of the model's stage (``final_eval``, ``dfr_eval``, ...)."""
-    return getattr(config, SINGLE_STAGE.get(config.supervision, ("", "final_eval"))[1])
+    return getattr(config, METHODS.get(config.method).evaluation)
 
 
 def predict_labels(model, image: np.ndarray, config, device: str) -> np.ndarray:
     """(H, W) uint8 labels of one RGB image at its own size, per the config's eval section."""
     h, w = image.shape[:2]
     target = working_size(w, h, config.dataset)
-    work = image if target is None else cv2.resize(
-        image, target[1][::-1], interpolation=cv2.INTER_AREA if target[0] < 1 else cv2.INTER_LINEAR)
+    work = (
+        image
+        if target is None
+        else cv2.resize(image, target[1][::-1], interpolation=cv2.INTER_AREA if target[0] < 1 else cv2.INTER_LINEAR)
+    )
     cfg = eval_section(config)
     probs = predict_probs(model, work, cfg.scales, cfg.flip, device)
     if getattr(cfg, "use_crf", False):
@@ -63,8 +67,10 @@ def predict(run, images: Path, out: Path) -> dict[str, Any]:
     stage = model_stage(run.config)
     store = run.store(stage)
     if not store.has_model():
-        raise PredictError(f"no trained {stage} model for this config (looked in {store.model_path}); run "
-                           f"`wsss run CONFIG --until {stage}` first")
+        raise PredictError(
+            f"no trained {stage} model for this config (looked in {store.model_path}); run "
+            f"`wsss run CONFIG --until {stage}` first"
+        )
     images = Path(images)
     if not images.is_dir():
         raise PredictError(f"{images}: image folder not found")

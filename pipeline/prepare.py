@@ -9,6 +9,7 @@
 Labels are the same as the on-the-fly synthesis (same seed, same function), so preparing
 first only makes them inspectable and editable.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from .store import atomic_write, atomic_write_text, encode_label_png
 
 
 def write_weak_labels(config, splits: list[str], out: Path) -> dict[str, Any]:
-    """Every kind of weak label of ``config``'s dataset (whatever its supervision reads) for
+    """Every kind of weak label of ``config``'s dataset (whatever its labels read) for
     ``splits``, written to ``out``; returns the summary."""
     from .datasets import build_dataset
 
@@ -49,10 +50,14 @@ def write_weak_labels(config, splits: list[str], out: Path) -> dict[str, Any]:
             pixels += weak.scribbles.size
     for name, obj in (("boxes", boxes), ("points", points), ("tags", tags)):
         atomic_write_text(out / f"{name}.json", json.dumps(obj))
-    summary = {"out": str(out), "images": len(boxes), "failed": failed,
-               "boxes": int(sum(len(v) for v in boxes.values())),
-               "scribble_coverage": round(scribbled / pixels, 4) if pixels else None,
-               "points": int(sum(len(v) for v in points.values()))}
+    summary = {
+        "out": str(out),
+        "images": len(boxes),
+        "failed": failed,
+        "boxes": int(sum(len(v) for v in boxes.values())),
+        "scribble_coverage": round(scribbled / pixels, 4) if pixels else None,
+        "points": int(sum(len(v) for v in points.values())),
+    }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 

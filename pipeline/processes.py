@@ -5,6 +5,7 @@ bench case does not time its own first imports).
 The forkserver imports and runs nothing else (no Prefect, no torch thread pool): its
 children start as clean as spawned ones.
 """
+
 from __future__ import annotations
 
 import multiprocessing

@@ -4,6 +4,7 @@ The Prefect flow (``pipeline/flow.py``) calls exactly these functions from its t
 ``local`` engine calls them directly. Tasks pass the config (JSON) and image ids, never
 tensors; the store decides what is already done.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -20,20 +21,23 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 import stages
 from models.metrics import confusion_matrix, scores
 from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec, describe_error, progress_bar
+from stages.methods import stage_runs
 
 from .config import Config, ConfigError, config_from_dict, dump_config
 from .datasets import build_dataset
 from .processes import forkserver
 
-stages.load_all()
 from .store import StageBusy, StageStore, atomic_write_text, fingerprint
+
+stages.load_all()
 
 log = logging.getLogger("wsss")
 
@@ -57,7 +61,7 @@ class StageFailed(PipelineError):
 
 # Top-level config fields that never change a result: they say where and how a run executes.
 # Every other top-level field is a stage's own section or one of the fields a stage declares
-# in ``StageSpec.reads`` (dataset, weak, seed, supervision), which enter its fingerprint.
+# in ``StageSpec.reads`` (dataset, weak, seed, labels), which enter its fingerprint.
 RESULT_NEUTRAL = {
     "run": "names the run folder",
     "output_root": "where run folders live",
@@ -102,8 +106,7 @@ def _worker_init(threads: int) -> None:
 def _pool(workers: int, threads: int) -> cf.ProcessPoolExecutor:
     # The workers share the cores: torch in each would otherwise start one thread per core.
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    return cf.ProcessPoolExecutor(workers, mp_context=forkserver(),
-                                  initializer=_worker_init, initargs=(threads,))
+    return cf.ProcessPoolExecutor(workers, mp_context=forkserver(), initializer=_worker_init, initargs=(threads,))
 
 
 def stop_workers() -> None:
@@ -148,8 +151,9 @@ def pool_map(fn: Callable[[Any], Any], items: list[Any], workers: int, threads: 
         raise _pool_died(err, "pool job") from err
 
 
-def process_mapper(fn: Callable[[StageContext, str], Any], ctx: StageContext, ids: list[str],
-                   desc: str) -> Iterator[tuple[str, Any]]:
+def process_mapper(
+    fn: Callable[[StageContext, str], Any], ctx: StageContext, ids: list[str], desc: str
+) -> Iterator[tuple[str, Any]]:
     """Run ``fn(ctx, id)`` over ids on ``ctx.workers`` processes with a progress bar; one
     at a time in this process inside a daemonic process (a Dask worker), which may not
     start processes of its own."""
@@ -189,9 +193,14 @@ def environment(device: str) -> dict[str, Any]:
 
     import torch
 
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "device": device,
-                           "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                           "cpu": cpu_model()}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu_model(),
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
@@ -238,8 +247,10 @@ class Run:
 
     def spec(self, name: str) -> StageSpec:
         if name not in self.names:
-            raise ConfigError(f"stage '{name}' is not part of this run (supervision "
-                              f"'{self.config.supervision}': {', '.join(self.names)})")
+            raise ConfigError(
+                f"stage '{name}' is not part of this run ({self.config.labels} "
+                f"-> {self.config.method}: {', '.join(self.names)})"
+            )
         return STAGES.get(name)
 
     def store(self, name: str) -> StageStore:
@@ -261,19 +272,22 @@ class Run:
 
 
 def build_dag(config: Config) -> tuple[list[StageSpec], dict[str, list[str]]]:
-    """The registered stages that apply to the config's supervision, ordered from their
+    """The registered stages of the config's method and labels, ordered from their
     declared inputs (a topological order; ties keep registration order)."""
     specs = {name: STAGES.get(name) for name in STAGES.names()}
-    upstream = {name: spec.inputs(config) for name, spec in specs.items()
-                if config.supervision in spec.supervisions and spec.enabled(config)}
+    upstream = {name: spec.inputs(config) for name, spec in specs.items() if stage_runs(spec, config)}
     if not upstream:
-        raise ConfigError(f"no stage is implemented yet for supervision '{config.supervision}' "
-                          f"(registered: {', '.join(STAGES.names())})")
+        raise ConfigError(
+            f"no stage is implemented yet for method '{config.method}' on labels '{config.labels}' "
+            f"(registered: {', '.join(STAGES.names())})"
+        )
     for name, inputs in upstream.items():
         missing = [u for u in inputs if u not in upstream]
         if missing:
-            raise ConfigError(f"stage '{name}' needs {missing}, which do not run for supervision "
-                              f"'{config.supervision}'")
+            raise ConfigError(
+                f"stage '{name}' needs {missing}, which do not run for labels "
+                f"'{config.labels}' and method '{config.method}'"
+            )
     order: list[str] = []
     while len(order) < len(upstream):
         ready = [n for n in upstream if n not in order and all(u in order for u in upstream[n])]
@@ -300,24 +314,35 @@ def make_run(config: Config) -> Run:
     run = Run(config, dataset, dag, upstream=upstream)
     reads = shared_reads(config, dataset)
     for spec in dag:
-        run.fingerprints[spec.name] = fingerprint(fingerprint_payload(config, spec, reads, {
-            u: run.fingerprints[u] for u in upstream[spec.name]}))
+        run.fingerprints[spec.name] = fingerprint(
+            fingerprint_payload(config, spec, reads, {u: run.fingerprints[u] for u in upstream[spec.name]})
+        )
     return run
 
 
 def shared_reads(config: Config, dataset: Any) -> dict[str, Any]:
     """The values of the top-level fields a stage may declare in ``StageSpec.reads``:
     the dataset description, the weak-label settings with the content hash of the weak-label
-    files the dataset reads, the seed and the supervision."""
-    return {"dataset": dataset.fingerprint(), "seed": config.seed, "supervision": config.supervision,
-            "weak": fingerprint({"settings": config.weak.model_dump(mode="json"), "files": dataset.weak_fingerprint()})}
+    files the dataset reads, the seed and the label kind."""
+    return {
+        "dataset": dataset.fingerprint(),
+        "seed": config.seed,
+        "labels": config.labels,
+        "weak": fingerprint({"settings": config.weak.model_dump(mode="json"), "files": dataset.weak_fingerprint()}),
+    }
 
 
 def fingerprint_payload(config: Config, spec: StageSpec, reads: dict[str, Any], upstream: dict[str, str]) -> dict:
     """What a stage's fingerprint hashes: its name, code version, config section, split,
     the top-level fields it reads and its upstream fingerprints."""
-    return {"stage": spec.name, "version": spec.version, "config": config.section(spec.name), "split": spec.split,
-            "reads": {k: reads[k] for k in spec.reads}, "upstream": upstream}
+    return {
+        "stage": spec.name,
+        "version": spec.version,
+        "config": config.section(spec.name),
+        "split": spec.split,
+        "reads": {k: reads[k] for k in spec.reads},
+        "upstream": upstream,
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -338,7 +363,7 @@ def select(run: Run, only: list[str] | None = None, start: str | None = None, un
     hi = names.index(until) if until else len(names) - 1
     if lo > hi:
         raise ConfigError(f"--from {start} comes after --until {until} in the DAG ({' -> '.join(names)})")
-    return names[lo:hi + 1]
+    return names[lo : hi + 1]
 
 
 def forced(run: Run, force: list[str] | None) -> set[str]:
@@ -374,7 +399,7 @@ def shards(run: Run, name: str, todo: list[str]) -> list[list[str]]:
     if not run.spec(name).per_image:
         return [todo]
     size = run.config.shard_size
-    return [todo[i:i + size] for i in range(0, len(todo), size)]
+    return [todo[i : i + size] for i in range(0, len(todo), size)]
 
 
 def stage_context(run: Run, name: str, ids: list[str], workers: int | None = None) -> StageContext:
@@ -387,10 +412,19 @@ def stage_context(run: Run, name: str, ids: list[str], workers: int | None = Non
     if not spec.parallel or (spec.parallel == "cpu" and device != "cpu"):
         n_workers = 1
     return StageContext(
-        stage=name, section=getattr(cfg, name, None), config=cfg, dataset=run.dataset,
-        ids=run.ids(name) if spec.per_image else list(ids), todo=list(ids),
-        out=store, upstream={u: run.store(u) for u in run.upstream[name]}, device=device,
-        workers=n_workers, mapper=process_mapper, pool_map=functools.partial(pool_map, threads=cfg.threads))
+        stage=name,
+        section=getattr(cfg, name, None),
+        config=cfg,
+        dataset=run.dataset,
+        ids=run.ids(name) if spec.per_image else list(ids),
+        todo=list(ids),
+        out=store,
+        upstream={u: run.store(u) for u in run.upstream[name]},
+        device=device,
+        workers=n_workers,
+        mapper=process_mapper,
+        pool_map=functools.partial(pool_map, threads=cfg.threads),
+    )
 
 
 class Skipped(Exception):
@@ -462,8 +496,10 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
     spec, store = run.spec(name), run.store(name)
     for up in run.upstream[name]:
         if not run.store(up).is_complete():
-            raise PipelineError(f"{name} needs '{up}' (fingerprint {run.fingerprints[up]}), which has not been "
-                               f"computed for this config; run without --only, or with --from {up}")
+            raise PipelineError(
+                f"{name} needs '{up}' (fingerprint {run.fingerprints[up]}), which has not been "
+                f"computed for this config; run without --only, or with --from {up}"
+            )
     if force and store.dir.exists():
         shutil.rmtree(store.dir)
     store.clean_temp()
@@ -478,8 +514,10 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
         todo, blocked = ([], {}) if store.has_model() else usable_ids(run, name, ids)
         if len(todo) < run.config.min_usable * len(ids) and not store.has_model():
             first = "; ".join(f"{k}: {v}" for k, v in list(blocked.items())[:3])
-            raise PipelineError(f"{name}: only {len(todo)} of {len(ids)} {spec.split} images are usable, below "
-                                f"min_usable {run.config.min_usable} (e.g. {first})")
+            raise PipelineError(
+                f"{name}: only {len(todo)} of {len(ids)} {spec.split} images are usable, below "
+                f"min_usable {run.config.min_usable} (e.g. {first})"
+            )
     for image_id in ids:
         if image_id in blocked:
             store.record_failure(image_id, blocked[image_id])
@@ -488,15 +526,22 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
     if spec.per_image:
         todo = [i for i in todo if i not in blocked]
     manifest = store.read_manifest() or {
-        "stage": name, "fingerprint": store.fingerprint, "created": time.time(),
+        "stage": name,
+        "fingerprint": store.fingerprint,
+        "created": time.time(),
     }
-    manifest.update({
-        "upstream": {u: run.fingerprints[u] for u in run.upstream[name]},
-        "config": run.config.section(name), "code_version": spec.version, "output": spec.output,
-        "split": spec.split, "status": "partial" if todo else manifest.get("status", "partial"),
-        "counts": {"total": len(ids), "done": len(done_ids(run, name) & set(ids)), "failed": len(store.failures())},
-        "environment": environment(resolve_device(run.config.device)),
-    })
+    manifest.update(
+        {
+            "upstream": {u: run.fingerprints[u] for u in run.upstream[name]},
+            "config": run.config.section(name),
+            "code_version": spec.version,
+            "output": spec.output,
+            "split": spec.split,
+            "status": "partial" if todo else manifest.get("status", "partial"),
+            "counts": {"total": len(ids), "done": len(done_ids(run, name) & set(ids)), "failed": len(store.failures())},
+            "environment": environment(resolve_device(run.config.device)),
+        }
+    )
     store.write_manifest(manifest)
     store.set_current()
     return todo
@@ -548,8 +593,10 @@ def evaluate_maps(run: Run, name: str, maps: list[str | None]) -> dict[str | Non
                 continue
             pred = store.labels_of(image_id, m)
             if pred.shape != gt.shape:
-                raise DataError(store.item_path(image_id, m), f"labels are {pred.shape[::-1]} but the GT of "
-                                                              f"'{image_id}' is {gt.shape[::-1]}")
+                raise DataError(
+                    store.item_path(image_id, m),
+                    f"labels are {pred.shape[::-1]} but the GT of '{image_id}' is {gt.shape[::-1]}",
+                )
             conf[m] += confusion_matrix(pred, gt, c)
             seen[m] += 1
     return {m: {**scores(conf[m], run.dataset.class_names), "images": seen[m]} for m in maps if seen[m]}
@@ -565,8 +612,9 @@ def process_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float, computed: int,
-                 ran_on: list[str] | None = None) -> dict[str, Any]:
+def finish_stage(
+    run: Run, name: str, results: list[StageResult], seconds: float, computed: int, ran_on: list[str] | None = None
+) -> dict[str, Any]:
     """Aggregate shards, score against GT, mark the manifest complete.
 
     ``computed``: how many images this run attempted (for the per-image timing); ``ran_on``:
@@ -580,18 +628,21 @@ def finish_stage(run: Run, name: str, results: list[StageResult], seconds: float
     timings = dict(manifest.get("timings", {}))
     timings["total_s"] = round(timings.get("total_s", 0.0) + seconds, 3)
     if computed:
-        timings.update(last_run_s=round(seconds, 3), last_run_images=computed,
-                       per_image_s=round(seconds / computed, 4))
+        timings.update(last_run_s=round(seconds, 3), last_run_images=computed, per_image_s=round(seconds / computed, 4))
         manifest["ran_on"] = sorted(set(ran_on or []))
     if missing:
         status = "partial"
     else:  # every image attempted; a stage with nothing to show for it has failed
         status = "failed" if failures and not done & set(ids) else "complete"
-    manifest.update({
-        "status": status,
-        "counts": {"total": len(ids), "done": len(done & set(ids)), "failed": len(failures)},
-        "failures": failures, "timings": timings, "bytes": store.bytes_on_disk(),
-    })
+    manifest.update(
+        {
+            "status": status,
+            "counts": {"total": len(ids), "done": len(done & set(ids)), "failed": len(failures)},
+            "failures": failures,
+            "timings": timings,
+            "bytes": store.bytes_on_disk(),
+        }
+    )
     if spec.per_image and done:
         manifest["bytes_per_image"] = round(manifest["bytes"] / len(done))
     info = {k: v for r in results for k, v in r.info.items()}
@@ -619,8 +670,10 @@ def degenerate(name: str, metrics: dict[str, Any]) -> list[str]:
     out = []
     for label, m in [(name, metrics), *((f"{name}/{v}", sub) for v, sub in metrics.get("maps", {}).items())]:
         if m.get("lost"):
-            out.append(f"{label}: no pixel is labelled {', '.join(m['lost'])}, although the ground truth has "
-                       f"{'it' if len(m['lost']) == 1 else 'them'}: these labels are degenerate")
+            out.append(
+                f"{label}: no pixel is labelled {', '.join(m['lost'])}, although the ground truth has "
+                f"{'it' if len(m['lost']) == 1 else 'them'}: these labels are degenerate"
+            )
     return out
 
 
@@ -632,8 +685,12 @@ def run_stage_local(run: Run, name: str, force: bool = False) -> dict[str, Any]:
     return _execute_local(run, name, force)
 
 
-def run_stages(run: Run, names: list[str], force: set[str] | None = None,
-               execute: Callable[[Run, str, bool], dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+def run_stages(
+    run: Run,
+    names: list[str],
+    force: set[str] | None = None,
+    execute: Callable[[Run, str, bool], dict[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
     """The stage loop both engines share: each stage under its fingerprint's lock (a second
     run waits, or with ``lock: refuse`` stops, and then finds the stage done), skipped when
     :func:`needs_work` says its outputs stand, else run by ``execute(run, name, force)``
@@ -653,8 +710,12 @@ def run_stages(run: Run, names: list[str], force: set[str] | None = None,
                     out[name] = store.read_manifest() or {}
                     continue
                 if why.startswith("retrain"):
-                    log.warning("%s: %s; training again (and recomputing %s)", name, why,
-                                ", ".join(run.downstream(name)) or "nothing downstream")
+                    log.warning(
+                        "%s: %s; training again (and recomputing %s)",
+                        name,
+                        why,
+                        ", ".join(run.downstream(name)) or "nothing downstream",
+                    )
                     forced_now.add(name)
                     for down in run.downstream(name):
                         forced_now.add(down)

@@ -17,6 +17,7 @@ are never listed). A stage with extra named maps writes them before its main ite
 the main item's existence still means "this image is done". A training stage is done when
 its ``model.pt`` exists.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,13 +30,15 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from models.seeds import labels_from_soft
 from stages.base import DataError, safe_name
+
 
 class StageBusy(RuntimeError):
     """Another run holds the stage's lock (and ``lock: refuse``)."""
@@ -156,8 +159,9 @@ class StageStore:
         if not self.items_dir.is_dir():
             return set()
         n = len(self.ext)
-        return {e.name[:-n] for e in os.scandir(self.items_dir)
-                if e.name.endswith(self.ext) and not e.name.startswith(".")}
+        return {
+            e.name[:-n] for e in os.scandir(self.items_dir) if e.name.endswith(self.ext) and not e.name.startswith(".")
+        }
 
     def write_label(self, image_id: str, label: np.ndarray, variant: str | None = None) -> None:
         """A label PNG; ``variant`` names an extra map (write those before the main one)."""
@@ -382,15 +386,20 @@ class StageStore:
             except BlockingIOError:
                 holder = self.lock_holder()
                 if not wait:
-                    raise StageBusy(f"{self.stage} (fingerprint {self.fingerprint}) is being computed by another run "
-                                    f"({holder}); run again when it is done, or set lock: wait") from None
+                    raise StageBusy(
+                        f"{self.stage} (fingerprint {self.fingerprint}) is being computed by another run "
+                        f"({holder}); run again when it is done, or set lock: wait"
+                    ) from None
                 if on_wait is not None:
-                    on_wait(f"{self.stage} (fingerprint {self.fingerprint}) is being computed by another run "
-                            f"({holder}); waiting for it")
+                    on_wait(
+                        f"{self.stage} (fingerprint {self.fingerprint}) is being computed by another run "
+                        f"({holder}); waiting for it"
+                    )
                 fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                      "since": time.time()}).encode(), 0)
+            os.pwrite(
+                fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0
+            )
             yield
         finally:
             os.close(fd)  # releases the flock

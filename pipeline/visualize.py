@@ -2,6 +2,7 @@
 trains from, every stage's labels with its mIoU against GT where known; for a graph stage
 the edge weights of one pixel's node as a heat map), a legend of the class colours below.
 Unknown pixels (255) are hatched; instance maps use one colour per instance."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from models.metrics import confusion_matrix, scores
-from models.types import SINGLE_STAGE
 from stages.base import IGNORE, DataError, WeakLabels
 
 from .store import voc_palette
@@ -44,8 +44,14 @@ def instance_image(instances: np.ndarray) -> np.ndarray:
     background, unknown hatched."""
     ids = np.arange(256)
     hue = (ids * 0.618034) % 1.0
-    rgb = np.stack([np.clip(np.abs(hue * 6 - 3) - 1, 0, 1), np.clip(2 - np.abs(hue * 6 - 2), 0, 1),
-                    np.clip(2 - np.abs(hue * 6 - 4), 0, 1)], 1)
+    rgb = np.stack(
+        [
+            np.clip(np.abs(hue * 6 - 3) - 1, 0, 1),
+            np.clip(2 - np.abs(hue * 6 - 2), 0, 1),
+            np.clip(2 - np.abs(hue * 6 - 4), 0, 1),
+        ],
+        1,
+    )
     table = (60 + 195 * rgb).astype(np.uint8)
     table[0] = 0
     return hatch(table[instances], instances == IGNORE)
@@ -107,8 +113,9 @@ def grid(tiles: list[Image.Image], columns: int, gap: int = 6) -> Image.Image:
     return out
 
 
-def edge_heatmap(image: np.ndarray, graph: dict[str, np.ndarray], pixel: tuple[int, int],
-                 stride: int = 8) -> np.ndarray:
+def edge_heatmap(
+    image: np.ndarray, graph: dict[str, np.ndarray], pixel: tuple[int, int], stride: int = 8
+) -> np.ndarray:
     """The image dimmed, overlaid with E_ij of the node j under ``pixel`` (x, y) for every
     neighbour i (jet colours, 0 = no edge), the chosen cell outlined in white."""
     import cv2
@@ -122,19 +129,12 @@ def edge_heatmap(image: np.ndarray, graph: dict[str, np.ndarray], pixel: tuple[i
     heat = np.zeros(h * w, np.float32)
     into = dst == node
     heat[src[into]] = graph["weight"][into].astype(np.float32)
-    heat = np.kron(heat.reshape(h, w), np.ones((stride, stride), np.float32))[:image.shape[0], :image.shape[1]]
+    heat = np.kron(heat.reshape(h, w), np.ones((stride, stride), np.float32))[: image.shape[0], : image.shape[1]]
     colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
     mixed = np.where(heat[..., None] > 0, 0.35 * image + 0.65 * colour, 0.35 * image).astype(np.uint8)
     y0, x0 = (y // stride) * stride, (x // stride) * stride
     cv2.rectangle(mixed, (x0, y0), (x0 + stride - 1, y0 + stride - 1), (255, 255, 255), 1)
     return mixed
-
-
-def weak_kind(config) -> str:
-    """Which weak label the run trains from: box, scribble, point or image (tags)."""
-    if config.supervision in SINGLE_STAGE:
-        return getattr(config, SINGLE_STAGE[config.supervision][0]).labels
-    return config.supervision
 
 
 def weak_overlay(image: np.ndarray, weak: WeakLabels, kind: str) -> np.ndarray:
@@ -147,14 +147,14 @@ def weak_overlay(image: np.ndarray, weak: WeakLabels, kind: str) -> np.ndarray:
         out[known] = _WEAK_PALETTE[weak.scribbles[known]]
     elif kind == "point":
         for p in weak.points:
-            out[max(p.y - 3, 0):p.y + 4, max(p.x - 3, 0):p.x + 4] = _WEAK_PALETTE[p.cls]
+            out[max(p.y - 3, 0) : p.y + 4, max(p.x - 3, 0) : p.x + 4] = _WEAK_PALETTE[p.cls]
     elif kind == "box":
         for b in weak.boxes:
             colour = _WEAK_PALETTE[b.cls]
-            out[b.y0:b.y1, b.x0:b.x0 + 2] = colour
-            out[b.y0:b.y1, max(b.x1 - 2, b.x0):b.x1] = colour
-            out[b.y0:b.y0 + 2, b.x0:b.x1] = colour
-            out[max(b.y1 - 2, b.y0):b.y1, b.x0:b.x1] = colour
+            out[b.y0 : b.y1, b.x0 : b.x0 + 2] = colour
+            out[b.y0 : b.y1, max(b.x1 - 2, b.x0) : b.x1] = colour
+            out[b.y0 : b.y0 + 2, b.x0 : b.x1] = colour
+            out[max(b.y1 - 2, b.y0) : b.y1, b.x0 : b.x1] = colour
     return out
 
 
@@ -165,8 +165,9 @@ def _miou(labels: np.ndarray, gt: np.ndarray | None, num_classes: int) -> str:
     return "" if value is None or np.isnan(value) else f"  mIoU {value:.3f}"
 
 
-def inspect_panel(run, image_id: str, out: Path | None = None, pixel: tuple[int, int] | None = None,
-                  columns: int = 4) -> Path:
+def inspect_panel(
+    run, image_id: str, out: Path | None = None, pixel: tuple[int, int] | None = None, columns: int = 4
+) -> Path:
     """Compose the grid for ``image_id`` and write it; returns the PNG path. ``pixel``
     (x, y; default the image centre) picks the node whose edges a graph stage shows."""
     known = {i for name in run.names for i in run.ids(name)}
@@ -180,16 +181,18 @@ def inspect_panel(run, image_id: str, out: Path | None = None, pixel: tuple[int,
     if gt is not None:
         panels.append((label_image(gt), "ground truth"))
     if image_id in run.dataset.ids("train"):  # what the run learns from
-        kind, weak = weak_kind(run.config), run.dataset.load_weak(image_id)
+        kind, weak = run.config.labels, run.dataset.load_weak(image_id)
         title = {"box": "boxes", "scribble": "scribbles", "point": "points"}.get(kind) or "tags: " + ", ".join(
-            run.dataset.class_names[t] for t in weak.tags)
+            run.dataset.class_names[t] for t in weak.tags
+        )
         panels.append((weak_overlay(image, weak, kind), title))
     for name in run.names:
         store = run.store(name)
         if store.kind == "arrays" and store.has(image_id):
             where = pixel or (image.shape[1] // 2, image.shape[0] // 2)
-            panels.append((edge_heatmap(image, store.read_arrays(image_id), where),
-                           f"{name}: edges of ({where[0]},{where[1]})"))
+            panels.append(
+                (edge_heatmap(image, store.read_arrays(image_id), where), f"{name}: edges of ({where[0]},{where[1]})")
+            )
         if store.kind not in ("label", "soft", "instances") or image_id not in run.ids(name):
             continue  # training stages have no per-image output; val images skip train stages
         for variant in [*run.spec(name).variants(run.config), None]:

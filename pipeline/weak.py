@@ -10,6 +10,7 @@
   (distance to the border) as the deepest one; optional background points the same way;
 - tags: the classes present.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -27,8 +28,9 @@ def image_rng(seed: int, image_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(image_id.encode())])
 
 
-def instances_from_semantic(semantic: np.ndarray, instance: np.ndarray | None = None,
-                            min_area: int = 1) -> list[tuple[int, np.ndarray]]:
+def instances_from_semantic(
+    semantic: np.ndarray, instance: np.ndarray | None = None, min_area: int = 1
+) -> list[tuple[int, np.ndarray]]:
     """(class, boolean mask) per object: instance ids if given, else 8-connected components."""
     out: list[tuple[int, np.ndarray]] = []
     if instance is not None:
@@ -60,7 +62,9 @@ def box_of(mask: np.ndarray, cls: int) -> Box:
 def _skeleton_path(region: np.ndarray, length: float, max_pixels: float, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask of a contiguous piece (``length`` share, at most ``max_pixels``) of the
     region's skeleton."""
-    skel = medial_axis(region, rng=0)  # (fixed tie-breaking) thinning collapses convex shapes (a square -> 3 pixels); the medial axis does not
+    skel = medial_axis(
+        region, rng=0
+    )  # (fixed tie-breaking) thinning collapses convex shapes (a square -> 3 pixels); the medial axis does not
     ys, xs = np.nonzero(skel)
     if ys.size == 0:
         return skel
@@ -112,10 +116,18 @@ def interior_point(region: np.ndarray, rng: np.random.Generator) -> tuple[int, i
     return int(xs[k]), int(ys[k])
 
 
-def synthesize(semantic: np.ndarray, instance: np.ndarray | None, rng: np.random.Generator,
-               min_object_area: float = 0.001, scribble_coverage: float = 0.03,
-               scribble_length: float = 0.6, scribble_background: bool = True,
-               background_points: int = 0, source: str = "<mask>", strokes: bool = True) -> WeakLabels:
+def synthesize(
+    semantic: np.ndarray,
+    instance: np.ndarray | None,
+    rng: np.random.Generator,
+    min_object_area: float = 0.001,
+    scribble_coverage: float = 0.03,
+    scribble_length: float = 0.6,
+    scribble_background: bool = True,
+    background_points: int = 0,
+    source: str = "<mask>",
+    strokes: bool = True,
+) -> WeakLabels:
     """The weak labels of one image from its GT (``semantic``, optional ``instance`` ids):
     tags and boxes, and with ``strokes`` the scribbles and points (the only ones that draw
     from ``rng``: always together, scribbles first, so either kind is the same whoever asks)."""
@@ -148,10 +160,18 @@ def clip_boxes(boxes: list[Box], width: int, height: int, source: str, log) -> l
     for b in boxes:
         c = Box(max(0, b.x0), max(0, b.y0), min(width, b.x1), min(height, b.y1), b.cls)
         if c.x1 <= c.x0 or c.y1 <= c.y0:
-            log.warning("%s: box %s lies outside the %dx%d image; dropped", source, (b.x0, b.y0, b.x1, b.y1), width, height)
+            log.warning(
+                "%s: box %s lies outside the %dx%d image; dropped", source, (b.x0, b.y0, b.x1, b.y1), width, height
+            )
             continue
         if c != b:
-            log.warning("%s: box %s extends outside the %dx%d image; clipped to %s", source,
-                        (b.x0, b.y0, b.x1, b.y1), width, height, (c.x0, c.y0, c.x1, c.y1))
+            log.warning(
+                "%s: box %s extends outside the %dx%d image; clipped to %s",
+                source,
+                (b.x0, b.y0, b.x1, b.y1),
+                width,
+                height,
+                (c.x0, c.y0, c.x1, c.y1),
+            )
         out.append(c)
     return out

@@ -9,6 +9,7 @@ On the CPU the images run in worker processes (``workers``; each loads the affin
 once); on a GPU in the main process. Images of the same size and class count train
 together (``batch``; :class:`models.a2gnn.GridGraph` path only).
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,15 +19,17 @@ import numpy as np
 import torch
 
 from models.transductive import Problem, batches, classes_of, fit, fuse, image_seed, make_problem
-from models.types import PIPELINE, Box
+from models.types import Box
 
 from .affinity_train import load_affinity
 from .base import STAGES, StageContext, StageResult, StageSpec, describe_error
+from .methods import PIPELINE
 from .graph import node_features_of
 from .routing import fuses_random_walk
 from .training import release
 
 VERSION = "2"
+
 
 # --------------------------------------------------------------------------- IO
 @functools.lru_cache(maxsize=1)
@@ -48,15 +51,23 @@ def _problem(ctx: StageContext, image_id: str, class_ids: np.ndarray, boxes: lis
     affinity = _affinity_of(ctx)
     graph = ctx.input("graph").read_arrays(image_id)
     image = ctx.dataset.load_image(image_id)
-    return make_problem(image, ctx.input("seeds").read_label(image_id), class_ids, boxes,
-                        node_features_of(graph, affinity, image, ctx.device),
-                        torch.from_numpy(graph["edge_index"].astype(np.int64)),
-                        torch.from_numpy(graph["weight"].astype(np.float32)), tuple(int(v) for v in graph["grid"]),
-                        cfg, image_seed(ctx.config.seed, image_id))
+    return make_problem(
+        image,
+        ctx.input("seeds").read_label(image_id),
+        class_ids,
+        boxes,
+        node_features_of(graph, affinity, image, ctx.device),
+        torch.from_numpy(graph["edge_index"].astype(np.int64)),
+        torch.from_numpy(graph["weight"].astype(np.float32)),
+        tuple(int(v) for v in graph["grid"]),
+        cfg,
+        image_seed(ctx.config.seed, image_id),
+    )
 
 
-def _run_group(ctx: StageContext, key: str, groups: dict[str, list[str]], meta: dict[str, tuple], cfg,
-               radius: int) -> dict[str, Any]:
+def _run_group(
+    ctx: StageContext, key: str, groups: dict[str, list[str]], meta: dict[str, tuple], cfg, radius: int
+) -> dict[str, Any]:
     """Train one group of images together and write their outputs; returns the per-image
     failures and facts. ``meta``: each image's (class ids, boxes)."""
     failures, problems, ids = {}, [], []
@@ -106,8 +117,13 @@ def run(ctx: StageContext) -> StageResult:
             facts += outcome["facts"]
     for image_id, why in result.failures.items():
         ctx.log.warning("a2gnn: %s failed: %s", image_id, why)
-    result.info.update(layer=cfg.layer, path=cfg.path, epochs=2 * cfg.epochs, batch=batch,
-                       fused_random_walk=fuses_random_walk(ctx.config))
+    result.info.update(
+        layer=cfg.layer,
+        path=cfg.path,
+        epochs=2 * cfg.epochs,
+        batch=batch,
+        fused_random_walk=fuses_random_walk(ctx.config),
+    )
     if cfg.consistency and facts:
         result.info["check_removed_mean"] = round(float(np.mean([f["check_removed"] for f in facts])), 4)
     _affinity.cache_clear()
@@ -124,7 +140,15 @@ def inputs(config) -> list[str]:
     return out
 
 
-SPEC = STAGES.register(StageSpec(
-    name="a2gnn", run=run, inputs=inputs, supervisions=PIPELINE,
-    output="soft", version=VERSION, parallel="cpu",
-    reads=("dataset", "weak", "seed", "supervision")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="a2gnn",
+        run=run,
+        inputs=inputs,
+        methods=PIPELINE,
+        output="soft",
+        version=VERSION,
+        parallel="cpu",
+        reads=("dataset", "weak", "seed", "labels"),
+    )
+)

@@ -12,6 +12,7 @@ otherwise, as the released code (``affinity_train.radius`` overrides). Optimiser
 momentum, poly decay, 10x rate on the new layers; checkpoints and exact resume through
 :func:`stages.training.train_loop`. Output: ``model.pt``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,9 +22,9 @@ import torch
 
 from models.affinity import STRIDE, AffinityNet, affinity_objective, window_offsets
 from models.backbones import DEPTHS, weights_path
-from models.types import PIPELINE
 
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
+from .methods import PIPELINE
 from .routing import affinity_map, offsets_of
 from .training import crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
 
@@ -56,7 +57,7 @@ def run(ctx: StageContext) -> StageResult:
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn)
     save_trained(ctx, model, info, arch={"depth": cfg.depth}, radius=cfg.radius, neighbourhood=cfg.neighbourhood)
-    del model, opt
+    model = opt = None  # free them before release()
     return trained_result(ctx, info, radius=cfg.radius, seed_map=variant or "M_g")
 
 
@@ -64,7 +65,17 @@ def preflight(config) -> None:
     weights_path(config.affinity_train.weights, DEPTHS[config.affinity_train.depth])
 
 
-SPEC = STAGES.register(StageSpec(
-    name="affinity_train", run=run, inputs=lambda config: ["seeds"], supervisions=PIPELINE,
-    output="model", version=VERSION, per_image=False, parallel=False, preflight=preflight,
-    reads=("dataset", "seed", "supervision")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="affinity_train",
+        run=run,
+        inputs=lambda config: ["seeds"],
+        methods=PIPELINE,
+        output="model",
+        version=VERSION,
+        per_image=False,
+        parallel=False,
+        preflight=preflight,
+        reads=("dataset", "seed", "labels"),
+    )
+)

@@ -3,6 +3,7 @@ flip, random crop (padded with the ImageNet mean colour, which normalises to 0, 
 255 = ignore in label maps). Every random choice comes from the ``rng`` passed in, so a
 training step is reproducible from (seed, step) and a resumed run sees the same crops.
 """
+
 from __future__ import annotations
 
 import cv2
@@ -23,8 +24,9 @@ def rescale(image: np.ndarray, scale: float, labels: tuple[np.ndarray, ...] = ()
     return out, tuple(cv2.resize(lab, size, interpolation=cv2.INTER_NEAREST) for lab in labels)
 
 
-def random_crop(image: np.ndarray, crop: int, rng: np.random.Generator,
-                labels: tuple[np.ndarray, ...] = ()) -> tuple[np.ndarray, tuple]:
+def random_crop(
+    image: np.ndarray, crop: int, rng: np.random.Generator, labels: tuple[np.ndarray, ...] = ()
+) -> tuple[np.ndarray, tuple]:
     """A crop x crop window; a side shorter than ``crop`` is placed at a random offset in a
     padded canvas (as IRN/PSA do), so every crop has the same size."""
     h, w = image.shape[:2]
@@ -35,17 +37,22 @@ def random_crop(image: np.ndarray, crop: int, rng: np.random.Generator,
     dx = int(rng.integers(0, crop - cw + 1))
     img = np.empty((crop, crop, 3), np.uint8)
     img[:] = PAD_RGB
-    img[dy:dy + ch, dx:dx + cw] = image[top:top + ch, left:left + cw]
+    img[dy : dy + ch, dx : dx + cw] = image[top : top + ch, left : left + cw]
     outs = []
     for lab in labels:
         o = np.full((crop, crop), IGNORE, lab.dtype)
-        o[dy:dy + ch, dx:dx + cw] = lab[top:top + ch, left:left + cw]
+        o[dy : dy + ch, dx : dx + cw] = lab[top : top + ch, left : left + cw]
         outs.append(o)
     return img, tuple(outs)
 
 
-def scale_flip_crop(image: np.ndarray, rng: np.random.Generator, scale_range: tuple[float, float], crop: int,
-                    labels: tuple[np.ndarray, ...] = ()) -> tuple[np.ndarray, tuple]:
+def scale_flip_crop(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    scale_range: tuple[float, float],
+    crop: int,
+    labels: tuple[np.ndarray, ...] = (),
+) -> tuple[np.ndarray, tuple]:
     """Random rescale in ``scale_range``, horizontal flip with p=0.5, random crop."""
     image, labels = rescale(image, float(rng.uniform(*scale_range)), labels)
     if rng.random() < 0.5:
@@ -58,6 +65,7 @@ def photometric(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """mmseg's ``PhotoMetricDistortion`` on an RGB uint8 image, each part with p = 0.5:
     brightness + U(-32, 32); contrast x U(0.5, 1.5), before or after (p = 0.5) saturation
     x U(0.5, 1.5) and hue + U{-18..17} (OpenCV's 0-179 hue), in HSV; clipped to 0..255."""
+
     def maybe(fn) -> None:
         nonlocal img
         if rng.integers(2):

@@ -6,16 +6,25 @@ slice, the dataset and upstream outputs through ``ctx``, and writes its own item
 stage's folder by path. The pipeline package builds the context; this module only defines
 what a stage may rely on, so the dependency direction stays pipeline -> stages -> models.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from models.types import IGNORE, Box, Point, WeakLabels  # noqa: F401  (re-exported for stages and datasets)
 
@@ -23,8 +32,15 @@ from models.types import IGNORE, Box, Point, WeakLabels  # noqa: F401  (re-expor
 def progress_bar(*extra: ProgressColumn) -> Progress:
     """The one progress bar of the CLI: description, bar, done/total, ``extra`` columns
     (a training loop adds its loss and rate), elapsed, ETA."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
 
 
 class DataError(ValueError):
@@ -55,8 +71,10 @@ def safe_name(value: str, what: str) -> str:
     temp files), no leading or trailing space, at most 200 characters.
     """
     if not isinstance(value, str) or len(value) > 200 or not _SAFE_NAME.match(value):
-        raise ValueError(f"{what} {value!r} cannot name a file inside the artifacts folder (no '/' or '\\', "
-                         "no leading '.', no control characters or edge spaces, at most 200 characters)")
+        raise ValueError(
+            f"{what} {value!r} cannot name a file inside the artifacts folder (no '/' or '\\', "
+            "no leading '.', no control characters or edge spaces, at most 200 characters)"
+        )
     return value
 
 
@@ -144,8 +162,9 @@ class StageContext:
             return next(iter(self.upstream.values()))
         return self.upstream[name]
 
-    def map_items(self, fn: Callable[["StageContext", str], T], ids: Iterable[str] | None = None,
-                  desc: str | None = None) -> Iterator[tuple[str, T | BaseException]]:
+    def map_items(
+        self, fn: Callable[[StageContext, str], T], ids: Iterable[str] | None = None, desc: str | None = None
+    ) -> Iterator[tuple[str, T | BaseException]]:
         """Apply ``fn(ctx, image_id)`` to every id (default: ``todo``), in parallel where the
         pipeline allows, yielding ``(image_id, result_or_exception)`` as items finish."""
         ids = list(self.todo if ids is None else ids)
@@ -201,28 +220,30 @@ def describe_error(err: BaseException) -> str:
 class StageSpec:
     """A registered stage.
 
+    ``methods``: the methods (:data:`stages.methods.METHODS`) whose runs include it;
+    ``labels``: the label kinds it runs for (None: every kind its methods take).
     ``inputs(config)`` names the upstream stages for a run; ``output`` is ``label`` (PNG),
     ``soft`` (float16 npz), ``arrays`` (named arrays, npz: graphs), ``instances`` (instance-id
     PNGs, not scored as semantic labels) or ``model``; ``version`` is bumped whenever the stage's numerics
     change, which invalidates its cached outputs (it is part of the fingerprint).
     ``per_image=False`` (training stages) runs once over all images, never sharded;
     ``parallel=False`` keeps per-image work in the main process (torch stages that batch on
-    one device), ``parallel="cpu"`` only on a GPU; ``variants(config)`` names extra label maps scored next to the main one;
-    ``report(ctx)`` adds stage-specific metrics once all images are done (``ctx.out`` is
+    one device), ``parallel="cpu"`` only on a GPU; ``variants(config)`` names extra label maps scored next to
+    the main one; ``report(ctx)`` adds stage-specific metrics once all images are done (``ctx.out`` is
     then readable too); ``preflight(config)`` checks what the stage will need (weights
     files, ...) when the run is built, so a missing file stops the run before any work.
     ``usable(ctx, image_id)`` (training stages) raises when the stage cannot train on an
     image beyond the common checks (readable image and weak labels, upstream outputs).
     ``reads`` names the top-level config fields beyond the stage's own section that change
     its results (``dataset``, ``weak``: the weak-label settings *and* files, ``seed``,
-    ``supervision``); they enter its fingerprint, and a stage that reads ``weak`` checks
+    ``labels``); they enter its fingerprint, and a stage that reads ``weak`` checks
     each image's weak labels before training on it.
     """
 
     name: str
     run: Callable[[StageContext], StageResult]
     inputs: Callable[[Any], list[str]]
-    supervisions: tuple[str, ...]
+    methods: tuple[str, ...]
     output: str = "label"
     version: str = "1"
     per_image: bool = True
@@ -234,6 +255,7 @@ class StageSpec:
     preflight: Callable[[Any], None] | None = None
     reads: tuple[str, ...] = ("dataset",)
     usable: Callable[[StageContext, str], None] | None = None
+    labels: tuple[str, ...] | None = None
 
 
 S = TypeVar("S")

@@ -15,6 +15,7 @@ photometric distortion and crop (padding is 255 in the labels and left out of bo
 Checkpoints hold model, optimiser, loss history and RNG states; every crop is a function of
 (seed, step), so a killed run resumes exactly.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,7 +25,6 @@ import torch.nn.functional as F
 
 from models.blpseg import blp_loss, self_training_labels, weighted_ce
 from models.segmentation import BlpNet
-from models.types import Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .training import train_sparse, trained_model
@@ -33,8 +33,16 @@ VERSION = "1"
 
 
 def build_model(arch: dict[str, Any]) -> BlpNet:
-    return BlpNet(arch["backbone"], arch["num_classes"], arch.get("weights", "none"), arch["channels"],
-                  arch["low_dim"], arch["sigma"], arch["radius"], arch["lam"])
+    return BlpNet(
+        arch["backbone"],
+        arch["num_classes"],
+        arch.get("weights", "none"),
+        arch["channels"],
+        arch["low_dim"],
+        arch["sigma"],
+        arch["radius"],
+        arch["lam"],
+    )
 
 
 def load_trained(state: dict[str, Any], device: str) -> BlpNet:
@@ -42,8 +50,9 @@ def load_trained(state: dict[str, Any], device: str) -> BlpNet:
     return trained_model(state, build_model, device)
 
 
-def blpseg_objective(seg_grid: torch.Tensor, scrib_grid: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
-                     cfg, self_training: bool) -> dict[str, torch.Tensor]:
+def blpseg_objective(
+    seg_grid: torch.Tensor, scrib_grid: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, cfg, self_training: bool
+) -> dict[str, torch.Tensor]:
     """BLPSeg Eq. 12 on a batch: grid logits upsampled to the crop, WCE of the scribble head
     (only with ``blp``: without BL nothing reads p^scrib), BL (delta = 1 without ``blp``: partial
     CE) of the segmentation head on the scribbles or, with ``self_training``, its own labels."""
@@ -65,9 +74,16 @@ def blpseg_objective(seg_grid: torch.Tensor, scrib_grid: torch.Tensor, labels: t
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.section
-    arch = {"backbone": cfg.backbone, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights,
-            "channels": cfg.channels, "low_dim": cfg.low_dim, "sigma": cfg.sigma, "radius": cfg.radius,
-            "lam": cfg.lam}
+    arch = {
+        "backbone": cfg.backbone,
+        "num_classes": ctx.dataset.num_classes,
+        "weights": cfg.weights,
+        "channels": cfg.channels,
+        "low_dim": cfg.low_dim,
+        "sigma": cfg.sigma,
+        "radius": cfg.radius,
+        "lam": cfg.lam,
+    }
 
     def objective(outputs, x, y, real, step: int) -> dict[str, torch.Tensor]:
         seg, scrib = outputs
@@ -88,6 +104,17 @@ def preflight(config) -> None:
         swin_weights_path(cfg.backbone, cfg.weights)
 
 
-SPEC = STAGES.register(StageSpec(
-    name="blpseg_train", run=run, inputs=lambda config: [], supervisions=(Supervision.BLPSEG,), output="model",
-    version=VERSION, per_image=False, parallel=False, preflight=preflight, reads=("dataset", "weak", "seed")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="blpseg_train",
+        run=run,
+        inputs=lambda config: [],
+        methods=("blpseg",),
+        output="model",
+        version=VERSION,
+        per_image=False,
+        parallel=False,
+        preflight=preflight,
+        reads=("dataset", "weak", "seed", "labels"),
+    )
+)

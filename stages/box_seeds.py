@@ -11,12 +11,13 @@ Extra map ``grabcut_filled``: the same GrabCut with every unknown pixel taken as
 i.e. what one call of OpenCV's GrabCut per box gives a user with no pipeline at all. It is
 the reference row of every box run's ladder: a later stage earns its place by beating it.
 """
+
 from __future__ import annotations
 
 from models.grabcut import grabcut_filled, grabcut_seeds
-from models.types import Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .methods import PIPELINE
 
 VERSION = "2"
 FILLED = "grabcut_filled"
@@ -26,8 +27,7 @@ def _grabcut_image(ctx: StageContext, image_id: str) -> dict:
     image = ctx.dataset.load_image(image_id)
     weak = ctx.dataset.load_weak(image_id)
     cfg = ctx.section
-    labels = grabcut_seeds(image, weak.boxes, cfg.iterations, cfg.crop_margin, cfg.min_box_side,
-                           seed=ctx.config.seed)
+    labels = grabcut_seeds(image, weak.boxes, cfg.iterations, cfg.crop_margin, cfg.min_box_side, seed=ctx.config.seed)
     filled = grabcut_filled(labels)
     ctx.out.write_label(image_id, filled, FILLED)
     ctx.out.write_label(image_id, filled if cfg.inside_background == "background" else labels)
@@ -38,6 +38,16 @@ def run(ctx: StageContext) -> StageResult:
     return run_items(ctx, _grabcut_image, desc="GrabCut seeds")
 
 
-SPEC = STAGES.register(StageSpec(
-    name="box_seeds", run=run, inputs=lambda config: [], supervisions=(Supervision.BOX,),
-    output="label", version=VERSION, variants=lambda config: [FILLED], reads=("dataset", "weak", "seed")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="box_seeds",
+        run=run,
+        inputs=lambda config: [],
+        methods=PIPELINE,
+        labels=("box",),
+        output="label",
+        version=VERSION,
+        variants=lambda config: [FILLED],
+        reads=("dataset", "weak", "seed"),
+    )
+)

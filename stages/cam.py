@@ -9,6 +9,7 @@ Quality report (when GT exists): the mIoU of ``argmax([t, P_1..P_k])`` for a con
 background score t over 0.05..0.60 (IRN's ``eval_cam``), the best t and its mIoU, next
 to the mIoU of the stored (alpha) labels.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,9 +19,9 @@ import numpy as np
 from models.cam import multiscale_cam, with_background
 from models.metrics import confusion_matrix, scores
 from models.seeds import labels_from_soft
-from models.types import PIPELINE
 
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .methods import PIPELINE
 from .cam_train import load_trained
 from .routing import cam_enabled
 from .training import infer_items
@@ -69,7 +70,17 @@ def threshold_sweep(ctx: StageContext) -> dict[str, Any]:
     return {"threshold_sweep": curve, "best_threshold": float(best), "best_threshold_miou": curve[best]}
 
 
-SPEC = STAGES.register(StageSpec(
-    name="cam", run=run, inputs=lambda config: ["cam_train"], supervisions=PIPELINE,
-    output="soft", version=VERSION, parallel=False, enabled=cam_enabled,
-    report=threshold_sweep, reads=("dataset", "weak")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="cam",
+        run=run,
+        inputs=lambda config: ["cam_train"],
+        methods=PIPELINE,
+        output="soft",
+        version=VERSION,
+        parallel=False,
+        enabled=cam_enabled,
+        report=threshold_sweep,
+        reads=("dataset", "weak"),
+    )
+)

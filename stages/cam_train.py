@@ -12,6 +12,7 @@ The sample order of an epoch and the augmentation of each sample are functions o
 (seed, epoch/step) only, so a run resumed from ``ckpt-<step>.pt`` continues exactly
 where it stopped. Output: ``model.pt`` with the architecture and the state dict.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,10 +22,10 @@ import torch
 
 from models.backbones import DEPTHS, weights_path
 from models.cam import CamNet, classification_loss
-from models.types import PIPELINE
 
 from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .methods import PIPELINE
 from .routing import cam_enabled
 from .training import save_trained, sgd, train_loop, trained_model, trained_result
 
@@ -58,23 +59,31 @@ def run(ctx: StageContext) -> StageResult:
         raise ValueError("cam_train: the train split is empty")
     targets = tag_targets(ctx, ids)
     if ctx.dataset.num_classes < 3 and targets.all():
-        ctx.log.warning("cam_train: every image has the same single tag; a classifier cannot localise "
-                        "anything from that (set cam.enabled: false)")
-    arch = {"num_fg": ctx.dataset.num_classes - 1, "depth": cfg.depth, "output_stride": cfg.output_stride,
-            "weights": cfg.weights}
+        ctx.log.warning(
+            "cam_train: every image has the same single tag; a classifier cannot localise "
+            "anything from that (set cam.enabled: false)"
+        )
+    arch = {
+        "num_fg": ctx.dataset.num_classes - 1,
+        "depth": cfg.depth,
+        "output_stride": cfg.output_stride,
+        "weights": cfg.weights,
+    }
     torch.manual_seed(seed)
     model = build_model(arch).to(ctx.device)
     opt, base_lrs = sgd(model, cfg)
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
-        crops = [scale_flip_crop(ctx.dataset.load_image(ids[i]), step_rng(seed, step, j), cfg.scale_range,
-                                 cfg.crop)[0] for j, i in enumerate(picks)]
+        crops = [
+            scale_flip_crop(ctx.dataset.load_image(ids[i]), step_rng(seed, step, j), cfg.scale_range, cfg.crop)[0]
+            for j, i in enumerate(picks)
+        ]
         x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).to(ctx.device)
         return classification_loss(model(x), torch.from_numpy(targets[picks]).to(ctx.device))
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn)
     save_trained(ctx, model, info, arch=arch)
-    del model, opt
+    model = opt = None  # free them before release()
     return trained_result(ctx, info)
 
 
@@ -83,7 +92,18 @@ def preflight(config) -> None:
     weights_path(config.cam_train.weights, DEPTHS[config.cam_train.depth])
 
 
-SPEC = STAGES.register(StageSpec(
-    name="cam_train", run=run, inputs=lambda config: [], supervisions=PIPELINE,
-    output="model", version=VERSION, per_image=False, parallel=False, enabled=cam_enabled, preflight=preflight,
-    reads=("dataset", "weak", "seed")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="cam_train",
+        run=run,
+        inputs=lambda config: [],
+        methods=PIPELINE,
+        output="model",
+        version=VERSION,
+        per_image=False,
+        parallel=False,
+        enabled=cam_enabled,
+        preflight=preflight,
+        reads=("dataset", "weak", "seed"),
+    )
+)

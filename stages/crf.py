@@ -1,15 +1,16 @@
 """``crf``: dense-CRF refinement of the latest label or probability map.
 
-Input (``crf.input: auto``): the most refined upstream stage the supervision type has:
-``spml`` where ``spml_train.enabled``, else ``a2gnn`` (every supervision), else ``random_walk``
-where it propagates CAMs (tags, points), else ``seeds`` (M_g). Hard labels become a unary with ``gt_prob`` on the label (unknown
-pixels uniform, see :func:`models.crf.unary_from_labels`); probabilities are used as
+Input (``crf.input: auto``): the most refined upstream stage of the run:
+``spml`` for ``method: spml``, else ``a2gnn`` (every label kind), else ``random_walk``
+where it propagates CAMs (tags, points), else ``seeds`` (M_g). Hard labels become a unary with ``gt_prob`` on
+the label (unknown pixels uniform, see :func:`models.crf.unary_from_labels`); probabilities are used as
 -log p. Output: a full label map. Images run in parallel across worker processes.
 
 ``grabcut_refine`` (boxes): the CRF's labels then start one GrabCut per box
 (:func:`models.grabcut.grabcut_refine`); the output is the refined map, and the CRF's own is
 kept as the extra map ``dense_crf`` so the ladder shows what each step adds.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,9 +18,9 @@ import numpy as np
 from models.crf import crf_from_labels, crf_from_probs
 from models.grabcut import grabcut_refine
 from models.seeds import labels_from_soft
-from models.types import PIPELINE, Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .methods import PIPELINE, stage_runs
 
 VERSION = "1"
 DENSE = "dense_crf"
@@ -30,7 +31,7 @@ CANDIDATES = ("spml", "a2gnn", "random_walk", "seeds", "box_seeds")
 
 def _candidate(name: str, config) -> bool:
     spec = STAGES.get(name)
-    if config.supervision not in spec.supervisions or not spec.enabled(config):
+    if not stage_runs(spec, config):
         return False
     # The random walk replaces the seeds where it propagates CAMs (PSA's role: tags, points);
     # where it propagates the confident seeds (boxes, scribbles) it is the Table 3.4 baseline.
@@ -49,15 +50,22 @@ def _crf_image(ctx: StageContext, image_id: str) -> dict:
     if _refines(ctx.config):
         ctx.out.write_label(image_id, labels, DENSE)
         gc = ctx.config.box_seeds  # in the fingerprint through box_seeds upstream
-        labels = grabcut_refine(image, labels, ctx.dataset.load_weak(image_id).boxes, gc.iterations,
-                                gc.crop_margin, gc.min_box_side, seed=ctx.config.seed,
-                                min_iou=ctx.section.grabcut_min_iou)
+        labels = grabcut_refine(
+            image,
+            labels,
+            ctx.dataset.load_weak(image_id).boxes,
+            gc.iterations,
+            gc.crop_margin,
+            gc.min_box_side,
+            seed=ctx.config.seed,
+            min_iou=ctx.section.grabcut_min_iou,
+        )
     ctx.out.write_label(image_id, labels)
     return {}
 
 
 def _refines(config) -> bool:
-    return config.crf.grabcut_refine and config.supervision == Supervision.BOX
+    return config.crf.grabcut_refine and config.labels == "box"
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -72,10 +80,18 @@ def inputs(config) -> list[str]:
     for name in CANDIDATES:
         if _candidate(name, config):
             return [name]
-    raise ValueError(f"crf: no input stage for supervision '{config.supervision}'")
+    raise ValueError(f"crf: no input stage for labels '{config.labels}'")
 
 
-SPEC = STAGES.register(StageSpec(
-    name="crf", run=run, inputs=inputs, supervisions=PIPELINE, output="label", version=VERSION,
-    variants=lambda config: [DENSE] if _refines(config) else [],
-    reads=("dataset", "supervision", "seed")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="crf",
+        run=run,
+        inputs=inputs,
+        methods=PIPELINE,
+        output="label",
+        version=VERSION,
+        variants=lambda config: [DENSE] if _refines(config) else [],
+        reads=("dataset", "labels", "seed"),
+    )
+)

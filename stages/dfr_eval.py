@@ -3,9 +3,9 @@
 image size, argmax as a label PNG; per-class IoU and mIoU against GT like every label
 stage, and shown by ``wsss inspect``.
 """
+
 from __future__ import annotations
 
-from models.types import Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .dfr_train import load_trained
@@ -15,10 +15,20 @@ VERSION = "1"
 
 
 def run(ctx: StageContext) -> StageResult:
-    return infer_items(ctx, load_trained(ctx.input("dfr_train").read_model(), ctx.device), predict_val_label,
-                       "DFR inference")
+    return infer_items(
+        ctx, load_trained(ctx.input("dfr_train").read_model(), ctx.device), predict_val_label, "DFR inference"
+    )
 
 
-SPEC = STAGES.register(StageSpec(
-    name="dfr_eval", run=run, inputs=lambda config: ["dfr_train"], supervisions=(Supervision.DFR,), output="label",
-    version=VERSION, split="val", parallel=False))
+SPEC = STAGES.register(
+    StageSpec(
+        name="dfr_eval",
+        run=run,
+        inputs=lambda config: ["dfr_train"],
+        methods=("dfr",),
+        output="label",
+        version=VERSION,
+        split="val",
+        parallel=False,
+    )
+)

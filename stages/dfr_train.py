@@ -13,6 +13,7 @@ linear warm-up and poly decay; random rescale, flip, photometric distortion and 
 CUDA. Checkpoints hold model, optimiser, loss history, RNG states and AMP scaler, and
 every crop is a function of (seed, step), so a killed run resumes exactly.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,7 +23,6 @@ import torch
 from models.backbones import swin_weights_path
 from models.losses import dfr_objective
 from models.segmentation import DfrNet
-from models.types import Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .training import train_sparse, trained_model
@@ -33,8 +33,15 @@ DIAGNOSTICS = ("k_feature", "confident")  # see models.losses.dfr_objective
 
 
 def build_model(arch: dict[str, Any]) -> DfrNet:
-    return DfrNet(arch["backbone"], arch["num_classes"], arch.get("weights", "none"), arch["fusion_stages"],
-                  arch["channels"], arch["feature_dim"], arch["feature_head"])
+    return DfrNet(
+        arch["backbone"],
+        arch["num_classes"],
+        arch.get("weights", "none"),
+        arch["fusion_stages"],
+        arch["channels"],
+        arch["feature_dim"],
+        arch["feature_head"],
+    )
 
 
 def load_trained(state: dict[str, Any], device: str) -> DfrNet:
@@ -44,9 +51,15 @@ def load_trained(state: dict[str, Any], device: str) -> DfrNet:
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.section
-    arch = {"backbone": cfg.backbone, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights,
-            "fusion_stages": list(cfg.fusion_stages), "channels": cfg.channels, "feature_dim": cfg.feature_dim,
-            "feature_head": cfg.uses_features}  # the section is a DfrTerms (models.params)
+    arch = {
+        "backbone": cfg.backbone,
+        "num_classes": ctx.dataset.num_classes,
+        "weights": cfg.weights,
+        "fusion_stages": list(cfg.fusion_stages),
+        "channels": cfg.channels,
+        "feature_dim": cfg.feature_dim,
+        "feature_head": cfg.uses_features,
+    }  # the section is a DfrTerms (models.params)
 
     def objective(outputs, x, y, real, step: int) -> dict[str, torch.Tensor]:
         logits, feats = outputs
@@ -60,6 +73,17 @@ def preflight(config) -> None:
     swin_weights_path(config.dfr_train.backbone, config.dfr_train.weights)
 
 
-SPEC = STAGES.register(StageSpec(
-    name="dfr_train", run=run, inputs=lambda config: [], supervisions=(Supervision.DFR,), output="model", version=VERSION,
-    per_image=False, parallel=False, preflight=preflight, reads=("dataset", "weak", "seed")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="dfr_train",
+        run=run,
+        inputs=lambda config: [],
+        methods=("dfr",),
+        output="model",
+        version=VERSION,
+        per_image=False,
+        parallel=False,
+        preflight=preflight,
+        reads=("dataset", "weak", "seed", "labels"),
+    )
+)

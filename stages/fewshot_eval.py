@@ -12,6 +12,7 @@ mean of those IoUs over the classes (``miou``, the thesis' metric); ``fb_iou`` t
 foreground and background IoUs summed over every episode. The stage's ``model.pt`` holds the
 per-episode records (what the store's completion check reads); the scores are its metrics.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from models.fewshot import cross_guided, prototype_logits
-from models.types import IGNORE, Supervision
+from models.types import IGNORE
 
 from .augment import rescale
 from .base import STAGES, StageContext, StageResult, StageSpec
@@ -103,7 +104,7 @@ def run(ctx: StageContext) -> StageResult:
             for c, supports, query in episodes(pool, k, cfg.episodes, cfg.seed):
                 vectors = [model.support_vectors(encoded(s)[0], mask_of(s, c)) for s in supports]
 
-                def logits_of(j: int, image_id: str) -> torch.Tensor:
+                def logits_of(j: int, image_id: str, supports=supports, c=c, vectors=vectors) -> torch.Tensor:
                     (f, h), s = encoded(image_id), supports[j]
                     prior = model.prior_of(h, encoded(s)[1], mask_of(s, c))
                     return up(model.query_logits(f, vectors[j]["a"], vectors[j]["b"], prior), image_id)
@@ -113,20 +114,46 @@ def run(ctx: StageContext) -> StageResult:
                 else:
                     pred = cross_guided(logits_of, supports, [mask_of(s, c)[0] for s in supports], query).argmax(0)
                 mask = class_mask(loaded(query)[1], c)
-                base = prototype_logits([encoded(s)[0] for s in supports], [mask_of(s, c) for s in supports],
-                                        encoded(query)[0])
-                records.append({"shots": k, "class": c, "supports": supports, "query": query,
-                                "iou": scl.add(c, pred.cpu().numpy(), mask),
-                                "prototype_iou": proto.add(c, up(base, query).argmax(0).cpu().numpy(), mask)})
+                base = prototype_logits(
+                    [encoded(s)[0] for s in supports], [mask_of(s, c) for s in supports], encoded(query)[0]
+                )
+                records.append(
+                    {
+                        "shots": k,
+                        "class": c,
+                        "supports": supports,
+                        "query": query,
+                        "iou": scl.add(c, pred.cpu().numpy(), mask),
+                        "prototype_iou": proto.add(c, up(base, query).argmax(0).cpu().numpy(), mask),
+                    }
+                )
             metrics[f"{k}shot"] = scl.result()
             metrics[f"{k}shot_prototype"] = proto.result()
     ctx.out.write_model({"episodes": records, "held_out": held})
-    del model
+    model = None  # free it before release()
     release(ctx.device)
-    return StageResult(info={"held_out": held, "episodes": cfg.episodes, "shots": list(cfg.shots),
-                             "val_images": {str(c): len(v) for c, v in pool.items()}}, metrics=metrics)
+    return StageResult(
+        info={
+            "held_out": held,
+            "episodes": cfg.episodes,
+            "shots": list(cfg.shots),
+            "val_images": {str(c): len(v) for c, v in pool.items()},
+        },
+        metrics=metrics,
+    )
 
 
-SPEC = STAGES.register(StageSpec(
-    name="fewshot_eval", run=run, inputs=lambda config: ["fewshot_train"], supervisions=(Supervision.FEWSHOT,),
-    output="model", version=VERSION, split="val", per_image=False, parallel=False, reads=("dataset",)))
+SPEC = STAGES.register(
+    StageSpec(
+        name="fewshot_eval",
+        run=run,
+        inputs=lambda config: ["fewshot_train"],
+        methods=("scl",),
+        output="model",
+        version=VERSION,
+        split="val",
+        per_image=False,
+        parallel=False,
+        reads=("dataset",),
+    )
+)

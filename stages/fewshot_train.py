@@ -9,16 +9,18 @@ is ignored. Both images go through rescale, flip and crop. Loss Eq. 5.14
 (:func:`models.fewshot.scl_loss`); SGD with poly decay; checkpoints as every training stage,
 and every episode is a function of (seed, step), so a killed run resumes exactly.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from models.fewshot import SclNet, scl_loss
-from models.types import IGNORE, Supervision
+from models.types import IGNORE
 
 from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
@@ -28,8 +30,9 @@ VERSION = "2"  # 2: He-initialised head, prior mask, held-out pixels option
 
 
 def build_model(arch: dict[str, Any]) -> SclNet:
-    return SclNet(arch["depth"], arch["channels"], arch.get("weights", "none"), arch["sgm"],
-                  arch.get("prior", False))  # models stored before the prior have no "prior" key
+    return SclNet(
+        arch["depth"], arch["channels"], arch.get("weights", "none"), arch["sgm"], arch.get("prior", False)
+    )  # models stored before the prior have no "prior" key
 
 
 def load_trained(state: dict[str, Any], device: str) -> SclNet:
@@ -48,12 +51,13 @@ def fold_classes(cfg, num_classes: int) -> tuple[list[int], list[int]]:
         raise ValueError(f"fewshot classes {both} are both in the folds and in train_classes (never held out)")
     bad = [c for c in classes + extra if not 1 <= c < num_classes]
     if bad:
-        raise ValueError(f"fewshot classes / train_classes {bad} are not foreground class ids of this dataset "
-                         f"(1..{num_classes - 1})")
+        raise ValueError(
+            f"fewshot classes / train_classes {bad} are not foreground class ids of this dataset (1..{num_classes - 1})"
+        )
     if len(classes) < cfg.folds:
         raise ValueError(f"{len(classes)} classes cannot make {cfg.folds} folds")
     perm = [classes[i] for i in np.random.default_rng(cfg.fold_seed).permutation(len(classes))]
-    held = sorted(perm[cfg.fold::cfg.folds])
+    held = sorted(perm[cfg.fold :: cfg.folds])
     return sorted([c for c in perm if c not in held] + extra), held
 
 
@@ -84,8 +88,9 @@ def run(ctx: StageContext) -> StageResult:
     train, held = fold_classes(cfg, ctx.dataset.num_classes)
     pool = {c: v for c, v in images_of(ctx, sorted(ctx.ids), train, cfg.min_pixels).items() if len(v) >= 2}
     if not pool:
-        raise ValueError(f"fewshot_train: no training class of {train} has two train images with "
-                         f"{cfg.min_pixels}+ pixels of it")
+        raise ValueError(
+            f"fewshot_train: no training class of {train} has two train images with {cfg.min_pixels}+ pixels of it"
+        )
     classes = sorted(pool)
     arch = {"depth": cfg.depth, "channels": cfg.channels, "weights": cfg.weights, "sgm": cfg.sgm, "prior": cfg.prior}
     ignored = held if cfg.held_out_pixels == "ignore" else ()
@@ -99,8 +104,9 @@ def run(ctx: StageContext) -> StageResult:
         return ctx.dataset.load_gt(image_id)
 
     def crop(image_id: str, c: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        image, (mask,) = scale_flip_crop(ctx.dataset.load_image(image_id), rng, cfg.scale_range, cfg.crop,
-                                         (class_mask(gt_of(image_id), c, ignored),))
+        image, (mask,) = scale_flip_crop(
+            ctx.dataset.load_image(image_id), rng, cfg.scale_range, cfg.crop, (class_mask(gt_of(image_id), c, ignored),)
+        )
         return image, mask
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
@@ -121,10 +127,15 @@ def run(ctx: StageContext) -> StageResult:
 
     info = train_loop(ctx, model, opt, base_lrs, len(ctx.ids), step_fn)
     save_trained(ctx, model, info, arch=arch)
-    del model, opt
-    return trained_result(ctx, info, train_classes=classes, held_out=held,
-                          episode_images={str(c): len(v) for c, v in pool.items()},
-                          **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
+    model = opt = None  # free them before release()
+    return trained_result(
+        ctx,
+        info,
+        train_classes=classes,
+        held_out=held,
+        episode_images={str(c): len(v) for c, v in pool.items()},
+        **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v},
+    )
 
 
 def preflight(config) -> None:
@@ -134,6 +145,17 @@ def preflight(config) -> None:
     weights_path(config.fewshot_train.weights, DEPTHS[config.fewshot_train.depth])
 
 
-SPEC = STAGES.register(StageSpec(
-    name="fewshot_train", run=run, inputs=lambda config: [], supervisions=(Supervision.FEWSHOT,), output="model",
-    version=VERSION, per_image=False, parallel=False, preflight=preflight, reads=("dataset", "seed")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="fewshot_train",
+        run=run,
+        inputs=lambda config: [],
+        methods=("scl",),
+        output="model",
+        version=VERSION,
+        per_image=False,
+        parallel=False,
+        preflight=preflight,
+        reads=("dataset", "seed"),
+    )
+)

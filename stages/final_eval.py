@@ -7,14 +7,15 @@ A²GNN inference parameters by default) is the ``crf`` map. Both are label PNGs,
 against GT like every label stage (per-class IoU and mIoU: ``metrics`` is the "w/o CRF"
 column, ``metrics.maps.crf`` the "w/ CRF" column), and shown by ``wsss inspect``.
 """
+
 from __future__ import annotations
 
 from models.crf import crf_from_probs
 from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
-from models.types import PIPELINE
 
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .methods import PIPELINE
 from .final_train import load_trained
 from .training import infer_items
 
@@ -26,17 +27,27 @@ def _predict_image(ctx: StageContext, image_id: str, model) -> dict:
     image = ctx.dataset.load_image(image_id)
     probs = predict_probs(model, image, cfg.scales, cfg.flip, ctx.device)
     if cfg.use_crf:
-        ctx.out.write_label(image_id, labels_from_soft(crf_from_probs(image, probs, cfg.crf)),
-                            "crf")
+        ctx.out.write_label(image_id, labels_from_soft(crf_from_probs(image, probs, cfg.crf)), "crf")
     ctx.out.write_label(image_id, labels_from_soft(probs))
     return {}
 
 
 def run(ctx: StageContext) -> StageResult:
-    return infer_items(ctx, load_trained(ctx.input("final_train").read_model(), ctx.device), _predict_image, "final model inference")
+    return infer_items(
+        ctx, load_trained(ctx.input("final_train").read_model(), ctx.device), _predict_image, "final model inference"
+    )
 
 
-SPEC = STAGES.register(StageSpec(
-    name="final_eval", run=run, inputs=lambda config: ["final_train"], supervisions=PIPELINE,
-    output="label", version=VERSION, split="val", parallel=False,
-    variants=lambda config: ["crf"] if config.final_eval.use_crf else []))
+SPEC = STAGES.register(
+    StageSpec(
+        name="final_eval",
+        run=run,
+        inputs=lambda config: ["final_train"],
+        methods=PIPELINE,
+        output="label",
+        version=VERSION,
+        split="val",
+        parallel=False,
+        variants=lambda config: ["crf"] if config.final_eval.use_crf else [],
+    )
+)

@@ -16,9 +16,11 @@ The sample order and every crop are functions of (seed, step), and checkpoints h
 model, optimiser, loss history, RNG states (dropout) and AMP scaler, so a run killed after
 step k resumes at k and ends with the model an uninterrupted run gives.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -27,9 +29,9 @@ import torch.nn.functional as F
 from models.backbones import weights_path
 from models.losses import dense_crf_loss
 from models.segmentation import ARCHS, DeepLab
-from models.types import PIPELINE
 
 from .base import IGNORE, STAGES, DataError, StageContext, StageResult, StageSpec
+from .methods import PIPELINE
 from .training import amp_setup, crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
 
 VERSION = "1"
@@ -49,12 +51,15 @@ def label_source(ctx: StageContext) -> tuple[list[str], Callable[[str], np.ndarr
     failed on are left out), or the GT masks for ``labels: gt``."""
     ids = sorted(ctx.ids)
     if ctx.section.labels == "gt":
+
         def gt(image_id: str) -> np.ndarray:
             labels = ctx.dataset.load_gt(image_id)
             if labels is None:
-                raise DataError(ctx.dataset.image_path(image_id), "final_train.labels is 'gt' but the image has no "
-                                                                  "GT mask")
+                raise DataError(
+                    ctx.dataset.image_path(image_id), "final_train.labels is 'gt' but the image has no GT mask"
+                )
             return labels
+
         return ids, gt
     source = ctx.input(ctx.section.input)
     return [i for i in ids if source.has(i)], source.labels_of
@@ -86,7 +91,7 @@ def run(ctx: StageContext) -> StageResult:
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn, scaler)
     save_trained(ctx, model, info, arch=arch)
-    del model, opt
+    model = opt = None  # free them before release()
     if reg_curve:
         info["reg_loss_last"] = round(float(np.mean(reg_curve[-10:])), 5)
     return trained_result(ctx, info, images=len(ids), labels=cfg.labels if cfg.labels == "gt" else cfg.input, amp=amp)
@@ -101,6 +106,17 @@ def preflight(config) -> None:
     weights_path(config.final_train.weights, ARCHS[config.final_train.arch][1])
 
 
-SPEC = STAGES.register(StageSpec(
-    name="final_train", run=run, inputs=inputs, supervisions=PIPELINE,
-    output="model", version=VERSION, per_image=False, parallel=False, preflight=preflight, reads=("dataset", "seed")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="final_train",
+        run=run,
+        inputs=inputs,
+        methods=PIPELINE,
+        output="model",
+        version=VERSION,
+        per_image=False,
+        parallel=False,
+        preflight=preflight,
+        reads=("dataset", "seed"),
+    )
+)

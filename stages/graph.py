@@ -15,6 +15,7 @@ the window the affinity net was trained on (its radius and neighbourhood), weigh
 Without stored features, :func:`node_features_of` recomputes them from the checkpoint;
 inference is deterministic (eval mode, no dropout), so both give the same X.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,10 +26,10 @@ import torch
 
 from models.affinity import STRIDE, AffinityNet
 from models.graph import cell_labels, grid_edges, node_features, pair_confusion, to_grid
-from models.types import PIPELINE
 
 from .affinity_train import load_affinity
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
+from .methods import PIPELINE
 from .routing import affinity_map, offsets_of
 from .training import release
 
@@ -43,21 +44,30 @@ def affinity_outputs(model: AffinityNet, image: np.ndarray, device: str) -> tupl
     return f_a[0], feats[0]
 
 
-def image_graph(model: AffinityNet, offsets: list[tuple[int, int]], image: np.ndarray, threshold: float,
-                device: str, store_features: bool = False) -> dict[str, np.ndarray]:
+def image_graph(
+    model: AffinityNet,
+    offsets: list[tuple[int, int]],
+    image: np.ndarray,
+    threshold: float,
+    device: str,
+    store_features: bool = False,
+) -> dict[str, np.ndarray]:
     """The arrays stored for one image (see the module docstring)."""
     f_a, feats = affinity_outputs(model, image, device)
     edge_index, weight = grid_edges(f_a, offsets, threshold)
-    out = {"edge_index": edge_index.to(torch.int32).cpu().numpy(),
-           "weight": weight.to(torch.float16).cpu().numpy(),
-           "grid": np.array(f_a.shape[-2:], np.int32)}
+    out = {
+        "edge_index": edge_index.to(torch.int32).cpu().numpy(),
+        "weight": weight.to(torch.float16).cpu().numpy(),
+        "grid": np.array(f_a.shape[-2:], np.int32),
+    }
     if store_features:
         out["features"] = node_features(feats).to(torch.float16).cpu().numpy()
     return out
 
 
-def node_features_of(graph: dict[str, np.ndarray], model: AffinityNet | None, image: np.ndarray,
-                     device: str) -> torch.Tensor:
+def node_features_of(
+    graph: dict[str, np.ndarray], model: AffinityNet | None, image: np.ndarray, device: str
+) -> torch.Tensor:
     """X (N, C) of Eq. 3.15: the stored features, or recomputed from the affinity net."""
     if "features" in graph:
         return torch.from_numpy(graph["features"].astype(np.float32))
@@ -68,15 +78,16 @@ def node_features_of(graph: dict[str, np.ndarray], model: AffinityNet | None, im
 
 def _graph_of_image(ctx: StageContext, image_id: str, model: AffinityNet, offsets: list[tuple[int, int]]) -> dict:
     image = ctx.dataset.load_image(image_id)
-    ctx.out.write_arrays(image_id, image_graph(model, offsets, image, ctx.section.threshold, ctx.device,
-                                               ctx.section.store_features))
+    ctx.out.write_arrays(
+        image_id, image_graph(model, offsets, image, ctx.section.threshold, ctx.device, ctx.section.store_features)
+    )
     return {}
 
 
 def run(ctx: StageContext) -> StageResult:
     model, offsets = load_affinity(ctx.input("affinity_train").read_model(), ctx.device)
     result = run_items(ctx, functools.partial(_graph_of_image, model=model, offsets=offsets), desc="graph")
-    del model
+    model = None  # free it before release()
     release(ctx.device)
     return result
 
@@ -86,8 +97,12 @@ def pair_scores(counts: torch.Tensor) -> dict[str, float]:
     :func:`models.graph.pair_confusion` counts."""
     (ss, sd), (ds, dd) = counts.double().tolist()
     ratio = lambda a, b: round(a / b, 4) if b else float("nan")  # noqa: E731
-    return {"same_precision": ratio(ss, ss + ds), "same_recall": ratio(ss, ss + sd),
-            "diff_precision": ratio(dd, dd + sd), "diff_recall": ratio(dd, dd + ds)}
+    return {
+        "same_precision": ratio(ss, ss + ds),
+        "same_recall": ratio(ss, ss + sd),
+        "diff_precision": ratio(dd, dd + sd),
+        "diff_recall": ratio(dd, dd + ds),
+    }
 
 
 def report(ctx: StageContext) -> dict[str, Any]:
@@ -113,17 +128,30 @@ def report(ctx: StageContext) -> dict[str, Any]:
         cells = cell_labels(torch.from_numpy(gt.astype(np.int64)), n_classes, STRIDE)
         seeds = torch.from_numpy(ctx.input("seeds").read_label(image_id, variant) == IGNORE).float()
         edge_index, weight = torch.from_numpy(g["edge_index"]), torch.from_numpy(g["weight"])
-        for key, involved in (("pairs", torch.ones(grid, dtype=torch.bool)),
-                              ("pairs_unseeded", to_grid(seeds[None], STRIDE)[0] >= 0.5)):
+        for key, involved in (
+            ("pairs", torch.ones(grid, dtype=torch.bool)),
+            ("pairs_unseeded", to_grid(seeds[None], STRIDE)[0] >= 0.5),
+        ):
             counts[key] += pair_confusion(edge_index, weight, grid, offsets, cells, involved)
     if not files:
         return {}
-    out: dict[str, Any] = {"nodes_per_image": round(nodes / files, 1), "edges_per_node": round(edges / max(nodes, 1), 2)}
+    out: dict[str, Any] = {
+        "nodes_per_image": round(nodes / files, 1),
+        "edges_per_node": round(edges / max(nodes, 1), 2),
+    }
     out.update({key: pair_scores(c) for key, c in counts.items() if c.sum() > 0})
     return out
 
 
-SPEC = STAGES.register(StageSpec(
-    name="graph", run=run, supervisions=PIPELINE,
-    output="arrays", version=VERSION, parallel=False, report=report,
-    inputs=lambda config: ["affinity_train", "seeds"]))  # seeds: only the report reads them
+SPEC = STAGES.register(
+    StageSpec(
+        name="graph",
+        run=run,
+        methods=PIPELINE,
+        output="arrays",
+        version=VERSION,
+        parallel=False,
+        report=report,
+        inputs=lambda config: ["affinity_train", "seeds"],
+    )
+)  # seeds: only the report reads them

@@ -10,6 +10,7 @@ project's CPU-only torch with the CUDA torchvision 0.28.0 wheel) the run stops b
 work with :data:`models.tvcompat.NEEDS_COMPILED_OPS`; it is off by default
 (``instance_train.enabled``).
 """
+
 from __future__ import annotations
 
 
@@ -18,10 +19,10 @@ import torch
 
 from models.backbones import freeze_batchnorm, load_state, weights_path
 from models.tvcompat import require_compiled_ops
-from models.types import Supervision
 
 from .augment import step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .methods import PIPELINE
 from .instances import objects_of
 from .training import save_trained, train_loop, trained_result
 
@@ -67,15 +68,21 @@ def run(ctx: StageContext) -> StageResult:
             if step_rng(seed, step, j).random() < 0.5:
                 image, masks = image[:, ::-1], masks[:, :, ::-1]
                 boxes[:, [0, 2]] = image.shape[1] - boxes[:, [2, 0]]
-            images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255).to(ctx.device))
-            targets.append({"boxes": torch.from_numpy(boxes).to(ctx.device),
-                            "labels": torch.tensor([b.cls for b, _, _ in found], device=ctx.device),
-                            "masks": torch.from_numpy(np.ascontiguousarray(masks)).to(torch.uint8).to(ctx.device)})
+            images.append(
+                torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255).to(ctx.device)
+            )
+            targets.append(
+                {
+                    "boxes": torch.from_numpy(boxes).to(ctx.device),
+                    "labels": torch.tensor([b.cls for b, _, _ in found], device=ctx.device),
+                    "masks": torch.from_numpy(np.ascontiguousarray(masks)).to(torch.uint8).to(ctx.device),
+                }
+            )
         return sum(model(images, targets).values())
 
     info = train_loop(ctx, model, opt, [cfg.lr], len(samples), step_fn)
     save_trained(ctx, model, info, arch={"num_classes": ctx.dataset.num_classes, "min_size": cfg.min_size})
-    del model, opt
+    model = opt = None  # free them before release()
     return trained_result(ctx, info, images=len(samples))
 
 
@@ -88,7 +95,19 @@ def preflight(config) -> None:
     weights_path(config.instance_train.weights, "resnet50")
 
 
-SPEC = STAGES.register(StageSpec(
-    name="instance_train", run=run, inputs=lambda config: ["instances"], supervisions=(Supervision.BOX,), output="model",
-    version=VERSION, per_image=False, parallel=False, enabled=lambda config: config.instance_train.enabled,
-    preflight=preflight, reads=("dataset", "weak", "seed")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="instance_train",
+        run=run,
+        inputs=lambda config: ["instances"],
+        methods=PIPELINE,
+        labels=("box",),
+        output="model",
+        version=VERSION,
+        per_image=False,
+        parallel=False,
+        enabled=lambda config: config.instance_train.enabled,
+        preflight=preflight,
+        reads=("dataset", "weak", "seed"),
+    )
+)

@@ -15,6 +15,7 @@ where GT exists, scores mask AP^r at ``iou_thresholds`` (Table 3.2's metric).
 Training Mask R-CNN on these masks needs torchvision's compiled RoIAlign/NMS; see
 :func:`models.tvcompat.require_compiled_ops`.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,9 @@ from pycocotools import mask as mask_utils
 
 from models.boxes import instance_map, instance_score
 from models.metrics import mask_ap, match_instances
-from models.types import Supervision
 
 from .base import STAGES, Box, DataError, StageContext, StageResult, StageSpec, run_items
+from .methods import PIPELINE
 
 VERSION = "1"
 
@@ -69,14 +70,23 @@ def report(ctx: StageContext) -> dict[str, Any]:
     for n, image_id in enumerate(sorted(i for i in ctx.ids if ctx.out.has(i))):
         instances = ctx.out.read_label(image_id)
         h, w = instances.shape
-        images.append({"id": n, "file_name": ctx.dataset.image_path(image_id), "wsss_id": image_id,
-                       "height": h, "width": w})
+        images.append(
+            {"id": n, "file_name": ctx.dataset.image_path(image_id), "wsss_id": image_id, "height": h, "width": w}
+        )
         found = objects_of(instances, ctx.dataset.load_weak(image_id).boxes)
         for box, mask, score in found:
-            annotations.append({"id": len(annotations) + 1, "image_id": n, "category_id": box.cls,
-                                "segmentation": rle_encode(mask), "area": int(mask.sum()),
-                                "bbox": [box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0],
-                                "score": round(score, 4), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": n,
+                    "category_id": box.cls,
+                    "segmentation": rle_encode(mask),
+                    "area": int(mask.sum()),
+                    "bbox": [box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0],
+                    "score": round(score, 4),
+                    "iscrowd": 0,
+                }
+            )
         gts = ctx.dataset.gt_objects(image_id)
         if gts is None:
             continue
@@ -85,8 +95,11 @@ def report(ctx: StageContext) -> dict[str, Any]:
             gt_counts[cls] = gt_counts.get(cls, 0) + 1
         records += match_instances([(b.cls, s, m) for b, m, s in found], gts, ctx.section.iou_thresholds)
     names = ctx.dataset.class_names
-    coco = {"images": images, "annotations": annotations,
-            "categories": [{"id": c, "name": names[c]} for c in range(1, len(names))]}
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c, "name": names[c]} for c in range(1, len(names))],
+    }
     path = ctx.out.write_file("instances.json", json.dumps(coco).encode())
     out: dict[str, Any] = {"instances": len(annotations), "coco_json": str(path)}
     if scored:
@@ -94,7 +107,16 @@ def report(ctx: StageContext) -> dict[str, Any]:
     return out
 
 
-SPEC = STAGES.register(StageSpec(
-    name="instances", run=run, inputs=lambda config: ["crf"], supervisions=(Supervision.BOX,), output="instances",
-    version=VERSION, report=report,
-    reads=("dataset", "weak")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="instances",
+        run=run,
+        inputs=lambda config: ["crf"],
+        methods=PIPELINE,
+        labels=("box",),
+        output="instances",
+        version=VERSION,
+        report=report,
+        reads=("dataset", "weak"),
+    )
+)

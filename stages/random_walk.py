@@ -6,7 +6,7 @@ Per image: the source scores M (C classes) are averaged onto the stride-8 grid, 
 image, and divided by their sum over classes. Stored as a float16 soft map whose argmax is
 the label map (a pixel no class reaches gets uniform scores, hence background).
 
-Sources (``random_walk.source``; ``auto`` is resolved by supervision when the config loads):
+Sources (``random_walk.source``; ``auto`` is resolved by the labels when the config loads):
 
 - ``cam`` (tags, points; PSA): the CAM of each tagged class, background ``(1 - max_c)^alpha``
   with the random walk's own ``alpha`` (16, as PSA), classes ``[0, tags...]``.
@@ -17,15 +17,16 @@ Sources (``random_walk.source``; ``auto`` is resolved by supervision when the co
   labels across object edges (on the horses it lost 13 points of seed-pixel accuracy), and
   a propagation step must only add to what it was given.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 from models.cam import with_background
 from models.graph import keep_known, propagate, seed_scores
-from models.types import PIPELINE
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .methods import PIPELINE
 
 VERSION = "2"
 
@@ -54,6 +55,15 @@ def inputs(config) -> list[str]:
     return ["graph", config.random_walk.source]
 
 
-SPEC = STAGES.register(StageSpec(
-    name="random_walk", run=run, inputs=inputs, supervisions=PIPELINE,
-    output="soft", version=VERSION, parallel=False, reads=("dataset", "supervision")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="random_walk",
+        run=run,
+        inputs=inputs,
+        methods=PIPELINE,
+        output="soft",
+        version=VERSION,
+        parallel=False,
+        reads=("dataset", "labels"),
+    )
+)

@@ -1,12 +1,12 @@
 """Routing, in one place: which stages run and what they read, decided from the config
 alone. Stages import these rules from here, never from another stage module. (The
-supervision-dependent defaults, the random walk's source included, are filled when the
+label-dependent defaults, the random walk's source included, are filled when the
 config loads: ``Config._resolve``.)
 """
+
 from __future__ import annotations
 
 from models.affinity import window_offsets
-from models.types import Supervision
 
 
 def cam_enabled(config) -> bool:
@@ -16,7 +16,7 @@ def cam_enabled(config) -> bool:
 
 def affinity_map(config) -> str | None:
     """Which ``seeds`` map the affinity CNN trains on (None: the main map M_g)."""
-    if config.supervision in (Supervision.SCRIBBLE, Supervision.POINT) and cam_enabled(config):
+    if config.labels in ("scribble", "point") and cam_enabled(config):
         return "affinity"
     return None
 
@@ -28,4 +28,4 @@ def offsets_of(config) -> list[tuple[int, int]]:
 
 def fuses_random_walk(config) -> bool:
     """Tags and points: A²GNN's output is fused with the random walk's (Sect. 3.6.1)."""
-    return config.supervision in (Supervision.IMAGE, Supervision.POINT) and config.a2gnn.rw_weight > 0
+    return config.labels in ("tags", "point") and config.a2gnn.rw_weight > 0

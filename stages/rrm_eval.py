@@ -7,6 +7,7 @@ beat, and ``tags``: the segmentation branch as a pseudo-label maker (the thesis'
 use, Table 2.6), its softmax restricted to background and the image's tags, renormalised,
 then the same CRF. ``cam_crf`` and ``tags`` read the image's tags, the main map does not; a
 comparison with ``cam_crf`` is fair against ``tags``."""
+
 from __future__ import annotations
 
 import functools
@@ -19,7 +20,6 @@ from models.crf import crf_from_probs
 from models.rrm import cam_crf_labels
 from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
-from models.types import Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .rrm_train import load_trained
@@ -41,10 +41,12 @@ def rrm_maps(ctx: StageContext, image_id: str, model: torch.nn.Module, cfg) -> d
     plain = labels_from_soft(probs)
     tags = sorted(c for c in set(ctx.dataset.load_weak(image_id).tags) if 1 <= c < ctx.dataset.num_classes)
     cams = multiscale_cam(model, image, [c - 1 for c in tags], train.cam_scales, flip=False, device=ctx.device)
-    return {"seg": labels_from_soft(crf_from_probs(image, probs, cfg.crf)) if cfg.crf_post else plain,
-            "no_crf": plain,
-            "tags": tag_restricted_labels(image, probs, tags, cfg.crf if cfg.crf_post else None),
-            "cam_crf": cam_crf_labels(image, cams, tags, train.gamma, train.crf)}
+    return {
+        "seg": labels_from_soft(crf_from_probs(image, probs, cfg.crf)) if cfg.crf_post else plain,
+        "no_crf": plain,
+        "tags": tag_restricted_labels(image, probs, tags, cfg.crf if cfg.crf_post else None),
+        "cam_crf": cam_crf_labels(image, cams, tags, train.gamma, train.crf),
+    }
 
 
 def write_maps(ctx: StageContext, image_id: str, model: torch.nn.Module, main: str) -> dict:
@@ -73,15 +75,29 @@ def tag_restricted_labels(image: np.ndarray, probs: np.ndarray, tags: list[int],
 def run_maps(ctx: StageContext, main: str, desc: str) -> StageResult:
     """An RRM inference stage: the trained network over the stage's images, :func:`write_maps`
     with ``main`` as the stage's label (``rrm_eval``: ``seg``, ``rrm_labels``: ``tags``)."""
-    return infer_items(ctx, load_trained(ctx.input("rrm_train").read_model(), ctx.device),
-                       functools.partial(write_maps, main=main), desc)
+    return infer_items(
+        ctx,
+        load_trained(ctx.input("rrm_train").read_model(), ctx.device),
+        functools.partial(write_maps, main=main),
+        desc,
+    )
 
 
 def run(ctx: StageContext) -> StageResult:
     return run_maps(ctx, "seg", "RRM inference")
 
 
-SPEC = STAGES.register(StageSpec(
-    name="rrm_eval", run=run, inputs=lambda config: ["rrm_train"], supervisions=(Supervision.RRM,),
-    output="label", version=VERSION, split="val", parallel=False, variants=lambda config: VARIANTS,
-    reads=("dataset", "weak")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="rrm_eval",
+        run=run,
+        inputs=lambda config: ["rrm_train"],
+        methods=("rrm",),
+        output="label",
+        version=VERSION,
+        split="val",
+        parallel=False,
+        variants=lambda config: VARIANTS,
+        reads=("dataset", "weak"),
+    )
+)

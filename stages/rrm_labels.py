@@ -7,9 +7,9 @@ CRF labels of the same network's classification branch (Eq. 2.5; from a network 
 ``rrm_train.cls_only_fraction: 1`` it is RRM's baseline, the plain CAM network), ``seg`` (the
 branch + CRF without tags, what ``rrm_eval`` scores on val) and ``no_crf``. Scored on the
 train split's GT, so settings are chosen here, never on val."""
+
 from __future__ import annotations
 
-from models.types import Supervision
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .rrm_eval import run_maps
@@ -22,7 +22,17 @@ def run(ctx: StageContext) -> StageResult:
     return run_maps(ctx, "tags", "RRM pseudo-labels")
 
 
-SPEC = STAGES.register(StageSpec(
-    name="rrm_labels", run=run, inputs=lambda config: ["rrm_train"], supervisions=(Supervision.RRM,),
-    output="label", version=VERSION, split="train", parallel=False, variants=lambda config: VARIANTS,
-    reads=("dataset", "weak")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="rrm_labels",
+        run=run,
+        inputs=lambda config: ["rrm_train"],
+        methods=("rrm",),
+        output="label",
+        version=VERSION,
+        split="train",
+        parallel=False,
+        variants=lambda config: VARIANTS,
+        reads=("dataset", "weak"),
+    )
+)

@@ -19,11 +19,13 @@ x the rate (the released code's one "from-scratch" layer), poly decay. Checkpoin
 model, optimiser, loss history and RNG states; every crop is a function of (seed, step), so
 a killed run resumes exactly.
 """
+
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from models.cam import classification_loss
 from models.losses import partial_ce, seed_ce
 from models.rrm import bcd_loss, dense_energy_loss, energy_window_mass, online_reliable_labels
 from models.segmentation import RrmNet
-from models.types import IGNORE, Supervision
+from models.types import IGNORE
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .cam_train import tag_targets
@@ -44,8 +46,15 @@ TERMS = ("cls", "ce", "energy", "bcd")
 
 
 def build_model(arch: dict[str, Any]) -> RrmNet:
-    return RrmNet(arch["depth"], arch["num_classes"], arch.get("weights", "none"), arch["local_channels"],
-                  arch["attention_channels"], arch["reweight"], arch.get("local_dilation", 12))
+    return RrmNet(
+        arch["depth"],
+        arch["num_classes"],
+        arch.get("weights", "none"),
+        arch["local_channels"],
+        arch["attention_channels"],
+        arch["reweight"],
+        arch.get("local_dilation", 12),
+    )
 
 
 def load_trained(state: dict[str, Any], device: str) -> RrmNet:
@@ -72,8 +81,14 @@ def crop_cams(model: RrmNet, x: torch.Tensor, cam: torch.Tensor, scales: list[fl
     return up / up.flatten(2).amax(2).clamp_min(1e-5)[..., None, None]
 
 
-def reliable_batch(x: torch.Tensor, p_fg: torch.Tensor, tags: np.ndarray, real: torch.Tensor, cfg,
-                   parallel_map: Callable[[Callable, list, int], list]) -> torch.Tensor:
+def reliable_batch(
+    x: torch.Tensor,
+    p_fg: torch.Tensor,
+    tags: np.ndarray,
+    real: torch.Tensor,
+    cfg,
+    parallel_map: Callable[[Callable, list, int], list],
+) -> torch.Tensor:
     """I_final (N, H, W) long of a batch: P_fg of each crop's tagged classes (:func:`crop_cams`)
     through :func:`models.rrm.online_reliable_labels` with ``parallel_map(fn, jobs, workers)``
     (the stage's process pool of ``cfg.crf_workers``); padding IGNORE."""
@@ -94,8 +109,9 @@ def _reliable_job(job: tuple[np.ndarray, np.ndarray, list[int]], gamma: float, r
     return online_reliable_labels(image, cams, class_ids, gamma, ratio, crf)
 
 
-def rrm_objective(out: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
-                  targets: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+def rrm_objective(
+    out: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, targets: torch.Tensor, cfg
+) -> dict[str, torch.Tensor]:
     """Eq. 2.14-2.15 on a batch: ``out`` of :meth:`RrmNet.heads`, crops ``x`` 0..255, reliable
     ``labels`` (N, H, W), ``real`` (padding False), multi-hot ``targets``. L_ce (Eq. 2.16) is
     computed on the logits upsampled to the crop: ``cfg.ce: printed`` one CE over every reliable
@@ -110,8 +126,9 @@ def rrm_objective(out: dict[str, torch.Tensor], x: torch.Tensor, labels: torch.T
     terms["ce"] = seed_ce(up, labels).mean() if cfg.ce == "released" else partial_ce(seg, labels)
     loss = terms["cls"] + terms["ce"]
     if cfg.energy:
-        terms["energy"] = dense_energy_loss(seg, x, labels, real, cfg.sigma_d, cfg.sigma_r, cfg.energy_scale,
-                                            cfg.energy_radius)
+        terms["energy"] = dense_energy_loss(
+            seg, x, labels, real, cfg.sigma_d, cfg.sigma_r, cfg.energy_scale, cfg.energy_radius
+        )
         loss = loss + cfg.lambda_energy * terms["energy"]
     if cfg.bcd:
         terms["bcd"] = bcd_loss(seg, out["feats"].float())
@@ -125,9 +142,15 @@ def run(ctx: StageContext) -> StageResult:
     if not ids:
         raise ValueError("rrm_train: the train split is empty")
     targets = tag_targets(ctx, ids)
-    arch = {"depth": cfg.depth, "num_classes": ctx.dataset.num_classes, "weights": cfg.weights,
-            "local_channels": cfg.local_channels, "local_dilation": cfg.local_dilation,
-            "attention_channels": cfg.attention_channels, "reweight": cfg.reweight}
+    arch = {
+        "depth": cfg.depth,
+        "num_classes": ctx.dataset.num_classes,
+        "weights": cfg.weights,
+        "local_channels": cfg.local_channels,
+        "local_dilation": cfg.local_dilation,
+        "attention_channels": cfg.attention_channels,
+        "reweight": cfg.reweight,
+    }
     torch.manual_seed(ctx.config.seed)
     model = build_model(arch).to(ctx.device)
     opt, base_lrs = sgd(model, cfg)
@@ -144,8 +167,7 @@ def run(ctx: StageContext) -> StageResult:
             curves["cls"].append(float(loss.detach()))
             return loss
         out = model.heads(f)
-        labels = reliable_batch(x, crop_cams(model, x, out["cam"], cfg.cam_scales), tags, real, cfg,
-                                ctx.parallel_map)
+        labels = reliable_batch(x, crop_cams(model, x, out["cam"], cfg.cam_scales), tags, real, cfg, ctx.parallel_map)
         terms = rrm_objective(out, x, labels, real, y, cfg)
         for t in TERMS:
             if t in terms:
@@ -155,12 +177,16 @@ def run(ctx: StageContext) -> StageResult:
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn)
     save_trained(ctx, model, info, arch=arch)
-    del model, opt
-    return trained_result(ctx, info, images=len(ids), joint_from=joint_from,
-                          terms=[t for t in TERMS if curves[t]],
-                          energy_window_mass=round(energy_window_mass(cfg.sigma_d, cfg.energy_scale,
-                                                                      cfg.energy_radius), 4),
-                          **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
+    model = opt = None  # free them before release()
+    return trained_result(
+        ctx,
+        info,
+        images=len(ids),
+        joint_from=joint_from,
+        terms=[t for t in TERMS if curves[t]],
+        energy_window_mass=round(energy_window_mass(cfg.sigma_d, cfg.energy_scale, cfg.energy_radius), 4),
+        **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v},
+    )
 
 
 def preflight(config) -> None:
@@ -170,6 +196,17 @@ def preflight(config) -> None:
     weights_path(config.rrm_train.weights, DEPTHS[config.rrm_train.depth])
 
 
-SPEC = STAGES.register(StageSpec(
-    name="rrm_train", run=run, inputs=lambda config: [], supervisions=(Supervision.RRM,), output="model",
-    version=VERSION, per_image=False, parallel=False, preflight=preflight, reads=("dataset", "weak", "seed")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="rrm_train",
+        run=run,
+        inputs=lambda config: [],
+        methods=("rrm",),
+        output="model",
+        version=VERSION,
+        per_image=False,
+        parallel=False,
+        preflight=preflight,
+        reads=("dataset", "weak", "seed"),
+    )
+)

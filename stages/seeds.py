@@ -1,4 +1,4 @@
-"""``seeds``: the seed label maps of every supervision type (thesis Sect. 3.2, 3.3.2, 3.6.1;
+"""``seeds``: the seed label maps of every label kind (thesis Sect. 3.2, 3.3.2, 3.6.1;
 the rules, Eq. 3.1-3.5 and Ch. 2 Eq. 2.6-2.7, are :mod:`models.seeds`).
 
 Main output M_g (the A²GNN node labels): M_B (``box_seeds``) for boxes without CAMs, Eq. 3.5
@@ -6,17 +6,25 @@ with CAMs; M'_I for tags; M_S / M_P for scribbles / points. Extra maps with CAMs
 ``M_I_reliable``, ``M_F`` (boxes) and ``affinity``: the labels the affinity CNN trains on
 (M_g for boxes and tags; for scribbles M_S where known, else M'_I; for points M'_I).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
 
-from models.seeds import (confident_box_seeds, expand_superpixels, fuse_box_cam, labels_from_soft, merge_seeds,
-                          reliable_from_probs, superpixels)
-from models.types import PIPELINE, Supervision
+from models.seeds import (
+    confident_box_seeds,
+    expand_superpixels,
+    fuse_box_cam,
+    labels_from_soft,
+    merge_seeds,
+    reliable_from_probs,
+    superpixels,
+)
 
 from .base import STAGES, DataError, StageContext, StageResult, StageSpec, WeakLabels, run_items
+from .methods import PIPELINE
 from .routing import cam_enabled
 from .sparse import sparse_labels
 
@@ -24,49 +32,58 @@ VERSION = "1"
 
 
 def variants(config) -> list[str]:
-    """The extra maps written beside M_g, per supervision."""
+    """The extra maps written beside M_g, per label kind."""
     if not cam_enabled(config):
         return []
     extra = {"box": ["M_F"], "scribble": ["affinity"], "point": ["affinity"]}
-    return ["M_I", "M_I_reliable", *extra.get(config.supervision, [])]
+    return ["M_I", "M_I_reliable", *extra.get(config.labels, [])]
 
 
-def seed_maps(supervision: Supervision, cfg, image: np.ndarray, weak: WeakLabels,
-              cam: tuple[np.ndarray, np.ndarray] | None = None,
-              m_b: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def seed_maps(
+    labels: str,
+    cfg,
+    image: np.ndarray,
+    weak: WeakLabels,
+    cam: tuple[np.ndarray, np.ndarray] | None = None,
+    m_b: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(M_g, the extra maps) of one image. ``cfg``: the ``seeds`` section; ``cam``: the CAM
-    probabilities and class ids (None without CAMs); ``m_b``: GrabCut's M_B (boxes)."""
+    probabilities and class ids (None without CAMs); ``m_b``: GrabCut's M_B (boxes); ``labels``:
+    the run's label kind."""
     maps: dict[str, np.ndarray] = {}
     if cam is not None:
         probs, class_ids = cam[0].astype(np.float32), cam[1]
         maps["M_I"] = labels_from_soft(probs, class_ids)
-        maps["M_I_reliable"] = reliable_from_probs(image, probs, class_ids, cfg.reliable_ratio,
-                                                   cfg.crf if cfg.crf_agreement else None)
-    if supervision == Supervision.BOX:
+        maps["M_I_reliable"] = reliable_from_probs(
+            image, probs, class_ids, cfg.reliable_ratio, cfg.crf if cfg.crf_agreement else None
+        )
+    if labels == "box":
         if cam is None:
             return m_b, maps
         maps["M_F"], from_box = fuse_box_cam(m_b, maps["M_I"], weak.boxes)
         return confident_box_seeds(maps["M_F"], from_box, maps["M_I_reliable"]), maps
-    if supervision == Supervision.IMAGE:
+    if labels == "tags":
         return maps["M_I_reliable"], maps
-    sparse = sparse_labels(weak, supervision, image.shape[:2])
+    sparse = sparse_labels(weak, labels, image.shape[:2])
     if sparse.shape != image.shape[:2]:
-        raise ValueError(f"the {supervision} map is {sparse.shape[::-1]} but the image is {image.shape[1::-1]}")
-    m_g = expand_superpixels(sparse, superpixels(image, cfg.superpixels.n_segments, cfg.superpixels.compactness, cfg.superpixels.sigma))
+        raise ValueError(f"the {labels} map is {sparse.shape[::-1]} but the image is {image.shape[1::-1]}")
+    m_g = expand_superpixels(
+        sparse, superpixels(image, cfg.superpixels.n_segments, cfg.superpixels.compactness, cfg.superpixels.sigma)
+    )
     if cam is not None:
         # scribbles: M_S over M'_I; points: M'_I alone (Sect. 3.6.1)
-        maps["affinity"] = merge_seeds(m_g, maps["M_I_reliable"]) if supervision == Supervision.SCRIBBLE \
-            else maps["M_I_reliable"]
+        maps["affinity"] = merge_seeds(m_g, maps["M_I_reliable"]) if labels == "scribble" else maps["M_I_reliable"]
     return m_g, maps
 
 
 def _seeds_of_image(ctx: StageContext, image_id: str) -> dict[str, Any]:
     config = ctx.config
     cam = ctx.input("cam").read_soft(image_id) if cam_enabled(config) else None
-    m_b = ctx.input("box_seeds").read_label(image_id) if config.supervision == Supervision.BOX else None
+    m_b = ctx.input("box_seeds").read_label(image_id) if config.labels == "box" else None
     try:
-        m_g, maps = seed_maps(config.supervision, ctx.section, ctx.dataset.load_image(image_id),
-                              ctx.dataset.load_weak(image_id), cam, m_b)
+        m_g, maps = seed_maps(
+            config.labels, ctx.section, ctx.dataset.load_image(image_id), ctx.dataset.load_weak(image_id), cam, m_b
+        )
     except ValueError as err:
         raise DataError(ctx.dataset.image_path(image_id), str(err)) from None
     for name in variants(config):
@@ -80,11 +97,19 @@ def run(ctx: StageContext) -> StageResult:
 
 
 def inputs(config) -> list[str]:
-    out = ["box_seeds"] if config.supervision == Supervision.BOX else []
+    out = ["box_seeds"] if config.labels == "box" else []
     return out + (["cam"] if cam_enabled(config) else [])
 
 
-SPEC = STAGES.register(StageSpec(
-    name="seeds", run=run, inputs=inputs, supervisions=PIPELINE, output="label",
-    version=VERSION, variants=variants,
-    reads=("dataset", "weak", "supervision")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="seeds",
+        run=run,
+        inputs=inputs,
+        methods=PIPELINE,
+        output="label",
+        version=VERSION,
+        variants=variants,
+        reads=("dataset", "weak", "labels"),
+    )
+)

@@ -1,4 +1,5 @@
 """Sparse label maps from clicks and strokes (shared by ``seeds`` and the single-stage branches)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,11 +27,10 @@ def sparse_labels(weak: WeakLabels, kind: str, shape: tuple[int, int]) -> np.nda
 
 
 def training_labels(ctx: StageContext, image_id: str, shape: tuple[int, int]) -> np.ndarray:
-    """A single-stage branch's supervision of one image: its scribble (or point, the stage's
+    """A single-stage branch's supervision of one image: its scribble (or point, the run's
     ``labels``) map, IGNORE where unlabelled; a DataError naming the image when it has none."""
     weak = ctx.dataset.load_weak(image_id)  # a bad file raises its own DataError
     try:
-        return sparse_labels(weak, ctx.section.labels, shape)
+        return sparse_labels(weak, ctx.config.labels, shape)
     except ValueError as err:
-        raise DataError(ctx.dataset.image_path(image_id),
-                        f"{err} ({ctx.stage}.labels is '{ctx.section.labels}')") from None
+        raise DataError(ctx.dataset.image_path(image_id), f"{err} (labels is '{ctx.config.labels}')") from None

@@ -4,6 +4,7 @@ its CRF, which the ``crf`` stage applies): the trained embedding and softmax cla
 random walk on the embedding (:func:`models.spml.embedding_walk`); with ``keep_seeds`` (ours, off
 by default) the seeds' known pixels keep their label, as the ``random_walk`` stage's option. Stored
 as a soft map over those classes (the ``crf`` stage reads it as -log p)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +14,6 @@ import torch.nn.functional as F
 from models.graph import keep_known
 from models.spml import embedding_walk
 from models.transductive import classes_of
-from models.types import PIPELINE
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .spml_train import load_trained
@@ -31,8 +31,9 @@ def _spml_image(ctx: StageContext, image_id: str, model: torch.nn.Module) -> dic
     with torch.no_grad():
         emb = model.embedding(x)
         logits = model.classifier(F.normalize(emb, dim=1))
-    probs = embedding_walk(emb[0], logits[0], torch.from_numpy(class_ids).to(ctx.device), image.shape[:2],
-                           cfg.beta, cfg.gamma, cfg.logt)
+    probs = embedding_walk(
+        emb[0], logits[0], torch.from_numpy(class_ids).to(ctx.device), image.shape[:2], cfg.beta, cfg.gamma, cfg.logt
+    )
     probs = probs.cpu().numpy()
     if cfg.keep_seeds:
         probs = keep_known(probs, (seeds[None] == class_ids[:, None, None]).astype(np.float32))
@@ -41,10 +42,20 @@ def _spml_image(ctx: StageContext, image_id: str, model: torch.nn.Module) -> dic
 
 
 def run(ctx: StageContext) -> StageResult:
-    return infer_items(ctx, load_trained(ctx.input("spml_train").read_model(), ctx.device), _spml_image,
-                       "SPML pseudo-labels")
+    return infer_items(
+        ctx, load_trained(ctx.input("spml_train").read_model(), ctx.device), _spml_image, "SPML pseudo-labels"
+    )
 
 
-SPEC = STAGES.register(StageSpec(
-    name="spml", run=run, inputs=lambda config: ["spml_train", "seeds"], supervisions=PIPELINE, output="soft",
-    version=VERSION, parallel=False, enabled=lambda config: config.spml_train.enabled, reads=("dataset", "weak")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="spml",
+        run=run,
+        inputs=lambda config: ["spml_train", "seeds"],
+        methods=("spml",),
+        output="soft",
+        version=VERSION,
+        parallel=False,
+        reads=("dataset", "weak"),
+    )
+)

@@ -18,6 +18,7 @@ Tags for the O term: the classes the image's weak labels or seeds name
 (:func:`models.transductive.classes_of`), background left out. SGD (new layers at
 ``head_lr_mult`` x), warm-up then poly.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,10 +30,17 @@ import torch.nn.functional as F
 
 from models.seeds import superpixels
 from models.segmentation import SpmlNet
-from models.spml import (Memory, co_occurrence_loss, feature_affinity_loss, image_similarity_loss, make_batch,
-                         segment_prototypes, semantic_annotation_loss)
+from models.spml import (
+    Memory,
+    co_occurrence_loss,
+    feature_affinity_loss,
+    image_similarity_loss,
+    make_batch,
+    segment_prototypes,
+    semantic_annotation_loss,
+)
 from models.transductive import classes_of
-from models.types import IGNORE, PIPELINE
+from models.types import IGNORE
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .training import crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
@@ -55,9 +63,17 @@ def to_grid(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
-def spml_objective(emb: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, regions: torch.Tensor,
-                   real: torch.Tensor, tags: torch.Tensor, cfg, num_classes: int,
-                   memory: Memory | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def spml_objective(
+    emb: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    regions: torch.Tensor,
+    real: torch.Tensor,
+    tags: torch.Tensor,
+    cfg,
+    num_classes: int,
+    memory: Memory | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """SPML Eq. 4 on a batch: ``emb`` / ``logits`` on the grid, crop-size ``labels`` (IGNORE =
     unlabelled), ``regions`` and ``real``, ``tags`` (B, K-1) bool. Returns the weighted terms
     (with ``loss``) and the batch's prototypes / labels / tags for the memory bank. Terms with
@@ -65,22 +81,29 @@ def spml_objective(emb: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
     size = tuple(emb.shape[-2:])
     grid_labels = to_grid(labels, size)
     grid_labels = torch.where(grid_labels == IGNORE, torch.full_like(grid_labels, num_classes), grid_labels)
-    batch = make_batch(emb, grid_labels, to_grid(regions, size), tags, (cfg.clusters, cfg.clusters),
-                       cfg.kmeans_iterations, to_grid(real, size).bool())
+    batch = make_batch(
+        emb,
+        grid_labels,
+        to_grid(regions, size),
+        tags,
+        (cfg.clusters, cfg.clusters),
+        cfg.kmeans_iterations,
+        to_grid(real, size).bool(),
+    )
     protos = segment_prototypes(batch.emb, batch.seg, len(batch.seg_image))
     up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     ce = F.cross_entropy(up, labels, ignore_index=IGNORE) if (labels != IGNORE).any() else up.sum() * 0
     terms = {"ce": cfg.weight_annotation * ce}
     if cfg.weight_annotation > 0:
         terms["annotation"] = cfg.weight_annotation * semantic_annotation_loss(
-            batch, protos, num_classes, cfg.kappa_annotation, memory)
+            batch, protos, num_classes, cfg.kappa_annotation, memory
+        )
     if cfg.weight_occurrence > 0:
         terms["occurrence"] = cfg.weight_occurrence * co_occurrence_loss(batch, protos, cfg.kappa_occurrence, memory)
     if cfg.weight_image > 0:
         terms["image"] = cfg.weight_image * image_similarity_loss(batch, cfg.kappa_image)
     if cfg.weight_affinity > 0:
-        terms["affinity"] = cfg.weight_affinity * feature_affinity_loss(batch, protos, num_classes,
-                                                                        cfg.kappa_affinity)
+        terms["affinity"] = cfg.weight_affinity * feature_affinity_loss(batch, protos, num_classes, cfg.kappa_affinity)
     terms["loss"] = sum(terms.values())
     bank = {"protos": protos.detach(), "label": batch.seg_label, "tags": batch.tags[batch.seg_image]}
     return terms, bank
@@ -114,18 +137,21 @@ def run(ctx: StageContext) -> StageResult:
         return superpixels(ctx.dataset.load_image(ids[i]), sp.n_segments, sp.compactness, sp.sigma).astype(np.uint16)
 
     def step_fn(picks: np.ndarray, step: int) -> torch.Tensor:
-        x, y, real, regions = crop_batch(ctx, ids, picks, step,
-                                         lambda i, image: seeds_of(i),
-                                         extra_for=lambda i, image: regions_of(i))
+        x, y, real, regions = crop_batch(
+            ctx, ids, picks, step, lambda i, image: seeds_of(i), extra_for=lambda i, image: regions_of(i)
+        )
         emb, logits = model.forward_train(x)
         entries = bank["entries"]
         memory = None
         if entries:
-            memory = Memory(*(torch.cat([e[key].to(ctx.device) for e in entries]) for key in ("protos", "label", "tags")))
-        terms, new = spml_objective(emb.float(), logits.float(), y, regions, real,
-                                    torch.from_numpy(tags[picks]).to(ctx.device), cfg, k, memory)
+            memory = Memory(
+                *(torch.cat([e[key].to(ctx.device) for e in entries]) for key in ("protos", "label", "tags"))
+            )
+        terms, new = spml_objective(
+            emb.float(), logits.float(), y, regions, real, torch.from_numpy(tags[picks]).to(ctx.device), cfg, k, memory
+        )
         if cfg.memory_batches:
-            bank["entries"] = (entries + [{key: v.cpu() for key, v in new.items()}])[-cfg.memory_batches:]
+            bank["entries"] = (entries + [{key: v.cpu() for key, v in new.items()}])[-cfg.memory_batches :]
         for t in TERMS:
             if t in terms:
                 curves[t].append(float(terms[t].detach()))
@@ -133,9 +159,14 @@ def run(ctx: StageContext) -> StageResult:
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn, extra=bank)
     save_trained(ctx, model, info, arch=arch)
-    del model, opt
-    return trained_result(ctx, info, images=len(ids), terms=[t for t in TERMS if curves[t]],
-                          **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
+    model = opt = None  # free them before release()
+    return trained_result(
+        ctx,
+        info,
+        images=len(ids),
+        terms=[t for t in TERMS if curves[t]],
+        **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v},
+    )
 
 
 def preflight(config) -> None:
@@ -145,7 +176,17 @@ def preflight(config) -> None:
     weights_path(config.spml_train.weights, DEPTHS[config.spml_train.depth])
 
 
-SPEC = STAGES.register(StageSpec(
-    name="spml_train", run=run, inputs=lambda config: ["seeds"], supervisions=PIPELINE, output="model",
-    version=VERSION, per_image=False, parallel=False, preflight=preflight,
-    enabled=lambda config: config.spml_train.enabled, reads=("dataset", "weak", "seed")))
+SPEC = STAGES.register(
+    StageSpec(
+        name="spml_train",
+        run=run,
+        inputs=lambda config: ["seeds"],
+        methods=("spml",),
+        output="model",
+        version=VERSION,
+        per_image=False,
+        parallel=False,
+        preflight=preflight,
+        reads=("dataset", "weak", "seed"),
+    )
+)

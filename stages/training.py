@@ -5,12 +5,14 @@ The order of epoch e is ``epoch_order(seed, e)`` and a step's augmentation comes
 ``step_rng(seed, step, j)``, so a run resumed at step t sees exactly the batches it would
 have seen; the checkpoint holds the model, the optimiser and the loss history.
 """
+
 from __future__ import annotations
 
 import functools
 import math
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,9 +37,16 @@ def total_steps(cfg, n_samples: int) -> int:
     return getattr(cfg, "iterations", None) or cfg.epochs * max(1, n_samples // min(cfg.batch_size, n_samples))
 
 
-def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optimizer, base_lrs: list[float],
-               n_samples: int, step_fn: Callable[[np.ndarray, int], torch.Tensor],
-               scaler: torch.amp.GradScaler | None = None, extra: dict[str, Any] | None = None) -> dict:
+def train_loop(
+    ctx: StageContext,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    base_lrs: list[float],
+    n_samples: int,
+    step_fn: Callable[[np.ndarray, int], torch.Tensor],
+    scaler: torch.amp.GradScaler | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict:
     """Run ``step_fn(sample indices, step) -> loss`` for ``cfg.iterations`` steps (where the
     stage has it) or ``cfg.epochs`` epochs; returns info (steps, loss curve per epoch and for
     a last partial epoch, seconds, the step it resumed from). ``extra``: state the steps keep
@@ -74,33 +83,59 @@ def train_loop(ctx: StageContext, model: torch.nn.Module, opt: torch.optim.Optim
         task = bar.add_task(f"{ctx.stage} (steps)", total=total, completed=start, loss="-", rate="")
         for step in range(start, total):
             epoch, k = divmod(step, steps_per_epoch)
-            picks = epoch_order(seed, epoch, n_samples)[k * batch:(k + 1) * batch]
+            picks = epoch_order(seed, epoch, n_samples)[k * batch : (k + 1) * batch]
             for group, base in zip(opt.param_groups, base_lrs):
-                group["lr"] = poly_lr(base, step, total, cfg.poly_power, getattr(cfg, "warmup_iterations", 0),
-                                      getattr(cfg, "warmup_ratio", 1.0))
+                group["lr"] = poly_lr(
+                    base,
+                    step,
+                    total,
+                    cfg.poly_power,
+                    getattr(cfg, "warmup_iterations", 0),
+                    getattr(cfg, "warmup_ratio", 1.0),
+                )
             loss = step_fn(picks, step)
             optimizer_step(loss, opt, scaler)
             running.append(float(loss.detach()))
             rate = (step + 1 - start) / max(time.time() - t0, 1e-9)
-            bar.update(task, advance=1, loss=f"{np.mean(running[-20:]):.4f}",
-                       rate=f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step")
+            bar.update(
+                task,
+                advance=1,
+                loss=f"{np.mean(running[-20:]):.4f}",
+                rate=f"{rate:.2f} steps/s" if rate >= 1 else f"{1 / rate:.1f} s/step",
+            )
             if k == steps_per_epoch - 1 or step + 1 == total:
                 history.append(round(float(np.mean(running)), 5))
                 running = []
                 if (epoch + 1) % max(1, n_epochs // 10) == 0 or step + 1 == total:
-                    ctx.log.info("%s: epoch %d/%d loss %.4f (%.1f s)", ctx.stage, epoch + 1, n_epochs, history[-1],
-                                 time.time() - t0)
+                    ctx.log.info(
+                        "%s: epoch %d/%d loss %.4f (%.1f s)",
+                        ctx.stage,
+                        epoch + 1,
+                        n_epochs,
+                        history[-1],
+                        time.time() - t0,
+                    )
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-                state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                         "running": running, "rng": _get_rng()}
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "history": history,
+                    "running": running,
+                    "rng": _get_rng(),
+                }
                 if scaler is not None:
                     state["scaler"] = scaler.state_dict()
                 if extra is not None:
                     state["extra"] = dict(extra)
                 ctx.out.save_checkpoint(step + 1, state)
     ctx.out.write_file(LOSS_CURVE, loss_curve_png(history, f"{ctx.stage}: mean loss per epoch"))
-    return {"steps": total, "epochs": n_epochs, "loss_curve": history,
-            "train_seconds": round(time.time() - t0, 2), "resumed_from": start}
+    return {
+        "steps": total,
+        "epochs": n_epochs,
+        "loss_curve": history,
+        "train_seconds": round(time.time() - t0, 2),
+        "resumed_from": start,
+    }
 
 
 LOSS_CURVE = "loss_curve.png"
@@ -158,15 +193,24 @@ def sgd(model: torch.nn.Module, cfg) -> tuple[torch.optim.SGD, list[float]]:
     optimiser and the two base rates for the poly schedule."""
     backbone, head = model.param_groups()
     base_lrs = [cfg.lr, cfg.lr * cfg.head_lr_mult]
-    opt = torch.optim.SGD([{"params": backbone, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}],
-                          lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        [{"params": backbone, "lr": base_lrs[0]}, {"params": head, "lr": base_lrs[1]}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
     return opt, base_lrs
 
 
-def crop_batch(ctx: StageContext, ids: list[str], picks: np.ndarray, step: int,
-               labels_for: Callable[[int, np.ndarray], np.ndarray],
-               distort: bool = False, extra_for: Callable[[int, np.ndarray], np.ndarray] | None = None
-               ) -> tuple[torch.Tensor, ...]:
+def crop_batch(
+    ctx: StageContext,
+    ids: list[str],
+    picks: np.ndarray,
+    step: int,
+    labels_for: Callable[[int, np.ndarray], np.ndarray],
+    distort: bool = False,
+    extra_for: Callable[[int, np.ndarray], np.ndarray] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """One training batch: for sample ``picks[j]`` the image and ``labels_for(index, image)``
     go through :func:`stages.augment.scale_flip_crop` (and :func:`stages.augment.photometric`
     with ``distort``) with ``step_rng(seed, step, j)``. Returns images (N, 3, c, c) 0..255,
@@ -181,24 +225,32 @@ def crop_batch(ctx: StageContext, ids: list[str], picks: np.ndarray, step: int,
             maps.append(extra_for(int(i), image))
         for m in maps:
             if m.shape != image.shape[:2]:
-                raise DataError(ctx.dataset.image_path(ids[i]), f"image is {image.shape[1]}x{image.shape[0]} but "
-                                                               f"its labels are {m.shape[1]}x{m.shape[0]}")
+                raise DataError(
+                    ctx.dataset.image_path(ids[i]),
+                    f"image is {image.shape[1]}x{image.shape[0]} but its labels are {m.shape[1]}x{m.shape[0]}",
+                )
         rng = step_rng(ctx.config.seed, step, j)
-        crop, (target, inside, *more) = scale_flip_crop(image, rng, ctx.section.scale_range, ctx.section.crop,
-                                                        (maps[0], np.zeros_like(maps[0]), *maps[1:]))
+        crop, (target, inside, *more) = scale_flip_crop(
+            image, rng, ctx.section.scale_range, ctx.section.crop, (maps[0], np.zeros_like(maps[0]), *maps[1:])
+        )
         images.append(photometric(crop, rng) if distort else crop)
         targets.append(target)
         real.append(inside != IGNORE)
         extras.extend(more)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(ctx.device)
-    out = (x, torch.from_numpy(np.stack(targets)).long().to(ctx.device), torch.from_numpy(np.stack(real)).to(ctx.device))
+    out = (
+        x,
+        torch.from_numpy(np.stack(targets)).long().to(ctx.device),
+        torch.from_numpy(np.stack(real)).to(ctx.device),
+    )
     if extra_for is not None:
         out += (torch.from_numpy(np.stack(extras).astype(np.int64)).to(ctx.device),)
     return out
 
 
-def sparse_batches(ctx: StageContext, ids: list[str], distort: bool
-                   ) -> Callable[[np.ndarray, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def sparse_batches(
+    ctx: StageContext, ids: list[str], distort: bool
+) -> Callable[[np.ndarray, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``batch(picks, step)``: :func:`crop_batch` of the images with their sparse training
     labels (:func:`stages.sparse.training_labels`), each image's labels made once."""
     from .sparse import training_labels
@@ -207,13 +259,19 @@ def sparse_batches(ctx: StageContext, ids: list[str], distort: bool
     def labels_of(i: int, shape: tuple[int, int]) -> np.ndarray:
         return training_labels(ctx, ids[i], shape)
 
-    return lambda picks, step: crop_batch(ctx, ids, picks, step, lambda i, image: labels_of(i, image.shape[:2]),
-                                          distort)
+    return lambda picks, step: crop_batch(
+        ctx, ids, picks, step, lambda i, image: labels_of(i, image.shape[:2]), distort
+    )
 
 
-def train_sparse(ctx: StageContext, build: Callable[[dict], torch.nn.Module], arch: dict[str, Any],
-                 objective: Callable[..., dict[str, torch.Tensor]], terms: tuple[str, ...],
-                 diagnostics: tuple[str, ...] = ()) -> StageResult:
+def train_sparse(
+    ctx: StageContext,
+    build: Callable[[dict], torch.nn.Module],
+    arch: dict[str, Any],
+    objective: Callable[..., dict[str, torch.Tensor]],
+    terms: tuple[str, ...],
+    diagnostics: tuple[str, ...] = (),
+) -> StageResult:
     """A single-stage branch's training (``dfr_train``, ``blpseg_train``): the network
     ``build(arch)`` seeded by the run's seed, AdamW, AMP on CUDA, batches of sparse labels
     (:func:`sparse_batches`); each step ``objective(forward_train(x), x, y, real, step)``
@@ -239,9 +297,16 @@ def train_sparse(ctx: StageContext, build: Callable[[dict], torch.nn.Module], ar
 
     info = train_loop(ctx, model, opt, base_lrs, len(ids), step_fn, scaler)
     save_trained(ctx, model, info, arch=arch)
-    del model, opt
-    return trained_result(ctx, info, images=len(ids), labels=cfg.labels, amp=amp, terms=[t for t in terms if curves[t]],
-                          **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v})
+    model = opt = None  # free them before release()
+    return trained_result(
+        ctx,
+        info,
+        images=len(ids),
+        labels=ctx.config.labels,
+        amp=amp,
+        terms=[t for t in terms if curves[t]],
+        **{f"{t}_last": round(float(np.mean(v[-10:])), 5) for t, v in curves.items() if v},
+    )
 
 
 def amp_setup(amp: bool, device: str) -> tuple[bool, torch.amp.GradScaler | None, str]:
@@ -274,8 +339,11 @@ def adamw(model: torch.nn.Module, cfg) -> tuple[torch.optim.AdamW, list[float]]:
     """AdamW at ``cfg.lr`` over ``model.param_groups()`` = (decayed, not decayed): the second
     group gets no weight decay; returns the optimiser and the base rates for the schedule."""
     decay, no_decay = model.param_groups()
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+    )
     return opt, [cfg.lr, cfg.lr]
 
 
@@ -306,7 +374,7 @@ def infer_items(ctx: StageContext, model: torch.nn.Module, fn: Callable[..., dic
     """Run ``fn(ctx, image_id, model=model)`` over the images still to do with a trained
     model, then free it (and cached GPU memory) for the next stage."""
     result = run_items(ctx, functools.partial(fn, model=model), desc=desc)
-    del model
+    model = None  # free it before release()
     release(ctx.device)
     return result
 

@@ -1,5 +1,6 @@
 """Shared fixtures. Prefect runs against a throw-away home; the real-data tests need
 ``../shared/data`` beside the checkout and fail, naming the path, when it is absent."""
+
 from __future__ import annotations
 
 import copy
@@ -35,8 +36,14 @@ def demo_config(tmp_path: Path, **overrides):
     """A small demo run config in ``tmp_path`` (local engine, one worker); ``a__b=v`` sets a.b."""
     from pipeline.config import config_from_dict
 
-    data = {"run": "t", "output_root": str(tmp_path / "artifacts"), "engine": "local", "workers": 1,
-            "dataset": {"kind": "demo", "num_train": 6, "num_val": 2}, **copy.deepcopy(TINY_TRAINING)}
+    data = {
+        "run": "t",
+        "output_root": str(tmp_path / "artifacts"),
+        "engine": "local",
+        "workers": 1,
+        "dataset": {"kind": "demo", "num_train": 6, "num_val": 2},
+        **copy.deepcopy(TINY_TRAINING),
+    }
     for key, value in overrides.items():
         node = data
         parts = key.split("__")
@@ -70,12 +77,10 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def demo_box_run(tmp_path_factory):
     """configs/demo.yaml (what `make demo` runs) up to A²GNN, once per session."""
-    import yaml
-
-    from pipeline.config import config_from_dict
+    from pipeline.config import config_from_dict, read_config_file
     from pipeline.runner import make_run, run_local
 
-    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    data = read_config_file(ROOT / "configs" / "demo.yaml")
     data.update(output_root=str(tmp_path_factory.mktemp("demo") / "artifacts"), engine="local", workers=2)
     run = make_run(config_from_dict(data, "configs/demo.yaml"))
     run_local(run, ["box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph", "random_walk", "a2gnn"])
@@ -125,13 +130,13 @@ def bench_rows(tmp_path, name: str, *args: str) -> list[dict]:
     return json.loads((tmp_path / "b.json").read_text())
 
 
-def run_single_stage(tmp_path, supervision: str, extra: tuple[str, ...] = ()) -> tuple[object, dict]:
-    """A tiny demo run of a single-stage branch: its DAG is ``<sup>_train``, ``<sup>_eval``
+def run_single_stage(tmp_path, method: str, extra: tuple[str, ...] = ()) -> tuple[object, dict]:
+    """A tiny demo run of a single-stage method: its DAG is ``<method>_train``, ``<method>_eval``
     and the ``extra`` stages; all run (local engine). Returns the run and the stages' manifests."""
     from pipeline.runner import make_run, run_local
 
-    run = make_run(demo_config(tmp_path, supervision=supervision))
-    assert run.names == [f"{supervision}_train", f"{supervision}_eval", *extra]
+    run = make_run(demo_config(tmp_path, method=method))
+    assert run.names == [f"{method}_train", f"{method}_eval", *extra]
     return run, run_local(run, run.names)
 
 
@@ -146,29 +151,28 @@ def start_from_checkpoint(run, stage: str, source, step: int) -> None:
     shutil.copy(source.store(stage).checkpoint_path(step), folder)
 
 
-def demo_branch_vs_baseline(tmp_path, supervision: str, baseline_map: str | None = None,
-                            shared_steps: int | None = None, **baseline) -> tuple[dict, dict]:
-    """``configs/demo_<supervision>.yaml`` (what `make demo` runs) and the same config with the
-    ``<supervision>_train`` keys ``baseline`` changed, every stage of both run (local engine);
+def demo_branch_vs_baseline(
+    tmp_path, method: str, baseline_map: str | None = None, shared_steps: int | None = None, **baseline
+) -> tuple[dict, dict]:
+    """``configs/demo_<method>.yaml`` (what `make demo` runs) and the same config with the
+    ``<method>_train`` keys ``baseline`` changed, every stage of both run (local engine);
     their manifests by stage. The baseline's map
     (``baseline_map``, default the main one) must learn (val mIoU 0.15 above all-background),
     or the comparison says nothing. ``shared_steps``: the two trainings are the same run up to
     this step (the caller tests that), so the baseline resumes from the branch's checkpoint
     there instead of training those steps again."""
-    import yaml
-
-    from pipeline.config import config_from_dict
+    from pipeline.config import config_from_dict, read_config_file
     from pipeline.runner import make_run, run_local
 
-    path = ROOT / "configs" / f"demo_{supervision}.yaml"
-    data = yaml.safe_load(path.read_text())
+    path = ROOT / "configs" / f"demo_{method}.yaml"
+    data = read_config_file(path)
     # threads: 2, what `make demo` uses on 2 cores, where the README's figures were measured, on any
     # machine: torch sums in another order on another thread count, and from scratch that alone moves
     # these runs by points (DFR's demo gap: +0.062 on 2 threads, +0.005 on 1).
     data.update(output_root=str(tmp_path / "artifacts"), engine="local", threads=2)
     branch = make_run(config_from_dict(data, str(path)))
     full = run_local(branch, branch.names)
-    stage = f"{supervision}_train"
+    stage = f"{method}_train"
     data[stage].update(baseline)
     run = make_run(config_from_dict(data, "<baseline>"))
     if shared_steps:
@@ -176,22 +180,23 @@ def demo_branch_vs_baseline(tmp_path, supervision: str, baseline_map: str | None
     base = run_local(run, run.names)
     if shared_steps:
         assert base[stage]["info"]["resumed_from"] == shared_steps
-    scores = base[f"{supervision}_eval"]["metrics"]
+    scores = base[f"{method}_eval"]["metrics"]
     learned = scores["miou"] if baseline_map is None else scores["maps"][baseline_map]["miou"]
     assert learned > DEMO_BACKGROUND_ONLY + 0.15, scores
     return full, base
 
 
-def single_stage_resumes_exactly(tmp_path, monkeypatch, supervision: str, module, fn_name: str, **section) -> None:
-    """A single-stage branch's training (``<supervision>_train``, tiny demo run, 4 steps,
+def single_stage_resumes_exactly(tmp_path, monkeypatch, method: str, module, fn_name: str, **section) -> None:
+    """A single-stage method's training (its model stage, tiny demo run, 4 steps,
     checkpoint at 2, ``section`` overrides) killed in its 3rd ``module.fn_name`` call and
     resumed ends where the straight run does."""
-    stage = f"{supervision}_train"
+    from stages.methods import METHODS
+
+    stage = METHODS.get(method).model
 
     def make(path):
-        base = getattr(demo_config(path, supervision=supervision), stage).model_dump()
-        return demo_config(path, supervision=supervision,
-                           **{stage: {**base, "iterations": 4, "checkpoint_every": 2, **section}})
+        base = getattr(demo_config(path, method=method), stage).model_dump()
+        return demo_config(path, method=method, **{stage: {**base, "iterations": 4, "checkpoint_every": 2, **section}})
 
     assert_same_training(*kill_and_resume(tmp_path, monkeypatch, make, stage, module, fn_name))
 

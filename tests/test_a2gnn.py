@@ -1,5 +1,6 @@
 """A²GNN layer (Eq. 3.18) on every path against a naive per-node loop; losses against
 double-loop references and hand-made cases."""
+
 import math
 
 import pytest
@@ -9,7 +10,15 @@ from models.a2gnn import A2GNN, AffinityAttention, DenseGraph, GridGraph
 from models.affinity import gaussian_kernel, window_offsets
 from models.boxes import restrict_to_boxes
 from models.graph import from_grid, grid_edges
-from models.losses import a2gnn_objective, consistency_check, mp_loss, mp_nodes, potts_loss, prototype_similarity, seed_ce
+from models.losses import (
+    a2gnn_objective,
+    consistency_check,
+    mp_loss,
+    mp_nodes,
+    potts_loss,
+    prototype_similarity,
+    seed_ce,
+)
 
 
 def _graph(h=5, w=7, radius=2, threshold=0.3, seed=0):
@@ -129,8 +138,12 @@ def test_stacked_models_equal_the_models_run_alone():
         torch.testing.assert_close(stacked.embed.grad[m], alone[m][2])
         torch.testing.assert_close(stacked.props[0].w.grad[m], alone[m][3])
     with pytest.raises(ValueError, match="same grid"):
-        GridGraph.stack([GridGraph.from_edges(*graphs[0], (5, 7), 4, radius=2),
-                         GridGraph.from_edges(*graphs[1], (5, 7), 4, radius=3)])
+        GridGraph.stack(
+            [
+                GridGraph.from_edges(*graphs[0], (5, 7), 4, radius=2),
+                GridGraph.from_edges(*graphs[1], (5, 7), 4, radius=3),
+            ]
+        )
 
 
 def test_seed_ce_averages_background_and_foreground_separately_per_image():
@@ -163,7 +176,8 @@ def test_potts_loss_matches_a_double_loop_in_value_and_gradient():
                     if (v, u) == (y, x) or max(abs(v - y), abs(u - x)) > 2:
                         continue
                     k = math.exp(-((v - y) ** 2 + (u - x) ** 2) / 72) * torch.exp(
-                        -((image[0, :, y, x] - image[0, :, v, u]) ** 2).sum() / 0.02)
+                        -((image[0, :, y, x] - image[0, :, v, u]) ** 2).sum() / 0.02
+                    )
                     total = total + k * (1 - (p[:, y, x] * p[:, v, u]).sum())
     ref = total / 20
     torch.testing.assert_close(loss, ref)
@@ -175,9 +189,9 @@ def test_potts_loss_matches_a_double_loop_in_value_and_gradient():
 def test_mp_nodes_on_a_hand_made_map():
     prob = torch.zeros(5, 7)
     prob[1, 2], prob[1, 5] = 0.9, 0.3  # row 1: max at x=2
-    prob[2, 4] = 0.8                   # row 2: max at x=4
-    prob[3, 3] = 0.7                   # row 3: max at x=3
-    prob[0, 3] = 0.95                  # outside the window (row 0): never chosen
+    prob[2, 4] = 0.8  # row 2: max at x=4
+    prob[3, 3] = 0.7  # row 3: max at x=3
+    prob[0, 3] = 0.95  # outside the window (row 0): never chosen
     nodes = mp_nodes(prob, (1, 4, 2, 6)).tolist()  # rows 1..3, columns 2..5
     rows, cols = nodes[:3], nodes[3:]
     assert rows == [1 * 7 + 2, 2 * 7 + 4, 3 * 7 + 3]
@@ -215,16 +229,16 @@ def test_mp_loss_value_and_prototypes(stride):
 
 
 def test_consistency_check_unlabels_only_dissimilar_box_class_pixels():
-    labels = torch.tensor([[0, 2, 2, 1],
-                           [0, 2, 2, 1],
-                           [0, 0, 2, 255]])
-    similarity = torch.tensor([[-1.0, -0.5, 0.2, -1.0],
-                               [-1.0, 0.1, -0.1, -1.0],
-                               [-1.0, -1.0, -0.3, -1.0]])
+    labels = torch.tensor([[0, 2, 2, 1], [0, 2, 2, 1], [0, 0, 2, 255]])
+    similarity = torch.tensor([[-1.0, -0.5, 0.2, -1.0], [-1.0, 0.1, -0.1, -1.0], [-1.0, -1.0, -0.3, -1.0]])
     out = consistency_check(labels, similarity, (0, 3, 1, 3), cls=2)
-    expected = torch.tensor([[0, 255, 2, 1],    # (0,1): class 2, similarity < 0
-                             [0, 2, 255, 1],    # (1,2)
-                             [0, 0, 255, 255]])  # (2,1) is background: kept; column 0 and 3 outside the box
+    expected = torch.tensor(
+        [
+            [0, 255, 2, 1],  # (0,1): class 2, similarity < 0
+            [0, 2, 255, 1],  # (1,2)
+            [0, 0, 255, 255],
+        ]
+    )  # (2,1) is background: kept; column 0 and 3 outside the box
     torch.testing.assert_close(out, expected)
     assert labels[0, 1] == 2  # the input is not modified
     stricter = consistency_check(labels, similarity, (0, 3, 1, 3), cls=2, threshold=0.15)
@@ -235,8 +249,12 @@ def test_centred_consistency_check_removes_a_seed_that_points_away_from_its_box_
     """Non-negative node features (as A²GNN's): the raw cosine is >= 0 everywhere, so the
     released check at 0 keeps every seed; centred on the image mean it removes the seed whose
     feature lies on the background side and keeps the ones like the prototype."""
-    feats = torch.tensor([[1.0, 0.0, 0.0, 1.0],   # channel 0: background-like
-                          [0.0, 1.0, 1.0, 0.1]])[:, None, :]  # (D=2, h=1, w=4)
+    feats = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 1.0],  # channel 0: background-like
+            [0.0, 1.0, 1.0, 0.1],
+        ]
+    )[:, None, :]  # (D=2, h=1, w=4)
     proto = torch.tensor([0.0, 1.0])  # the box's MP nodes are foreground-like
     labels = torch.tensor([[0, 1, 1, 1]])  # pixel 3: a class-1 seed whose feature is background-like
     raw = prototype_similarity(feats, proto, centred=False)[0]
@@ -244,8 +262,10 @@ def test_centred_consistency_check_removes_a_seed_that_points_away_from_its_box_
     assert consistency_check(labels, raw[None], (0, 1, 0, 4), cls=1).tolist() == [[0, 1, 1, 1]]  # inert
     centred = prototype_similarity(feats, proto)[0]
     mu = feats.mean((1, 2))
-    naive = [float(torch.dot(feats[:, 0, k] - mu, proto - mu) / ((feats[:, 0, k] - mu).norm() * (proto - mu).norm()))
-             for k in range(4)]
+    naive = [
+        float(torch.dot(feats[:, 0, k] - mu, proto - mu) / ((feats[:, 0, k] - mu).norm() * (proto - mu).norm()))
+        for k in range(4)
+    ]
     torch.testing.assert_close(centred, torch.tensor(naive))
     assert centred[1] > 0.99 and centred[3] < 0
     assert consistency_check(labels, centred[None], (0, 1, 0, 4), cls=1).tolist() == [[0, 1, 1, 255]]

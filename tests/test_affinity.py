@@ -1,16 +1,27 @@
 """Affinity numerics (Eq. 3.6-3.13) against naive double loops on tiny grids."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from models.affinity import (AffinityNet, affinity_class_loss, affinity_reg_loss, gaussian_kernel, pair_affinity,
-                             pair_distance, pair_labels, window_offsets)
+from models.affinity import (
+    AffinityNet,
+    affinity_class_loss,
+    affinity_reg_loss,
+    gaussian_kernel,
+    pair_affinity,
+    pair_distance,
+    pair_labels,
+    window_offsets,
+)
 
 
-@pytest.mark.parametrize("offsets", [window_offsets(2, "disk"), window_offsets(3, "square"), [(0, 1), (1, 0), (2, -1)],
-                                     [(0, 1), (0, -1), (1, 1)]])
+@pytest.mark.parametrize(
+    "offsets",
+    [window_offsets(2, "disk"), window_offsets(3, "square"), [(0, 1), (1, 0), (2, -1)], [(0, 1), (0, -1), (1, 1)]],
+)
 def test_pair_distance_backward_matches_autograd_of_the_plain_expression(offsets):
     """The hand-written backward (no per-offset copies kept) against autograd of
     ``mean_c |F(i) - F(i + o)|`` on shifted tensors, symmetric windows and lone offsets."""
@@ -88,8 +99,9 @@ def _naive_losses(feat, image, seeds, r, sxy, srgb):
                         continue
                     dist = (feat[:, y, x] - feat[:, v, u]).abs().mean()
                     aff = torch.exp(-dist)
-                    g = math.exp(-(dy * dy + dx * dx) / (2 * sxy ** 2)) * torch.exp(
-                        -((image[:, y, x] - image[:, v, u]) ** 2).sum() / (2 * srgb ** 2))
+                    g = math.exp(-(dy * dy + dx * dx) / (2 * sxy**2)) * torch.exp(
+                        -((image[:, y, x] - image[:, v, u]) ** 2).sum() / (2 * srgb**2)
+                    )
                     reg = reg + g * dist
                     pairs += 1
                     kind = labels.get((y, x, v, u))
@@ -113,8 +125,9 @@ def test_losses_and_gradients_match_a_double_loop():
     offsets = window_offsets(2)
     aff = pair_affinity(feat_a[None], offsets)
     l_ac = affinity_class_loss(aff, pair_labels(torch.from_numpy(seeds)[None], offsets))["loss"]
-    l_ar = affinity_reg_loss(pair_distance(feat_a[None], offsets), gaussian_kernel(image[None], offsets, 6.0, 0.1),
-                             offsets)
+    l_ar = affinity_reg_loss(
+        pair_distance(feat_a[None], offsets), gaussian_kernel(image[None], offsets, 6.0, 0.1), offsets
+    )
     ref_ac, ref_ar = _naive_losses(feat_b, image, seeds, 2, 6.0, 0.1)
     torch.testing.assert_close(l_ac, ref_ac)
     torch.testing.assert_close(l_ar, ref_ar)
@@ -186,6 +199,7 @@ def test_reg_loss_leaves_out_padding_pairs_from_sum_and_count():
                 if 0 <= v < 4 and 0 <= u < 3:
                     d = (feat[0, :, y, x] - feat[0, :, v, u]).abs().mean()
                     g = math.exp(-(dy * dy + dx * dx) / 72) * torch.exp(
-                        -((image[0, :, y, x] - image[0, :, v, u]) ** 2).sum() / 0.02)
+                        -((image[0, :, y, x] - image[0, :, v, u]) ** 2).sum() / 0.02
+                    )
                     total, count = total + g * d, count + 1
     torch.testing.assert_close(got, total / count)

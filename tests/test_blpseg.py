@@ -1,4 +1,5 @@
 """BLPSeg's numerics against naive per-pixel loops on tiny inputs (values and gradients)."""
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,9 @@ def _naive_lam(z, f, sigma, radius):
                         if max(abs(yy - y), abs(xx - x)) > radius:
                             continue
                         dist2 = (yy - y) ** 2 + (xx - x) ** 2
-                        terms.append(torch.exp((f[n, :, yy, xx] * f[n, :, y, x]).sum()) * math.exp(-dist2 / (2 * sigma ** 2)))
+                        terms.append(
+                            torch.exp((f[n, :, yy, xx] * f[n, :, y, x]).sum()) * math.exp(-dist2 / (2 * sigma**2))
+                        )
                         vals.append(z[n, :, yy, xx])
                 weights = torch.stack(terms)
                 out[n, :, y, x] = (weights[:, None] * torch.stack(vals)).sum(0) / weights.sum()
@@ -80,7 +83,9 @@ def _labels():
 def test_weighted_ce_against_a_pixel_loop(normalize):
     labels, real = _labels()
     k, w_unl = 3, 0.02
-    logits = torch.randn(2, k + 1, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    logits = torch.randn(
+        2, k + 1, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    ).requires_grad_()
     loss = weighted_ce(logits, labels, real, w_unl, normalize)
     total, norm = 0.0, 0.0
     for n in range(2):
@@ -129,12 +134,15 @@ def test_blp_loss_against_a_pixel_loop(normalize):
     assert torch.allclose(rare, common)  # released: divided by delta, the weight cancels on one pixel
     rare = blp_loss(seg1, torch.tensor([0.5, 0.05, 0.45]).view(1, 3, 1, 1), one, gamma)
     common = blp_loss(seg1, torch.tensor([0.05, 0.9, 0.05]).view(1, 3, 1, 1), one, gamma)
-    assert rare > common and torch.isclose(rare / common, torch.tensor(((1 - 0.025) / (1 - 0.45)) ** 2, dtype=rare.dtype))
+    assert rare > common and torch.isclose(
+        rare / common, torch.tensor(((1 - 0.025) / (1 - 0.45)) ** 2, dtype=rare.dtype)
+    )
 
 
 def test_self_training_labels_keep_scribbles_and_confident_present_classes():
-    probs = torch.tensor([[0.05, 0.95, 0.0], [0.5, 0.1, 0.4], [0.02, 0.03, 0.95], [0.9, 0.05, 0.05]],
-                         dtype=torch.float64).T.reshape(1, 3, 1, 4)
+    probs = torch.tensor(
+        [[0.05, 0.95, 0.0], [0.5, 0.1, 0.4], [0.02, 0.03, 0.95], [0.9, 0.05, 0.05]], dtype=torch.float64
+    ).T.reshape(1, 3, 1, 4)
     labels = torch.tensor([[[IGNORE, IGNORE, IGNORE, 1]]])
     labels[0, 0, 1] = 0  # classes present: 0 and 1; class 2 is not in the scribbles
     real = torch.tensor([[[True, True, True, True]]])
@@ -148,7 +156,7 @@ def test_self_training_labels_keep_scribbles_and_confident_present_classes():
 def _tiny(path, **over):
     from .conftest import demo_config
 
-    return demo_config(path, supervision="blpseg", **over)
+    return demo_config(path, method="blpseg", **over)
 
 
 def test_blpseg_dag_stages_and_switches(tmp_path):
@@ -221,8 +229,20 @@ def test_blpseg_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
 def test_bench_blpseg_train_rows(tmp_path):
     from .conftest import bench_rows
 
-    train, single = bench_rows(tmp_path, "blpseg_train", "--images", "2", "--size", "96x64", "--opt", "arch=resnet18",
-                               "--opt", "batch=2", "--opt", "crop=64")
+    train, single = bench_rows(
+        tmp_path,
+        "blpseg_train",
+        "--images",
+        "2",
+        "--size",
+        "96x64",
+        "--opt",
+        "arch=resnet18",
+        "--opt",
+        "batch=2",
+        "--opt",
+        "crop=64",
+    )
     assert "blpseg_train step resnet18" in train["case"] and "loss blp" in train["case"] and train["images"] == 2
     assert "single scale" in single["case"]
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (train, single))

@@ -1,6 +1,7 @@
 """Quality floors of the box ladder on small real subsets: the shipped configs with their
 training shortened. Each stage is held against the map it starts from (thesis Table 3.4
 climbs at every stage), and the last one against one plain GrabCut call per box."""
+
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,15 @@ from pipeline.runner import make_run, run_local
 
 ROOT = Path(__file__).resolve().parent.parent
 LADDER = ["box_seeds", "seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf"]
-SHORT = ["affinity_train.epochs=3", "affinity_train.crop=128", "affinity_train.batch_size=4",
-         "a2gnn.epochs=30", "a2gnn.hidden=64", "engine=local", "workers=2"]
+SHORT = [
+    "affinity_train.epochs=3",
+    "affinity_train.crop=128",
+    "affinity_train.batch_size=4",
+    "a2gnn.epochs=30",
+    "a2gnn.hidden=64",
+    "engine=local",
+    "workers=2",
+]
 SUBSETS = {"horses": ("horses_box.yaml", "weizmann_horse", 8), "camvid": ("camvid_box.yaml", "camvid", 8)}
 pytestmark = pytest.mark.claims  # the method tier: trained from scratch on real photographs
 _RUNS: dict[str, dict] = {}
@@ -23,9 +31,17 @@ def ladder(name: str, horses: Path, tmp_path_factory) -> dict[str, float]:
     """mIoU of each box stage on the subset (one run per subset and session)."""
     if name not in _RUNS:
         config, data, limit = SUBSETS[name]
-        run = make_run(load_config(ROOT / "configs" / config, [
-            f"dataset.root={horses.parent / data}", f"dataset.limit={limit}",
-            f"output_root={tmp_path_factory.mktemp(name)}", *SHORT]))
+        run = make_run(
+            load_config(
+                ROOT / "configs" / config,
+                [
+                    f"dataset.root={horses.parent / data}",
+                    f"dataset.limit={limit}",
+                    f"output_root={tmp_path_factory.mktemp(name)}",
+                    *SHORT,
+                ],
+            )
+        )
         run_local(run, LADDER)
         _RUN_OF[name] = run
         metrics = {s: run.store(s).read_manifest()["metrics"] for s in ("box_seeds", "random_walk", "a2gnn", "crf")}
@@ -74,7 +90,7 @@ def test_a2gnn_keeps_each_class_inside_its_own_boxes(horses, tmp_path_factory):
             inside = np.zeros(probs.shape[1:], bool)
             for b in boxes:
                 if b.cls == c:
-                    inside[b.y0:b.y1, b.x0:b.x1] = True
+                    inside[b.y0 : b.y1, b.x0 : b.x1] = True
             assert inside.any() and probs[k][~inside].max() == 0, (image_id, int(c))
             checked += 1
         assert np.allclose(probs.astype(np.float32).sum(0), 1.0, atol=5e-3), image_id

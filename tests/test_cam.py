@@ -1,4 +1,5 @@
 """Backbones, the CAM network and its training loop (resume), on tiny inputs."""
+
 import numpy as np
 import pytest
 import torch
@@ -83,12 +84,20 @@ def test_background_score():
 
 def test_poly_lr():
     assert poly_lr(0.1, 0, 100, 0.9) == 0.1
-    assert poly_lr(0.1, 50, 100, 0.9) == pytest.approx(0.1 * 0.5 ** 0.9)
+    assert poly_lr(0.1, 50, 100, 0.9) == pytest.approx(0.1 * 0.5**0.9)
 
 
 def _tiny(tmp_path, **kw):
-    settings = dict(dataset__num_train=4, dataset__height=64, dataset__width=64, cam_train__depth=18,
-                    cam_train__crop=48, cam_train__batch_size=2, cam_train__epochs=2, cam_train__checkpoint_every=2)
+    settings = dict(
+        dataset__num_train=4,
+        dataset__height=64,
+        dataset__width=64,
+        cam_train__depth=18,
+        cam_train__crop=48,
+        cam_train__batch_size=2,
+        cam_train__epochs=2,
+        cam_train__checkpoint_every=2,
+    )
     return demo_config(tmp_path, **{**settings, **kw})
 
 

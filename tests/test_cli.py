@@ -1,4 +1,5 @@
 """The ``wsss`` commands (local engine, so no Prefect server is needed here)."""
+
 import json
 from pathlib import Path
 
@@ -16,9 +17,16 @@ runner = CliRunner()
 
 
 def write_config(tmp_path, **extra):
-    data = {"run": "cli", "output_root": str(tmp_path / "art"), "engine": "local", "workers": 1,
-            "dataset": {"kind": "demo", "num_train": 4, "num_val": 2}, **TINY_TRAINING, "cam": {"enabled": False},
-            **extra}
+    data = {
+        "run": "cli",
+        "output_root": str(tmp_path / "art"),
+        "engine": "local",
+        "workers": 1,
+        "dataset": {"kind": "demo", "num_train": 4, "num_val": 2},
+        **TINY_TRAINING,
+        "cam": {"enabled": False},
+        **extra,
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -93,8 +101,9 @@ def test_the_ladder_prints_the_note_beside_a_figure_under_its_baseline(tmp_path,
     pairs = cli.baseline_pairs(the_run, "crf", the_run.store("crf").read_manifest()["metrics"])
     assert pairs == [("crf", crf, "GrabCut filled", filled)]
     for value, shown in ((filled - 0.1, True), (filled + 0.1, False)):
-        monkeypatch.setattr(cli, "baseline_pairs", lambda r, n, m, v=value: [("crf", v, "GrabCut filled", filled)]
-                            if n == "crf" else [])
+        monkeypatch.setattr(
+            cli, "baseline_pairs", lambda r, n, m, v=value: [("crf", v, "GrabCut filled", filled)] if n == "crf" else []
+        )
         cli._print_ladder(the_run)
         out = capsys.readouterr().out
         assert ("flat shapes: GrabCut solves them" in out) == shown and ("is not above GrabCut filled" in out) == shown
@@ -164,8 +173,23 @@ def test_bench_prints_a_row_per_case(tmp_path):
 
 
 def test_bench_random_walk_measures_sparse_against_dense(tmp_path):
-    res = runner.invoke(app, ["bench", "random_walk", "--images", "1", "--size", "96x64", "--opt", "depth=18",
-                              "--opt", "logt=3", "--json", str(tmp_path / "b.json")])
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            "random_walk",
+            "--images",
+            "1",
+            "--size",
+            "96x64",
+            "--opt",
+            "depth=18",
+            "--opt",
+            "logt=3",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     graph, sparse, dense = json.loads((tmp_path / "b.json").read_text())
     assert graph["nodes"] == sparse["nodes"] == dense["nodes"] == 8 * 12
@@ -200,9 +224,13 @@ def test_voc_configs_are_the_thesis_settings_and_missing_weights_stop_them(tmp_p
                     spec.preflight(cfg)
 
 
-@pytest.mark.parametrize("flag, runs, spml", [([], ["demo", "demo_dfr"], False),
-                                              (["--all"], ["demo", "demo_dfr", "demo_blpseg", "demo_rrm", "demo_fewshot"],
-                                               True)])
+@pytest.mark.parametrize(
+    "flag, runs, spml",
+    [
+        ([], ["demo", "demo_dfr"], False),
+        (["--all"], ["demo", "demo_dfr", "demo_blpseg", "demo_rrm", "demo_fewshot"], True),
+    ],
+)
 def test_demo_runs_the_main_flow_and_all_every_branch(monkeypatch, flag, runs, spml):
     import pipeline.cli as cli
 
@@ -212,5 +240,5 @@ def test_demo_runs_the_main_flow_and_all_every_branch(monkeypatch, flag, runs, s
     res = runner.invoke(app, ["demo", *flag, "--engine", "local"])
     assert res.exit_code == 0, res.output
     assert [r.config.run for r in ran] == runs
-    assert ("spml_train" in ran[0].names) == spml and ran[0].config.spml_train.enabled == spml
+    assert ("spml_train" in ran[0].names) == spml and (ran[0].config.method == "spml") == spml
     assert "final_train" in ran[0].names and "instances" in ran[0].names

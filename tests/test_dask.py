@@ -1,6 +1,7 @@
 """``task_runner: dask`` (prefect-dask on local clusters of 2 worker processes): the same
 items as the local engine, shards spread over workers, training on the resourced worker, a
 killed worker loses nothing, and workers that cannot see the run are refused up front."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,11 @@ def keep_torch_threads():
 
 def item_hashes(run_dir: Path, stage: str) -> dict[str, str]:
     items = run_dir / stage / "current" / "items"
-    return {str(p.relative_to(items)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(items.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(items)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(items.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +59,14 @@ def worker_pids(client) -> dict[str, int]:
     return client.run(os.getpid)
 
 
-def test_dask_run_writes_the_local_engines_items_from_two_worker_processes(tmp_path, local_reference,
-                                                                           prefect_harness):
+def test_dask_run_writes_the_local_engines_items_from_two_worker_processes(tmp_path, local_reference, prefect_harness):
     from pipeline.flow import run_prefect
 
-    run = make_run(demo_config(tmp_path, engine="prefect", task_runner="dask",
-                               dask={"n_workers": 2, "threads_per_worker": 1}, **COMMON))
+    run = make_run(
+        demo_config(
+            tmp_path, engine="prefect", task_runner="dask", dask={"n_workers": 2, "threads_per_worker": 1}, **COMMON
+        )
+    )
     out = run_prefect(run, STAGES, set())
     for stage in STAGES:
         assert out[stage]["status"] == "complete", stage
@@ -78,11 +84,25 @@ def gpu_and_cpu_workers(tmp_path):
     `dask worker ADDRESS --resources GPU=1` (a label: no GPU is used)."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster.scheduler_address, set_as_default=False) as client:
-        cli = subprocess.Popen([str(Path(sys.executable).with_name("dask")), "worker", cluster.scheduler_address,
-                                "--nthreads", "1", "--resources", "GPU=1", "--no-dashboard"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.getcwd())
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster.scheduler_address, set_as_default=False) as client,
+    ):
+        cli = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("dask")),
+                "worker",
+                cluster.scheduler_address,
+                "--nthreads",
+                "1",
+                "--resources",
+                "GPU=1",
+                "--no-dashboard",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=os.getcwd(),
+        )
         try:
             client.wait_for_workers(2, timeout=60)
             yield cluster.scheduler_address, client
@@ -91,8 +111,9 @@ def gpu_and_cpu_workers(tmp_path):
             cli.wait(timeout=30)
 
 
-def test_training_lands_on_the_gpu_worker_and_a_killed_worker_loses_nothing(tmp_path, local_reference,
-                                                                            gpu_and_cpu_workers, prefect_harness):
+def test_training_lands_on_the_gpu_worker_and_a_killed_worker_loses_nothing(
+    tmp_path, local_reference, gpu_and_cpu_workers, prefect_harness
+):
     from pipeline.flow import run_prefect
 
     address, client = gpu_and_cpu_workers
@@ -102,8 +123,14 @@ def test_training_lands_on_the_gpu_worker_and_a_killed_worker_loses_nothing(tmp_
     # the upstream stages of the reference run, then a slower A²GNN (another fingerprint) on the cluster
     out_root = tmp_path / "artifacts"
     shutil.copytree(local_reference.config.output_root, out_root, symlinks=True)
-    cfg = demo_config(tmp_path, engine="prefect", task_runner="dask", a2gnn__epochs=30,
-                      dask={"address": address, "resources": {"GPU": 1}}, **COMMON)
+    cfg = demo_config(
+        tmp_path,
+        engine="prefect",
+        task_runner="dask",
+        a2gnn__epochs=30,
+        dask={"address": address, "resources": {"GPU": 1}},
+        **COMMON,
+    )
     run = make_run(cfg)
     out = run_prefect(run, ["affinity_train"], {"affinity_train"})
     trained_on = out["affinity_train"]["ran_on"]
@@ -160,8 +187,11 @@ def test_workers_that_cannot_see_the_run_or_offer_no_gpu_are_refused(tmp_path, m
         monkeypatch.chdir(tmp_path)
         cfg = demo_config(tmp_path, engine="prefect", task_runner="dask", dask={"address": cluster.scheduler_address})
         cfg.output_root = "artifacts"
-        with pytest.raises(PipelineError, match=r"1 of 1 workers cannot use the run's files.*cannot read "
-                                                r"artifacts/t/\.dask-probe-.*worker cwd .*elsewhere"):
+        with pytest.raises(
+            PipelineError,
+            match=r"1 of 1 workers cannot use the run's files.*cannot read "
+            r"artifacts/t/\.dask-probe-.*worker cwd .*elsewhere",
+        ):
             run_prefect(make_run(cfg), ["box_seeds"], set())
         assert not list((tmp_path / "artifacts" / "t").glob(".dask-probe-*"))
         (elsewhere / "artifacts").symlink_to(tmp_path / "artifacts")  # now they share it
@@ -188,8 +218,9 @@ def test_training_stages_ask_for_the_configured_resources_and_per_image_stages_d
 def test_bench_scale_out_rows(tmp_path, prefect_harness):
     from .conftest import bench_rows
 
-    pool, dask_row = bench_rows(tmp_path, "scale_out", "--images", "4", "--size", "64x48", "--opt", "stage=box_seeds",
-                                "--opt", "workers=[2]")
+    pool, dask_row = bench_rows(
+        tmp_path, "scale_out", "--images", "4", "--size", "64x48", "--opt", "stage=box_seeds", "--opt", "workers=[2]"
+    )
     assert pool["case"] == "box_seeds: local engine, process pool of 2" and pool["processes"] == 1
     assert dask_row["case"] == "box_seeds: Prefect + Dask, 2 worker processes" and dask_row["processes"] >= 1
     assert all(r["images"] == 4 and r["images_per_s"] > 0 for r in (pool, dask_row))

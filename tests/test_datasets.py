@@ -1,4 +1,5 @@
 """Readers (voc, masks) and every kind of bad input, on tiny files made here."""
+
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,10 @@ from stages.base import IGNORE, Box, DataError, Point
 
 XML = """<annotation><filename>{id}.jpg</filename><size><width>40</width><height>30</height></size>
 {objects}</annotation>"""
-OBJ = "<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+OBJ = (
+    "<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+    "<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+)
 SCRIBBLE = """<annotation><filename>a.jpg</filename>
 <polygon><tag>background</tag><point><X>1</X><Y>1</Y></point><point><X>10</X><Y>1</Y></point></polygon>
 <polygon><tag>plane</tag><point><X>5</X><Y>10</Y></point><point><X>15</X><Y>10</Y></point></polygon>
@@ -33,19 +37,30 @@ def voc(tmp_path):
         gt[5:20, 3:30] = 1
         gt[4, :] = 255
         (root / "SegmentationClass" / f"{i}.png").write_bytes(encode_label_png(gt))
-    (root / "Annotations" / "a.xml").write_text(XML.format(id="a", objects=OBJ.format(name="aeroplane", x0=4, y0=6, x1=30, y1=20)
-                                                           + OBJ.format(name="person", x0=30, y0=1, x1=55, y1=10)))
-    (root / "Annotations" / "b.xml").write_text(XML.format(id="b", objects=OBJ.format(name="horse", x0=1, y0=1, x1=10, y1=10)))
+    (root / "Annotations" / "a.xml").write_text(
+        XML.format(
+            id="a",
+            objects=OBJ.format(name="aeroplane", x0=4, y0=6, x1=30, y1=20)
+            + OBJ.format(name="person", x0=30, y0=1, x1=55, y1=10),
+        )
+    )
+    (root / "Annotations" / "b.xml").write_text(
+        XML.format(id="b", objects=OBJ.format(name="horse", x0=1, y0=1, x1=10, y1=10))
+    )
     (root / "ImageSets/Segmentation/train.txt").write_text("a\nb\n")
     (root / "ImageSets/Segmentation/val.txt").write_text("b\n")
     (root / "scribbles" / "a.xml").write_text(SCRIBBLE)
-    (tmp_path / "points.json").write_text(json.dumps({"a": [{"x": 10, "y": 12, "cls": 1}, {"x": 2, "y": 2, "cls": "bg"}]}))
+    (tmp_path / "points.json").write_text(
+        json.dumps({"a": [{"x": 10, "y": 12, "cls": 1}, {"x": 2, "y": 2, "cls": "bg"}]})
+    )
     return root
 
 
 def make_voc(root, **kw):
-    return VocData(VocDataset(root=str(root), scribbles=str(root / "scribbles"), points=str(root.parent / "points.json"),
-                              **kw), WeakConfig())
+    return VocData(
+        VocDataset(root=str(root), scribbles=str(root / "scribbles"), points=str(root.parent / "points.json"), **kw),
+        WeakConfig(),
+    )
 
 
 def test_voc_reads_boxes_tags_gt_scribbles_points(voc, caplog):
@@ -67,7 +82,9 @@ def test_voc_bad_inputs_name_the_file(voc):
     (voc / "Annotations" / "b.xml").write_text("<annotation><object><name>horse</name>")
     with pytest.raises(DataError, match=r"b\.xml: malformed XML"):
         d.load_weak("b")
-    (voc / "Annotations" / "b.xml").write_text(XML.format(id="b", objects=OBJ.format(name="unicorn", x0=1, y0=1, x1=5, y1=5)))
+    (voc / "Annotations" / "b.xml").write_text(
+        XML.format(id="b", objects=OBJ.format(name="unicorn", x0=1, y0=1, x1=5, y1=5))
+    )
     with pytest.raises(DataError, match=r"b\.xml: unknown class name 'unicorn'"):
         d.load_weak("b")
     data = (voc / "JPEGImages" / "b.jpg").read_bytes()
@@ -79,7 +96,9 @@ def test_voc_bad_inputs_name_the_file(voc):
 
 
 def test_box_outside_image_is_dropped_with_warning(voc, caplog):
-    (voc / "Annotations" / "b.xml").write_text(XML.format(id="b", objects=OBJ.format(name="horse", x0=50, y0=1, x1=60, y1=10)))
+    (voc / "Annotations" / "b.xml").write_text(
+        XML.format(id="b", objects=OBJ.format(name="horse", x0=50, y0=1, x1=60, y1=10))
+    )
     with caplog.at_level(logging.WARNING):
         assert make_voc(voc).load_weak("b").boxes == []
     assert "outside" in caplog.text and "b.xml" in caplog.text
@@ -118,8 +137,16 @@ def test_masks_threshold_resize_and_errors(masks):
 
 
 def test_horses_reader(horses):
-    d = MasksData(MasksDataset(root=str(horses), images="rgb", masks="figure_ground", class_names=["background", "horse"],
-                               resize="image_to_mask"), WeakConfig())
+    d = MasksData(
+        MasksDataset(
+            root=str(horses),
+            images="rgb",
+            masks="figure_ground",
+            class_names=["background", "horse"],
+            resize="image_to_mask",
+        ),
+        WeakConfig(),
+    )
     ids = d.ids("train") + d.ids("val")
     assert len(ids) == 328 and not set(d.ids("train")) & set(d.ids("val"))
     img, gt = d.load_image("horse001"), d.load_gt("horse001")

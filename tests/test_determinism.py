@@ -2,6 +2,7 @@
 (other hash seeds, other allocation histories), ends with the same weights bit for bit and
 the same loss curve. RRM's online CRFs run in a process pool in one of the two runs and in
 the training process in the other: where its labels are computed does not change them."""
+
 from __future__ import annotations
 
 import os
@@ -17,13 +18,27 @@ ROOT = Path(__file__).resolve().parent.parent
 # (run name, ``demo_config`` overrides, the stages to run); every training stage of every
 # method appears once (instance_train needs torchvision's compiled ops, absent on this torch).
 RUNS: list[tuple[str, dict, list[str]]] = [
-    ("box", {"spml_train__enabled": True, "crf__input": "a2gnn"},
-     ["box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf",
-      "final_train", "spml_train"]),
-    ("dfr", {"supervision": "dfr"}, ["dfr_train"]),
-    ("blpseg", {"supervision": "blpseg"}, ["blpseg_train"]),
-    ("rrm", {"supervision": "rrm"}, ["rrm_train"]),
-    ("fewshot", {"task": "fewshot", "dataset": {"kind": "demo", "num_train": 6, "num_val": 6}}, ["fewshot_train"]),
+    (
+        "box",
+        {"method": "spml", "crf__input": "a2gnn"},
+        [
+            "box_seeds",
+            "cam_train",
+            "cam",
+            "seeds",
+            "affinity_train",
+            "graph",
+            "random_walk",
+            "a2gnn",
+            "crf",
+            "final_train",
+            "spml_train",
+        ],
+    ),
+    ("dfr", {"method": "dfr"}, ["dfr_train"]),
+    ("blpseg", {"method": "blpseg"}, ["blpseg_train"]),
+    ("rrm", {"method": "rrm"}, ["rrm_train"]),
+    ("fewshot", {"method": "scl", "dataset": {"kind": "demo", "num_train": 6, "num_val": 6}}, ["fewshot_train"]),
 ]
 
 
@@ -34,9 +49,24 @@ def _runs(root: Path, crf_workers: int) -> list[tuple[object, list[str]]]:
 
     from .conftest import demo_config
 
-    return [(make_run(demo_config(root, run=name, workers=2, threads=1, rrm_train__iterations=4,
-                                  rrm_train__cls_only_fraction=0.5, rrm_train__crf_workers=crf_workers, **overrides)),
-             stages) for name, overrides, stages in RUNS]
+    return [
+        (
+            make_run(
+                demo_config(
+                    root,
+                    run=name,
+                    workers=2,
+                    threads=1,
+                    rrm_train__iterations=4,
+                    rrm_train__cls_only_fraction=0.5,
+                    rrm_train__crf_workers=crf_workers,
+                    **overrides,
+                )
+            ),
+            stages,
+        )
+        for name, overrides, stages in RUNS
+    ]
 
 
 def train_all(root: str, crf_workers: int) -> None:
@@ -49,8 +79,9 @@ def train_all(root: str, crf_workers: int) -> None:
 def _start(root: Path, hash_seed: str, crf_workers: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
     code = f"from tests.test_determinism import train_all; train_all({str(root)!r}, {crf_workers})"
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_every_training_stage_reruns_bit_for_bit(tmp_path):

@@ -1,6 +1,7 @@
 """DFR branch: every loss of Eq. 1-13 against a naive pixel-pair loop (values and
 gradients), the Swin + UperNet network, the schedule and augmentation, the stages'
 resume, and the demo quality claim (full DFR beats pCE only)."""
+
 import itertools
 
 import numpy as np
@@ -25,8 +26,9 @@ def _naive_eq1(logits, feats, images, scribbles, valid, t: DfrTerms) -> dict:
     probs = torch.softmax(logits, 1)
     rgb = normalize(images)
     out = {"pce": F.cross_entropy(logits, scribbles, ignore_index=IGNORE)}  # Eq. 2: mean over scribbled pixels
-    m = torch.where((probs.detach().max(1).values > t.gamma) & valid, probs.detach().argmax(1),
-                    torch.full((n, h, w), IGNORE))  # Eq. 7
+    m = torch.where(
+        (probs.detach().max(1).values > t.gamma) & valid, probs.detach().argmax(1), torch.full((n, h, w), IGNORE)
+    )  # Eq. 7
     dfr = fr = logits.new_zeros(())
     bg, fg, neg, k_feature = [], [], [], []
     for b, y, x in itertools.product(range(n), range(h), range(w)):
@@ -34,11 +36,12 @@ def _naive_eq1(logits, feats, images, scribbles, valid, t: DfrTerms) -> dict:
             yy, xx = y + dy, x + dx
             if (dy, dx) == (0, 0) or not (0 <= yy < h and 0 <= xx < w) or not (valid[b, y, x] and valid[b, yy, xx]):
                 continue
-            e_xy = (dy * dy + dx * dx) / (2 * t.sigma_xy ** 2)
-            e_rgb = ((rgb[b, :, y, x] - rgb[b, :, yy, xx]) ** 2).sum() / (2 * t.sigma_rgb ** 2)
-            e_f = ((feats[b, :, y, x] - feats[b, :, yy, xx]).detach() ** 2).sum() / (2 * t.sigma_feat ** 2)
-            k = torch.exp(-(e_xy if t.kernel_xy else 0) - (e_rgb if t.kernel_rgb else 0)
-                          - (e_f if t.kernel_feature else 0))  # Eq. 6
+            e_xy = (dy * dy + dx * dx) / (2 * t.sigma_xy**2)
+            e_rgb = ((rgb[b, :, y, x] - rgb[b, :, yy, xx]) ** 2).sum() / (2 * t.sigma_rgb**2)
+            e_f = ((feats[b, :, y, x] - feats[b, :, yy, xx]).detach() ** 2).sum() / (2 * t.sigma_feat**2)
+            k = torch.exp(
+                -(e_xy if t.kernel_xy else 0) - (e_rgb if t.kernel_rgb else 0) - (e_f if t.kernel_feature else 0)
+            )  # Eq. 6
             k_feature.append(torch.exp(-e_f))
             dfr = dfr + k * (1 - (probs[b, :, y, x] * probs[b, :, yy, xx]).sum())  # Eq. 5
             mi, mj = int(m[b, y, x]), int(m[b, yy, xx])
@@ -53,8 +56,11 @@ def _naive_eq1(logits, feats, images, scribbles, valid, t: DfrTerms) -> dict:
     def mean(xs):
         return torch.stack(xs).mean() if xs else logits.new_zeros(())
 
-    out["fd"] = mean([-torch.log(d) for d in bg]) + mean([-torch.log(d) for d in fg]) \
-        + 2 * mean([-torch.log(1 - d) for d in neg])  # Eq. 11
+    out["fd"] = (
+        mean([-torch.log(d) for d in bg])
+        + mean([-torch.log(d) for d in fg])
+        + 2 * mean([-torch.log(1 - d) for d in neg])
+    )  # Eq. 11
     out["fr"] = fr / (n * h * w)
     out["loss"] = out["pce"] + t.lambda_dfr * out["dfr"] + t.lambda_feat * (out["fd"] + out["fr"])
     out["pairs"] = (len(bg), len(fg), len(neg))
@@ -128,8 +134,14 @@ def test_pce_is_taken_at_input_resolution_from_upsampled_logits():
     logits, feats = torch.randn(2, 3, 4, 4), torch.rand(2, 5, 4, 4)
     big = torch.full((2, 8, 8), IGNORE, dtype=torch.long)
     big[:, 2, 2:6] = 1
-    out = dfr_objective(logits, feats, torch.rand(2, 3, 8, 8) * 255, big, torch.ones(2, 8, 8, dtype=torch.bool),
-                        DfrTerms(dfr=False, fd=False, fr=False))
+    out = dfr_objective(
+        logits,
+        feats,
+        torch.rand(2, 3, 8, 8) * 255,
+        big,
+        torch.ones(2, 8, 8, dtype=torch.bool),
+        DfrTerms(dfr=False, fd=False, fr=False),
+    )
     up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
     want = -torch.log_softmax(up, 1)[:, 1][big == 1].mean()
     assert float(out["pce"]) == pytest.approx(float(want), rel=1e-5)
@@ -194,7 +206,7 @@ def test_photometric_distortion_is_seeded_and_stays_in_range():
 
 
 def _tiny_dfr(path, **over):
-    return demo_config(path, supervision="dfr", **over)
+    return demo_config(path, method="dfr", **over)
 
 
 def test_dfr_dag_and_stages(tmp_path):
@@ -205,8 +217,12 @@ def test_dfr_dag_and_stages(tmp_path):
     assert info["terms"] == ["pce", "dfr", "fd", "fr"] and info["steps"] == 2
     assert 0 < info["k_feature_last"] <= 1 and 0 <= info["confident_last"] <= 1  # diagnostics in the manifest
     assert done["dfr_eval"]["counts"]["done"] == 2 and 0 <= done["dfr_eval"]["metrics"]["miou"] <= 1
-    pce_only = make_run(_tiny_dfr(tmp_path / "p", dfr_train={**_tiny_dfr(tmp_path).dfr_train.model_dump(),
-                                                              "dfr": False, "fd": False, "fr": False}))
+    pce_only = make_run(
+        _tiny_dfr(
+            tmp_path / "p",
+            dfr_train={**_tiny_dfr(tmp_path).dfr_train.model_dump(), "dfr": False, "fd": False, "fr": False},
+        )
+    )
     assert run_local(pce_only, ["dfr_train"])["dfr_train"]["info"]["terms"] == ["pce"]
 
 
@@ -221,8 +237,22 @@ def test_dfr_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
 def test_bench_dfr_train_rows(tmp_path):
     from .conftest import bench_rows
 
-    train, single = bench_rows(tmp_path, "dfr_train", "--images", "2", "--size", "96x64", "--opt", "arch=swin_mini",
-                               "--opt", "batch=2", "--opt", "crop=64", "--opt", "multiscale=false")
+    train, single = bench_rows(
+        tmp_path,
+        "dfr_train",
+        "--images",
+        "2",
+        "--size",
+        "96x64",
+        "--opt",
+        "arch=swin_mini",
+        "--opt",
+        "batch=2",
+        "--opt",
+        "crop=64",
+        "--opt",
+        "multiscale=false",
+    )
     assert "dfr_train step swin_mini" in train["case"] and "loss dfr" in train["case"] and train["images"] == 2
     assert "single scale" in single["case"]
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (train, single))

@@ -1,6 +1,7 @@
 """The README's equation index against the code: every function it names exists and cites its
 equation, every equation cited in models/ is listed, and no equation of the thesis' Ch. 3 or
 of the DFR paper is missing."""
+
 import importlib
 import inspect
 import re
@@ -10,8 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # "Eq. 3.20", "DFR Eq. 4-5", "Tang Eq. 4", "thesis Eq. 3.6-3.13", "Eq. 3.7 / 3.11"
-CITE = re.compile(r"(?:\b(DFR|Tang|BLPSeg|SPML|thesis) )?\bEq\. ?\(?(\d+(?:\.\d+)?)(?:\s*-\s*(\d+(?:\.\d+)?))?"
-                  r"((?:\s*/\s*\d+(?:\.\d+)?)*)")
+CITE = re.compile(
+    r"(?:\b(DFR|Tang|BLPSeg|SPML|thesis) )?\bEq\. ?\(?(\d+(?:\.\d+)?)(?:\s*-\s*(\d+(?:\.\d+)?))?"
+    r"((?:\s*/\s*\d+(?:\.\d+)?)*)"
+)
 
 
 def expand(paper: str | None, first: str, last: str | None, more: str = "") -> set[tuple[str, str]]:
@@ -19,8 +22,9 @@ def expand(paper: str | None, first: str, last: str | None, more: str = "") -> s
     thesis' (chapter.equation), one without must name its paper."""
     paper = paper or ("thesis" if "." in first else None)
     if paper is None:
-        raise AssertionError(f"'Eq. {first}' names no paper: write 'DFR Eq. {first}', 'BLPSeg Eq. {first}' or "
-                             f"'Tang Eq. {first}'")
+        raise AssertionError(
+            f"'Eq. {first}' names no paper: write 'DFR Eq. {first}', 'BLPSeg Eq. {first}' or 'Tang Eq. {first}'"
+        )
     numbers = [first, *re.findall(r"\d+(?:\.\d+)?", more)]
     if last is not None:
         if "." in first:
@@ -60,8 +64,13 @@ def resolve(path: str):
 
 
 def test_citations_parse_ranges_alternatives_and_papers():
-    assert cited("Eq. 3.6-3.8 and DFR Eq. 10-11") == {("thesis", "3.6"), ("thesis", "3.7"), ("thesis", "3.8"),
-                                                      ("DFR", "10"), ("DFR", "11")}
+    assert cited("Eq. 3.6-3.8 and DFR Eq. 10-11") == {
+        ("thesis", "3.6"),
+        ("thesis", "3.7"),
+        ("thesis", "3.8"),
+        ("DFR", "10"),
+        ("DFR", "11"),
+    }
     assert cited("(thesis Eq. 3.7 / 3.11)") == {("thesis", "3.7"), ("thesis", "3.11")}
     with pytest.raises(AssertionError, match="names no paper"):
         cited("the loss of Eq. 4")
@@ -85,6 +94,11 @@ def test_every_equation_cited_in_models_is_indexed():
 
 def test_the_index_covers_thesis_chapters_2_and_3_the_dfr_paper_blpseg_and_spml():
     listed = set(index())
-    wanted = ({("thesis", f"2.{k}") for k in range(1, 27)} | {("thesis", f"3.{k}") for k in range(1, 29)} | {("DFR", str(k)) for k in range(1, 14)}
-              | {("BLPSeg", str(k)) for k in range(1, 13)} | {("SPML", str(k)) for k in (1, 3, 4)})
+    wanted = (
+        {("thesis", f"2.{k}") for k in range(1, 27)}
+        | {("thesis", f"3.{k}") for k in range(1, 29)}
+        | {("DFR", str(k)) for k in range(1, 14)}
+        | {("BLPSeg", str(k)) for k in range(1, 13)}
+        | {("SPML", str(k)) for k in (1, 3, 4)}
+    )
     assert not wanted - listed, sorted(wanted - listed)

@@ -1,4 +1,5 @@
 """SCL few-shot numerics (thesis Ch. 5) against naive loops on tiny inputs."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.fewshot import (SclNet, binary_iou, cross_guided, guided_vectors, masked_gap, prior_mask, prototype_logits,
-                            scl_loss, up_ce)
+from models.fewshot import (
+    SclNet,
+    binary_iou,
+    cross_guided,
+    guided_vectors,
+    masked_gap,
+    prior_mask,
+    prototype_logits,
+    scl_loss,
+    up_ce,
+)
 
 
 def _loop_gap(feat, mask):
@@ -48,8 +58,12 @@ def test_scl_loss_is_eq_5_14_against_a_pixel_loop():
 
     def loop_ce(logits, mask):
         up = F.interpolate(logits, size=(4, 4), mode="bilinear", align_corners=False)[0]
-        terms = [-torch.log_softmax(up[:, y, x], 0)[int(mask[0, y, x])] for y in range(4) for x in range(4)
-                 if int(mask[0, y, x]) != 255]
+        terms = [
+            -torch.log_softmax(up[:, y, x], 0)[int(mask[0, y, x])]
+            for y in range(4)
+            for x in range(4)
+            if int(mask[0, y, x]) != 255
+        ]
         return sum(terms) / len(terms)
 
     got = scl_loss(out, ms, mq)
@@ -193,8 +207,8 @@ def test_fewshot_task_runs_its_two_stages_and_scores_episodes(tmp_path):
 
     from .conftest import demo_config
 
-    run = make_run(demo_config(tmp_path, task="fewshot", dataset={"kind": "demo", "num_train": 6, "num_val": 6}))
-    assert run.config.supervision == "fewshot" and run.names == ["fewshot_train", "fewshot_eval"]
+    run = make_run(demo_config(tmp_path, method="scl", dataset={"kind": "demo", "num_train": 6, "num_val": 6}))
+    assert run.config.labels == "masks" and run.names == ["fewshot_train", "fewshot_eval"]
     out = run_local(run, run.names)
     m = out["fewshot_eval"]["metrics"]
     assert set(m) == {"1shot", "1shot_prototype", "2shot", "2shot_prototype"}
@@ -211,4 +225,4 @@ def test_fewshot_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
 
     from .conftest import single_stage_resumes_exactly
 
-    single_stage_resumes_exactly(tmp_path, monkeypatch, "fewshot", ft, "scl_loss")
+    single_stage_resumes_exactly(tmp_path, monkeypatch, "scl", ft, "scl_loss")

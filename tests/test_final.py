@@ -1,6 +1,7 @@
 """Final stages: the CRF's inference parameters, the dense-CRF loss, final_train (resume),
 final_eval (multi-scale, CRF column), instances (RLE, mask AP), and the demo's final model
 against its GT-trained upper bound."""
+
 import copy
 import json
 
@@ -25,12 +26,28 @@ from .conftest import DEMO_BACKGROUND_ONLY, demo_config, kill_and_resume
 
 def test_crf_stage_defaults_are_the_released_a2gnn_inference_parameters():
     cfg = Config()
-    got = {k: getattr(cfg.crf, k) for k in ("gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
-                                            "bilateral_compat", "iterations")}
-    assert got == {"gaussian_sxy": 2, "gaussian_compat": 3, "bilateral_sxy": 50, "bilateral_srgb": 5,
-                   "bilateral_compat": 10, "iterations": 10}
-    assert cfg.final_eval.crf.model_dump() == cfg.crf.model_dump(exclude={"input", "gt_prob", "grabcut_refine",
-                                                                          "grabcut_min_iou"})
+    got = {
+        k: getattr(cfg.crf, k)
+        for k in (
+            "gaussian_sxy",
+            "gaussian_compat",
+            "bilateral_sxy",
+            "bilateral_srgb",
+            "bilateral_compat",
+            "iterations",
+        )
+    }
+    assert got == {
+        "gaussian_sxy": 2,
+        "gaussian_compat": 3,
+        "bilateral_sxy": 50,
+        "bilateral_srgb": 5,
+        "bilateral_compat": 10,
+        "iterations": 10,
+    }
+    assert cfg.final_eval.crf.model_dump() == cfg.crf.model_dump(
+        exclude={"input", "gt_prob", "grabcut_refine", "grabcut_min_iou"}
+    )
     assert (cfg.seeds.crf.bilateral_sxy, cfg.seeds.crf.bilateral_srgb) == (80, 13)  # PSA's, for the seeds
 
 
@@ -46,8 +63,10 @@ def _naive_crf_loss(logits, images, valid, radius, sxy, srgb):
                     v, u = y + dy, x + dx
                     if not (0 <= v < h and 0 <= u < w) or not (valid[b, y, x] and valid[b, v, u]):
                         continue
-                    k = torch.exp(-torch.tensor(dy * dy + dx * dx) / (2 * sxy ** 2)
-                                  - ((rgb[b, :, y, x] - rgb[b, :, v, u]) ** 2).sum() / (2 * srgb ** 2))
+                    k = torch.exp(
+                        -torch.tensor(dy * dy + dx * dx) / (2 * sxy**2)
+                        - ((rgb[b, :, y, x] - rgb[b, :, v, u]) ** 2).sum() / (2 * srgb**2)
+                    )
                     total = total + k * (1 - (probs[b, :, y, x] * probs[b, :, v, u]).sum())
     return total / (n * h * w)
 
@@ -88,8 +107,7 @@ def test_multiscale_sum_resizes_flips_back_and_sums():
     # fn that is not flip-equivariant: the flipped pass is flipped back before summing
     left = lambda b: b[:, :1] * torch.linspace(0, 1, b.shape[-1], dtype=b.dtype)  # noqa: E731
     ramp = torch.linspace(0, 1, 6, dtype=torch.float64)
-    torch.testing.assert_close(multiscale_sum(left, x, [1.0], flip=True)[0],
-                               x[0, 0] * ramp + x[0, 0] * ramp.flip(0))
+    torch.testing.assert_close(multiscale_sum(left, x, [1.0], flip=True)[0], x[0, 0] * ramp + x[0, 0] * ramp.flip(0))
 
 
 # --------------------------------------------------------------------------- instances
@@ -122,9 +140,11 @@ def _strip(pixels, n=100):
 
 def test_mask_ap_matches_a_hand_computed_example():
     gts = [(1, _strip(slice(0, 10))), (1, _strip(slice(20, 45))), (2, _strip(slice(60, 70)))]
-    dets = [(1, 0.9, _strip(slice(0, 8))),    # IoU 0.8 with the first GT
-            (1, 0.8, _strip(slice(0, 6))),    # IoU 0.6 with it again: a duplicate
-            (1, 0.7, _strip(slice(20, 38)))]  # IoU 0.72 with the second GT
+    dets = [
+        (1, 0.9, _strip(slice(0, 8))),  # IoU 0.8 with the first GT
+        (1, 0.8, _strip(slice(0, 6))),  # IoU 0.6 with it again: a duplicate
+        (1, 0.7, _strip(slice(20, 38))),
+    ]  # IoU 0.72 with the second GT
     records = match_instances(dets, gts, [0.5, 0.75])
     assert [r[2] for r in records] == [[True, True], [False, False], [True, False]]
     out = mask_ap(records, {1: 2, 2: 1}, [0.5, 0.75], ["bg", "a", "b"])
@@ -157,7 +177,7 @@ def test_live_tap_conv_equals_the_full_dilated_conv_in_value_and_gradient(size, 
     # the pruned taps' gradient is exactly zero, as the full conv's is
     m = live_taps(5, dilation, size[0])
     if m < 2:
-        assert live.weight.grad[:, :, :2 - m].abs().max() == 0 and full.weight.grad[:, :, :2 - m].abs().max() == 0
+        assert live.weight.grad[:, :, : 2 - m].abs().max() == 0 and full.weight.grad[:, :, : 2 - m].abs().max() == 0
 
 
 def test_deeplab_swaps_the_aspp_convs_and_keeps_its_state_dict_keys():
@@ -170,25 +190,41 @@ def test_deeplab_swaps_the_aspp_convs_and_keeps_its_state_dict_keys():
     assert [m.dilation for m in swapped] == [(12, 12), (24, 24), (36, 36)]
     torch.manual_seed(0)
     import torchvision
-    ref = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None,
-                                                                       num_classes=3, aux_loss=False)
-    assert {f"backbone.{k}" for k in ref.backbone.state_dict()} | {f"head.{k}" for k in ref.classifier.state_dict()} \
-        == set(net.state_dict())
+
+    ref = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=3, aux_loss=False
+    )
+    assert {f"backbone.{k}" for k in ref.backbone.state_dict()} | {
+        f"head.{k}" for k in ref.classifier.state_dict()
+    } == set(net.state_dict())
     ref.backbone.load_state_dict(net.backbone.state_dict())
     ref.classifier.load_state_dict(net.head.state_dict())
     ref.eval()
     images = torch.rand(1, 3, 128, 96) * 255
     with torch.no_grad():
-        expect = F.interpolate(ref.classifier(ref.backbone(normalize(images))["out"]), size=(128, 96),
-                               mode="bilinear", align_corners=False)
+        expect = F.interpolate(
+            ref.classifier(ref.backbone(normalize(images))["out"]), size=(128, 96), mode="bilinear", align_corners=False
+        )
         torch.testing.assert_close(net(images), expect, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- final_train
 def _tiny_final(tmp_path, **kw):
-    settings = dict(dataset__num_train=4, dataset__height=64, dataset__width=64,
-                    final_train={"arch": "deeplabv3_mobilenet_v3_large", "labels": "gt", "crop": 48, "batch_size": 2,
-                                 "iterations": 4, "checkpoint_every": 2, "reg_weight": 0.5, "reg_radius": 2})
+    settings = dict(
+        dataset__num_train=4,
+        dataset__height=64,
+        dataset__width=64,
+        final_train={
+            "arch": "deeplabv3_mobilenet_v3_large",
+            "labels": "gt",
+            "crop": 48,
+            "batch_size": 2,
+            "iterations": 4,
+            "checkpoint_every": 2,
+            "reg_weight": 0.5,
+            "reg_radius": 2,
+        },
+    )
     return demo_config(tmp_path, **{**settings, **kw})
 
 
@@ -226,7 +262,7 @@ def test_final_eval_writes_both_columns_and_multiscale_changes_the_probabilities
 def test_instances_need_boxes_and_final_train_rejects_unknown_weights(tmp_path):
     from pipeline.config import ConfigError
 
-    assert "instances" not in make_run(demo_config(tmp_path, supervision="scribble")).names
+    assert "instances" not in make_run(demo_config(tmp_path, labels="scribble")).names
     with pytest.raises(ConfigError, match="final_train: .*not found"):
         make_run(demo_config(tmp_path, final_train={"weights": str(tmp_path / "missing.pth")}))
 
@@ -261,9 +297,27 @@ def test_bench_final_train_rows(tmp_path):
 
     from pipeline.cli import app
 
-    res = CliRunner().invoke(app, ["bench", "final_train", "--images", "2", "--size", "96x64", "--opt",
-                                   "arch=deeplabv3_mobilenet_v3_large", "--opt", "batch=2", "--opt", "crop=64",
-                                   "--opt", "reg=true", "--json", str(tmp_path / "b.json")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "final_train",
+            "--images",
+            "2",
+            "--size",
+            "96x64",
+            "--opt",
+            "arch=deeplabv3_mobilenet_v3_large",
+            "--opt",
+            "batch=2",
+            "--opt",
+            "crop=64",
+            "--opt",
+            "reg=true",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     train, single, multi = json.loads((tmp_path / "b.json").read_text())
     assert "loss crf" in train["case"] and train["images"] == 2 and "single scale" in single["case"]

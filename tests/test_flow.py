@@ -1,4 +1,5 @@
 """The Prefect flow (one harness for the session): mapped shards, manifests, artifacts."""
+
 from pipeline.flow import run_prefect
 from pipeline.runner import make_run, shards
 

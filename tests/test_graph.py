@@ -1,13 +1,23 @@
 """Image -> graph (Eq. 3.14-3.15) edge by edge against a naive construction; the sparse
 random walk against the dense reference formulation and a naive matrix power."""
+
 import numpy as np
 import pytest
 import torch
 
 from models.affinity import AffinityNet, window_offsets
 from models.types import IGNORE
-from models.graph import (cell_labels, from_grid, grid_edges, node_features, pair_confusion, random_walk,
-                          random_walk_dense, sample_grid, to_grid)
+from models.graph import (
+    cell_labels,
+    from_grid,
+    grid_edges,
+    node_features,
+    pair_confusion,
+    random_walk,
+    random_walk_dense,
+    sample_grid,
+    to_grid,
+)
 from stages.graph import image_graph, node_features_of
 from models.cam import with_background
 from models.graph import keep_known, propagate, seed_scores
@@ -25,7 +35,7 @@ def _naive_edges(f, radius, shape, threshold):
                     dy, dx = v - y, u - x
                     if (dy, dx) == (0, 0):
                         continue
-                    inside = dy * dy + dx * dx <= radius ** 2 if shape == "disk" else max(abs(dy), abs(dx)) <= radius
+                    inside = dy * dy + dx * dx <= radius**2 if shape == "disk" else max(abs(dy), abs(dx)) <= radius
                     d = float(np.exp(-np.abs(f[:, y, x] - f[:, v, u]).mean()))
                     if inside and d > threshold:
                         out[(y * w + x, v * w + u)] = d
@@ -71,9 +81,9 @@ def test_random_walk_sparse_equals_dense_equals_matrix_power():
     beta, logt = 8.0, 3
     a = np.zeros((n, n))
     for (i, j), v in zip(edge_index.t().tolist(), weight.tolist()):
-        a[i, j] = v ** beta
+        a[i, j] = v**beta
     t = a / a.sum(0, keepdims=True)
-    naive = source.numpy() @ np.linalg.matrix_power(t, 2 ** logt)
+    naive = source.numpy() @ np.linalg.matrix_power(t, 2**logt)
     sparse = random_walk(edge_index, weight, source, beta, logt)
     dense = random_walk_dense(edge_index, weight, source, beta, logt)
     np.testing.assert_allclose(sparse.numpy(), naive, rtol=1e-10, atol=1e-12)
@@ -88,7 +98,7 @@ def test_to_grid_averages_in_image_pixels_and_from_grid_inverts_placement():
     assert grid.shape == (2, 3, 4)
     for gy in range(3):
         for gx in range(4):
-            naive = maps[:, 4 * gy:4 * gy + 4, 4 * gx:4 * gx + 4].mean((1, 2))
+            naive = maps[:, 4 * gy : 4 * gy + 4, 4 * gx : 4 * gx + 4].mean((1, 2))
             torch.testing.assert_close(grid[:, gy, gx], naive)
     const = torch.full((1, 3, 4), 2.5, dtype=torch.float64)
     back = from_grid(const, (10, 13), 4)
@@ -103,7 +113,7 @@ def test_seed_and_cam_scores():
     np.testing.assert_array_equal(scores[1], [[0, 0, 1], [1, 0, 0]])
     probs = np.array([[[0.9, 0.1]], [[0.2, 0.5]], [[0.4, 1.0]]], np.float16)
     scores = with_background(probs[1:].astype(np.float32), alpha=2.0)  # the random walk's CAM source
-    np.testing.assert_allclose(scores[0], [[0.6 ** 2, 0.0]], rtol=1e-3)
+    np.testing.assert_allclose(scores[0], [[0.6**2, 0.0]], rtol=1e-3)
     np.testing.assert_allclose(scores[1:], probs[1:].astype(np.float32))
 
 
@@ -111,8 +121,11 @@ def test_propagation_stays_inside_connected_components():
     """A 1x4 grid (8x32 image) with edges 0-1 and 2-3 only: the unknown cells 1 and 2 take
     the label of the seed in their own component."""
     edge_index = np.array([[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 1, 0, 3, 2]], np.int32)
-    graph = {"edge_index": edge_index, "weight": np.array([1, 1, 1, 1, 0.9, 0.9, 0.8, 0.8], np.float16),
-             "grid": np.array([1, 4], np.int32)}
+    graph = {
+        "edge_index": edge_index,
+        "weight": np.array([1, 1, 1, 1, 0.9, 0.9, 0.8, 0.8], np.float16),
+        "grid": np.array([1, 4], np.int32),
+    }
     seeds = np.full((8, 32), 255, np.uint8)
     seeds[:, :8] = 1
     seeds[:, 24:] = 0
@@ -130,8 +143,11 @@ def test_keep_seeds_restores_the_seeds_the_walk_changed():
     seeds themselves come out mixed; ``keep_known`` puts them back and leaves the unknown."""
     n = 4
     src, dst = np.meshgrid(np.arange(n), np.arange(n))
-    graph = {"edge_index": np.stack([src.ravel(), dst.ravel()]).astype(np.int32),
-             "weight": np.ones(n * n, np.float16), "grid": np.array([1, n], np.int32)}
+    graph = {
+        "edge_index": np.stack([src.ravel(), dst.ravel()]).astype(np.int32),
+        "weight": np.ones(n * n, np.float16),
+        "grid": np.array([1, n], np.int32),
+    }
     seeds = np.full((8, 32), 255, np.uint8)
     seeds[:, :8], seeds[:, 24:] = 1, 0
     scores, ids = seed_scores(seeds)
@@ -171,8 +187,11 @@ def test_edge_heatmap_colours_the_neighbours_of_the_chosen_pixel():
 
     image = np.full((16, 24, 3), 200, np.uint8)
     # grid 2x3; node 0 has edges from itself (1.0) and node 1 (0.5); node 4 links to node 5 only
-    graph = {"edge_index": np.array([[0, 1, 5], [0, 0, 4]], np.int32),
-             "weight": np.array([1.0, 0.5, 0.9], np.float16), "grid": np.array([2, 3], np.int32)}
+    graph = {
+        "edge_index": np.array([[0, 1, 5], [0, 0, 4]], np.int32),
+        "weight": np.array([1.0, 0.5, 0.9], np.float16),
+        "grid": np.array([2, 3], np.int32),
+    }
     heat = edge_heatmap(image, graph, (3, 4))
     dimmed = np.full(3, round(0.35 * 200))
     assert heat.shape == image.shape
@@ -188,7 +207,7 @@ def test_tag_supervision_walks_the_cams_and_a2gnn_fuses_the_walk(tmp_path):
 
     from .conftest import demo_config
 
-    run = make_run(demo_config(tmp_path, supervision="image", random_walk__logt=3))
+    run = make_run(demo_config(tmp_path, labels="tags", random_walk__logt=3))
     assert run.upstream["random_walk"] == ["graph", "cam"] and crf_inputs(run.config) == ["a2gnn"]
     assert "random_walk" in run.upstream["a2gnn"]
     out = run_local(run, run.names)

@@ -1,5 +1,6 @@
 """Bring your own data: COCO instances JSON, VOC trees with any classes, weak labels without
 GT; results out with ``export`` and ``predict``."""
+
 from __future__ import annotations
 
 import io
@@ -53,27 +54,55 @@ def coco_tree(tmp_path: Path, horses: Path) -> tuple[Path, dict[str, np.ndarray]
             seg = []
         else:
             seg = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        anns.append({"id": 10 * k + 1, "image_id": 100 + k, "category_id": 17, "bbox": box, "segmentation": seg,
-                     "iscrowd": 0, "area": float(mask.sum())})
+        anns.append(
+            {
+                "id": 10 * k + 1,
+                "image_id": 100 + k,
+                "category_id": 17,
+                "bbox": box,
+                "segmentation": seg,
+                "iscrowd": 0,
+                "area": float(mask.sum()),
+            }
+        )
         if k == 2:
             crowd = np.zeros_like(mask)
             crowd[:10, :10] = True
             crowd_rle = mask_utils.encode(np.asfortranarray(crowd.astype(np.uint8)))
-            anns.append({"id": 10 * k + 2, "image_id": 100 + k, "category_id": 17, "bbox": [0, 0, 10, 10],
-                         "segmentation": {"size": crowd_rle["size"], "counts": crowd_rle["counts"].decode("ascii")},
-                         "iscrowd": 1})
+            anns.append(
+                {
+                    "id": 10 * k + 2,
+                    "image_id": 100 + k,
+                    "category_id": 17,
+                    "bbox": [0, 0, 10, 10],
+                    "segmentation": {"size": crowd_rle["size"], "counts": crowd_rle["counts"].decode("ascii")},
+                    "iscrowd": 1,
+                }
+            )
     anns.append({"id": 99, "image_id": 100, "category_id": 5, "bbox": [1, 1, 5, 5], "segmentation": [], "iscrowd": 0})
-    data = {"images": images, "annotations": anns,
-            "categories": [{"id": 17, "name": "horse"}, {"id": 3, "name": "zebra"}]}
+    data = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 17, "name": "horse"}, {"id": 3, "name": "zebra"}],
+    }
     (root / "train.json").write_text(json.dumps(data))
     return root, masks
 
 
 def coco_config(root: Path, tmp_path: Path, **extra):
-    return config_from_dict({"run": "c", "output_root": str(tmp_path / "artifacts"), "supervision": "box",
-                             "engine": "local", "workers": 1,
-                             "dataset": {"kind": "coco", "root": str(root), "train_json": "train.json", **extra},
-                             **TINY_TRAINING, "cam": {"enabled": False}}, "<test>")
+    return config_from_dict(
+        {
+            "run": "c",
+            "output_root": str(tmp_path / "artifacts"),
+            "labels": "box",
+            "engine": "local",
+            "workers": 1,
+            "dataset": {"kind": "coco", "root": str(root), "train_json": "train.json", **extra},
+            **TINY_TRAINING,
+            "cam": {"enabled": False},
+        },
+        "<test>",
+    )
 
 
 def test_coco_json_round_trips_boxes_masks_and_categories(horses, tmp_path, caplog):
@@ -89,8 +118,9 @@ def test_coco_json_round_trips_boxes_masks_and_categories(horses, tmp_path, capl
         mask = masks[image_id]
         weak = data.load_weak(image_id)
         ys, xs = np.nonzero(mask)
-        assert [(b.x0, b.y0, b.x1, b.y1, b.cls) for b in weak.boxes] == \
-            [(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 2)]
+        assert [(b.x0, b.y0, b.x1, b.y1, b.cls) for b in weak.boxes] == [
+            (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 2)
+        ]
         assert weak.tags == [2]
         assert read_image(Path(data.image_path(image_id))).shape[:2] == mask.shape
     gt = data.load_gt("horse001")
@@ -103,7 +133,7 @@ def test_coco_json_round_trips_boxes_masks_and_categories(horses, tmp_path, capl
     assert (gt[:10, :10][~masks["horse003"][:10, :10]] == IGNORE).all()  # crowd region
     gt = data.load_gt("horse004")  # a box without a mask: its pixels are unknown
     b = data.load_weak("horse004").boxes[0]
-    assert (gt[b.y0:b.y1, b.x0:b.x1] == IGNORE).all() and (gt == IGNORE).sum() == (b.y1 - b.y0) * (b.x1 - b.x0)
+    assert (gt[b.y0 : b.y1, b.x0 : b.x1] == IGNORE).all() and (gt == IGNORE).sum() == (b.y1 - b.y0) * (b.x1 - b.x0)
     inst = data.load_instances("horse001")
     assert set(np.unique(inst)) == {0, 1}
 
@@ -123,8 +153,9 @@ def test_coco_errors_name_the_file_and_the_annotation(horses, tmp_path, caplog):
     assert any("bad.json" in r.message and "malformed JSON" in r.message for r in caplog.records)
     data_json = json.loads((root / "train.json").read_text())
     data_json["annotations"][0]["bbox"] = [-20.0, -10.0, 60.0, 40.0]  # partly outside the image
-    data_json["annotations"].append({"id": 77, "image_id": 101, "category_id": 17, "bbox": [5000, 5000, 10, 10],
-                                     "iscrowd": 0})  # wholly outside
+    data_json["annotations"].append(
+        {"id": 77, "image_id": 101, "category_id": 17, "bbox": [5000, 5000, 10, 10], "iscrowd": 0}
+    )  # wholly outside
     (root / "edited.json").write_text(json.dumps(data_json))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="wsss.data"):
@@ -151,12 +182,27 @@ def test_boxes_without_masks_run_to_crf_without_scores(horses, tmp_path):
         boxes[image_id] = [[int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1, 1]]
     (root / "weak").mkdir()
     (root / "weak" / "boxes.json").write_text(json.dumps(boxes))
-    config = config_from_dict({
-        "run": "mine", "output_root": str(tmp_path / "artifacts"), "supervision": "box", "engine": "local",
-        "workers": 1, "dataset": {"kind": "masks", "root": str(root), "images": "photos", "threshold": None,
-                                  "class_names": ["background", "horse"], "weak_dir": str(root / "weak"),
-                                  "val_fraction": 0.0},
-        **TINY_TRAINING, "cam": {"enabled": False}}, "<test>")
+    config = config_from_dict(
+        {
+            "run": "mine",
+            "output_root": str(tmp_path / "artifacts"),
+            "labels": "box",
+            "engine": "local",
+            "workers": 1,
+            "dataset": {
+                "kind": "masks",
+                "root": str(root),
+                "images": "photos",
+                "threshold": None,
+                "class_names": ["background", "horse"],
+                "weak_dir": str(root / "weak"),
+                "val_fraction": 0.0,
+            },
+            **TINY_TRAINING,
+            "cam": {"enabled": False},
+        },
+        "<test>",
+    )
     run = make_run(config)
     assert run.dataset.ids("train") == HORSE_IDS and run.dataset.load_gt("horse001") is None
     assert run.dataset.load_weak("horse002").tags == [1]  # no tags.json: the boxes' classes
@@ -183,7 +229,8 @@ def voc_tree(tmp_path: Path, horses: Path) -> Path:
         ys, xs = np.nonzero(mask)
         (root / "Annotations" / f"{image_id}.xml").write_text(
             f"<annotation><object><name>Horse</name><bndbox><xmin>{xs.min() + 1}</xmin><ymin>{ys.min() + 1}</ymin>"
-            f"<xmax>{xs.max() + 1}</xmax><ymax>{ys.max() + 1}</ymax></bndbox></object></annotation>")
+            f"<xmax>{xs.max() + 1}</xmax><ymax>{ys.max() + 1}</ymax></bndbox></object></annotation>"
+        )
     return root
 
 
@@ -191,16 +238,26 @@ def test_voc_tree_with_own_classes_and_png_images_runs_to_crf(horses, tmp_path):
     from pipeline.runner import make_run, run_local
 
     root = voc_tree(tmp_path, horses)
-    config = config_from_dict({
-        "run": "v", "output_root": str(tmp_path / "artifacts"), "supervision": "box", "engine": "local",
-        "workers": 1, "dataset": {"kind": "voc", "root": str(root), "class_names": ["background", "Horse"]},
-        **TINY_TRAINING, "cam": {"enabled": False}}, "<test>")
+    config = config_from_dict(
+        {
+            "run": "v",
+            "output_root": str(tmp_path / "artifacts"),
+            "labels": "box",
+            "engine": "local",
+            "workers": 1,
+            "dataset": {"kind": "voc", "root": str(root), "class_names": ["background", "Horse"]},
+            **TINY_TRAINING,
+            "cam": {"enabled": False},
+        },
+        "<test>",
+    )
     run = make_run(config)
     assert run.dataset.ids("train") == HORSE_IDS and run.dataset.ids("val") == []
     mask = horse_mask(horses, "horse003")
     ys, xs = np.nonzero(mask)
-    assert [(b.x0, b.y0, b.x1, b.y1, b.cls) for b in run.dataset.load_weak("horse003").boxes] == \
-        [(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 1)]
+    assert [(b.x0, b.y0, b.x1, b.y1, b.cls) for b in run.dataset.load_weak("horse003").boxes] == [
+        (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1, 1)
+    ]
     run_local(run, ["box_seeds", "seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf"])
     manifest = run.store("crf").read_manifest()
     assert manifest["counts"] == {"total": 4, "done": 4, "failed": 0}
@@ -211,12 +268,22 @@ def test_voc_unknown_class_names_the_file_and_the_classes(horses, tmp_path):
     root = voc_tree(tmp_path, horses)
     (root / "Annotations" / "horse002.xml").write_text(
         "<annotation><object><name>zebra</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax>"
-        "</bndbox></object></annotation>")
-    config = config_from_dict({"run": "v", "output_root": str(tmp_path / "a"), "dataset": {
-        "kind": "voc", "root": str(root), "class_names": ["background", "Horse"]}}, "<test>")
+        "</bndbox></object></annotation>"
+    )
+    config = config_from_dict(
+        {
+            "run": "v",
+            "output_root": str(tmp_path / "a"),
+            "dataset": {"kind": "voc", "root": str(root), "class_names": ["background", "Horse"]},
+        },
+        "<test>",
+    )
     data = build_dataset(config)
-    with pytest.raises(DataError, match=r"horse002\.xml: unknown class name 'zebra' \(dataset.class_names: "
-                                        r"background, Horse\)"):
+    with pytest.raises(
+        DataError,
+        match=r"horse002\.xml: unknown class name 'zebra' \(dataset.class_names: "
+        r"background, Horse\)",
+    ):
         data.load_weak("horse002")
     assert data.load_weak("horse001").boxes[0].cls == 1
 
@@ -229,9 +296,28 @@ def small_box_run(tmp_path_factory):
 
     from .conftest import demo_config
 
-    run = make_run(demo_config(tmp_path_factory.mktemp("export"), supervision="box", dataset__min_side=240))
-    run_local(run, [n for n in run.names if n in ("box_seeds", "cam_train", "cam", "seeds", "affinity_train", "graph",
-                                                   "random_walk", "a2gnn", "crf", "instances", "final_train")])
+    run = make_run(demo_config(tmp_path_factory.mktemp("export"), labels="box", dataset__min_side=240))
+    run_local(
+        run,
+        [
+            n
+            for n in run.names
+            if n
+            in (
+                "box_seeds",
+                "cam_train",
+                "cam",
+                "seeds",
+                "affinity_train",
+                "graph",
+                "random_walk",
+                "a2gnn",
+                "crf",
+                "instances",
+                "final_train",
+            )
+        ],
+    )
     return run
 
 
@@ -330,12 +416,23 @@ def test_coco_points_from_either_points_file(horses, tmp_path, form):
     if form == "project":
         points = {"horse001": [{"x": 100, "y": 80, "cls": "horse"}, {"x": 5, "y": 5, "cls": 0}]}
     else:
-        points = {"annotations": [{"id": 1, "image_id": 100, "category_id": 17, "point": [100.4, 79.6]},
-                                  {"id": 2, "image_id": 100, "category_id": 3, "point": [5, 5]},
-                                  {"id": 3, "image_id": 555, "category_id": 17, "point": [1, 1]}]}
+        points = {
+            "annotations": [
+                {"id": 1, "image_id": 100, "category_id": 17, "point": [100.4, 79.6]},
+                {"id": 2, "image_id": 100, "category_id": 3, "point": [5, 5]},
+                {"id": 3, "image_id": 555, "category_id": 17, "point": [1, 1]},
+            ]
+        }
     (root / "points.json").write_text(json.dumps(points))
-    config = config_from_dict({"run": "p", "output_root": str(tmp_path / "a"), "supervision": "point", "dataset": {
-        "kind": "coco", "root": str(root), "train_json": "train.json", "points": "points.json"}}, "<test>")
+    config = config_from_dict(
+        {
+            "run": "p",
+            "output_root": str(tmp_path / "a"),
+            "labels": "point",
+            "dataset": {"kind": "coco", "root": str(root), "train_json": "train.json", "points": "points.json"},
+        },
+        "<test>",
+    )
     data = build_dataset(config)
     got = [(p.x, p.y, p.cls) for p in data.load_weak("horse001").points]
     assert got == ([(100, 80, 2), (5, 5, 0)] if form == "project" else [(100, 80, 2), (5, 5, 1)])
@@ -358,8 +455,18 @@ def test_training_stages_draw_their_loss_curve(small_box_run):
 def test_export_size_is_the_image_files_not_the_masks(horses):
     """The horses' masks are larger than their photos (``resize: image_to_mask``): stages work at
     the mask's size, export writes at the photo's."""
-    config = config_from_dict({"dataset": {"kind": "masks", "root": str(horses), "images": "rgb",
-                                           "masks": "figure_ground", "resize": "image_to_mask"}}, "<test>")
+    config = config_from_dict(
+        {
+            "dataset": {
+                "kind": "masks",
+                "root": str(horses),
+                "images": "rgb",
+                "masks": "figure_ground",
+                "resize": "image_to_mask",
+            }
+        },
+        "<test>",
+    )
     data = build_dataset(config)
     assert data.file_size("horse002") == Image.open(horses / "rgb" / "horse002.jpg").size == (250, 197)
     assert data.load_image("horse002").shape[:2] == (212, 269)  # the mask's size

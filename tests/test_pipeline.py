@@ -1,4 +1,5 @@
 """End to end on real and demo data, local engine (the Prefect flow is tested in test_flow.py)."""
+
 import numpy as np
 from PIL import Image
 
@@ -28,10 +29,24 @@ def test_bad_image_is_recorded_and_the_run_goes_on(tmp_path, horses):
         (root / "rgb" / f"{name}.jpg").write_bytes((horses / "rgb" / f"{name}.jpg").read_bytes())
     data = (root / "rgb" / "horse002.jpg").read_bytes()
     (root / "rgb" / "horse002.jpg").write_bytes(data[: len(data) // 3])  # truncated
-    cfg = config_from_dict({"run": "bad", "output_root": str(tmp_path / "a"), "engine": "local", "workers": 1,
-                            "cam": {"enabled": False}, "crf": {"input": "seeds"},
-                            "dataset": {"kind": "masks", "root": str(root), "images": "rgb", "masks": "figure_ground",
-                                        "resize": "image_to_mask", "val_fraction": 0.0}})
+    cfg = config_from_dict(
+        {
+            "run": "bad",
+            "output_root": str(tmp_path / "a"),
+            "engine": "local",
+            "workers": 1,
+            "cam": {"enabled": False},
+            "crf": {"input": "seeds"},
+            "dataset": {
+                "kind": "masks",
+                "root": str(root),
+                "images": "rgb",
+                "masks": "figure_ground",
+                "resize": "image_to_mask",
+                "val_fraction": 0.0,
+            },
+        }
+    )
     out = run_local(make_run(cfg), ["box_seeds", "seeds", "crf"])
     m = out["box_seeds"]
     assert m["counts"] == {"total": 3, "done": 2, "failed": 1} and m["status"] == "complete"
@@ -40,11 +55,25 @@ def test_bad_image_is_recorded_and_the_run_goes_on(tmp_path, horses):
 
 
 def test_horses_box_slice_quality(tmp_path, horses):
-    cfg = config_from_dict({
-        "run": "horses", "output_root": str(tmp_path / "a"), "engine": "local", "workers": 2, "cam": {"enabled": False},
-        "crf": {"input": "seeds"},
-        "dataset": {"kind": "masks", "root": str(horses), "images": "rgb", "masks": "figure_ground",
-                    "class_names": ["background", "horse"], "resize": "image_to_mask", "limit": 24}})
+    cfg = config_from_dict(
+        {
+            "run": "horses",
+            "output_root": str(tmp_path / "a"),
+            "engine": "local",
+            "workers": 2,
+            "cam": {"enabled": False},
+            "crf": {"input": "seeds"},
+            "dataset": {
+                "kind": "masks",
+                "root": str(horses),
+                "images": "rgb",
+                "masks": "figure_ground",
+                "class_names": ["background", "horse"],
+                "resize": "image_to_mask",
+                "limit": 24,
+            },
+        }
+    )
     out = run_local(make_run(cfg), ["box_seeds", "seeds", "crf"])
     seeds, crf = out["box_seeds"]["metrics"], out["crf"]["metrics"]
     assert out["box_seeds"]["counts"]["failed"] == 0

@@ -1,6 +1,7 @@
 """Runs you can trust (issue 15): bad input never stops a run, the cache never serves the
 wrong thing. One test (or more) per numbered case of the issue; the subprocess tests drive
 the real ``wsss`` command (signals, two runs at once)."""
+
 from __future__ import annotations
 
 import json
@@ -21,12 +22,11 @@ from PIL import Image
 import stages.box_seeds as box_seeds
 from pipeline.config import Config, ConfigError, MasksDataset, VocDataset, WeakConfig, config_from_dict
 from pipeline.datasets import MasksData, VocData, read_image
-from pipeline.runner import (RESULT_NEUTRAL, PipelineError, StageFailed, make_run, needs_work, run_local,
-                             run_stage_local)
+from pipeline.runner import RESULT_NEUTRAL, PipelineError, StageFailed, make_run, needs_work, run_local
 from pipeline.store import StageStore, atomic_write
 from stages.base import STAGES, DataError
 
-from .conftest import ROOT, TINY_TRAINING, demo_config
+from .conftest import TINY_TRAINING, demo_config
 
 WSSS = str(Path(sys.executable).with_name("wsss"))
 
@@ -45,11 +45,24 @@ def horse_subset(tmp_path: Path, horses: Path, n: int = 6) -> Path:
 
 
 def horse_config(tmp_path: Path, root: Path, **extra) -> dict:
-    return {"run": "h", "output_root": str(tmp_path / "art"), "engine": "local", "workers": 1,
-            "cam": {"enabled": False}, "crf": {"input": "seeds"},
-            "dataset": {"kind": "masks", "root": str(root), "images": "rgb", "masks": "figure_ground",
-                        "resize": "image_to_mask", "val_fraction": 0.0},
-            "affinity_train": TINY_TRAINING["affinity_train"], **extra}
+    return {
+        "run": "h",
+        "output_root": str(tmp_path / "art"),
+        "engine": "local",
+        "workers": 1,
+        "cam": {"enabled": False},
+        "crf": {"input": "seeds"},
+        "dataset": {
+            "kind": "masks",
+            "root": str(root),
+            "images": "rgb",
+            "masks": "figure_ground",
+            "resize": "image_to_mask",
+            "val_fraction": 0.0,
+        },
+        "affinity_train": TINY_TRAINING["affinity_train"],
+        **extra,
+    }
 
 
 class Calls:
@@ -66,7 +79,11 @@ class Calls:
 # --------------------------------------------------------------------------- 1: errors cross processes
 def test_data_error_survives_pickling():
     err = pickle.loads(pickle.dumps(DataError("a/b.jpg", "truncated")))
-    assert isinstance(err, DataError) and (err.path, err.problem, str(err)) == ("a/b.jpg", "truncated", "a/b.jpg: truncated")
+    assert isinstance(err, DataError) and (err.path, err.problem, str(err)) == (
+        "a/b.jpg",
+        "truncated",
+        "a/b.jpg: truncated",
+    )
     failed = pickle.loads(pickle.dumps(StageFailed("seeds", {"x": "bad"})))
     assert failed.failures == {"x": "bad"} and "every image failed" in str(failed)
 
@@ -101,7 +118,10 @@ def test_bad_train_image_does_not_stop_affinity_train_and_a_fix_recomputes_only_
     out = run_local(make_run(config_from_dict(horse_config(tmp_path, root))), names)
     aff = out["affinity_train"]
     assert aff["status"] == "complete" and aff["counts"] == {"total": 6, "done": 5, "failed": 1}
-    assert aff["failures"]["horse002"].startswith("skipped: box_seeds failed for it: ") and "horse002.jpg" in aff["failures"]["horse002"]
+    assert (
+        aff["failures"]["horse002"].startswith("skipped: box_seeds failed for it: ")
+        and "horse002.jpg" in aff["failures"]["horse002"]
+    )
     assert calls.n == 5
     # A rerun retries the failed image only, and while it still fails nothing is retrained.
     model = make_run(config_from_dict(horse_config(tmp_path, root))).store("affinity_train").model_path
@@ -128,8 +148,11 @@ def test_too_few_usable_images_stop_the_training_stage(tmp_path, horses):
         (root / "rgb" / f"horse{k:03d}.jpg").write_bytes(b"")
     run = make_run(config_from_dict(horse_config(tmp_path, root, min_usable=0.5)))
     run_local(run, ["box_seeds", "seeds"])
-    with pytest.raises(PipelineError, match=r"affinity_train: only 1 of 4 train images are usable, below min_usable "
-                                            r"0.5 \(e\.g\. horse001: skipped: box_seeds failed for it: [^;]*horse001\.jpg: unreadable"):
+    with pytest.raises(
+        PipelineError,
+        match=r"affinity_train: only 1 of 4 train images are usable, below min_usable "
+        r"0.5 \(e\.g\. horse001: skipped: box_seeds failed for it: [^;]*horse001\.jpg: unreadable",
+    ):
         run_local(run, ["affinity_train"])
 
 
@@ -156,50 +179,76 @@ def test_stage_where_every_image_failed_is_failed_and_run_exits_1(tmp_path, hors
 # Read from the stage code by hand: the top-level fields beyond its own section that each
 # stage's results depend on (load_weak -> weak, ctx.config.seed -> seed, ...).
 READS = {
-    "box_seeds": {"dataset", "weak", "seed"}, "cam_train": {"dataset", "weak", "seed"}, "cam": {"dataset", "weak"},
-    "seeds": {"dataset", "weak", "supervision"}, "affinity_train": {"dataset", "seed", "supervision"},
-    "graph": {"dataset"}, "random_walk": {"dataset", "supervision"},
-    "a2gnn": {"dataset", "weak", "seed", "supervision"}, "crf": {"dataset", "seed", "supervision"},
-    "final_train": {"dataset", "seed"}, "final_eval": {"dataset"}, "instances": {"dataset", "weak"},
-    "instance_train": {"dataset", "weak", "seed"}, "dfr_train": {"dataset", "weak", "seed"}, "dfr_eval": {"dataset"},
-    "blpseg_train": {"dataset", "weak", "seed"}, "blpseg_eval": {"dataset"},
+    "box_seeds": {"dataset", "weak", "seed"},
+    "cam_train": {"dataset", "weak", "seed"},
+    "cam": {"dataset", "weak"},
+    "seeds": {"dataset", "weak", "labels"},
+    "affinity_train": {"dataset", "seed", "labels"},
+    "graph": {"dataset"},
+    "random_walk": {"dataset", "labels"},
+    "a2gnn": {"dataset", "weak", "seed", "labels"},
+    "crf": {"dataset", "seed", "labels"},
+    "final_train": {"dataset", "seed"},
+    "final_eval": {"dataset"},
+    "instances": {"dataset", "weak"},
+    "instance_train": {"dataset", "weak", "seed"},
+    "dfr_train": {"dataset", "weak", "seed", "labels"},
+    "dfr_eval": {"dataset"},
+    "blpseg_train": {"dataset", "weak", "seed", "labels"},
+    "blpseg_eval": {"dataset"},
     "rrm_train": {"dataset", "weak", "seed"},
-    "rrm_eval": {"dataset", "weak"}, "rrm_labels": {"dataset", "weak"},  # the tags of their CAM + CRF maps
-    "spml_train": {"dataset", "weak", "seed"}, "spml": {"dataset", "weak"},  # weak: the classes an image names
-    "fewshot_train": {"dataset", "seed"}, "fewshot_eval": {"dataset"},
+    "rrm_eval": {"dataset", "weak"},
+    "rrm_labels": {"dataset", "weak"},  # the tags of their CAM + CRF maps
+    "spml_train": {"dataset", "weak", "seed"},
+    "spml": {"dataset", "weak"},  # weak: the classes an image names
+    "fewshot_train": {"dataset", "seed"},
+    "fewshot_eval": {"dataset"},
 }
-FLIPS = {"run": "u", "output_root": "elsewhere", "device": "cpu", "workers": 3, "shard_size": 5, "engine": "prefect",
-         "task_runner": "process", "threads": 2, "dask": {"n_workers": 3}, "lock": "refuse", "min_usable": 0.9,
-         "notes": {"crf": "why"},
-         "seed": 1, "weak": {"seed": 1},
-         "dataset": {"kind": "demo", "num_train": 6, "num_val": 2, "seed": 1}, "supervision": "scribble",
-         "task": "fewshot"}  # task: another DAG, no stage in common
+FLIPS = {
+    "run": "u",
+    "output_root": "elsewhere",
+    "device": "cpu",
+    "workers": 3,
+    "shard_size": 5,
+    "engine": "prefect",
+    "task_runner": "process",
+    "threads": 2,
+    "dask": {"n_workers": 3},
+    "lock": "refuse",
+    "min_usable": 0.9,
+    "notes": {"crf": "why"},
+    "seed": 1,
+    "weak": {"seed": 1},
+    "dataset": {"kind": "demo", "num_train": 6, "num_val": 2, "seed": 1},
+    "labels": "scribble",
+    "method": "scl",
+}  # another DAG, no stage in common
 
 
 def test_each_top_level_field_changes_exactly_the_stages_that_read_it(tmp_path):
     assert {n: set(STAGES.get(n).reads) for n in STAGES.names()} == READS
     sections = set(STAGES.names())
-    shared = {"dataset", "weak", "seed", "supervision", "task"}
+    shared = {"dataset", "weak", "seed", "labels", "method"}
     assert set(Config.model_fields) == sections | shared | set(RESULT_NEUTRAL)
     assert set(FLIPS) == shared | set(RESULT_NEUTRAL)  # a new top-level field needs a flip here
     base = make_run(demo_config(tmp_path, cam__enabled=True, instance_train__enabled=False))
     for field, value in FLIPS.items():
-        if field == "supervision":  # scribble runs have no box_seeds / instances: compare the rest
-            other = make_run(demo_config(tmp_path, cam__enabled=True, supervision=value))
+        if field == "labels":  # scribble runs have no box_seeds / instances: compare the rest
+            other = make_run(demo_config(tmp_path, cam__enabled=True, labels=value))
         else:
             other = make_run(demo_config(tmp_path, cam__enabled=True, instance_train__enabled=False, **{field: value}))
         common = [n for n in base.names if n in other.names]
         changed = {n for n in common if base.fingerprints[n] != other.fingerprints[n]}
         readers = {n for n in common if field in READS[n]}
         expected = readers | {d for r in readers for d in base.downstream(r) if d in common}
-        if field == "supervision":  # seeds' input list changes too (no box_seeds): still seeds and downstream
+        if field == "labels":  # seeds' input list changes too (no box_seeds): still seeds and downstream
             expected |= {d for d in base.downstream("seeds") if d in common}
         assert changed == expected, field
 
 
 def test_scribble_and_point_runs_get_different_seeds_fingerprints(tmp_path):
-    scribble = make_run(demo_config(tmp_path, supervision="scribble"))
-    point = make_run(demo_config(tmp_path, supervision="point"))
+    scribble = make_run(demo_config(tmp_path, labels="scribble"))
+    point = make_run(demo_config(tmp_path, labels="point"))
     assert scribble.fingerprints["seeds"] != point.fingerprints["seeds"]
     assert scribble.fingerprints["cam_train"] == point.fingerprints["cam_train"]
 
@@ -236,8 +285,10 @@ def test_deleted_or_truncated_item_is_recomputed_and_shown(tmp_path, monkeypatch
     store.item_path("train_0001").unlink()
     data = store.item_path("train_0002").read_bytes()
     store.item_path("train_0002").write_bytes(data[: len(data) // 2])
-    assert store.damaged() == {"items/train_0001.png": "missing",
-                               "items/train_0002.png": f"{len(data) // 2} bytes, the manifest says {len(data)}"}
+    assert store.damaged() == {
+        "items/train_0001.png": "missing",
+        "items/train_0002.png": f"{len(data) // 2} bytes, the manifest says {len(data)}",
+    }
     assert not store.is_complete()
     console = Console(width=200, record=True)
     console.print(status_table(run))
@@ -271,18 +322,27 @@ def make_masks(tmp_path: Path, size=(300, 200), values=(0, 255)) -> Path:
     (root / "masks").mkdir()
     w, h = size
     for name in ("a", "b"):
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            root / "images" / f"{name}.png"
+        )
         m = np.full((h, w), values[0], np.uint8)
-        m[h // 4: h // 2, w // 3: 2 * w // 3] = values[1]
+        m[h // 4 : h // 2, w // 3 : 2 * w // 3] = values[1]
         Image.fromarray(m).save(root / "masks" / f"{name}.png")
     return root
 
 
-@pytest.mark.parametrize("limits, shape, message, box", [
-    ({"max_side": 100}, (67, 100), "above dataset.max_side 100; working at 100x67",
-     (33, 16, 67, 34)),  # (100, 50, 200, 100) * 1/3, grown to whole pixels
-    ({"min_side": 400}, (400, 600), "upscaled to work on (first: a.png 300x200 -> 600x400)", (200, 100, 400, 200)),
-])
+@pytest.mark.parametrize(
+    "limits, shape, message, box",
+    [
+        (
+            {"max_side": 100},
+            (67, 100),
+            "above dataset.max_side 100; working at 100x67",
+            (33, 16, 67, 34),
+        ),  # (100, 50, 200, 100) * 1/3, grown to whole pixels
+        ({"min_side": 400}, (400, 600), "upscaled to work on (first: a.png 300x200 -> 600x400)", (200, 100, 400, 200)),
+    ],
+)
 def test_images_outside_the_size_limits_are_resized_with_their_labels(tmp_path, caplog, limits, shape, message, box):
     root = make_masks(tmp_path)  # 300x200
     data = MasksData(MasksDataset(root=str(root), val_fraction=0.0, **limits), WeakConfig())
@@ -390,16 +450,24 @@ def test_a_second_concurrent_run_waits_and_does_not_recompute(tmp_path, horses):
     cmd = [WSSS, "run", str(path), "--until", "seeds"]
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(tmp_path))
     _wait_for(lambda: len(store.done_ids()) >= 1, 120, "the first run's first item")
-    refusing = subprocess.Popen([*cmd, "--set", "lock=refuse"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=_cli_env(tmp_path))
+    refusing = subprocess.Popen(
+        [*cmd, "--set", "lock=refuse"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_cli_env(tmp_path),
+    )
     second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(tmp_path))
     _, refused = refusing.communicate(timeout=300)
     assert len(store.done_ids()) < 40  # the first run was still at work
     out1, err1 = first.communicate(timeout=300)
     out2, err2 = second.communicate(timeout=300)
     assert first.returncode == 0 and second.returncode == 0, err1 + err2
-    assert refusing.returncode == 2 and f"box_seeds (fingerprint {store.fingerprint}) is being computed by another run " \
-                                      f"(pid {first.pid}" in " ".join(refused.split())
+    assert (
+        refusing.returncode == 2
+        and f"box_seeds (fingerprint {store.fingerprint}) is being computed by another run (pid {first.pid}"
+        in " ".join(refused.split())
+    )
     assert "is being computed by another run" in " ".join(err2.split()) and "waiting for it" in " ".join(err2.split())
     m = store.read_manifest()
     assert m["timings"]["last_run_images"] == 40 and m["timings"]["total_s"] == m["timings"]["last_run_s"]
@@ -416,8 +484,13 @@ def test_sigterm_and_ctrl_c_stop_promptly_and_lose_nothing(tmp_path, horses, eng
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     store = make_run(config_from_dict(cfg)).store("box_seeds")
-    proc = subprocess.Popen([WSSS, "run", str(path), "--until", "box_seeds"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_cli_env(tmp_path))
+    proc = subprocess.Popen(
+        [WSSS, "run", str(path), "--until", "box_seeds"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_cli_env(tmp_path),
+    )
     _wait_for(lambda: len(store.done_ids()) >= 2, 180, "two items")
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children  # the process pool (and Prefect's server)
@@ -428,11 +501,18 @@ def test_sigterm_and_ctrl_c_stop_promptly_and_lose_nothing(tmp_path, horses, eng
     assert proc.returncode == code and time.time() - t0 < 10
     said = "interrupted" if sig == signal.SIGINT else "stopped"
     assert err.strip().splitlines()[-1] == f"{said}; run again to resume" and "Traceback" not in err
-    _wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children), 10,
-              "the child processes to end")
+    _wait_for(
+        lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+        10,
+        "the child processes to end",
+    )
     assert len(store.done_ids()) < n
-    res = subprocess.run([WSSS, "run", str(path), "--until", "box_seeds", "--engine", "local"], capture_output=True,
-                         text=True, env=_cli_env(tmp_path))
+    res = subprocess.run(
+        [WSSS, "run", str(path), "--until", "box_seeds", "--engine", "local"],
+        capture_output=True,
+        text=True,
+        env=_cli_env(tmp_path),
+    )
     assert res.returncode == 0, res.stderr
     assert len(store.done_ids()) == n and not list(store.dir.rglob("*.tmp"))
     assert all(store.item_path(k[:-4]).stat().st_mtime_ns == v for k, v in stamps.items())  # kept, not recomputed

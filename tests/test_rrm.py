@@ -1,5 +1,6 @@
 """RRM's numerics (thesis Ch. 2) against naive per-pixel loops on tiny inputs (values and
 gradients), its online labels against the ``seeds`` stage's rule, and the stages."""
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,14 @@ def _naive_rank_weights(a):
 
 
 def test_rank_weights_against_the_printed_rule():
-    a = torch.tensor([[3.0, -1.0, 0.5, 2.0, -4.0],
-                      [-1.0, -2.0, -0.5, -3.0, -0.1],  # no positive value: N_k+ taken as 1
-                      [0.2, 0.1, 0.4, 0.3, 0.0]], dtype=torch.float64)
+    a = torch.tensor(
+        [
+            [3.0, -1.0, 0.5, 2.0, -4.0],
+            [-1.0, -2.0, -0.5, -3.0, -0.1],  # no positive value: N_k+ taken as 1
+            [0.2, 0.1, 0.4, 0.3, 0.0],
+        ],
+        dtype=torch.float64,
+    )
     a = torch.cat([a, torch.randn(2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))])
     w = rank_weights(a)
     assert torch.allclose(w, _naive_rank_weights(a))
@@ -94,7 +100,7 @@ def _naive_energy(logits, images, labels, real, sigma_d, sigma_r, radius):
                             continue
                         d2 = (yy - y) ** 2 + (xx - x) ** 2
                         c2 = ((images[b, :, yy, xx] - images[b, :, y, x]) ** 2).sum()
-                        ks.append(torch.exp(-d2 / (2 * sigma_d ** 2) - c2 / (2 * sigma_r ** 2)))
+                        ks.append(torch.exp(-d2 / (2 * sigma_d**2) - c2 / (2 * sigma_r**2)))
                         # Eq. 2.19: sum_c P^c(i) (1 - P^c(j))
                         dis.append((probs[b, :, y, x] * (1 - probs[b, :, yy, xx])).sum())
                 ks = torch.stack(ks)
@@ -124,16 +130,29 @@ def _naive_bcd(logits, feats):
     pred = logits.argmax(1)
     cos = torch.nn.functional.cosine_similarity
     fg_classes = sorted({int(c) for c in pred.unique()} - {0})
-    fg = {c: torch.stack([feats[i, :, y, x] for i in range(b) for y in range(h) for x in range(w)
-                          if pred[i, y, x] == c]).mean(0) for c in fg_classes}
-    bg = {i: torch.stack([feats[i, :, y, x] for y in range(h) for x in range(w) if pred[i, y, x] == 0]).mean(0)
-          for i in range(b) if (pred[i] == 0).any()}
+    fg = {
+        c: torch.stack(
+            [feats[i, :, y, x] for i in range(b) for y in range(h) for x in range(w) if pred[i, y, x] == c]
+        ).mean(0)
+        for c in fg_classes
+    }
+    bg = {
+        i: torch.stack([feats[i, :, y, x] for y in range(h) for x in range(w) if pred[i, y, x] == 0]).mean(0)
+        for i in range(b)
+        if (pred[i] == 0).any()
+    }
     ff = [1 + cos(fg[a], fg[c], 0) for a in fg_classes for c in fg_classes if a != c]
     fb = [1 + cos(fg[c], bg[i], 0) for c in fg_classes for i in bg]
-    pf = [1 - cos(feats[i, :, y, x], fg[int(pred[i, y, x])], 0) for i in range(b) for y in range(h) for x in range(w)
-          if pred[i, y, x] != 0]
-    pb = [1 - cos(feats[i, :, y, x], bg[i], 0) for i in range(b) for y in range(h) for x in range(w)
-          if pred[i, y, x] == 0]
+    pf = [
+        1 - cos(feats[i, :, y, x], fg[int(pred[i, y, x])], 0)
+        for i in range(b)
+        for y in range(h)
+        for x in range(w)
+        if pred[i, y, x] != 0
+    ]
+    pb = [
+        1 - cos(feats[i, :, y, x], bg[i], 0) for i in range(b) for y in range(h) for x in range(w) if pred[i, y, x] == 0
+    ]
     return sum(torch.stack(t).mean() for t in (ff, fb, pf, pb) if t)
 
 
@@ -197,7 +216,7 @@ def test_tag_restricted_labels_drop_the_classes_the_image_is_not_tagged_with():
 def _tiny(path, **over):
     from .conftest import demo_config
 
-    return demo_config(path, supervision="rrm", **over)
+    return demo_config(path, method="rrm", **over)
 
 
 def test_rrm_dag_stages_and_switches(tmp_path):
@@ -266,8 +285,9 @@ def test_demo_rrm_learns_but_stays_under_the_plain_cam_crf_labels(tmp_path):
     from .conftest import DEMO_BACKGROUND_ONLY, demo_branch_vs_baseline
 
     joint_from = 100  # cls_only_fraction 0.5 of 200 steps; checkpoint_every 100
-    full, plain = demo_branch_vs_baseline(tmp_path, "rrm", baseline_map="cam_crf", shared_steps=joint_from,
-                                          cls_only_fraction=1.0)
+    full, plain = demo_branch_vs_baseline(
+        tmp_path, "rrm", baseline_map="cam_crf", shared_steps=joint_from, cls_only_fraction=1.0
+    )
     assert full["rrm_train"]["info"]["joint_from"] == joint_from
     rrm = full["rrm_eval"]["metrics"]["maps"]["tags"]["miou"]
     cam_crf = plain["rrm_eval"]["metrics"]["maps"]["cam_crf"]["miou"]
@@ -293,8 +313,16 @@ def test_objective_terms_and_their_sum():
     labels[:, 20:] = 1
     real = torch.ones(2, 32, 32, dtype=torch.bool)
     y = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    cfg = SimpleNamespace(energy=True, bcd=True, lambda_energy=2.0, sigma_d=100.0, sigma_r=15.0, energy_scale=0.5,
-                          energy_radius=2, ce="released")
+    cfg = SimpleNamespace(
+        energy=True,
+        bcd=True,
+        lambda_energy=2.0,
+        sigma_d=100.0,
+        sigma_r=15.0,
+        energy_scale=0.5,
+        energy_radius=2,
+        ce="released",
+    )
     t = rrm_objective(out, x, labels, real, y, cfg)
     assert torch.allclose(t["loss"], t["cls"] + t["ce"] + 2.0 * t["energy"] + t["bcd"])
     assert 0 < float(t["energy"].detach()) < 1  # a per-pixel mean of normalised weights times (1 - P.P)
@@ -304,12 +332,19 @@ def test_objective_terms_and_their_sum():
     labels[1, 20:] = IGNORE  # the second image: background only
     up = F.interpolate(out["seg"].float(), size=(32, 32), mode="bilinear", align_corners=False)
     logp = torch.log_softmax(up, 1)
-    picked = {(b, i, j): -float(logp[b, int(labels[b, i, j]), i, j]) for b in range(2) for i in range(32)
-              for j in range(32) if labels[b, i, j] != IGNORE}
+    picked = {
+        (b, i, j): -float(logp[b, int(labels[b, i, j]), i, j])
+        for b in range(2)
+        for i in range(32)
+        for j in range(32)
+        if labels[b, i, j] != IGNORE
+    }
     printed = sum(picked.values()) / len(picked)
     per_image = []
     for b in range(2):
-        parts = [[v for (bb, i, j), v in picked.items() if bb == b and (labels[b, i, j] == 0) == bg] for bg in (True, False)]
+        parts = [
+            [v for (bb, i, j), v in picked.items() if bb == b and (labels[b, i, j] == 0) == bg] for bg in (True, False)
+        ]
         per_image.append(sum(sum(p) / len(p) for p in parts if p))
     for mode, want in (("printed", printed), ("released", sum(per_image) / 2)):
         cfg.ce = mode
@@ -331,9 +366,24 @@ def test_rrm_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
 def test_bench_rrm_train_rows(tmp_path):
     from .conftest import bench_rows
 
-    joint, cls_only, infer = bench_rows(tmp_path, "rrm_train", "--images", "2", "--size", "96x64", "--opt", "depth=18",
-                                        "--opt", "batch=2", "--opt", "crop=48", "--opt", "scales=1,1.5",
-                                        "--opt", "crf_workers=1")
+    joint, cls_only, infer = bench_rows(
+        tmp_path,
+        "rrm_train",
+        "--images",
+        "2",
+        "--size",
+        "96x64",
+        "--opt",
+        "depth=18",
+        "--opt",
+        "batch=2",
+        "--opt",
+        "crop=48",
+        "--opt",
+        "scales=1,1.5",
+        "--opt",
+        "crf_workers=1",
+    )
     assert "joint step, CAM scales 1,1.5, CRF workers 1: resnet18 batch 2 crop 48" in joint["case"]
     assert "classification-only" in cls_only["case"] and "single scale" in infer["case"]
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (joint, cls_only, infer))

@@ -1,5 +1,6 @@
 """Seed quality end to end: the demo config's CAM + box fusion, scribble/point expansion on
 the demo and on the Weizmann horses."""
+
 import os
 
 import numpy as np
@@ -16,8 +17,7 @@ from .conftest import demo_config
 
 def _all_background_miou(run) -> float:
     ds = run.dataset
-    conf = sum(confusion_matrix(np.zeros_like(ds.load_gt(i)), ds.load_gt(i), ds.num_classes)
-               for i in run.ids("cam"))
+    conf = sum(confusion_matrix(np.zeros_like(ds.load_gt(i)), ds.load_gt(i), ds.num_classes) for i in run.ids("cam"))
     return scores(conf)["miou"]
 
 
@@ -30,8 +30,13 @@ def _untrained_cam_miou(run) -> float:
 
     cfg = run.config
     torch.manual_seed(cfg.seed)
-    model = build_model({"num_fg": run.dataset.num_classes - 1, "depth": cfg.cam_train.depth,
-                         "output_stride": cfg.cam_train.output_stride}).eval()
+    model = build_model(
+        {
+            "num_fg": run.dataset.num_classes - 1,
+            "depth": cfg.cam_train.depth,
+            "output_stride": cfg.cam_train.output_stride,
+        }
+    ).eval()
     ds = run.dataset
     conf = 0
     for i in run.ids("cam"):
@@ -47,8 +52,10 @@ def test_trained_cam_beats_constant_background_and_untrained(demo_box_run):
     baseline = _all_background_miou(demo_box_run)
     assert cam["miou"] > baseline + 0.08, (cam["miou"], baseline)
     assert cam["miou"] > _untrained_cam_miou(demo_box_run) + 0.05
-    assert set(cam["threshold_sweep"]) == {f"{0.05 * k:.2f}".rstrip("0") for k in range(1, 13)} or \
-        len(cam["threshold_sweep"]) == 12
+    assert (
+        set(cam["threshold_sweep"]) == {f"{0.05 * k:.2f}".rstrip("0") for k in range(1, 13)}
+        or len(cam["threshold_sweep"]) == 12
+    )
     assert cam["best_threshold_miou"] >= max(cam["threshold_sweep"].values())
 
 
@@ -80,7 +87,7 @@ def test_random_walk_beats_the_seeds_it_starts_from(demo_box_run):
 
 @pytest.mark.parametrize("sup", ["scribble", "point"])
 def test_demo_superpixel_seeds_without_cam(tmp_path, sup):
-    run = make_run(demo_config(tmp_path, supervision=sup, cam__enabled=False, workers=2))
+    run = make_run(demo_config(tmp_path, labels=sup, cam__enabled=False, workers=2))
     assert run.names == ["seeds", "affinity_train", "graph", "random_walk", "a2gnn", "crf", "final_train", "final_eval"]
     m = run_local(run, ["seeds"])["seeds"]["metrics"]
     assert m["precision"] > 0.9
@@ -89,7 +96,7 @@ def test_demo_superpixel_seeds_without_cam(tmp_path, sup):
 
 @pytest.mark.parametrize("sup", ["scribble", "point"])
 def test_demo_seeds_with_cam_write_the_affinity_map(tmp_path, sup):
-    run = make_run(demo_config(tmp_path, supervision=sup))
+    run = make_run(demo_config(tmp_path, labels=sup))
     out = run_local(run, ["cam_train", "cam", "seeds"])["seeds"]
     assert out["counts"]["failed"] == 0 and out["counts"]["done"] == 6
     assert set(out["metrics"]["maps"]) == {"M_I", "M_I_reliable", "affinity"}
@@ -105,11 +112,25 @@ def test_demo_seeds_with_cam_write_the_affinity_map(tmp_path, sup):
 
 
 def test_horses_scribble_seeds(tmp_path, horses):
-    cfg = config_from_dict({
-        "run": "horses", "output_root": str(tmp_path / "a"), "engine": "local", "workers": 2,
-        "supervision": "scribble", "cam": {"enabled": False},
-        "dataset": {"kind": "masks", "root": str(horses), "images": "rgb", "masks": "figure_ground",
-                    "class_names": ["background", "horse"], "resize": "image_to_mask", "limit": 16}})
+    cfg = config_from_dict(
+        {
+            "run": "horses",
+            "output_root": str(tmp_path / "a"),
+            "engine": "local",
+            "workers": 2,
+            "labels": "scribble",
+            "cam": {"enabled": False},
+            "dataset": {
+                "kind": "masks",
+                "root": str(horses),
+                "images": "rgb",
+                "masks": "figure_ground",
+                "class_names": ["background", "horse"],
+                "resize": "image_to_mask",
+                "limit": 16,
+            },
+        }
+    )
     m = run_local(make_run(cfg), ["seeds"])["seeds"]["metrics"]
     assert m["precision"] > 0.9 and m["coverage"] > 0.2
 
@@ -126,7 +147,6 @@ def test_a2gnn_beats_the_random_walk_and_the_seeds(demo_box_run):
     assert a2gnn["metrics"]["miou"] > seeds + 0.1, (a2gnn["metrics"]["miou"], seeds)
     assert a2gnn["metrics"]["miou"] > walk + 0.02, (a2gnn["metrics"]["miou"], walk)
     assert 0.0 <= a2gnn["info"]["check_removed_mean"] < 0.5
-
 
 
 @pytest.mark.claims
@@ -146,6 +166,7 @@ def test_a2gnn_result_does_not_depend_on_the_batch(demo_box_run):
     """Re-training three images one at a time gives what the stage stored for them when it
     trained them stacked with others (same per-image seeds)."""
     from pipeline.runner import stage_context
+
     run = demo_box_run
     assert run.config.a2gnn.batch > 1
     ids = run.ids("a2gnn")[:3]

@@ -1,4 +1,5 @@
 """SPML's numerics (pixel-to-segment contrast) against naive per-pixel loops on tiny inputs."""
+
 from __future__ import annotations
 
 import math
@@ -7,9 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.spml import (Memory, co_occurrence_loss, feature_affinity_loss, grid_clusters, image_similarity_loss,
-                         make_batch, nearest_labelled, segment_prototypes, segsort_plus, semantic_annotation_loss,
-                         spherical_kmeans)
+from models.spml import (
+    Memory,
+    co_occurrence_loss,
+    feature_affinity_loss,
+    grid_clusters,
+    image_similarity_loss,
+    make_batch,
+    nearest_labelled,
+    segment_prototypes,
+    segsort_plus,
+    semantic_annotation_loss,
+    spherical_kmeans,
+)
 
 U = 9  # "unlabelled" in these tests
 
@@ -39,13 +50,26 @@ def test_segsort_plus_against_the_pixel_loop_values_and_gradients():
     emb = F.normalize(torch.randn(6, 4, generator=g, dtype=torch.float64), dim=1).requires_grad_()
     protos = F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
     own = torch.tensor([0, 1, 2, 3, 4, 0])
-    pos = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1],
-                        [1, 0, 0, 0, 0]], dtype=torch.bool)  # rows 1, 4, 5: only the own segment is positive
+    pos = torch.tensor(
+        [[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0]],
+        dtype=torch.bool,
+    )  # rows 1, 4, 5: only the own segment is positive
     neg = ~pos
     neg[2, 4] = False  # segment 4 in neither set of pixel 2
     got = segsort_plus(emb, own, protos, pos, neg, 6.0)
-    want = torch.stack([_naive_nll(emb[i], protos, int(own[i]), torch.nonzero(pos[i]).flatten().tolist(),
-                                   torch.nonzero(neg[i]).flatten().tolist(), 6.0) for i in range(6)])
+    want = torch.stack(
+        [
+            _naive_nll(
+                emb[i],
+                protos,
+                int(own[i]),
+                torch.nonzero(pos[i]).flatten().tolist(),
+                torch.nonzero(neg[i]).flatten().tolist(),
+                6.0,
+            )
+            for i in range(6)
+        ]
+    )
     torch.testing.assert_close(got, want)
     gw = torch.randn(6, generator=g, dtype=torch.float64)
     a = torch.autograd.grad((got * gw).sum(), emb, retain_graph=True)[0]
@@ -57,8 +81,12 @@ def test_segsort_plus_against_the_pixel_loop_values_and_gradients():
 
 
 def test_spherical_kmeans_against_the_loop_and_the_grid_start():
-    assert grid_clusters(4, 6, 2, 3).tolist() == [[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2],
-                                                  [3, 3, 4, 4, 5, 5], [3, 3, 4, 4, 5, 5]]
+    assert grid_clusters(4, 6, 2, 3).tolist() == [
+        [0, 0, 1, 1, 2, 2],
+        [0, 0, 1, 1, 2, 2],
+        [3, 3, 4, 4, 5, 5],
+        [3, 3, 4, 4, 5, 5],
+    ]
     g = torch.Generator().manual_seed(1)
     x = F.normalize(torch.randn(30, 3, generator=g, dtype=torch.float64), dim=1)
     init = torch.arange(30) % 4
@@ -116,8 +144,11 @@ def test_semantic_annotation_term_with_memory_against_the_loop():
     n = len(b.seg_image)
     protos = segment_prototypes(b.emb, b.seg, n)
     g = torch.Generator().manual_seed(3)
-    mem = Memory(F.normalize(torch.randn(3, 5, generator=g, dtype=torch.float64), dim=1), torch.tensor([1, U, 0]),
-                 torch.tensor([[True, False], [False, True], [False, False]]))
+    mem = Memory(
+        F.normalize(torch.randn(3, 5, generator=g, dtype=torch.float64), dim=1),
+        torch.tensor([1, U, 0]),
+        torch.tensor([[True, False], [False, True], [False, False]]),
+    )
     got = semantic_annotation_loss(b, protos, U, 6.0, mem)
     allp = torch.cat([_naive_protos(b.emb, b.seg, n), mem.protos])
     all_lab = torch.cat([b.seg_label, mem.label]).tolist()
@@ -140,8 +171,11 @@ def test_co_occurrence_term_against_the_loop():
     emb, b = _tiny_batch(1)
     n = len(b.seg_image)
     protos = segment_prototypes(b.emb, b.seg, n)
-    mem = Memory(F.normalize(torch.ones(2, 5, dtype=torch.float64), dim=1), torch.tensor([0, 1]),
-                 torch.tensor([[True, False], [False, True]]))
+    mem = Memory(
+        F.normalize(torch.ones(2, 5, dtype=torch.float64), dim=1),
+        torch.tensor([0, 1]),
+        torch.tensor([[True, False], [False, True]]),
+    )
     got = co_occurrence_loss(b, protos, 8.0, mem)
     allp = torch.cat([_naive_protos(b.emb, b.seg, n), mem.protos])
     seg_tags = [b.tags[int(b.seg_image[t])].tolist() for t in range(n)] + mem.tags.tolist()
@@ -215,25 +249,26 @@ def test_embedding_walk_against_the_transition_loop():
     a = [[math.exp(5.0 * (float(e[:, i] @ e[:, j]) - 1.0)) ** 2.0 for j in range(n)] for i in range(n)]
     t = [[a[i][j] / sum(a[k][j] for k in range(n)) for j in range(n)] for i in range(n)]
     walked = m.clone()
-    for _ in range(2 ** 2):  # M T, four times
-        walked = torch.stack([torch.stack([sum(walked[c, i] * t[i][j] for i in range(n)) for j in range(n)])
-                              for c in range(len(ids))])
+    for _ in range(2**2):  # M T, four times
+        walked = torch.stack(
+            [torch.stack([sum(walked[c, i] * t[i][j] for i in range(n)) for j in range(n)]) for c in range(len(ids))]
+        )
     up = F.interpolate(walked.view(1, len(ids), *grid), size=(16, 24), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(got.double(), up / up.sum(0, keepdim=True), rtol=1e-4, atol=1e-6)
     assert got.shape == (3, 16, 24)
 
 
-def test_spml_stages_join_the_dag_only_when_enabled_and_feed_the_crf(tmp_path):
+def test_spml_stages_join_the_dag_only_for_method_spml_and_feed_the_crf(tmp_path):
     from pipeline.runner import make_run
 
     from .conftest import demo_config
 
     assert "spml_train" not in make_run(demo_config(tmp_path / "off")).names
-    run = make_run(demo_config(tmp_path / "on", spml_train__enabled=True))
+    run = make_run(demo_config(tmp_path / "on", method="spml"))
     names = run.names
     assert names.index("seeds") < names.index("spml_train") < names.index("spml") < names.index("crf")
     assert run.spec("crf").inputs(run.config) == ["spml"]
-    run = make_run(demo_config(tmp_path / "kept", spml_train__enabled=True, crf__input="a2gnn"))
+    run = make_run(demo_config(tmp_path / "kept", method="spml", crf__input="a2gnn"))
     assert run.spec("crf").inputs(run.config) == ["a2gnn"] and "spml" in run.names
 
 
@@ -245,12 +280,15 @@ def test_spml_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     from .conftest import assert_same_training, demo_config, kill_and_resume
 
     def make(path):
-        return demo_config(path, spml_train={**TINY_TRAINING["spml_train"], "enabled": True, "iterations": 4,
-                                             "checkpoint_every": 2, "weight_affinity": 0.5})
+        return demo_config(
+            path,
+            method="spml",
+            spml_train={**TINY_TRAINING["spml_train"], "iterations": 4, "checkpoint_every": 2, "weight_affinity": 0.5},
+        )
 
     for sub in ("a", "b"):
         run = make_run(make(tmp_path / sub))
-        run_local(run, run.names[:run.names.index("seeds") + 1])
+        run_local(run, run.names[: run.names.index("seeds") + 1])
     m1, m2, s1, s2 = kill_and_resume(tmp_path, monkeypatch, make, "spml_train", st, "spml_objective")
     assert_same_training(m1, m2, s1, s2)
     assert m1["info"]["terms"] == ["ce", "annotation", "occurrence", "image", "affinity"]
@@ -259,8 +297,20 @@ def test_spml_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
 def test_bench_spml_train_rows(tmp_path):
     from .conftest import bench_rows
 
-    train, infer = bench_rows(tmp_path, "spml_train", "--images", "2", "--size", "96x64", "--opt", "depth=18",
-                              "--opt", "batch=2", "--opt", "crop=64")
+    train, infer = bench_rows(
+        tmp_path,
+        "spml_train",
+        "--images",
+        "2",
+        "--size",
+        "96x64",
+        "--opt",
+        "depth=18",
+        "--opt",
+        "batch=2",
+        "--opt",
+        "crop=64",
+    )
     assert "spml_train step resnet18" in train["case"] and "memory 2" in train["case"]
     assert "random walk" in infer["case"]
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in (train, infer))

@@ -1,4 +1,5 @@
 """box_seeds (GrabCut, Eq. 3.2-3.3) and the dense CRF on hand-made images."""
+
 import numpy as np
 from pydensecrf.utils import unary_from_labels as reference_unary
 
@@ -22,7 +23,7 @@ def test_grabcut_seeds_follow_eq_3_2_and_3_3():
     lab = grabcut_seeds(img, boxes, iterations=5)
     inside = np.zeros(lab.shape, bool)
     for b in boxes:
-        inside[b.y0:b.y1, b.x0:b.x1] = True
+        inside[b.y0 : b.y1, b.x0 : b.x1] = True
     assert (lab[~inside] == 0).all()  # outside every box: background
     assert set(np.unique(lab[inside])) <= {1, 2, IGNORE}  # inside: box class or unknown, never bg
     # GrabCut background inside a box (its margin) is unknown.
@@ -61,7 +62,7 @@ def test_grabcut_refine_snaps_a_blocky_map_to_the_object_edges():
     # A stride-8-like map: each square grown to its box (the whole margin labelled).
     blocky = np.zeros_like(truth)
     for b in boxes:
-        blocky[b.y0:b.y1, b.x0:b.x1] = b.cls
+        blocky[b.y0 : b.y1, b.x0 : b.x1] = b.cls
     blocky[0:4, 0:4] = 2  # a class-2 pixel outside every box: left alone
     out = grabcut_refine(img, blocky, boxes, iterations=3)
     assert out[0, 0] == 2 and (out[5:10, 80:] == 0).all()

@@ -1,4 +1,5 @@
 """Resume, invalidation and atomicity of the artifact store (the README's store contract)."""
+
 import shutil
 from pathlib import Path
 
@@ -107,8 +108,18 @@ def test_force_recomputes_stage_and_downstream(tmp_path, counters, finished):
 
     seeds, crf = counters
     run = finished_copy(tmp_path, finished)
-    assert forced(run, ["box_seeds"]) == {"box_seeds", "seeds", "affinity_train", "graph", "random_walk", "a2gnn",
-                                             "crf", "final_train", "final_eval", "instances"}
+    assert forced(run, ["box_seeds"]) == {
+        "box_seeds",
+        "seeds",
+        "affinity_train",
+        "graph",
+        "random_walk",
+        "a2gnn",
+        "crf",
+        "final_train",
+        "final_eval",
+        "instances",
+    }
     run_local(run, run.names, forced(run, ["box_seeds"]))
     assert len(seeds.calls) == len(crf.calls) == len(run.ids("crf"))
 

@@ -1,4 +1,5 @@
 """Weak-label synthesis from GT masks, and the demo dataset."""
+
 import numpy as np
 
 from pipeline.config import DemoDataset, WeakConfig
@@ -36,7 +37,6 @@ def test_scribbles_inside_regions_with_about_three_percent_coverage():
     assert 0.015 < labeled.mean() < 0.06
 
 
-
 def test_scribble_length_ratio_sets_the_stroke_extent():
     sem = np.kron(two_objects(), np.ones((4, 4), np.uint8))  # big enough that coverage does not cap length
 
@@ -63,8 +63,8 @@ def test_boxes_and_tags_alone_skip_the_strokes_and_do_not_change():
     assert (lean.tags, lean.boxes) == (full.tags, full.boxes)
     assert lean.scribbles is None and lean.points == []
     cfg = DemoDataset(num_train=2, num_val=1, height=60, width=80)
-    for supervision, strokes in (("box", False), ("image", False), ("point", True), ("scribble", True)):
-        weak = DemoData(cfg, WeakConfig(), supervision).load_weak("train_0001")
+    for labels, strokes in (("box", False), ("tags", False), ("point", True), ("scribble", True)):
+        weak = DemoData(cfg, WeakConfig(), labels).load_weak("train_0001")
         every = DemoData(cfg, WeakConfig()).load_weak("train_0001")
         assert (weak.tags, weak.boxes) == (every.tags, every.boxes)
         assert (weak.scribbles is not None) == strokes and (weak.points == every.points) == strokes
@@ -90,12 +90,21 @@ def test_demo_is_deterministic_multiclass_and_not_threshold_solvable():
     assert set(np.unique(np.concatenate([g.ravel() for g in gts]))) == {0, 1, 2, 3}
     assert any(len(d.load_weak(i).boxes) >= 2 for i in ids)
     # Overlaps: some image has an object whose box contains another object's pixels.
-    assert any(any(((g[b.y0:b.y1, b.x0:b.x1] != 0) & (g[b.y0:b.y1, b.x0:b.x1] != b.cls)).any()
-                   for b in d.load_weak(i).boxes) for i, g in zip(ids, gts))
+    assert any(
+        any(
+            ((g[b.y0 : b.y1, b.x0 : b.x1] != 0) & (g[b.y0 : b.y1, b.x0 : b.x1] != b.cls)).any()
+            for b in d.load_weak(i).boxes
+        )
+        for i, g in zip(ids, gts)
+    )
     # The best global grey-level threshold for figure/ground is far from solving it.
     grey = [d.load_image(i).mean(-1) for i in ids]
     fg = [(g > 0).astype(np.uint8) for g in gts]
-    best = max(max(evaluate([(x > t).astype(np.uint8) for x in grey], fg, 2)["miou"],
-                   evaluate([(x <= t).astype(np.uint8) for x in grey], fg, 2)["miou"])
-               for t in range(20, 240, 10))
+    best = max(
+        max(
+            evaluate([(x > t).astype(np.uint8) for x in grey], fg, 2)["miou"],
+            evaluate([(x <= t).astype(np.uint8) for x in grey], fg, 2)["miou"],
+        )
+        for t in range(20, 240, 10)
+    )
     assert best < 0.6
