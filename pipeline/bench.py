@@ -269,7 +269,7 @@ def _seeds(case: Case, kind: str) -> dict[str, Any]:
     from models.grabcut import grabcut_seeds
     from stages.seeds import seed_maps
 
-    from .config import SeedsConfig
+    from stages.seeds import SeedsConfig
 
     samples = case.samples()
     rng = np.random.default_rng(0)
@@ -440,7 +440,7 @@ def _a2gnn_problems(case: Case, radius: int, channels: int, seed_fraction: float
     from models.affinity import window_offsets
     from models.types import IGNORE
     from models.graph import grid_edges, to_grid
-    from pipeline.config import A2GNN_RELEASED, A2gnnConfig
+    from stages.a2gnn import A2GNN_RELEASED, A2gnnConfig
     from models.transductive import class_index, classes_of, make_problem
 
     cfg = A2gnnConfig(**A2GNN_RELEASED["box"])
@@ -469,7 +469,7 @@ def _a2gnn_fit(
 ) -> dict[str, Any]:
     from models.metrics import confusion_matrix, scores
     from models.transductive import batches, fit
-    from pipeline.config import A2GNN_RELEASED, A2gnnConfig
+    from stages.a2gnn import A2GNN_RELEASED, A2gnnConfig
 
     device, n = case.device, case.images
     cfg = A2gnnConfig(**{**A2GNN_RELEASED["box"], "epochs": epochs}, path=path, layer=layer)
@@ -564,7 +564,7 @@ def _seg_train_step(case: Case, kind: str, arch: str, batch: int, crop: int, amp
     from stages.blpseg_train import blpseg_objective
     from stages.training import amp_setup, optimizer_step
 
-    from .config import BlpsegTrainConfig
+    from stages.blpseg_train import BlpsegTrainConfig
 
     device, steps = case.device, max(1, case.images // batch)
     model = _seg_model(kind, arch).to(device).train()
@@ -700,7 +700,7 @@ def _rrm_train_step(
     from stages.rrm_train import crop_cams, reliable_batch, rrm_objective
     from stages.training import optimizer_step
 
-    from .config import RrmTrainConfig
+    from stages.rrm_train import RrmTrainConfig
     from .runner import pool_map
 
     cfg = RrmTrainConfig(depth=depth, crop=crop, batch_size=batch, cam_scales=scales, crf_workers=crf_workers)
@@ -789,7 +789,7 @@ def _spml_train_step(case: Case, depth: int, batch: int, crop: int, memory: int)
     from stages.spml_train import spml_objective
     from stages.training import optimizer_step
 
-    from .config import SpmlTrainConfig
+    from stages.spml_train import SpmlTrainConfig
 
     from models.segmentation import SpmlNet
     from models.spml import Memory

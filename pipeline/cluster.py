@@ -32,21 +32,21 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
-from .config import Config
+from .config import RunConfig
 from .runner import PipelineError
 
 
-def local_threads(config: Config) -> int:
+def local_threads(config: RunConfig) -> int:
     """torch threads of each local-cluster worker: ``threads``, else the cores shared out."""
     d = config.dask
     return config.threads or max(1, (os.cpu_count() or 1) // (d.n_workers * d.threads_per_worker))
 
 
-def shared_paths(config: Config) -> list[str]:
+def shared_paths(config: RunConfig) -> list[str]:
     """The paths every worker must see: the dataset root and weak-label folder, and any
     weights file a stage loads."""
     paths = [getattr(config.dataset, key, None) for key in ("root", "weak_dir")]
-    for name in Config.model_fields:
+    for name in type(config).model_fields:
         weights = getattr(getattr(config, name), "weights", None)
         if isinstance(weights, str) and weights not in ("none", "imagenet"):
             paths.append(weights)
@@ -71,7 +71,7 @@ def _probe(paths: list[str], probe: str, token: str) -> list[str]:
     return problems
 
 
-def check_workers(client: Any, config: Config) -> None:
+def check_workers(client: Any, config: RunConfig) -> None:
     """Fail before any work when a worker cannot see the dataset or the run folder, or when
     no worker offers the resources the training stages ask for."""
     run_dir = config.run_dir()
@@ -103,7 +103,7 @@ def check_workers(client: Any, config: Config) -> None:
 
 
 @contextlib.contextmanager
-def dask_task_runner(config: Config) -> Iterator[Any]:
+def dask_task_runner(config: RunConfig) -> Iterator[Any]:
     """A ``DaskTaskRunner`` on ``dask.address``, or on a local cluster that lives for the run;
     the workers are checked (:func:`check_workers`) before it is handed out."""
     from distributed import Client, LocalCluster
@@ -137,7 +137,7 @@ def dask_task_runner(config: Config) -> Iterator[Any]:
         yield DaskTaskRunner(address=address)
 
 
-def placement(config: Config, per_image: bool) -> contextlib.AbstractContextManager:
+def placement(config: RunConfig, per_image: bool) -> contextlib.AbstractContextManager:
     """The Dask annotation a stage's tasks are submitted under: a training stage asks for
     ``dask.resources`` (a GPU worker); everything else goes anywhere."""
     if config.task_runner != "dask" or per_image or not config.dask.resources:

@@ -26,7 +26,7 @@ from stages.base import IGNORE, Box, DataError, Point, WeakLabels, safe_name
 
 from . import demo as demo_gen
 from . import coco
-from .config import CocoDataset, Config, DemoDataset, MasksDataset, VocDataset, WeakConfig
+from .config import CocoDataset, DemoDataset, MasksDataset, RunConfig, VocDataset, WeakConfig
 from .store import fingerprint, read_label_png
 from .weak import clip_boxes, image_rng, instances_from_semantic, synthesize
 
@@ -970,7 +970,7 @@ def _coco_points(points: str, instances: str) -> dict[str, list]:
     return coco.points_by_image(_read_json(Path(points)), coco.load(Path(instances)), Path(points))
 
 
-def build_dataset(config: Config, all_weak: bool = False):
+def build_dataset(config: RunConfig, all_weak: bool = False):
     """The dataset reader a config names (errors here stop the run before any work); it
     reads the weak labels the run's ``labels`` need, or with ``all_weak`` every kind."""
     d = config.dataset

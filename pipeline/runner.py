@@ -31,7 +31,7 @@ from models.metrics import confusion_matrix, scores
 from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec, describe_error, progress_bar
 from stages.methods import stage_runs
 
-from .config import Config, ConfigError, config_from_dict, dump_config
+from .config import ConfigError, RunConfig, config_from_dict, dump_config
 from .datasets import build_dataset
 from .processes import forkserver
 
@@ -75,6 +75,7 @@ RESULT_NEUTRAL = {
     "lock": "what a second run does while another computes a stage",
     "min_usable": "when a training stage refuses to start; it never changes which images it uses",
     "notes": "lines the quality ladder prints beside a figure",
+    "imports": "which modules register more methods and stages (each stage's results are in its own fingerprint)",
 }
 
 
@@ -231,7 +232,7 @@ def resolve_device(device: str) -> str:
 class Run:
     """A config bound to its dataset, its DAG and every stage's fingerprint."""
 
-    config: Config
+    config: RunConfig
     dataset: Any
     dag: list[StageSpec]
     fingerprints: dict[str, str] = field(default_factory=dict)
@@ -271,7 +272,7 @@ class Run:
         return out
 
 
-def build_dag(config: Config) -> tuple[list[StageSpec], dict[str, list[str]]]:
+def build_dag(config: RunConfig) -> tuple[list[StageSpec], dict[str, list[str]]]:
     """The registered stages of the config's method and labels, ordered from their
     declared inputs (a topological order; ties keep registration order)."""
     specs = {name: STAGES.get(name) for name in STAGES.names()}
@@ -298,7 +299,7 @@ def build_dag(config: Config) -> tuple[list[StageSpec], dict[str, list[str]]]:
     return [specs[n] for n in order], upstream
 
 
-def make_run(config: Config) -> Run:
+def make_run(config: RunConfig) -> Run:
     """Bind a config to its dataset (errors here stop before any work) and fingerprints."""
     unknown = sorted(set(config.notes) - set(STAGES.names()))
     if unknown:
@@ -320,7 +321,7 @@ def make_run(config: Config) -> Run:
     return run
 
 
-def shared_reads(config: Config, dataset: Any) -> dict[str, Any]:
+def shared_reads(config: RunConfig, dataset: Any) -> dict[str, Any]:
     """The values of the top-level fields a stage may declare in ``StageSpec.reads``:
     the dataset description, the weak-label settings with the content hash of the weak-label
     files the dataset reads, the seed and the label kind."""
@@ -332,7 +333,7 @@ def shared_reads(config: Config, dataset: Any) -> dict[str, Any]:
     }
 
 
-def fingerprint_payload(config: Config, spec: StageSpec, reads: dict[str, Any], upstream: dict[str, str]) -> dict:
+def fingerprint_payload(config: RunConfig, spec: StageSpec, reads: dict[str, Any], upstream: dict[str, str]) -> dict:
     """What a stage's fingerprint hashes: its name, code version, config section, split,
     the top-level fields it reads and its upstream fingerprints."""
     return {

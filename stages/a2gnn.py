@@ -3,7 +3,7 @@
 stored or recomputed from ``affinity_train``'s net), seeds M_g (``seeds``) and boxes, trains
 the per-image models and writes their class probabilities (float16, ``[0] + the image's
 classes``; fused with ``random_walk`` for tags and points). The schedule's supervision
-defaults are filled when the config loads (``pipeline.config.A2GNN_RELEASED``).
+defaults are filled when the config loads (:data:`A2GNN_RELEASED`, :func:`resolve`).
 
 On the CPU the images run in worker processes (``workers``; each loads the affinity net
 once); on a GPU in the main process. Images of the same size and class count train
@@ -13,20 +13,75 @@ together (``batch``; :class:`models.a2gnn.GridGraph` path only).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from models.transductive import Problem, batches, classes_of, fit, fuse, image_seed, make_problem
 from models.types import Box
 
 from .affinity_train import load_affinity
 from .base import STAGES, StageContext, StageResult, StageSpec, describe_error
-from .methods import PIPELINE
 from .graph import node_features_of
 from .routing import fuses_random_walk
+from .sections import Section
 from .training import release
+
+# --------------------------------------------------------------------------- config section
+A2GNN_RELEASED = {
+    "box": {"epochs": 150, "lr": 0.035, "reg_weight": 0.01},
+    "other": {"epochs": 50, "lr": 0.03, "reg_weight": 0.3},
+}
+"""The released A²GNN schedules (``train_infer_A2GNN_{box,others}.py``): epochs per phase, lr, lambda_1."""
+
+
+class A2gnnConfig(Section):
+    """Per-image A²GNN (thesis Sect. 3.3.4-3.3.5). Left out (``null``): the released value
+    for the supervision (:data:`A2GNN_RELEASED`), filled in when the config is loaded.
+    ``mp``, ``consistency`` and ``box_constraint`` apply to boxes only (off otherwise).
+
+    ``path``: how the affinity attention layer runs: ``grid`` (tiled, the fast exact path;
+    several images at once, ``batch``), ``edges`` (PyG message passing) or ``dense`` (the
+    released N x N form); the GCN / GAT / AGNN baselines always run on edge lists. ``consistency_threshold``: seeds
+    less similar (cosine) to their box's prototype are dropped; 0 as released. ``consistency_similarity``:
+    ``centred`` compares mean-centred features (the check acts, as the thesis describes), ``raw`` the released
+    cosine of non-negative features (>= 0, so at threshold 0 it never removes a seed).
+    ``keep_seeds``: the pixels still seeds after the consistency check keep their label and
+    A²GNN fills the rest (:func:`models.transductive.keep_seeds`; not the thesis; the horses
+    config turns it on, README); ``seed_weight`` w: those pixels get ``w onehot + (1 - w) P``
+    (1: hard; from 0.5 the seed still wins the argmax and the CRF keeps A²GNN's confidence). ``box_constraint``
+    (boxes): a class keeps probability only inside its own boxes (:func:`models.boxes.restrict_to_boxes`; not
+    in the thesis, which applies the box prior to the seeds only;
+    measured gain on horses and CamVid, README).
+    """
+
+    layer: Literal["a2gnn", "gcn", "gat", "agnn"] = "a2gnn"
+    path: Literal["grid", "edges", "dense"] = "grid"
+    tile: PositiveInt = 8
+    batch: PositiveInt = 8
+    beta: Annotated[float, Field(ge=0.0)] = 10.0
+    negative: Literal["drop", "keep"] = "drop"
+    hidden: PositiveInt = 256
+    layers: PositiveInt = 3
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    epochs: PositiveInt | None = None  # per phase
+    lr: PositiveFloat | None = None
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    reg_weight: Annotated[float, Field(ge=0.0)] | None = None  # lambda_1
+    reg_radius: PositiveInt = 5
+    sigma_xy: PositiveFloat = 6.0
+    sigma_rgb: PositiveFloat = 0.1
+    mp: bool = True
+    consistency: bool = True
+    consistency_threshold: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.0
+    consistency_similarity: Literal["centred", "raw"] = "centred"
+    rw_weight: Annotated[float, Field(ge=0.0)] = 3.0  # tags and points: (P + w P_rw) / (1 + w)
+    box_constraint: bool = True
+    keep_seeds: bool = False
+    seed_weight: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
 
 VERSION = "2"
 
@@ -140,12 +195,26 @@ def inputs(config) -> list[str]:
     return out
 
 
+def resolve(config) -> None:
+    """The released schedule of the label kind where left out (:data:`A2GNN_RELEASED`), the
+    box-only terms off for other labels, edge lists for the torch_geometric baselines."""
+    cfg, box = config.a2gnn, config.labels == "box"
+    for key, value in A2GNN_RELEASED["box" if box else "other"].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if not box:
+        cfg.mp = cfg.consistency = cfg.box_constraint = False
+    if cfg.layer != "a2gnn":
+        cfg.path = "edges"
+
+
 SPEC = STAGES.register(
     StageSpec(
         name="a2gnn",
+        resolve=resolve,
+        section=A2gnnConfig,
         run=run,
         inputs=inputs,
-        methods=PIPELINE,
         output="soft",
         version=VERSION,
         parallel="cpu",

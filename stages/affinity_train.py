@@ -15,18 +15,38 @@ momentum, poly decay, 10x rate on the new layers; checkpoints and exact resume t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from models.affinity import STRIDE, AffinityNet, affinity_objective, window_offsets
 from models.backbones import DEPTHS, weights_path
 
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
-from .methods import PIPELINE
 from .routing import affinity_map, offsets_of
+from .sections import SgdTrainConfig
 from .training import crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
+
+
+# --------------------------------------------------------------------------- config section
+class AffinityTrainConfig(SgdTrainConfig):
+    """Affinity CNN (thesis Sect. 3.3.3): dilated ResNet (stride 8) -> F_A, trained with
+    L_Aff = L_Ac + reg_weight * L_Ar on the seeds' affinity map; defaults as the released code."""
+
+    radius: Annotated[int, Field(ge=1, le=12)] | None = None  # None: 4 for boxes, 5 otherwise (released code)
+    neighbourhood: Literal["disk", "square"] = "disk"
+    batch_size: PositiveInt = 4
+    epochs: PositiveInt = 8
+    lr: PositiveFloat = 0.01
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    crop: Annotated[int, Field(ge=32)] = 448
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.3)
+    sigma_xy: PositiveFloat = 6.0
+    sigma_rgb: PositiveFloat = 0.1
+    reg_weight: Annotated[float, Field(ge=0.0)] = 3.0
+
 
 VERSION = "2"
 
@@ -65,12 +85,19 @@ def preflight(config) -> None:
     weights_path(config.affinity_train.weights, DEPTHS[config.affinity_train.depth])
 
 
+def resolve(config) -> None:
+    """The released radius where left out: 4 for boxes, 5 otherwise."""
+    if config.affinity_train.radius is None:
+        config.affinity_train.radius = 4 if config.labels == "box" else 5
+
+
 SPEC = STAGES.register(
     StageSpec(
         name="affinity_train",
+        resolve=resolve,
+        section=AffinityTrainConfig,
         run=run,
         inputs=lambda config: ["seeds"],
-        methods=PIPELINE,
         output="model",
         version=VERSION,
         per_image=False,

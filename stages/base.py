@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
-from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from rich.progress import (
@@ -220,8 +220,11 @@ def describe_error(err: BaseException) -> str:
 class StageSpec:
     """A registered stage.
 
-    ``methods``: the methods (:data:`stages.methods.METHODS`) whose runs include it;
-    ``labels``: the label kinds it runs for (None: every kind its methods take).
+    ``section``: its config section (a :class:`stages.sections.Section`, read as
+    ``config.<name>``); ``resolve(config)``: fills the section's defaults that follow from the
+    run's labels and method, or raises ValueError for what it needs of other sections, when a
+    config loads; ``labels``: the label kinds it runs for (None: every kind its methods take).
+    The methods that run it list it (:attr:`stages.methods.MethodSpec.stages`).
     ``inputs(config)`` names the upstream stages for a run; ``output`` is ``label`` (PNG),
     ``soft`` (float16 npz), ``arrays`` (named arrays, npz: graphs), ``instances`` (instance-id
     PNGs, not scored as semantic labels) or ``model``; ``version`` is bumped whenever the stage's numerics
@@ -243,7 +246,6 @@ class StageSpec:
     name: str
     run: Callable[[StageContext], StageResult]
     inputs: Callable[[Any], list[str]]
-    methods: tuple[str, ...]
     output: str = "label"
     version: str = "1"
     per_image: bool = True
@@ -256,6 +258,8 @@ class StageSpec:
     reads: tuple[str, ...] = ("dataset",)
     usable: Callable[[StageContext, str], None] | None = None
     labels: tuple[str, ...] | None = None
+    section: type | None = None
+    resolve: Callable[[Any], None] | None = None
 
 
 S = TypeVar("S")

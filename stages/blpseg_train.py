@@ -18,16 +18,71 @@ Checkpoints hold model, optimiser, loss history and RNG states; every crop is a 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
 from models.blpseg import blp_loss, self_training_labels, weighted_ce
 from models.segmentation import BlpNet
 
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .sections import Section, SwinArch
 from .training import train_sparse, trained_model
+
+
+# --------------------------------------------------------------------------- config section
+class BlpsegTrainConfig(Section):
+    """The single-stage BLPSeg network trained on scribbles (BLPSeg Sect. III-IV; defaults are
+    the paper's VOC settings). ``backbone`` ``resnet101`` (ImageNet weights in the paper;
+    ``resnet18/34/50`` or a Swin name too) + UperNet fusion into ``channels`` (256, released),
+    segmentation and scribble heads. ``lam``: the local aggregation module with ``sigma`` (6)
+    on a window of ``radius`` stride-4 cells (18 = 3 sigma: the Gaussian is below 1.1% beyond)
+    over a ``low_dim`` low-level embedding. ``blp``: the BL loss with ``gamma`` (2); off, the
+    segmentation head gets plain partial CE (gamma 0: the ablation's baseline). WCE of the
+    scribble head with ``unlabelled_weight`` (0.02) for the extra class. ``normalize``:
+    ``printed`` (WCE / N, BL / N_seg, BLPSeg Eq. 1, 9) or ``released`` (the authors' code).
+    Self-training from step ``self_training_from`` (10k; null: off): the segmentation head's
+    own argmax over the image's scribbled classes where it is above ``self_training_threshold``
+    (0.9, the released value; the paper says "sharpened into one-hot form"), scribbles kept.
+    AdamW lr 3e-4 (the paper; the released config has 3e-5), weight decay 0.01, poly 0.9;
+    40 epochs of batch 10 (``iterations`` overrides), random rescale 0.75-1.25, flip, crop
+    384; mixed precision on CUDA."""
+
+    backbone: str = "resnet101"
+    weights: str = "none"  # none | imagenet | path (the backbone's torchvision state dict)
+    channels: PositiveInt = 256
+    low_dim: PositiveInt = 256
+    lam: bool = True
+    sigma: PositiveFloat = 6.0
+    radius: PositiveInt = 18
+    blp: bool = True
+    gamma: Annotated[float, Field(ge=0.0)] = 2.0
+    unlabelled_weight: Annotated[float, Field(ge=0.0)] = 0.02
+    normalize: Literal["printed", "released"] = "printed"
+    self_training_from: Annotated[int, Field(ge=0)] | None = 10000
+    self_training_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
+    batch_size: PositiveInt = 10
+    epochs: PositiveInt = 40
+    iterations: PositiveInt | None = None
+    lr: PositiveFloat = 3e-4
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    poly_power: PositiveFloat = 0.9
+    crop: Annotated[int, Field(ge=32)] = 384
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.75, 1.25)
+    photometric: bool = True
+    checkpoint_every: PositiveInt = 1000
+    amp: bool = True
+
+    @field_validator("backbone")
+    @classmethod
+    def _check_backbone(cls, value: str) -> str:
+        known = ("resnet18", "resnet34", "resnet50", "resnet101", *SwinArch.__args__)
+        if value not in known:
+            raise ValueError(f"unknown backbone {value!r} (known: {', '.join(known)})")
+        return value
+
 
 VERSION = "1"
 
@@ -107,9 +162,9 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="blpseg_train",
+        section=BlpsegTrainConfig,
         run=run,
         inputs=lambda config: [],
-        methods=("blpseg",),
         output="model",
         version=VERSION,
         per_image=False,

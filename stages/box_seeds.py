@@ -14,10 +14,28 @@ the reference row of every box run's ladder: a later stage earns its place by be
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
+from pydantic import Field, PositiveInt
+
 from models.grabcut import grabcut_filled, grabcut_seeds
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
-from .methods import PIPELINE
+from .sections import Section
+
+
+# --------------------------------------------------------------------------- config section
+class BoxSeedsConfig(Section):
+    """GrabCut seeds from boxes (thesis Eq. 3.2-3.3). ``inside_background``: what GrabCut's
+    background inside a box becomes: ``unknown`` (Eq. 3.2, 255; the thesis, where ImageNet
+    features tell background inside a box from the object) or ``background`` (the
+    "GrabCut filled" map; for from-scratch features, see the README's box ladder)."""
+
+    iterations: PositiveInt = 5
+    inside_background: Literal["unknown", "background"] = "unknown"
+    crop_margin: Annotated[float, Field(ge=0.0)] | None = 0.5
+    min_box_side: Annotated[int, Field(ge=2)] = 4
+
 
 VERSION = "2"
 FILLED = "grabcut_filled"
@@ -41,9 +59,9 @@ def run(ctx: StageContext) -> StageResult:
 SPEC = STAGES.register(
     StageSpec(
         name="box_seeds",
+        section=BoxSeedsConfig,
         run=run,
         inputs=lambda config: [],
-        methods=PIPELINE,
         labels=("box",),
         output="label",
         version=VERSION,

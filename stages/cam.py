@@ -15,16 +15,28 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from pydantic import PositiveFloat
 
 from models.cam import multiscale_cam, with_background
 from models.metrics import confusion_matrix, scores
 from models.seeds import labels_from_soft
 
 from .base import STAGES, StageContext, StageResult, StageSpec
-from .methods import PIPELINE
 from .cam_train import load_trained
 from .routing import cam_enabled
+from .sections import Section
 from .training import infer_items
+
+
+# --------------------------------------------------------------------------- config section
+class CamConfig(Section):
+    """CAM inference (multi-scale + flip) and its background score (1 - max_c CAM)^alpha."""
+
+    enabled: bool = True
+    scales: list[PositiveFloat] = [0.5, 1.0, 1.5, 2.0]
+    flip: bool = True
+    alpha: PositiveFloat = 4.0
+
 
 VERSION = "1"
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 13))
@@ -73,9 +85,9 @@ def threshold_sweep(ctx: StageContext) -> dict[str, Any]:
 SPEC = STAGES.register(
     StageSpec(
         name="cam",
+        section=CamConfig,
         run=run,
         inputs=lambda config: ["cam_train"],
-        methods=PIPELINE,
         output="soft",
         version=VERSION,
         parallel=False,

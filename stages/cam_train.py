@@ -15,7 +15,7 @@ where it stopped. Output: ``model.pt`` with the architecture and the state dict.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,9 +25,18 @@ from models.cam import CamNet, classification_loss
 
 from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
-from .methods import PIPELINE
 from .routing import cam_enabled
+from .sections import SgdTrainConfig
 from .training import save_trained, sgd, train_loop, trained_model, trained_result
+
+
+# --------------------------------------------------------------------------- config section
+class CamTrainConfig(SgdTrainConfig):
+    """Multi-label classifier for CAMs (dilated ResNet + GAP + bias-free 1x1 classifier);
+    defaults as IRN's classifier."""
+
+    output_stride: Literal[8, 16] = 16
+
 
 VERSION = "1"
 
@@ -95,9 +104,9 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="cam_train",
+        section=CamTrainConfig,
         run=run,
         inputs=lambda config: [],
-        methods=PIPELINE,
         output="model",
         version=VERSION,
         per_image=False,

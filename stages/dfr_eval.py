@@ -6,10 +6,22 @@ stage, and shown by ``wsss inspect``.
 
 from __future__ import annotations
 
+from pydantic import PositiveFloat
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .dfr_train import load_trained
+from .sections import Section
 from .training import infer_items, predict_val_label
+
+
+# --------------------------------------------------------------------------- config section
+class DfrEvalConfig(Section):
+    """Val-split inference of the DFR network (no feature head): ``scales`` (the paper's
+    multi-scale set is 0.5-1.75) and ``flip``, softmax averaged at image size."""
+
+    scales: list[PositiveFloat] = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    flip: bool = True
+
 
 VERSION = "1"
 
@@ -23,9 +35,9 @@ def run(ctx: StageContext) -> StageResult:
 SPEC = STAGES.register(
     StageSpec(
         name="dfr_eval",
+        section=DfrEvalConfig,
         run=run,
         inputs=lambda config: ["dfr_train"],
-        methods=("dfr",),
         output="label",
         version=VERSION,
         split="val",

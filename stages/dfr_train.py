@@ -16,16 +16,58 @@ every crop is a function of (seed, step), so a killed run resumes exactly.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from models.backbones import swin_weights_path
 from models.losses import dfr_objective
+from models.params import DfrTerms
 from models.segmentation import DfrNet
 
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .sections import Section, SwinArch
 from .training import train_sparse, trained_model
+
+
+# --------------------------------------------------------------------------- config section
+class DfrTrainConfig(DfrTerms, Section):
+    """The single-stage DFR network trained on scribbles (DFR Sect. 3, 4.2; thesis Ch. 4).
+
+    Swin ``backbone`` (``swin_t`` default, ``swin_b`` as the paper, ``swin_mini`` CPU-sized
+    for the demo) + UperNet fusion of ``fusion_stages`` (Table 6) into ``channels``; semantic
+    head and feature consistency head (``feature_dim`` = d = 128). Eq. 1:
+    ``L = L_pce + lambda_dfr L_dfr + lambda_feat (L_fd + L_fr)``; the switches give Table 4
+    and 5 and the baselines: pCE only (``dfr: false, fd: false, fr: false``) and pCE + Potts
+    of Tang et al. (``kernel_feature: false, fd: false, fr: false``). Pairs: a square
+    window of ``radius`` on the stride-4 grid; kernel sigmas ``sigma_xy`` (grid cells),
+    ``sigma_rgb`` (ImageNet-normalised RGB), ``sigma_feat``; confident labels at ``gamma``.
+
+    AdamW (lr 3e-5, weight decay 0.01 of Sect. 4.2; none on norms, biases and position
+    tables), linear warm-up of ``warmup_iterations`` from ``warmup_ratio`` x lr, then poly
+    decay (power 1, mmseg); random rescale in ``scale_range``, flip, photometric distortion,
+    ``crop``; mixed precision on CUDA. It trains on the run's ``labels`` (scribble or point).
+    """
+
+    backbone: SwinArch = "swin_t"
+    weights: str = "none"  # none | imagenet | /path/to/torchvision_swin_state_dict.pth
+    fusion_stages: list[Annotated[int, Field(ge=1, le=4)]] = [1, 2, 3, 4]
+    channels: PositiveInt = 512
+    feature_dim: PositiveInt = 128
+    batch_size: PositiveInt = 16
+    iterations: PositiveInt = 40000
+    lr: PositiveFloat = 3e-5
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    poly_power: PositiveFloat = 1.0
+    warmup_iterations: Annotated[int, Field(ge=0)] = 1500
+    warmup_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-6
+    crop: Annotated[int, Field(ge=32)] = 512
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)
+    photometric: bool = True
+    checkpoint_every: PositiveInt = 1000
+    amp: bool = True
+
 
 VERSION = "1"
 TERMS = ("pce", "dfr", "fd", "fr")
@@ -76,9 +118,9 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="dfr_train",
+        section=DfrTrainConfig,
         run=run,
         inputs=lambda config: [],
-        methods=("dfr",),
         output="model",
         version=VERSION,
         per_image=False,

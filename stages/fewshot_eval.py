@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveInt
 
 from models.fewshot import cross_guided, prototype_logits
 from models.types import IGNORE
@@ -28,7 +29,24 @@ from models.types import IGNORE
 from .augment import rescale
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .fewshot_train import class_mask, fold_classes, images_of, load_trained
+from .sections import Section
 from .training import release
+
+
+# --------------------------------------------------------------------------- config section
+class FewshotEvalConfig(Section):
+    """Test episodes of the held-out fold's classes on the val split, drawn with ``seed``:
+    ``episodes`` per shot count in ``shots``; each has distinct support and query images. K > 1
+    fuses the 1-shot model's predictions by the cross-guided module (Eq. 5.15-5.17). Scores as the
+    thesis: the mean over classes of each class's IoU accumulated over its episodes, and FB-IoU;
+    the prototype-only baseline (masked average pooling + cosine on the same encoder) beside it.
+    Images at ``size`` on their short side (null: as they are)."""
+
+    episodes: PositiveInt = 1000
+    shots: list[PositiveInt] = [1, 5]
+    seed: int = 0
+    size: PositiveInt | None = None
+
 
 VERSION = "1"
 
@@ -146,9 +164,9 @@ def run(ctx: StageContext) -> StageResult:
 SPEC = STAGES.register(
     StageSpec(
         name="fewshot_eval",
+        section=FewshotEvalConfig,
         run=run,
         inputs=lambda config: ["fewshot_train"],
-        methods=("scl",),
         output="model",
         version=VERSION,
         split="val",

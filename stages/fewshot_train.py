@@ -13,18 +13,63 @@ and every episode is a function of (seed, step), so a killed run resumes exactly
 from __future__ import annotations
 
 import functools
-from typing import Any
 from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from models.fewshot import SclNet, scl_loss
 from models.types import IGNORE
 
 from .augment import scale_flip_crop, step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .sections import SgdTrainConfig
 from .training import save_trained, sgd, train_loop, trained_model, trained_result
+
+
+# --------------------------------------------------------------------------- config section
+class FewshotTrainConfig(SgdTrainConfig):
+    """The few-shot method (``method: scl``; thesis Ch. 5, SCL): 1-shot episodes of the
+    training classes on the train split. Classes: ``classes`` (null: every class but 0) shuffled
+    by ``fold_seed`` and dealt into ``folds``; fold ``fold``'s classes are held out for the
+    ``fewshot_eval`` episodes (val split), the rest train, with ``train_classes`` (never held
+    out: e.g. the stuff classes when the folds are the thing classes). An image serves a class
+    when it holds at least ``min_pixels`` of it. SclNet (:mod:`models.fewshot`): ResNet-``depth`` at stride 8
+    (CANet: ResNet-50 from ImageNet), stage-2 + stage-3 features reduced to ``channels``; ``sgm``:
+    the self-guided module (off: the CANet-style base). ``prior``: PFENet's prior mask in the query
+    FPM (the thesis' SCL (PFENet) base; off: CANet's). ``held_out_pixels``: what the training
+    masks make of the held-out classes' pixels, ``background`` (OSLSM / CANet: they are not the
+    episode's class) or ``ignore`` (255: the network is never taught that a novel class is
+    background). SGD lr 2.5e-3, momentum 0.9, weight decay 5e-4, poly 0.9, batch 4 episodes,
+    rescale, flip and crop 321 of support and query each."""
+
+    classes: list[int] | None = None
+    train_classes: list[int] = []
+    folds: Annotated[int, Field(ge=2)] = 4
+    fold: Annotated[int, Field(ge=0)] = 0
+    fold_seed: int = 0
+    min_pixels: Annotated[int, Field(ge=1)] = 2 * 32 * 32
+    channels: PositiveInt = 256
+    sgm: bool = True
+    prior: bool = False
+    held_out_pixels: Literal["background", "ignore"] = "background"
+    batch_size: PositiveInt = 4
+    iterations: PositiveInt | None = 20000
+    lr: PositiveFloat = 2.5e-3
+    head_lr_mult: PositiveFloat = 1.0
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    crop: Annotated[int, Field(ge=32)] = 321
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.3)
+    checkpoint_every: PositiveInt = 1000
+
+    @model_validator(mode="after")
+    def _check_fold(self) -> FewshotTrainConfig:
+        if self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} is not one of the {self.folds} folds (0..{self.folds - 1})")
+        return self
+
 
 VERSION = "2"  # 2: He-initialised head, prior mask, held-out pixels option
 
@@ -148,9 +193,9 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="fewshot_train",
+        section=FewshotTrainConfig,
         run=run,
         inputs=lambda config: [],
-        methods=("scl",),
         output="model",
         version=VERSION,
         per_image=False,

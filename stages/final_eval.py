@@ -10,14 +10,30 @@ column, ``metrics.maps.crf`` the "w/ CRF" column), and shown by ``wsss inspect``
 
 from __future__ import annotations
 
+from pydantic import Field, PositiveFloat
+
 from models.crf import crf_from_probs
 from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
 
 from .base import STAGES, StageContext, StageResult, StageSpec
-from .methods import PIPELINE
 from .final_train import load_trained
+from .sections import InferenceCrfParams, Section
 from .training import infer_items
+
+
+# --------------------------------------------------------------------------- config section
+class FinalEvalConfig(Section):
+    """Val-split inference of the final model: ``scales`` (1.0 = single scale; the thesis'
+    multi-scale set is 0.5-1.75) with optional ``flip``, softmax averaged at image size;
+    the ``crf`` map (dense CRF post-processing, Table 3.1's "w/ CRF" column) when
+    ``use_crf``."""
+
+    scales: list[PositiveFloat] = [1.0]
+    flip: bool = False
+    use_crf: bool = True
+    crf: InferenceCrfParams = Field(default_factory=InferenceCrfParams)
+
 
 VERSION = "1"
 
@@ -41,9 +57,9 @@ def run(ctx: StageContext) -> StageResult:
 SPEC = STAGES.register(
     StageSpec(
         name="final_eval",
+        section=FinalEvalConfig,
         run=run,
         inputs=lambda config: ["final_train"],
-        methods=PIPELINE,
         output="label",
         version=VERSION,
         split="val",

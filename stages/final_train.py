@@ -19,20 +19,54 @@ step k resumes at k and ends with the model an uninterrupted run gives.
 
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from models.backbones import weights_path
 from models.losses import dense_crf_loss
 from models.segmentation import ARCHS, DeepLab
 
 from .base import IGNORE, STAGES, DataError, StageContext, StageResult, StageSpec
-from .methods import PIPELINE
+from .sections import SgdConfig
 from .training import amp_setup, crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
+
+# --------------------------------------------------------------------------- config section
+SegArch = Literal["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large"]
+
+
+class FinalTrainConfig(SgdConfig):
+    """The segmentation model trained on the pseudo-labels (thesis Sect. 3.5): torchvision
+    DeepLabV3, SGD (momentum 0.9) with poly decay, the head at 10x the backbone's rate,
+    random scale / flip / crop, 255 ignored; mixed precision on CUDA (``amp``).
+
+    ``labels``: ``pseudo`` (the ``input`` stage's labels) or ``gt`` (the fully supervised
+    upper bound of Table 3.1, same settings). ``iterations`` (steps) overrides ``epochs``.
+    ``reg_weight`` > 0 adds the relaxed dense-CRF (Potts) loss of Tang et al. on a local
+    window of ``reg_radius`` at ``reg_scale`` x the crop, kernel on position (``reg_sigma_xy``
+    pixels at that scale) and ImageNet-normalised RGB (``reg_sigma_rgb``).
+    """
+
+    arch: SegArch = "deeplabv3_resnet50"
+    labels: Literal["pseudo", "gt"] = "pseudo"
+    input: Literal["crf", "a2gnn", "random_walk", "seeds"] = "crf"
+    batch_size: PositiveInt = 10
+    iterations: PositiveInt | None = 20000
+    lr: PositiveFloat = 0.007
+    crop: Annotated[int, Field(ge=32)] = 321
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 1.5)
+    checkpoint_every: PositiveInt = 500
+    amp: bool = True
+    reg_weight: Annotated[float, Field(ge=0.0)] = 0.0
+    reg_radius: PositiveInt = 5
+    reg_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    reg_sigma_xy: PositiveFloat = 6.0
+    reg_sigma_rgb: PositiveFloat = 0.1
+
 
 VERSION = "1"
 
@@ -109,9 +143,9 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="final_train",
+        section=FinalTrainConfig,
         run=run,
         inputs=inputs,
-        methods=PIPELINE,
         output="model",
         version=VERSION,
         per_image=False,

@@ -19,19 +19,31 @@ inference is deterministic (eval mode, no dropout), so both give the same X.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from models.affinity import STRIDE, AffinityNet
 from models.graph import cell_labels, grid_edges, node_features, pair_confusion, to_grid
 
 from .affinity_train import load_affinity
 from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
-from .methods import PIPELINE
 from .routing import affinity_map, offsets_of
+from .sections import Section
 from .training import release
+
+
+# --------------------------------------------------------------------------- config section
+class GraphConfig(Section):
+    """Image -> graph (Eq. 3.14-3.15): edges within the affinity radius where D > threshold.
+    Node features (~20 MB per VOC image for ResNet-50) are stored only on request;
+    otherwise they are recomputed from the affinity checkpoint downstream."""
+
+    threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 1e-3
+    store_features: bool = False
+
 
 VERSION = "1"
 
@@ -146,8 +158,8 @@ def report(ctx: StageContext) -> dict[str, Any]:
 SPEC = STAGES.register(
     StageSpec(
         name="graph",
+        section=GraphConfig,
         run=run,
-        methods=PIPELINE,
         output="arrays",
         version=VERSION,
         parallel=False,

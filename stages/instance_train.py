@@ -13,18 +13,41 @@ work with :data:`models.tvcompat.NEEDS_COMPILED_OPS`; it is off by default
 
 from __future__ import annotations
 
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from models.backbones import freeze_batchnorm, load_state, weights_path
 from models.tvcompat import require_compiled_ops
 
 from .augment import step_rng
 from .base import STAGES, StageContext, StageResult, StageSpec
-from .methods import PIPELINE
 from .instances import objects_of
+from .sections import Section
 from .training import save_trained, train_loop, trained_result
+
+
+# --------------------------------------------------------------------------- config section
+class InstanceTrainConfig(Section):
+    """Mask R-CNN (torchvision ``maskrcnn_resnet50_fpn``) trained on the ``instances`` masks,
+    the thesis' box-supervised instance model (Sect. 3.4). Off by default: it needs
+    torchvision's compiled RoIAlign / NMS (a CUDA or complete torchvision). SGD with poly
+    decay, horizontal flip; torchvision's own resize to ``min_size``."""
+
+    enabled: bool = False
+    weights: str = "none"  # ResNet-50 backbone: none | imagenet | path
+    batch_size: PositiveInt = 4
+    epochs: PositiveInt = 12
+    iterations: PositiveInt | None = None
+    lr: PositiveFloat = 0.02
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
+    poly_power: PositiveFloat = 0.9
+    min_size: PositiveInt = 800
+    checkpoint_every: PositiveInt = 500
+
 
 VERSION = "1"
 
@@ -98,9 +121,9 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="instance_train",
+        section=InstanceTrainConfig,
         run=run,
         inputs=lambda config: ["instances"],
-        methods=PIPELINE,
         labels=("box",),
         output="model",
         version=VERSION,

@@ -19,16 +19,26 @@ Training Mask R-CNN on these masks needs torchvision's compiled RoIAlign/NMS; se
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from pydantic import Field
 
 from models.boxes import instance_map, instance_score
 from models.metrics import mask_ap, match_instances
 
 from .base import STAGES, Box, DataError, StageContext, StageResult, StageSpec, run_items
-from .methods import PIPELINE
+from .sections import Section
+
+
+# --------------------------------------------------------------------------- config section
+class InstancesConfig(Section):
+    """Box-supervised instance masks (Sect. 3.4): in each box, the pixels of the box's class
+    in the ``crf`` labels become that instance. Scored with mask AP at ``iou_thresholds``."""
+
+    iou_thresholds: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = [0.5, 0.7, 0.75]
+
 
 VERSION = "1"
 
@@ -110,9 +120,9 @@ def report(ctx: StageContext) -> dict[str, Any]:
 SPEC = STAGES.register(
     StageSpec(
         name="instances",
+        section=InstancesConfig,
         run=run,
         inputs=lambda config: ["crf"],
-        methods=PIPELINE,
         labels=("box",),
         output="instances",
         version=VERSION,

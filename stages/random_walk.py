@@ -20,13 +20,37 @@ Sources (``random_walk.source``; ``auto`` is resolved by the labels when the con
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import numpy as np
+from pydantic import Field, PositiveFloat
 
 from models.cam import with_background
 from models.graph import keep_known, propagate, seed_scores
 
 from .base import STAGES, StageContext, StageResult, StageSpec, run_items
-from .methods import PIPELINE
+from .methods import in_pipeline
+from .sections import Section
+
+
+# --------------------------------------------------------------------------- config section
+class RandomWalkConfig(Section):
+    """PSA random walk: M T^(2^logt), T = column-normalised A^beta (defaults as PSA's code).
+
+    ``source``: what is propagated. ``cam``: the CAM foreground with background
+    ``(1 - max)^alpha`` (PSA; the default for tags and points); ``seeds``: the seed map M_g,
+    one-hot on known pixels and zero on unknown ones (the default for boxes and scribbles,
+    whose seeds are the better start); ``auto`` picks by supervision. ``keep_seeds`` (seeds
+    source only): the known seed pixels keep their label and only the unknown ones take the
+    walk's (label propagation with clamped labels), so the walk can only add to its seeds.
+    """
+
+    beta: PositiveFloat = 8.0
+    logt: Annotated[int, Field(ge=0, le=12)] = 8
+    alpha: PositiveFloat = 16.0
+    source: Literal["auto", "cam", "seeds"] = "auto"
+    keep_seeds: bool = True
+
 
 VERSION = "2"
 
@@ -55,12 +79,24 @@ def inputs(config) -> list[str]:
     return ["graph", config.random_walk.source]
 
 
+def resolve(config) -> None:
+    """``source: auto``: the CAMs for tags and points when CAMs run, else the seeds; a CAM
+    source needs CAMs."""
+    rw = config.random_walk
+    if rw.source == "cam" and not config.cam.enabled:
+        raise ValueError("random_walk.source 'cam' needs CAMs: cam.enabled must be true")
+    if rw.source == "auto":
+        tags_or_points = in_pipeline(config) and config.labels in ("tags", "point")
+        rw.source = "cam" if tags_or_points and config.cam.enabled else "seeds"
+
+
 SPEC = STAGES.register(
     StageSpec(
         name="random_walk",
+        resolve=resolve,
+        section=RandomWalkConfig,
         run=run,
         inputs=inputs,
-        methods=PIPELINE,
         output="soft",
         version=VERSION,
         parallel=False,

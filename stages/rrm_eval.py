@@ -23,6 +23,7 @@ from models.segmentation import predict_probs
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .rrm_train import load_trained
+from .sections import RrmEvalConfig
 from .training import infer_items
 
 VERSION = "2"  # 2: the ``tags`` map
@@ -90,9 +91,9 @@ def run(ctx: StageContext) -> StageResult:
 SPEC = STAGES.register(
     StageSpec(
         name="rrm_eval",
+        section=RrmEvalConfig,
         run=run,
         inputs=lambda config: ["rrm_train"],
-        methods=("rrm",),
         output="label",
         version=VERSION,
         split="val",

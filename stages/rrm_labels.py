@@ -10,9 +10,17 @@ train split's GT, so settings are chosen here, never on val."""
 
 from __future__ import annotations
 
-
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .rrm_eval import run_maps
+from .sections import RrmEvalConfig
+
+
+# --------------------------------------------------------------------------- config section
+class RrmLabelsConfig(RrmEvalConfig):
+    """Train-split inference of the RRM network (``rrm_labels``: its pseudo-labels, the
+    thesis' two-step use): the same keys as ``rrm_eval``, the segmentation branch given the
+    image's tags as the main map."""
+
 
 VERSION = "1"
 VARIANTS = ["cam_crf", "seg", "no_crf"]
@@ -25,9 +33,9 @@ def run(ctx: StageContext) -> StageResult:
 SPEC = STAGES.register(
     StageSpec(
         name="rrm_labels",
+        section=RrmLabelsConfig,
         run=run,
         inputs=lambda config: ["rrm_train"],
-        methods=("rrm",),
         output="label",
         version=VERSION,
         split="train",

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
 from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from models.cam import classification_loss
 from models.losses import partial_ce, seed_ce
@@ -39,7 +40,59 @@ from models.types import IGNORE
 
 from .base import STAGES, StageContext, StageResult, StageSpec
 from .cam_train import tag_targets
+from .sections import DenseCrfParams, SgdTrainConfig
 from .training import crop_batch, save_trained, sgd, total_steps, train_loop, trained_model, trained_result
+
+
+# --------------------------------------------------------------------------- config section
+class RrmTrainConfig(SgdTrainConfig):
+    """The single-stage RRM network trained from image tags (thesis Ch. 2; defaults are the
+    thesis' VOC settings): a dilated ResNet of ``depth`` at stride 8 (the thesis: ResNet-38)
+    shared by the classification branch and the segmentation branch (local sub-branch of
+    ``local_channels``, two 3x3 convolutions of dilation ``local_dilation`` (12), R-FAM of
+    ``attention_channels``; ``reweight: false`` = plain attention,
+    Table 2.5). Loss Eq. 2.14-2.15: L_class + L_ce + ``lambda_energy`` L_energy + L_BCD, each
+    switchable (``energy``, ``bcd``); ``ce``: L_ce as printed (Eq. 2.16, one CE over the reliable
+    pixels) or as released (background and foreground CE averaged apart). Reliable labels online
+    every step (Eq. 2.1-2.7): CAMs of the crop at ``cam_scales`` averaged, background
+    ``(1 - max)^gamma`` (4), dense CRF with ``crf`` (PSA's values, "[18]"), the top ``reliable_ratio`` (40%) of
+    each class where the CRF agrees; the CRFs of a batch run in ``crf_workers`` processes (0: one per core).
+    The
+    energy loss: sigma_d 100, sigma_r 15 (printed) on a square window of ``energy_radius`` at
+    ``energy_scale`` x the crop (the released code's 0.5). ``cls_only_fraction``: the first
+    share of the steps trains the classification branch alone (the released code: 0.3; the
+    thesis is silent; labels from an untrained classifier are noise; 1: classification only, the plain
+    CAM network, RRM's baseline). SGD lr 1e-3, weight
+    decay 5e-4, the classifier at ``head_lr_mult`` x (as released), poly 0.9; rescale 0.7-1.3, flip, crop 321,
+    batch 8, 40k iterations."""
+
+    depth: Literal[18, 34, 50, 101] = 50
+    local_channels: PositiveInt = 512
+    local_dilation: PositiveInt = 12
+    attention_channels: PositiveInt = 256
+    reweight: bool = True
+    lambda_energy: Annotated[float, Field(ge=0.0)] = 1.0
+    ce: Literal["printed", "released"] = "released"
+    energy: bool = True
+    bcd: bool = True
+    sigma_d: PositiveFloat = 100.0
+    sigma_r: PositiveFloat = 15.0
+    energy_scale: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    energy_radius: PositiveInt = 5
+    cam_scales: list[PositiveFloat] = [0.5, 1.0, 1.5, 2.0]
+    gamma: PositiveFloat = 4.0
+    reliable_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
+    crf: DenseCrfParams = Field(default_factory=DenseCrfParams)
+    crf_workers: Annotated[int, Field(ge=0)] = 0
+    cls_only_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    batch_size: PositiveInt = 8
+    iterations: PositiveInt | None = 40000
+    lr: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    crop: Annotated[int, Field(ge=32)] = 321
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.7, 1.3)
+    checkpoint_every: PositiveInt = 1000
+
 
 VERSION = "2"  # 2: only the classifier at head_lr_mult (as released)
 TERMS = ("cls", "ce", "energy", "bcd")
@@ -199,9 +252,9 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="rrm_train",
+        section=RrmTrainConfig,
         run=run,
         inputs=lambda config: [],
-        methods=("rrm",),
         output="model",
         version=VERSION,
         per_image=False,

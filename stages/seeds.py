@@ -9,9 +9,10 @@ with CAMs; M'_I for tags; M_S / M_P for scribbles / points. Extra maps with CAMs
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
 from models.seeds import (
     confident_box_seeds,
@@ -24,9 +25,21 @@ from models.seeds import (
 )
 
 from .base import STAGES, DataError, StageContext, StageResult, StageSpec, WeakLabels, run_items
-from .methods import PIPELINE
+from .methods import in_pipeline
 from .routing import cam_enabled
+from .sections import DenseCrfParams, Section, SlicConfig
 from .sparse import sparse_labels
+
+
+# --------------------------------------------------------------------------- config section
+class SeedsConfig(Section):
+    """Seed maps: M_I, M'_I, M_F (Eq. 3.4), M_g (Eq. 3.5), M_S / M_P (superpixel expansion)."""
+
+    reliable_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 0.4
+    crf_agreement: bool = True
+    crf: DenseCrfParams = Field(default_factory=DenseCrfParams)
+    superpixels: SlicConfig = Field(default_factory=SlicConfig)
+
 
 VERSION = "1"
 
@@ -101,12 +114,19 @@ def inputs(config) -> list[str]:
     return out + (["cam"] if cam_enabled(config) else [])
 
 
+def resolve(config) -> None:
+    """Tags into the pipeline need CAMs (their seeds are M'_I)."""
+    if in_pipeline(config) and config.labels == "tags" and not config.cam.enabled:
+        raise ValueError("labels 'tags' need CAMs: cam.enabled must be true")
+
+
 SPEC = STAGES.register(
     StageSpec(
         name="seeds",
+        resolve=resolve,
+        section=SeedsConfig,
         run=run,
         inputs=inputs,
-        methods=PIPELINE,
         output="label",
         version=VERSION,
         variants=variants,

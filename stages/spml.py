@@ -7,17 +7,38 @@ as a soft map over those classes (the ``crf`` stage reads it as -log p)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat
 
 from models.graph import keep_known
 from models.spml import embedding_walk
 from models.transductive import classes_of
 
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .sections import Section
 from .spml_train import load_trained
 from .training import infer_items
+
+
+# --------------------------------------------------------------------------- config section
+class SpmlConfig(Section):
+    """SPML's pseudo-labels of the train split (the released ``pseudo_softmaxrw_crf``): the
+    softmax classifier's probabilities on the stride-8 grid, each class divided by its maximum,
+    classes the image's weak labels do not name set to 0, then propagated by a random walk on the
+    embedding, T = colnorm(exp(``gamma`` (e_i . e_j - 1))^``beta``) (5, 20) squared ``logt`` (6)
+    times; the ``crf`` stage follows. ``keep_seeds`` (ours; the released code has no such step):
+    the seeds' known pixels keep their label and the walk only fills the rest, as
+    ``random_walk.keep_seeds``."""
+
+    beta: PositiveFloat = 20.0
+    gamma: PositiveFloat = 5.0
+    logt: Annotated[int, Field(ge=0)] = 6
+    keep_seeds: bool = False
+
 
 VERSION = "1"
 
@@ -50,9 +71,9 @@ def run(ctx: StageContext) -> StageResult:
 SPEC = STAGES.register(
     StageSpec(
         name="spml",
+        section=SpmlConfig,
         run=run,
         inputs=lambda config: ["spml_train", "seeds"],
-        methods=("spml",),
         output="soft",
         version=VERSION,
         parallel=False,

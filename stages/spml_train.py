@@ -22,11 +22,12 @@ Tags for the O term: the classes the image's weak labels or seeds name
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from models.seeds import superpixels
 from models.segmentation import SpmlNet
@@ -43,7 +44,51 @@ from models.transductive import classes_of
 from models.types import IGNORE
 
 from .base import STAGES, StageContext, StageResult, StageSpec
+from .sections import SgdTrainConfig, SlicConfig
 from .training import crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
+
+
+# --------------------------------------------------------------------------- config section
+class SpmlTrainConfig(SgdTrainConfig):
+    """SPML's pixel embedding (Ke et al. ICLR 2021; defaults: the released VOC scripts,
+    ``bashscripts/voc12``), trained on the ``seeds`` stage's labels (the semantic annotation: the
+    scribbles / points / CAM seeds; unknown pixels unlabelled) with the pixel-to-segment loss of
+    :mod:`models.spml`. ``method: spml`` runs it beside the A²GNN pipeline; ``spml`` labels the
+    train split and the ``crf`` stage reads it where ``crf.input`` is ``auto``. ResNet-``depth`` at output stride 8 +
+    PSP pooling into ``channels`` + 1x1 to ``dim`` (64). Segments: spherical k-means on a
+    ``clusters`` x ``clusters`` start grid (6: 36 segments an image), ``kmeans_iterations`` (10),
+    split by label and by SLIC regions (``superpixels``; SPML: HED + gPb-owt-ucm). Concentrations
+    and weights of the four terms (the released box / tag values: 6 / 8 / 16, 0.3 / 0.3 / 0.1;
+    scribbles 6 / 12 / 16 with 1 / 0.5 / 0.1, ``configs/*scribble*``); ``weight_affinity`` 0
+    (SPML uses C^ for DensePose points only). Memory bank of ``memory_batches`` (2) earlier
+    batches. The softmax classifier trains beside it on the detached embedding (its CE inside
+    the C term's weight, as released). SGD lr 3e-3 (new layers 10x), momentum 0.9, weight decay
+    5e-4, poly 0.9 after a 100-step linear warm-up, batch 4, crop 512, 30k steps; flip and
+    rescale in ``scale_range`` (ours: the released range lives in its data code, not printed)."""
+
+    depth: Literal[18, 34, 50, 101] = 101
+    channels: PositiveInt = 512
+    dim: PositiveInt = 64
+    clusters: PositiveInt = 6
+    kmeans_iterations: PositiveInt = 10
+    superpixels: SlicConfig = Field(default_factory=SlicConfig)
+    kappa_annotation: PositiveFloat = 6.0
+    kappa_occurrence: PositiveFloat = 8.0
+    kappa_image: PositiveFloat = 16.0
+    kappa_affinity: PositiveFloat = 6.0
+    weight_annotation: Annotated[float, Field(ge=0.0)] = 0.3
+    weight_occurrence: Annotated[float, Field(ge=0.0)] = 0.3
+    weight_image: Annotated[float, Field(ge=0.0)] = 0.1
+    weight_affinity: Annotated[float, Field(ge=0.0)] = 0.0
+    memory_batches: Annotated[int, Field(ge=0)] = 2
+    batch_size: PositiveInt = 4
+    iterations: PositiveInt | None = 30000
+    lr: PositiveFloat = 3e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    warmup_iterations: Annotated[int, Field(ge=0)] = 100
+    warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    checkpoint_every: PositiveInt = 1000
+
 
 VERSION = "1"
 TERMS = ("ce", "annotation", "occurrence", "image", "affinity")
@@ -179,9 +224,9 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="spml_train",
+        section=SpmlTrainConfig,
         run=run,
         inputs=lambda config: ["seeds"],
-        methods=("spml",),
         output="model",
         version=VERSION,
         per_image=False,

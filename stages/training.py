@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

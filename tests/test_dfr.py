@@ -169,7 +169,7 @@ def test_config_section_is_what_the_loss_reads():
     """DfrTrainConfig (validated YAML) is a DfrTerms: the loss fields, defaults and validators
     live once, and a config section drives the loss as it is."""
     import pydantic
-    from pipeline.config import DfrTrainConfig
+    from stages.dfr_train import DfrTrainConfig
 
     cfg = DfrTrainConfig(fd=False, radius=3)
     assert isinstance(cfg, DfrTerms) and cfg.radius == 3 and not cfg.fd and cfg.gamma == DfrTerms().gamma

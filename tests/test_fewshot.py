@@ -150,7 +150,7 @@ def test_scl_net_shapes_and_the_base_without_sgm():
 
 
 def test_fold_split_is_seeded_and_disjoint():
-    from pipeline.config import FewshotTrainConfig
+    from stages.fewshot_train import FewshotTrainConfig
     from stages.fewshot_train import fold_classes
 
     cfg = FewshotTrainConfig(classes=[1, 2, 3, 4, 5], folds=3, fold=0, fold_seed=0)

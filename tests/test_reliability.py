@@ -217,6 +217,7 @@ FLIPS = {
     "lock": "refuse",
     "min_usable": 0.9,
     "notes": {"crf": "why"},
+    "imports": ["json"],
     "seed": 1,
     "weak": {"seed": 1},
     "dataset": {"kind": "demo", "num_train": 6, "num_val": 2, "seed": 1},
