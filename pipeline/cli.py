@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from stages.base import DataError
+from stages.base import DataError, Scoring
 
 from .config import ConfigError, load_config
 
@@ -396,20 +396,20 @@ def _print_ladder(the_run) -> None:
         "pseudo-labels on the train split, trained models on val; seeds count unlabeled pixels as misses)"
     )
     for name in the_run.names:
+        spec = the_run.spec(name)
         m = (the_run.store(name).read_manifest() or {}).get("metrics", {})
-        split = the_run.spec(name).split
-        label = name if split == "train" else f"{name} ({split})"
-        if "mAP@0.5" in m:
+        label = name if spec.split == "train" else f"{name} ({spec.split})"
+        if spec.scores is Scoring.MASK_AP and "gt_objects" in m:
             aps = "   ".join(f"{k} {_fmt(v)}" for k, v in m.items() if k.startswith("mAP@"))
             console.print(f"  {label:<34} {aps}   ({m['gt_objects']} GT objects)", highlight=False)
-        for key in [k for k in m if k.endswith("shot")]:
+        for key in shot_keys(spec, m):
             base = m.get(f"{key}_prototype", {})
             console.print(
                 f"  {label + ' ' + key:<34} class mIoU {_fmt(m[key]['miou'])}   FB-IoU {_fmt(m[key]['fb_iou'])}"
                 f"   (prototype baseline {_fmt(base.get('miou'))} / {_fmt(base.get('fb_iou'))})",
                 highlight=False,
             )
-        if "miou" in m:
+        if spec.scores is Scoring.MAPS and "miou" in m:
             rows = [(label, m)] + [(f"  {sub_label}", sub) for sub_label, sub in extra_rows(m)]
             for row_label, sub in rows:
                 lost = f"   [bold yellow]no {', '.join(sub['lost'])} pixel![/]" if sub.get("lost") else ""
@@ -426,6 +426,13 @@ def _print_ladder(the_run) -> None:
                 f"    [yellow]{figure} {_fmt(value)} is not above {baseline} {_fmt(base_value)}:[/] {why}",
                 highlight=False,
             )
+
+
+def shot_keys(spec, metrics: dict[str, Any]) -> list[str]:
+    """The per-shot-count metrics (``1shot``, ``5shot``, ...) of a few-shot stage."""
+    if spec.scores is not Scoring.EPISODES:
+        return []
+    return [f"{k}shot" for k in sorted(int(key[: -len("shot")]) for key in metrics if key[: -len("shot")].isdigit())]
 
 
 def baseline_pairs(the_run, name: str, metrics: dict[str, Any]) -> list[tuple[str, float, str, float]]:
@@ -446,7 +453,7 @@ def baseline_pairs(the_run, name: str, metrics: dict[str, Any]) -> list[tuple[st
             pairs.append(("crf", metrics["miou"], "GrabCut filled", filled))
     if "cam_crf" in metrics.get("maps", {}) and "miou" in metrics:
         pairs.append((name, metrics["miou"], "its CAM + CRF", metrics["maps"]["cam_crf"]["miou"]))
-    for key in [k for k in metrics if k.endswith("shot")]:
+    for key in shot_keys(the_run.spec(name), metrics):
         base = metrics.get(f"{key}_prototype", {}).get("miou")
         if base is not None:
             pairs.append((f"{key} class mIoU", metrics[key]["miou"], "the prototype baseline", base))

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Iterator
@@ -464,7 +465,26 @@ def usable_ids(run: Run, name: str, ids: list[str]) -> tuple[list[str], dict[str
     return [i for i in ids if i not in bad], bad
 
 
-def needs_work(run: Run, name: str, force: bool = False) -> str | None:
+class WorkKind(StrEnum):
+    """Why a stage runs again."""
+
+    FORCED = "forced"
+    NOT_RUN = "not run"
+    UNFINISHED = "unfinished"  # the manifest says partial (or failed)
+    DAMAGED = "damaged"  # stored files missing or changed size
+    RETRY = "retry"  # per-image: the failed images are retried
+    RETRAIN = "retrain"  # training: skipped images became usable; everything downstream follows
+
+
+@dataclass(frozen=True)
+class Work:
+    """What :func:`needs_work` found: its kind and one line for the log."""
+
+    kind: WorkKind
+    why: str
+
+
+def needs_work(run: Run, name: str, force: bool = False) -> Work | None:
     """Why the stage must run now, or None when its stored outputs can be used as they are.
 
     Failures are not results: a stage with failed images retries them (only them); a
@@ -474,21 +494,23 @@ def needs_work(run: Run, name: str, force: bool = False) -> str | None:
     spec, store = run.spec(name), run.store(name)
     m = store.read_manifest()
     if force:
-        return "forced"
+        return Work(WorkKind.FORCED, "forced")
     if m is None:
-        return "not run"
+        return Work(WorkKind.NOT_RUN, "not run")
     if m.get("status") != "complete":
-        return str(m.get("status", "partial"))
+        return Work(WorkKind.UNFINISHED, str(m.get("status", "partial")))
     bad = store.damaged(m)
     if bad:
-        return f"{len(bad)} damaged file(s), e.g. {next(iter(bad))} ({next(iter(bad.values()))})"
+        return Work(
+            WorkKind.DAMAGED, f"{len(bad)} damaged file(s), e.g. {next(iter(bad))} ({next(iter(bad.values()))})"
+        )
     failed = store.failures()
     if not failed:
         return None
     if spec.per_image:
-        return f"retrying {len(failed)} failed image(s)"
+        return Work(WorkKind.RETRY, f"retrying {len(failed)} failed image(s)")
     now_usable, _ = usable_ids(run, name, sorted(failed))
-    return f"retrain: {len(now_usable)} skipped image(s) now usable" if now_usable else None
+    return Work(WorkKind.RETRAIN, f"retrain: {len(now_usable)} skipped image(s) now usable") if now_usable else None
 
 
 def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
@@ -706,15 +728,15 @@ def run_stages(
         store = run.store(name)
         try:
             with store.locked(wait=run.config.lock == "wait", on_wait=log.warning):
-                why = needs_work(run, name, name in forced_now)
-                if why is None:
+                work = needs_work(run, name, name in forced_now)
+                if work is None:
                     out[name] = store.read_manifest() or {}
                     continue
-                if why.startswith("retrain"):
+                if work.kind is WorkKind.RETRAIN:
                     log.warning(
                         "%s: %s; training again (and recomputing %s)",
                         name,
-                        why,
+                        work.why,
                         ", ".join(run.downstream(name)) or "nothing downstream",
                     )
                     forced_now.add(name)
@@ -722,8 +744,8 @@ def run_stages(
                         forced_now.add(down)
                         if down not in names and run.store(down).dir.exists():
                             shutil.rmtree(run.store(down).dir)
-                elif why != "not run":
-                    log.info("%s: %s", name, why)
+                elif work.kind is not WorkKind.NOT_RUN:
+                    log.info("%s: %s", name, work.why)
                 out[name] = execute(run, name, name in forced_now)
         except StageBusy as err:
             raise PipelineError(str(err)) from None

@@ -23,7 +23,7 @@ from models.transductive import Problem, batches, classes_of, fit, fuse, image_s
 from models.types import Box
 
 from .affinity_train import load_affinity
-from .base import STAGES, StageContext, StageResult, StageSpec, describe_error
+from .base import STAGES, Output, StageContext, StageResult, StageSpec, describe_error
 from .graph import node_features_of
 from .routing import fuses_random_walk
 from .sections import Section
@@ -215,7 +215,7 @@ SPEC = STAGES.register(
         section=A2gnnConfig,
         run=run,
         inputs=inputs,
-        output="soft",
+        output=Output.SOFT,
         version=VERSION,
         parallel="cpu",
         reads=("dataset", "weak", "seed", "labels"),

@@ -24,7 +24,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from models.affinity import STRIDE, AffinityNet, affinity_objective, window_offsets
 from models.backbones import DEPTHS, weights_path
 
-from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec
+from .base import IGNORE, STAGES, Output, StageContext, StageResult, StageSpec
 from .routing import affinity_map, offsets_of
 from .sections import SgdTrainConfig
 from .training import crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
@@ -98,7 +98,7 @@ SPEC = STAGES.register(
         section=AffinityTrainConfig,
         run=run,
         inputs=lambda config: ["seeds"],
-        output="model",
+        output=Output.MODEL,
         version=VERSION,
         per_image=False,
         parallel=False,

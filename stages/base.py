@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
@@ -216,6 +217,28 @@ def describe_error(err: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- registry
+class Output(StrEnum):
+    """What a stage writes: the kind of its store's files."""
+
+    LABEL = "label"  # label PNGs (class ids, IGNORE unknown)
+    SOFT = "soft"  # class probabilities (float16 npz) and their class ids
+    ARRAYS = "arrays"  # named arrays (npz: graphs)
+    INSTANCES = "instances"  # instance-id PNGs, scored as masks, not as semantic labels
+    MODEL = "model"  # one trained model (and checkpoints)
+
+
+class Scoring(StrEnum):
+    """What a stage's metrics are where GT is known; the quality ladder prints each its way."""
+
+    MAPS = "maps"  # mIoU, coverage and precision of the main map and of each extra map
+    MASK_AP = "mask_ap"  # instance masks: mask AP at the IoU thresholds
+    EPISODES = "episodes"  # few-shot: class mIoU and FB-IoU per shot count, beside the prototype baseline
+    NONE = "none"  # a training stage: its last loss
+
+
+DEFAULT_SCORING = {Output.LABEL: Scoring.MAPS, Output.SOFT: Scoring.MAPS, Output.INSTANCES: Scoring.MASK_AP}
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """A registered stage.
@@ -225,9 +248,9 @@ class StageSpec:
     run's labels and method, or raises ValueError for what it needs of other sections, when a
     config loads; ``labels``: the label kinds it runs for (None: every kind its methods take).
     The methods that run it list it (:attr:`stages.methods.MethodSpec.stages`).
-    ``inputs(config)`` names the upstream stages for a run; ``output`` is ``label`` (PNG),
-    ``soft`` (float16 npz), ``arrays`` (named arrays, npz: graphs), ``instances`` (instance-id
-    PNGs, not scored as semantic labels) or ``model``; ``version`` is bumped whenever the stage's numerics
+    ``inputs(config)`` names the upstream stages for a run; ``output``: what it writes
+    (:class:`Output`); ``scores``: what its metrics are (:class:`Scoring`; default: maps for
+    label and soft outputs, mask AP for instances, none otherwise); ``version`` is bumped whenever the stage's numerics
     change, which invalidates its cached outputs (it is part of the fingerprint).
     ``per_image=False`` (training stages) runs once over all images, never sharded;
     ``parallel=False`` keeps per-image work in the main process (torch stages that batch on
@@ -246,7 +269,7 @@ class StageSpec:
     name: str
     run: Callable[[StageContext], StageResult]
     inputs: Callable[[Any], list[str]]
-    output: str = "label"
+    output: Output = Output.LABEL
     version: str = "1"
     per_image: bool = True
     split: str = "train"
@@ -260,6 +283,12 @@ class StageSpec:
     labels: tuple[str, ...] | None = None
     section: type | None = None
     resolve: Callable[[Any], None] | None = None
+    scores: Scoring | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output", Output(self.output))
+        if self.scores is None:
+            object.__setattr__(self, "scores", DEFAULT_SCORING.get(self.output, Scoring.NONE))
 
 
 S = TypeVar("S")

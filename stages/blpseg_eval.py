@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import PositiveFloat
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .blpseg_train import load_trained
 from .sections import Section
 from .training import infer_items, predict_val_label
@@ -37,7 +37,7 @@ SPEC = STAGES.register(
         section=BlpsegEvalConfig,
         run=run,
         inputs=lambda config: ["blpseg_train"],
-        output="label",
+        output=Output.LABEL,
         version=VERSION,
         split="val",
         parallel=False,

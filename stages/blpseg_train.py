@@ -27,7 +27,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 from models.blpseg import blp_loss, self_training_labels, weighted_ce
 from models.segmentation import BlpNet
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .sections import Section, SwinArch
 from .training import train_sparse, trained_model
 
@@ -165,7 +165,7 @@ SPEC = STAGES.register(
         section=BlpsegTrainConfig,
         run=run,
         inputs=lambda config: [],
-        output="model",
+        output=Output.MODEL,
         version=VERSION,
         per_image=False,
         parallel=False,

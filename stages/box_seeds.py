@@ -20,7 +20,7 @@ from pydantic import Field, PositiveInt
 
 from models.grabcut import grabcut_filled, grabcut_seeds
 
-from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .base import STAGES, Output, StageContext, StageResult, StageSpec, run_items
 from .sections import Section
 
 
@@ -63,7 +63,7 @@ SPEC = STAGES.register(
         run=run,
         inputs=lambda config: [],
         labels=("box",),
-        output="label",
+        output=Output.LABEL,
         version=VERSION,
         variants=lambda config: [FILLED],
         reads=("dataset", "weak", "seed"),

@@ -21,7 +21,7 @@ from models.cam import multiscale_cam, with_background
 from models.metrics import confusion_matrix, scores
 from models.seeds import labels_from_soft
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .cam_train import load_trained
 from .routing import cam_enabled
 from .sections import Section
@@ -88,7 +88,7 @@ SPEC = STAGES.register(
         section=CamConfig,
         run=run,
         inputs=lambda config: ["cam_train"],
-        output="soft",
+        output=Output.SOFT,
         version=VERSION,
         parallel=False,
         enabled=cam_enabled,

@@ -24,7 +24,7 @@ from models.backbones import DEPTHS, weights_path
 from models.cam import CamNet, classification_loss
 
 from .augment import scale_flip_crop, step_rng
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .routing import cam_enabled
 from .sections import SgdTrainConfig
 from .training import save_trained, sgd, train_loop, trained_model, trained_result
@@ -107,7 +107,7 @@ SPEC = STAGES.register(
         section=CamTrainConfig,
         run=run,
         inputs=lambda config: [],
-        output="model",
+        output=Output.MODEL,
         version=VERSION,
         per_image=False,
         parallel=False,

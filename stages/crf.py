@@ -22,7 +22,7 @@ from models.crf import crf_from_labels, crf_from_probs
 from models.grabcut import grabcut_refine
 from models.seeds import labels_from_soft
 
-from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .base import STAGES, Output, StageContext, StageResult, StageSpec, run_items
 from .methods import stage_runs
 from .sections import InferenceCrfParams
 
@@ -110,7 +110,7 @@ SPEC = STAGES.register(
         section=CrfConfig,
         run=run,
         inputs=inputs,
-        output="label",
+        output=Output.LABEL,
         version=VERSION,
         variants=lambda config: [DENSE] if _refines(config) else [],
         reads=("dataset", "labels", "seed"),

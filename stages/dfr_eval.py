@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import PositiveFloat
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .dfr_train import load_trained
 from .sections import Section
 from .training import infer_items, predict_val_label
@@ -38,7 +38,7 @@ SPEC = STAGES.register(
         section=DfrEvalConfig,
         run=run,
         inputs=lambda config: ["dfr_train"],
-        output="label",
+        output=Output.LABEL,
         version=VERSION,
         split="val",
         parallel=False,

@@ -26,7 +26,7 @@ from models.losses import dfr_objective
 from models.params import DfrTerms
 from models.segmentation import DfrNet
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .sections import Section, SwinArch
 from .training import train_sparse, trained_model
 
@@ -121,7 +121,7 @@ SPEC = STAGES.register(
         section=DfrTrainConfig,
         run=run,
         inputs=lambda config: [],
-        output="model",
+        output=Output.MODEL,
         version=VERSION,
         per_image=False,
         parallel=False,

@@ -27,7 +27,7 @@ from models.fewshot import cross_guided, prototype_logits
 from models.types import IGNORE
 
 from .augment import rescale
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, Scoring, StageContext, StageResult, StageSpec
 from .fewshot_train import class_mask, fold_classes, images_of, load_trained
 from .sections import Section
 from .training import release
@@ -167,7 +167,8 @@ SPEC = STAGES.register(
         section=FewshotEvalConfig,
         run=run,
         inputs=lambda config: ["fewshot_train"],
-        output="model",
+        output=Output.MODEL,
+        scores=Scoring.EPISODES,
         version=VERSION,
         split="val",
         per_image=False,

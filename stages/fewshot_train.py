@@ -24,7 +24,7 @@ from models.fewshot import SclNet, scl_loss
 from models.types import IGNORE
 
 from .augment import scale_flip_crop, step_rng
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .sections import SgdTrainConfig
 from .training import save_trained, sgd, train_loop, trained_model, trained_result
 
@@ -196,7 +196,7 @@ SPEC = STAGES.register(
         section=FewshotTrainConfig,
         run=run,
         inputs=lambda config: [],
-        output="model",
+        output=Output.MODEL,
         version=VERSION,
         per_image=False,
         parallel=False,

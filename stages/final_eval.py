@@ -16,7 +16,7 @@ from models.crf import crf_from_probs
 from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .final_train import load_trained
 from .sections import InferenceCrfParams, Section
 from .training import infer_items
@@ -60,7 +60,7 @@ SPEC = STAGES.register(
         section=FinalEvalConfig,
         run=run,
         inputs=lambda config: ["final_train"],
-        output="label",
+        output=Output.LABEL,
         version=VERSION,
         split="val",
         parallel=False,

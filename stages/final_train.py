@@ -31,7 +31,7 @@ from models.backbones import weights_path
 from models.losses import dense_crf_loss
 from models.segmentation import ARCHS, DeepLab
 
-from .base import IGNORE, STAGES, DataError, StageContext, StageResult, StageSpec
+from .base import IGNORE, STAGES, DataError, Output, StageContext, StageResult, StageSpec
 from .sections import SgdConfig
 from .training import amp_setup, crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
 
@@ -146,7 +146,7 @@ SPEC = STAGES.register(
         section=FinalTrainConfig,
         run=run,
         inputs=inputs,
-        output="model",
+        output=Output.MODEL,
         version=VERSION,
         per_image=False,
         parallel=False,

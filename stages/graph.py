@@ -29,7 +29,7 @@ from models.affinity import STRIDE, AffinityNet
 from models.graph import cell_labels, grid_edges, node_features, pair_confusion, to_grid
 
 from .affinity_train import load_affinity
-from .base import IGNORE, STAGES, StageContext, StageResult, StageSpec, run_items
+from .base import IGNORE, STAGES, Output, StageContext, StageResult, StageSpec, run_items
 from .routing import affinity_map, offsets_of
 from .sections import Section
 from .training import release
@@ -160,7 +160,7 @@ SPEC = STAGES.register(
         name="graph",
         section=GraphConfig,
         run=run,
-        output="arrays",
+        output=Output.ARRAYS,
         version=VERSION,
         parallel=False,
         report=report,

@@ -23,7 +23,7 @@ from models.backbones import freeze_batchnorm, load_state, weights_path
 from models.tvcompat import require_compiled_ops
 
 from .augment import step_rng
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .instances import objects_of
 from .sections import Section
 from .training import save_trained, train_loop, trained_result
@@ -125,7 +125,7 @@ SPEC = STAGES.register(
         run=run,
         inputs=lambda config: ["instances"],
         labels=("box",),
-        output="model",
+        output=Output.MODEL,
         version=VERSION,
         per_image=False,
         parallel=False,

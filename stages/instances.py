@@ -28,7 +28,7 @@ from pydantic import Field
 from models.boxes import instance_map, instance_score
 from models.metrics import mask_ap, match_instances
 
-from .base import STAGES, Box, DataError, StageContext, StageResult, StageSpec, run_items
+from .base import STAGES, Box, DataError, Output, StageContext, StageResult, StageSpec, run_items
 from .sections import Section
 
 
@@ -124,7 +124,7 @@ SPEC = STAGES.register(
         run=run,
         inputs=lambda config: ["crf"],
         labels=("box",),
-        output="instances",
+        output=Output.INSTANCES,
         version=VERSION,
         report=report,
         reads=("dataset", "weak"),

@@ -28,7 +28,7 @@ from pydantic import Field, PositiveFloat
 from models.cam import with_background
 from models.graph import keep_known, propagate, seed_scores
 
-from .base import STAGES, StageContext, StageResult, StageSpec, run_items
+from .base import STAGES, Output, StageContext, StageResult, StageSpec, run_items
 from .methods import in_pipeline
 from .sections import Section
 
@@ -97,7 +97,7 @@ SPEC = STAGES.register(
         section=RandomWalkConfig,
         run=run,
         inputs=inputs,
-        output="soft",
+        output=Output.SOFT,
         version=VERSION,
         parallel=False,
         reads=("dataset", "labels"),

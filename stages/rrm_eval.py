@@ -21,7 +21,7 @@ from models.rrm import cam_crf_labels
 from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .rrm_train import load_trained
 from .sections import RrmEvalConfig
 from .training import infer_items
@@ -94,7 +94,7 @@ SPEC = STAGES.register(
         section=RrmEvalConfig,
         run=run,
         inputs=lambda config: ["rrm_train"],
-        output="label",
+        output=Output.LABEL,
         version=VERSION,
         split="val",
         parallel=False,

@@ -10,7 +10,7 @@ train split's GT, so settings are chosen here, never on val."""
 
 from __future__ import annotations
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .rrm_eval import run_maps
 from .sections import RrmEvalConfig
 
@@ -36,7 +36,7 @@ SPEC = STAGES.register(
         section=RrmLabelsConfig,
         run=run,
         inputs=lambda config: ["rrm_train"],
-        output="label",
+        output=Output.LABEL,
         version=VERSION,
         split="train",
         parallel=False,

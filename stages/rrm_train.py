@@ -38,7 +38,7 @@ from models.rrm import bcd_loss, dense_energy_loss, energy_window_mass, online_r
 from models.segmentation import RrmNet
 from models.types import IGNORE
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .cam_train import tag_targets
 from .sections import DenseCrfParams, SgdTrainConfig
 from .training import crop_batch, save_trained, sgd, total_steps, train_loop, trained_model, trained_result
@@ -255,7 +255,7 @@ SPEC = STAGES.register(
         section=RrmTrainConfig,
         run=run,
         inputs=lambda config: [],
-        output="model",
+        output=Output.MODEL,
         version=VERSION,
         per_image=False,
         parallel=False,

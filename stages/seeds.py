@@ -24,7 +24,7 @@ from models.seeds import (
     superpixels,
 )
 
-from .base import STAGES, DataError, StageContext, StageResult, StageSpec, WeakLabels, run_items
+from .base import STAGES, DataError, Output, StageContext, StageResult, StageSpec, WeakLabels, run_items
 from .methods import in_pipeline
 from .routing import cam_enabled
 from .sections import DenseCrfParams, Section, SlicConfig
@@ -127,7 +127,7 @@ SPEC = STAGES.register(
         section=SeedsConfig,
         run=run,
         inputs=inputs,
-        output="label",
+        output=Output.LABEL,
         version=VERSION,
         variants=variants,
         reads=("dataset", "weak", "labels"),

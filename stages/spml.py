@@ -18,7 +18,7 @@ from models.graph import keep_known
 from models.spml import embedding_walk
 from models.transductive import classes_of
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .sections import Section
 from .spml_train import load_trained
 from .training import infer_items
@@ -74,7 +74,7 @@ SPEC = STAGES.register(
         section=SpmlConfig,
         run=run,
         inputs=lambda config: ["spml_train", "seeds"],
-        output="soft",
+        output=Output.SOFT,
         version=VERSION,
         parallel=False,
         reads=("dataset", "weak"),

@@ -43,7 +43,7 @@ from models.spml import (
 from models.transductive import classes_of
 from models.types import IGNORE
 
-from .base import STAGES, StageContext, StageResult, StageSpec
+from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .sections import SgdTrainConfig, SlicConfig
 from .training import crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
 
@@ -227,7 +227,7 @@ SPEC = STAGES.register(
         section=SpmlTrainConfig,
         run=run,
         inputs=lambda config: ["seeds"],
-        output="model",
+        output=Output.MODEL,
         version=VERSION,
         per_image=False,
         parallel=False,

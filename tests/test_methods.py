@@ -102,3 +102,19 @@ def test_every_stage_belongs_to_a_method_and_has_its_section():
     assert listed == set(STAGES.names())
     for name in STAGES.names():
         assert STAGES.get(name).section is not None, name
+
+
+def test_the_ladder_dispatches_on_what_a_stage_declares_it_scores():
+    from pipeline.cli import shot_keys
+    from stages.base import Output, Scoring
+
+    metrics = {"1shot": {}, "10shot": {}, "5shot": {}, "1shot_prototype": {}, "miou": 0.5, "screenshot": 1}
+    assert shot_keys(STAGES.get("fewshot_eval"), metrics) == ["1shot", "5shot", "10shot"]
+    assert shot_keys(STAGES.get("crf"), metrics) == []
+    kinds = {n: (STAGES.get(n).output, STAGES.get(n).scores) for n in ("crf", "cam", "instances", "final_train")}
+    assert kinds == {
+        "crf": (Output.LABEL, Scoring.MAPS),
+        "cam": (Output.SOFT, Scoring.MAPS),
+        "instances": (Output.INSTANCES, Scoring.MASK_AP),
+        "final_train": (Output.MODEL, Scoring.NONE),
+    }

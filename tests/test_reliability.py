@@ -22,7 +22,7 @@ from PIL import Image
 import stages.box_seeds as box_seeds
 from pipeline.config import Config, ConfigError, MasksDataset, VocDataset, WeakConfig, config_from_dict
 from pipeline.datasets import MasksData, VocData, read_image
-from pipeline.runner import RESULT_NEUTRAL, PipelineError, StageFailed, make_run, needs_work, run_local
+from pipeline.runner import RESULT_NEUTRAL, PipelineError, StageFailed, Work, WorkKind, make_run, needs_work, run_local
 from pipeline.store import StageStore, atomic_write
 from stages.base import STAGES, DataError
 
@@ -132,7 +132,7 @@ def test_bad_train_image_does_not_stop_affinity_train_and_a_fix_recomputes_only_
     # Fixed: that image alone is computed; the training stage that skipped it trains again.
     (root / "rgb" / "horse002.jpg").write_bytes(good)
     run = make_run(config_from_dict(horse_config(tmp_path, root)))
-    assert needs_work(run, "box_seeds") == "retrying 1 failed image(s)"
+    assert needs_work(run, "box_seeds") == Work(WorkKind.RETRY, "retrying 1 failed image(s)")
     out = run_local(run, names)
     assert calls.n == 6
     assert out["box_seeds"]["counts"] == {"total": 6, "done": 6, "failed": 0}
