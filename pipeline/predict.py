@@ -21,11 +21,11 @@ import numpy as np
 from models.crf import crf_from_probs
 from models.seeds import labels_from_soft
 from models.segmentation import predict_probs
-from stages.base import DataError
+from stages.base import DataError, progress_bar
 from stages.methods import METHODS
 
 from .datasets import IMAGE_EXTS, read_image, working_size
-from .runner import progress_bar, resolve_device
+from .dag import resolve_device
 from .store import encode_label_png
 
 log = logging.getLogger("wsss.predict")

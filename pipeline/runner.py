@@ -3,381 +3,39 @@
 The Prefect flow (``pipeline/flow.py``) calls exactly these functions from its tasks; the
 ``local`` engine calls them directly. Tasks pass the config (JSON) and image ids, never
 tensors; the store decides what is already done.
+
+The pieces live beside it: :mod:`pipeline.dag` (the run, its DAG and selections),
+:mod:`pipeline.fingerprints`, :mod:`pipeline.pool` (the process pool) and
+:mod:`pipeline.scoring`; this module is the stage lifecycle and re-exports them.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
 import functools
-import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import socket
-import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
 
-import numpy as np
+from stages.base import STAGES, StageContext, StageResult, describe_error
 
-import stages
-from models.metrics import confusion_matrix, scores
-from stages.base import STAGES, DataError, StageContext, StageResult, StageSpec, describe_error, progress_bar
-from stages.methods import stage_runs
-
-from .config import ConfigError, RunConfig, config_from_dict, dump_config
-from .datasets import build_dataset
-from .processes import forkserver
-
-from .store import StageBusy, StageStore, atomic_write_text, fingerprint
-
-stages.load_all()
+from .config import dump_config
+from .dag import Run, build_dag, cpu_model, environment, forced, make_run, resolve_device, run_from_json, select  # noqa: F401 (re-exported)
+from .errors import PipelineError, StageFailed  # noqa: F401 (re-exported)
+from .fingerprints import RESULT_NEUTRAL, fingerprint_payload, shared_reads  # noqa: F401 (re-exported)
+from .pool import pool_map, process_mapper, set_threads, stop_workers, track  # noqa: F401 (re-exported)
+from .scoring import degenerate, evaluate_maps, evaluate_store  # noqa: F401 (re-exported)
+from .store import StageBusy, atomic_write_text
 
 log = logging.getLogger("wsss")
 
 
-class PipelineError(RuntimeError):
-    """A run that cannot go on, with a message for the user (missing upstream, dead worker)."""
-
-
-class StageFailed(PipelineError):
-    """A stage in which every image failed (downstream stages cannot run)."""
-
-    def __init__(self, name: str, failures: dict[str, str]) -> None:
-        self.name, self.failures = name, failures
-        first = "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:3])
-        more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
-        super().__init__(f"{name}: every image failed, e.g. {first}{more}")
-
-    def __reduce__(self) -> tuple[Any, tuple[str, dict[str, str]]]:
-        return type(self), (self.name, self.failures)
-
-
-# Top-level config fields that never change a result: they say where and how a run executes.
-# Every other top-level field is a stage's own section or one of the fields a stage declares
-# in ``StageSpec.reads`` (dataset, weak, seed, labels), which enter its fingerprint.
-RESULT_NEUTRAL = {
-    "run": "names the run folder",
-    "output_root": "where run folders live",
-    "device": "cpu / cuda: the same computation (float rounding aside, as recorded in the manifest's environment)",
-    "workers": "how many processes share the per-image work",
-    "shard_size": "how the per-image work is split into tasks",
-    "engine": "prefect or local: the same stage functions",
-    "task_runner": "how Prefect schedules the shards",
-    "threads": "torch threads per process (float rounding aside, as recorded in the manifest's environment)",
-    "dask": "where the Dask task runner's workers are",
-    "lock": "what a second run does while another computes a stage",
-    "min_usable": "when a training stage refuses to start; it never changes which images it uses",
-    "notes": "lines the quality ladder prints beside a figure",
-    "imports": "which modules register more methods and stages (each stage's results are in its own fingerprint)",
-}
-
-
-# --------------------------------------------------------------------------- progress
-def track(items: list, desc: str) -> Iterator:
-    with progress_bar() as bar:
-        task = bar.add_task(desc, total=len(items))
-        for item in items:
-            yield item
-            bar.advance(task)
-
-
-# --------------------------------------------------------------------------- parallel map
-def set_threads(threads: int) -> None:
-    """torch's thread count in this process (``threads: 0`` leaves it as it is)."""
-    if threads > 0:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(threads)
-
-
-def _worker_init(threads: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process ends the workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    set_threads(threads)
-
-
-@functools.lru_cache(maxsize=4)
-def _pool(workers: int, threads: int) -> cf.ProcessPoolExecutor:
-    # The workers share the cores: torch in each would otherwise start one thread per core.
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    return cf.ProcessPoolExecutor(workers, mp_context=forkserver(), initializer=_worker_init, initargs=(threads,))
-
-
-def stop_workers() -> None:
-    """End the worker processes at once (on SIGTERM / Ctrl-C): what they were writing is a
-    temp file that the next run removes, so nothing finished is lost."""
-    for pool in list(_POOLS):
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            proc.kill()
-
-
-_POOLS: list[cf.ProcessPoolExecutor] = []
-
-
-def _in_process(workers: int, n_items: int) -> bool:
-    """Whether work runs one item at a time in this process: one worker, one item, or inside
-    a daemonic process (a Dask worker), which may not start processes of its own."""
-    return workers <= 1 or n_items <= 1 or multiprocessing.current_process().daemon
-
-
-def _shared_pool(workers: int, threads: int) -> cf.ProcessPoolExecutor:
-    """The cached pool of ``workers``, registered so :func:`stop_workers` can end it."""
-    pool = _pool(workers, threads)
-    if pool not in _POOLS:
-        _POOLS.append(pool)
-    return pool
-
-
-def _pool_died(err: BaseException, what: str) -> PipelineError:
-    """The error for a broken pool (the cached one is dropped, the next call starts afresh)."""
-    _pool.cache_clear()
-    return PipelineError(f"{what}: a worker process died (out of memory or a crash in native code); rerun to resume")
-
-
-def pool_map(fn: Callable[[Any], Any], items: list[Any], workers: int, threads: int = 0) -> list[Any]:
-    """``[fn(x) for x in items]`` on the shared process pool of ``workers`` (see
-    :func:`_in_process` for when it stays in this process); results in order."""
-    if _in_process(workers, len(items)):
-        return [fn(x) for x in items]
-    try:
-        return list(_shared_pool(workers, threads).map(fn, items))
-    except cf.process.BrokenProcessPool as err:
-        raise _pool_died(err, "pool job") from err
-
-
-def process_mapper(
-    fn: Callable[[StageContext, str], Any], ctx: StageContext, ids: list[str], desc: str
-) -> Iterator[tuple[str, Any]]:
-    """Run ``fn(ctx, id)`` over ids on ``ctx.workers`` processes with a progress bar; one
-    at a time in this process inside a daemonic process (a Dask worker), which may not
-    start processes of its own."""
-    with progress_bar() as bar:
-        task = bar.add_task(desc, total=len(ids))
-        if _in_process(ctx.workers, len(ids)):
-            for image_id in ids:
-                try:
-                    out: Any = fn(ctx, image_id)
-                except Exception as err:  # noqa: BLE001 - a per-item failure, reported by the stage
-                    out = err
-                bar.advance(task)
-                yield image_id, out
-            return
-        pool = _shared_pool(ctx.workers, ctx.config.threads)
-        futures = {pool.submit(fn, ctx, image_id): image_id for image_id in ids}
-        try:
-            for fut in cf.as_completed(futures):
-                bar.advance(task)
-                err = fut.exception()
-                if isinstance(err, cf.process.BrokenProcessPool):
-                    died = _pool_died(err, ctx.stage)
-                    raise PipelineError(f"{died}, or set workers: 1 to find the image") from err
-                yield futures[fut], (err if err is not None else fut.result())
-        finally:
-            for fut in futures:
-                fut.cancel()
-
-
-# --------------------------------------------------------------------------- the run
-def environment(device: str) -> dict[str, Any]:
-    """Where a stage last ran. Trained stages are bit-reproducible for one environment; another
-    torch build, processor (model or vendor: :func:`cpu_model`), instruction set (AVX2 vs AVX512
-    kernels), thread count or GPU changes float rounding, and a from-scratch network then ends
-    a point or two away."""
-    import platform
-
-    import torch
-
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu": cpu_model(),
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return env
-
-
-def cpu_model() -> str:
-    """The processor's model name: MKL picks its matrix kernels by processor (vendor and
-    instruction set), so the same torch build rounds MKL-backed ops (linear, bmm) apart on
-    another CPU, while oneDNN's convolutions agree."""
-    import platform
-
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class Run:
-    """A config bound to its dataset, its DAG and every stage's fingerprint."""
-
-    config: RunConfig
-    dataset: Any
-    dag: list[StageSpec]
-    fingerprints: dict[str, str] = field(default_factory=dict)
-    upstream: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def run_dir(self) -> Path:
-        return self.config.run_dir()
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.dag]
-
-    def spec(self, name: str) -> StageSpec:
-        if name not in self.names:
-            raise ConfigError(
-                f"stage '{name}' is not part of this run ({self.config.labels} "
-                f"-> {self.config.method}: {', '.join(self.names)})"
-            )
-        return STAGES.get(name)
-
-    def store(self, name: str) -> StageStore:
-        return StageStore(self.run_dir, name, self.fingerprints[name], self.spec(name).output)
-
-    def ids(self, name: str) -> list[str]:
-        return self.dataset.ids(self.spec(name).split)
-
-    def config_json(self) -> str:
-        return self.config.model_dump_json()
-
-    def downstream(self, name: str) -> list[str]:
-        out, frontier = [], {name}
-        for s in self.dag:
-            if frontier & set(self.upstream[s.name]):
-                out.append(s.name)
-                frontier.add(s.name)
-        return out
-
-
-def build_dag(config: RunConfig) -> tuple[list[StageSpec], dict[str, list[str]]]:
-    """The registered stages of the config's method and labels, ordered from their
-    declared inputs (a topological order; ties keep registration order)."""
-    specs = {name: STAGES.get(name) for name in STAGES.names()}
-    upstream = {name: spec.inputs(config) for name, spec in specs.items() if stage_runs(spec, config)}
-    if not upstream:
-        raise ConfigError(
-            f"no stage is implemented yet for method '{config.method}' on labels '{config.labels}' "
-            f"(registered: {', '.join(STAGES.names())})"
-        )
-    for name, inputs in upstream.items():
-        missing = [u for u in inputs if u not in upstream]
-        if missing:
-            raise ConfigError(
-                f"stage '{name}' needs {missing}, which do not run for labels "
-                f"'{config.labels}' and method '{config.method}'"
-            )
-    order: list[str] = []
-    while len(order) < len(upstream):
-        ready = [n for n in upstream if n not in order and all(u in order for u in upstream[n])]
-        if not ready:
-            cycle = sorted(n for n in upstream if n not in order)
-            raise ConfigError(f"the stages {cycle} depend on each other in a cycle")
-        order.append(ready[0])
-    return [specs[n] for n in order], upstream
-
-
-def make_run(config: RunConfig) -> Run:
-    """Bind a config to its dataset (errors here stop before any work) and fingerprints."""
-    unknown = sorted(set(config.notes) - set(STAGES.names()))
-    if unknown:
-        raise ConfigError(f"notes: '{unknown[0]}' is not a stage (stages: {', '.join(STAGES.names())})")
-    dataset = build_dataset(config)
-    dag, upstream = build_dag(config)
-    for spec in dag:
-        if spec.preflight is not None:
-            try:
-                spec.preflight(config)
-            except (OSError, ValueError) as err:
-                raise ConfigError(f"{spec.name}: {err}") from None
-    run = Run(config, dataset, dag, upstream=upstream)
-    reads = shared_reads(config, dataset)
-    for spec in dag:
-        run.fingerprints[spec.name] = fingerprint(
-            fingerprint_payload(config, spec, reads, {u: run.fingerprints[u] for u in upstream[spec.name]})
-        )
-    return run
-
-
-def shared_reads(config: RunConfig, dataset: Any) -> dict[str, Any]:
-    """The values of the top-level fields a stage may declare in ``StageSpec.reads``:
-    the dataset description, the weak-label settings with the content hash of the weak-label
-    files the dataset reads, the seed and the label kind."""
-    return {
-        "dataset": dataset.fingerprint(),
-        "seed": config.seed,
-        "labels": config.labels,
-        "weak": fingerprint({"settings": config.weak.model_dump(mode="json"), "files": dataset.weak_fingerprint()}),
-    }
-
-
-def fingerprint_payload(config: RunConfig, spec: StageSpec, reads: dict[str, Any], upstream: dict[str, str]) -> dict:
-    """What a stage's fingerprint hashes: its name, code version, config section, split,
-    the top-level fields it reads and its upstream fingerprints."""
-    return {
-        "stage": spec.name,
-        "version": spec.version,
-        "config": config.section(spec.name),
-        "split": spec.split,
-        "reads": {k: reads[k] for k in spec.reads},
-        "upstream": upstream,
-    }
-
-
-@functools.lru_cache(maxsize=8)
-def run_from_json(config_json: str) -> Run:
-    """Rebuild a run inside a task (cached per process)."""
-    return make_run(config_from_dict(json.loads(config_json), "<task config>"))
-
-
-def select(run: Run, only: list[str] | None = None, start: str | None = None, until: str | None = None) -> list[str]:
-    """The stages to run, in DAG order: ``--only`` wins; else the span ``--from``..``--until``."""
-    names = run.names
-    for n in [*(only or []), start, until]:
-        if n is not None:
-            run.spec(n)
-    if only:
-        return [n for n in names if n in only]
-    lo = names.index(start) if start else 0
-    hi = names.index(until) if until else len(names) - 1
-    if lo > hi:
-        raise ConfigError(f"--from {start} comes after --until {until} in the DAG ({' -> '.join(names)})")
-    return names[lo : hi + 1]
-
-
-def forced(run: Run, force: list[str] | None) -> set[str]:
-    """``--force S`` recomputes S and, since its outputs change, everything downstream of it."""
-    out: set[str] = set()
-    for name in force or []:
-        run.spec(name)
-        out |= {name, *run.downstream(name)}
-    return out
-
-
-# --------------------------------------------------------------------------- one stage
 def per_image_inputs(run: Run, name: str) -> list[str]:
     """Upstream stages with one output per image of this stage's split: an image missing
     from any of them cannot be computed (or trained on) here."""
@@ -594,42 +252,6 @@ def execute_stage(run: Run, name: str, ids: list[str], workers: int | None = Non
     return result
 
 
-def evaluate_maps(run: Run, name: str, maps: list[str | None]) -> dict[str | None, dict[str, Any]]:
-    """mIoU / coverage / precision against GT of a label stage's main map (``None``) and
-    named extra maps, over the images it labeled; each GT is read once for all maps."""
-    spec, store = run.spec(name), run.store(name)
-    if spec.output not in ("label", "soft"):
-        return {}
-    c = run.dataset.num_classes
-    conf = {m: np.zeros((c, c + 1), np.int64) for m in maps}
-    seen = dict.fromkeys(maps, 0)
-    for image_id in sorted(store.done_ids()):
-        try:
-            gt = run.dataset.load_gt(image_id)
-        except DataError as err:
-            log.warning("eval %s: %s", name, err)
-            continue
-        if gt is None:
-            continue
-        for m in maps:
-            if m is not None and not store.has(image_id, m):
-                continue
-            pred = store.labels_of(image_id, m)
-            if pred.shape != gt.shape:
-                raise DataError(
-                    store.item_path(image_id, m),
-                    f"labels are {pred.shape[::-1]} but the GT of '{image_id}' is {gt.shape[::-1]}",
-                )
-            conf[m] += confusion_matrix(pred, gt, c)
-            seen[m] += 1
-    return {m: {**scores(conf[m], run.dataset.class_names), "images": seen[m]} for m in maps if seen[m]}
-
-
-def evaluate_store(run: Run, name: str, variant: str | None = None) -> dict[str, Any] | None:
-    """The scores of one map of a stage (the main one by default), or None without GT."""
-    return evaluate_maps(run, name, [variant]).get(variant)
-
-
 def process_name() -> str:
     """``host:pid`` of this process: where a shard ran (the manifest's ``ran_on``)."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -686,18 +308,6 @@ def finish_stage(
     manifest["files"] = store.inventory()  # what status and the next run check (see StageStore.damaged)
     store.write_manifest(manifest)
     return manifest
-
-
-def degenerate(name: str, metrics: dict[str, Any]) -> list[str]:
-    """Warnings for label maps that lost a class the GT has (no background at all, say)."""
-    out = []
-    for label, m in [(name, metrics), *((f"{name}/{v}", sub) for v, sub in metrics.get("maps", {}).items())]:
-        if m.get("lost"):
-            out.append(
-                f"{label}: no pixel is labelled {', '.join(m['lost'])}, although the ground truth has "
-                f"{'it' if len(m['lost']) == 1 else 'them'}: these labels are degenerate"
-            )
-    return out
 
 
 def run_stage_local(run: Run, name: str, force: bool = False) -> dict[str, Any]:
