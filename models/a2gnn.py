@@ -32,9 +32,9 @@ at once gives every model the update it would get alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -2,7 +2,7 @@
 Sect. III-IV). No pseudo-labels: the supervision is the sparse label map (scribbles, or points
 with ``labels: point``; 255 = unlabelled).
 
-:class:`models.segmentation.BlpNet` (backbone + UperNet fusion, segmentation head through the
+:class:`models.blp_net.BlpNet` (backbone + UperNet fusion, segmentation head through the
 local aggregation module, scribble head with the extra "unlabelled" class) trained with::
 
     L = WCE(p^scrib, y') + BL(p^seg, p^scrib, y)                                (BLPSeg Eq. 12)

@@ -2,7 +2,7 @@
 Eq. 1-13, Sect. 4.2; thesis Ch. 4). No pseudo-labels: the only supervision is the sparse
 label map (scribbles, or points with ``labels: point``; 255 = unlabelled).
 
-:class:`models.segmentation.DfrNet` (Swin + UperNet fusion, semantic head P, feature
+:class:`models.dfr_net.DfrNet` (Swin + UperNet fusion, semantic head P, feature
 consistency head F) trained with :func:`models.losses.dfr_objective`::
 
     L = L_pce + lambda_dfr L_dfr + lambda_feat (L_fd + L_fr)                     (Eq. 1)

@@ -1,6 +1,6 @@
 """``final_eval``: the final model on the val split (thesis Table 3.1).
 
-Per image: the softmax of :class:`models.segmentation.DeepLab`, single scale or averaged
+Per image: the softmax of :class:`models.deeplab.DeepLab`, single scale or averaged
 over ``scales`` (and flips); its argmax is the main map, and with ``use_crf`` the dense-CRF
 post-processing of those probabilities (:func:`models.crf.crf_from_probs`, the released
 A²GNN inference parameters by default) is the ``crf`` map. Both are label PNGs, scored

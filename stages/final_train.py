@@ -1,6 +1,6 @@
 """``final_train``: the segmentation model trained on the pseudo-labels (thesis Sect. 3.5).
 
-torchvision DeepLabV3 (:class:`models.segmentation.DeepLab`) on the labels of the
+torchvision DeepLabV3 (:class:`models.deeplab.DeepLab`) on the labels of the
 ``input`` stage (``crf`` by default; 255 is ignored), or on the GT masks with
 ``labels: gt`` (the fully supervised upper bound of Table 3.1, same settings). SGD with
 momentum, the head at ``head_lr_mult`` x the backbone's rate, poly decay per step::

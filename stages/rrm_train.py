@@ -3,7 +3,7 @@ Ch. 2, Algorithm 1). No pseudo-label stages: each step mines its own labels.
 
 Per step, on a batch of augmented crops (rescale, flip, crop; :func:`stages.training.crop_batch`):
 
-1. one forward pass of :class:`models.segmentation.RrmNet`: class logits, CAMs, segmentation
+1. one forward pass of :class:`models.rrm_net.RrmNet`: class logits, CAMs, segmentation
    logits (P_l + P_g) / 2 and the BCD features;
 2. the reliable labels I_final (Eq. 2.1-2.7, :func:`models.rrm.online_reliable_labels`, which
    shares :func:`models.seeds.reliable_from_probs` with the ``seeds`` stage): the CAMs of the

@@ -5,7 +5,7 @@ box or CAM seeds).
 Per step, on a batch of augmented crops (:func:`stages.training.crop_batch`, with each image's
 SLIC regions through the same geometry):
 
-1. :class:`models.segmentation.SpmlNet`: the raw embedding on the stride-4 grid and the softmax
+1. :class:`models.spml_net.SpmlNet`: the raw embedding on the stride-4 grid and the softmax
    classifier's logits on its detached, normalised copy;
 2. segments (:func:`models.spml.make_batch`): spherical k-means of each crop's embedding with
    location, split by the seeds' label (IGNORE = unlabelled) and the SLIC region;
