@@ -8,8 +8,7 @@ wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, 
 wsss export CONFIG --out DIR  a stage's labels as palette PNGs (mmseg layout) or COCO JSON
 wsss predict CONFIG --images DIR --out DIR   the trained model on new images
 wsss demo [--all]             the main flow (or every branch) on the built-in synthetic data
-wsss bench NAME               images/s and peak memory of one stage's work (cam, seeds, affinity_train,
-                              random_walk, a2gnn, final_train, dfr_train, blpseg_train, rrm_train, scale_out)
+wsss bench NAME               images/s and peak memory of one stage's work (NAME: a stage; `wsss bench list`)
 """
 
 from __future__ import annotations
@@ -464,8 +463,7 @@ def baseline_pairs(the_run, name: str, metrics: dict[str, Any]) -> list[tuple[st
 def bench_cmd(
     name: str = typer.Argument(
         ...,
-        help="What to measure: cam, seeds, affinity_train, random_walk, a2gnn, final_train, dfr_train, blpseg_train, "
-        "rrm_train, scale_out.",
+        help="What to measure: a stage that has a benchmark, or scale_out; `list` names them.",
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     size: str = typer.Option("500x375", help="Image WIDTHxHEIGHT (VOC-typical default)."),
@@ -480,8 +478,11 @@ def bench_cmd(
     from .bench import BENCHES, Case
     from .runner import resolve_device
 
+    if name == "list":
+        console.print("\n".join(sorted(BENCHES)), highlight=False)
+        return
     if name not in BENCHES:
-        _fail(f"unknown benchmark '{name}' (known: {', '.join(BENCHES)})")
+        _fail(f"unknown benchmark '{name}' (known: {', '.join(sorted(BENCHES))})")
     try:
         width, height = (int(v) for v in size.lower().split("x"))
     except ValueError:

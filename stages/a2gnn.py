@@ -211,6 +211,7 @@ def resolve(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="a2gnn",
+        tiny={"epochs": 2, "hidden": 16},
         resolve=resolve,
         section=A2gnnConfig,
         run=run,

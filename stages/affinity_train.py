@@ -94,6 +94,7 @@ def resolve(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="affinity_train",
+        tiny={"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
         resolve=resolve,
         section=AffinityTrainConfig,
         run=run,

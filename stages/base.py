@@ -247,6 +247,8 @@ class StageSpec:
     ``config.<name>``); ``resolve(config)``: fills the section's defaults that follow from the
     run's labels and method, or raises ValueError for what it needs of other sections, when a
     config loads; ``labels``: the label kinds it runs for (None: every kind its methods take).
+    ``tiny``: section settings that make it run in seconds on a few small images (the tests'
+    tiny runs, the ``scale_out`` benchmark's upstream).
     The methods that run it list it (:attr:`stages.methods.MethodSpec.stages`).
     ``inputs(config)`` names the upstream stages for a run; ``output``: what it writes
     (:class:`Output`); ``scores``: what its metrics are (:class:`Scoring`; default: maps for
@@ -284,6 +286,7 @@ class StageSpec:
     section: type | None = None
     resolve: Callable[[Any], None] | None = None
     scores: Scoring | None = None
+    tiny: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output", Output(self.output))

@@ -162,6 +162,17 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="blpseg_train",
+        tiny={
+            "backbone": "resnet18",
+            "channels": 16,
+            "low_dim": 8,
+            "radius": 3,
+            "crop": 48,
+            "batch_size": 2,
+            "iterations": 2,
+            "self_training_from": 1,
+            "checkpoint_every": 1000,
+        },
         section=BlpsegTrainConfig,
         run=run,
         inputs=lambda config: [],

@@ -85,6 +85,7 @@ def threshold_sweep(ctx: StageContext) -> dict[str, Any]:
 SPEC = STAGES.register(
     StageSpec(
         name="cam",
+        tiny={"scales": [1.0]},
         section=CamConfig,
         run=run,
         inputs=lambda config: ["cam_train"],

@@ -104,6 +104,7 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="cam_train",
+        tiny={"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
         section=CamTrainConfig,
         run=run,
         inputs=lambda config: [],

@@ -35,6 +35,7 @@ def run(ctx: StageContext) -> StageResult:
 SPEC = STAGES.register(
     StageSpec(
         name="dfr_eval",
+        tiny={"scales": [1.0], "flip": False},
         section=DfrEvalConfig,
         run=run,
         inputs=lambda config: ["dfr_train"],

@@ -118,6 +118,17 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="dfr_train",
+        tiny={
+            "backbone": "swin_mini",
+            "channels": 16,
+            "feature_dim": 8,
+            "crop": 48,
+            "batch_size": 2,
+            "iterations": 2,
+            "warmup_iterations": 0,
+            "lr": 0.001,
+            "checkpoint_every": 1000,
+        },
         section=DfrTrainConfig,
         run=run,
         inputs=lambda config: [],

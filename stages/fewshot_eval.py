@@ -164,6 +164,7 @@ def run(ctx: StageContext) -> StageResult:
 SPEC = STAGES.register(
     StageSpec(
         name="fewshot_eval",
+        tiny={"episodes": 4, "shots": [1, 2]},
         section=FewshotEvalConfig,
         run=run,
         inputs=lambda config: ["fewshot_train"],

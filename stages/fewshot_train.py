@@ -193,6 +193,16 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="fewshot_train",
+        tiny={
+            "depth": 18,
+            "channels": 16,
+            "crop": 48,
+            "batch_size": 2,
+            "iterations": 2,
+            "folds": 3,
+            "min_pixels": 16,
+            "checkpoint_every": 1000,
+        },
         section=FewshotTrainConfig,
         run=run,
         inputs=lambda config: [],

@@ -143,6 +143,13 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="final_train",
+        tiny={
+            "arch": "deeplabv3_mobilenet_v3_large",
+            "crop": 48,
+            "batch_size": 2,
+            "iterations": 2,
+            "checkpoint_every": 1000,
+        },
         section=FinalTrainConfig,
         run=run,
         inputs=inputs,

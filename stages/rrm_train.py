@@ -252,6 +252,18 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="rrm_train",
+        tiny={
+            "depth": 18,
+            "local_channels": 16,
+            "attention_channels": 8,
+            "crop": 48,
+            "batch_size": 2,
+            "iterations": 2,
+            "cls_only_fraction": 0.0,
+            "cam_scales": [1.0],
+            "crf_workers": 1,
+            "checkpoint_every": 1000,
+        },
         section=RrmTrainConfig,
         run=run,
         inputs=lambda config: [],

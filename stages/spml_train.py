@@ -224,6 +224,18 @@ def preflight(config) -> None:
 SPEC = STAGES.register(
     StageSpec(
         name="spml_train",
+        tiny={
+            "depth": 18,
+            "channels": 16,
+            "dim": 8,
+            "clusters": 2,
+            "kmeans_iterations": 2,
+            "crop": 48,
+            "batch_size": 2,
+            "iterations": 2,
+            "warmup_iterations": 0,
+            "checkpoint_every": 1000,
+        },
         section=SpmlTrainConfig,
         run=run,
         inputs=lambda config: ["seeds"],

@@ -29,7 +29,9 @@ def horses() -> Path:
 
 
 # Training stages sized to run in seconds (quality tests use configs/demo.yaml's settings).
-from pipeline.bench import TINY_TRAINING  # noqa: E402  (after the Prefect environment above)
+from pipeline.bench import tiny_training  # noqa: E402  (after the Prefect environment above)
+
+TINY_TRAINING = tiny_training()
 
 
 def demo_config(tmp_path: Path, **overrides):

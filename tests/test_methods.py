@@ -118,3 +118,16 @@ def test_the_ladder_dispatches_on_what_a_stage_declares_it_scores():
         "instances": (Output.INSTANCES, Scoring.MASK_AP),
         "final_train": (Output.MODEL, Scoring.NONE),
     }
+
+
+def test_each_benchmark_measures_a_registered_stage_and_the_cli_lists_them():
+    from typer.testing import CliRunner
+
+    from pipeline.bench import BENCHES
+    from pipeline.cli import app
+
+    assert set(BENCHES) - {"scale_out"} <= set(STAGES.names())
+    res = CliRunner().invoke(app, ["bench", "list"])
+    assert res.exit_code == 0 and res.output.split() == sorted(BENCHES)
+    res = CliRunner().invoke(app, ["bench", "nope"])
+    assert res.exit_code == 2 and "unknown benchmark 'nope' (known: a2gnn, affinity_train," in res.output

@@ -274,7 +274,7 @@ def test_spml_stages_join_the_dag_only_for_method_spml_and_feed_the_crf(tmp_path
 
 def test_spml_train_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
     import stages.spml_train as st
-    from pipeline.bench import TINY_TRAINING
+    from .conftest import TINY_TRAINING
     from pipeline.runner import make_run, run_local
 
     from .conftest import assert_same_training, demo_config, kill_and_resume
