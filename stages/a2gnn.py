@@ -50,11 +50,10 @@ class A2gnnConfig(Section):
     cosine of non-negative features (>= 0, so at threshold 0 it never removes a seed).
     ``keep_seeds``: the pixels still seeds after the consistency check keep their label and
     A²GNN fills the rest (:func:`models.transductive.keep_seeds`; not the thesis; the horses
-    config turns it on, README); ``seed_weight`` w: those pixels get ``w onehot + (1 - w) P``
+    config turns it on); ``seed_weight`` w: those pixels get ``w onehot + (1 - w) P``
     (1: hard; from 0.5 the seed still wins the argmax and the CRF keeps A²GNN's confidence). ``box_constraint``
     (boxes): a class keeps probability only inside its own boxes (:func:`models.boxes.restrict_to_boxes`; not
-    in the thesis, which applies the box prior to the seeds only;
-    measured gain on horses and CamVid, README).
+    in the thesis, which applies the box prior to the seeds only).
     """
 
     layer: Literal["a2gnn", "gcn", "gat", "agnn"] = "a2gnn"

@@ -22,12 +22,20 @@ import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from models.affinity import STRIDE, AffinityNet, affinity_objective, window_offsets
-from models.backbones import DEPTHS, weights_path
 
-from .base import IGNORE, STAGES, Output, StageContext, StageResult, StageSpec
+from .base import IGNORE, STAGES, StageContext, StageResult
 from .routing import affinity_map, offsets_of
 from .sections import SgdTrainConfig
-from .training import crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
+from .training import (
+    crop_batch,
+    resnet_weights_on_disk,
+    save_trained,
+    sgd,
+    train_loop,
+    trained_model,
+    trained_result,
+    training_spec,
+)
 
 
 # --------------------------------------------------------------------------- config section
@@ -81,10 +89,6 @@ def run(ctx: StageContext) -> StageResult:
     return trained_result(ctx, info, radius=cfg.radius, seed_map=variant or "M_g")
 
 
-def preflight(config) -> None:
-    weights_path(config.affinity_train.weights, DEPTHS[config.affinity_train.depth])
-
-
 def resolve(config) -> None:
     """The released radius where left out: 4 for boxes, 5 otherwise."""
     if config.affinity_train.radius is None:
@@ -92,18 +96,15 @@ def resolve(config) -> None:
 
 
 SPEC = STAGES.register(
-    StageSpec(
+    training_spec(
         name="affinity_train",
         tiny={"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
         resolve=resolve,
         section=AffinityTrainConfig,
         run=run,
         inputs=lambda config: ["seeds"],
-        output=Output.MODEL,
         version=VERSION,
-        per_image=False,
-        parallel=False,
-        preflight=preflight,
+        preflight=resnet_weights_on_disk("affinity_train"),
         reads=("dataset", "seed", "labels"),
     )
 )

@@ -27,9 +27,9 @@ from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 from models.blpseg import blp_loss, self_training_labels, weighted_ce
 from models.segmentation import BlpNet
 
-from .base import STAGES, Output, StageContext, StageResult, StageSpec
+from .base import STAGES, StageContext, StageResult
 from .sections import Section, SwinArch
-from .training import train_sparse, trained_model
+from .training import TINY_STEPS, train_sparse, trained_model, training_spec
 
 
 # --------------------------------------------------------------------------- config section
@@ -160,26 +160,19 @@ def preflight(config) -> None:
 
 
 SPEC = STAGES.register(
-    StageSpec(
+    training_spec(
         name="blpseg_train",
         tiny={
+            **TINY_STEPS,
             "backbone": "resnet18",
             "channels": 16,
             "low_dim": 8,
             "radius": 3,
-            "crop": 48,
-            "batch_size": 2,
-            "iterations": 2,
             "self_training_from": 1,
-            "checkpoint_every": 1000,
         },
         section=BlpsegTrainConfig,
         run=run,
-        inputs=lambda config: [],
-        output=Output.MODEL,
         version=VERSION,
-        per_image=False,
-        parallel=False,
         preflight=preflight,
         reads=("dataset", "weak", "seed", "labels"),
     )

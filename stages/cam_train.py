@@ -20,14 +20,21 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from models.backbones import DEPTHS, weights_path
 from models.cam import CamNet, classification_loss
 
 from .augment import scale_flip_crop, step_rng
-from .base import STAGES, Output, StageContext, StageResult, StageSpec
+from .base import STAGES, StageContext, StageResult
 from .routing import cam_enabled
 from .sections import SgdTrainConfig
-from .training import save_trained, sgd, train_loop, trained_model, trained_result
+from .training import (
+    resnet_weights_on_disk,
+    save_trained,
+    sgd,
+    train_loop,
+    trained_model,
+    trained_result,
+    training_spec,
+)
 
 
 # --------------------------------------------------------------------------- config section
@@ -96,24 +103,15 @@ def run(ctx: StageContext) -> StageResult:
     return trained_result(ctx, info)
 
 
-def preflight(config) -> None:
-    """The backbone weights must be on disk before anything runs (nothing is downloaded)."""
-    weights_path(config.cam_train.weights, DEPTHS[config.cam_train.depth])
-
-
 SPEC = STAGES.register(
-    StageSpec(
+    training_spec(
         name="cam_train",
         tiny={"depth": 18, "crop": 48, "batch_size": 3, "epochs": 1, "checkpoint_every": 1000},
         section=CamTrainConfig,
         run=run,
-        inputs=lambda config: [],
-        output=Output.MODEL,
         version=VERSION,
-        per_image=False,
-        parallel=False,
         enabled=cam_enabled,
-        preflight=preflight,
+        preflight=resnet_weights_on_disk("cam_train"),
         reads=("dataset", "weak", "seed"),
     )
 )

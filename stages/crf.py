@@ -34,8 +34,7 @@ class CrfConfig(InferenceCrfParams):
     ``grabcut_refine`` (box supervision, not the thesis): GrabCut per box started from the
     CRF's labels (:func:`models.grabcut.grabcut_refine`, ``box_seeds``' iterations, crop and
     minimum side); a box whose result overlaps its CRF pixels with IoU below
-    ``grabcut_min_iou`` keeps the CRF's. Off by default: +2.5 points on the horses, none on
-    CamVid (README, box ladder)."""
+    ``grabcut_min_iou`` keeps the CRF's. Off by default (it is not the thesis)."""
 
     input: Literal["auto", "a2gnn", "random_walk", "seeds", "box_seeds"] = "auto"
     gt_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7

@@ -26,9 +26,9 @@ from models.losses import dfr_objective
 from models.params import DfrTerms
 from models.segmentation import DfrNet
 
-from .base import STAGES, Output, StageContext, StageResult, StageSpec
+from .base import STAGES, StageContext, StageResult
 from .sections import Section, SwinArch
-from .training import train_sparse, trained_model
+from .training import TINY_STEPS, train_sparse, trained_model, training_spec
 
 
 # --------------------------------------------------------------------------- config section
@@ -116,26 +116,19 @@ def preflight(config) -> None:
 
 
 SPEC = STAGES.register(
-    StageSpec(
+    training_spec(
         name="dfr_train",
         tiny={
+            **TINY_STEPS,
             "backbone": "swin_mini",
             "channels": 16,
             "feature_dim": 8,
-            "crop": 48,
-            "batch_size": 2,
-            "iterations": 2,
             "warmup_iterations": 0,
             "lr": 0.001,
-            "checkpoint_every": 1000,
         },
         section=DfrTrainConfig,
         run=run,
-        inputs=lambda config: [],
-        output=Output.MODEL,
         version=VERSION,
-        per_image=False,
-        parallel=False,
         preflight=preflight,
         reads=("dataset", "weak", "seed", "labels"),
     )

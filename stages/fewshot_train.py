@@ -24,9 +24,18 @@ from models.fewshot import SclNet, scl_loss
 from models.types import IGNORE
 
 from .augment import scale_flip_crop, step_rng
-from .base import STAGES, Output, StageContext, StageResult, StageSpec
+from .base import STAGES, StageContext, StageResult
 from .sections import SgdTrainConfig
-from .training import save_trained, sgd, train_loop, trained_model, trained_result
+from .training import (
+    TINY_STEPS,
+    resnet_weights_on_disk,
+    save_trained,
+    sgd,
+    train_loop,
+    trained_model,
+    trained_result,
+    training_spec,
+)
 
 
 # --------------------------------------------------------------------------- config section
@@ -183,34 +192,20 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-def preflight(config) -> None:
-    """Backbone weights must be on disk before anything runs (nothing is downloaded)."""
-    from models.backbones import DEPTHS, weights_path
-
-    weights_path(config.fewshot_train.weights, DEPTHS[config.fewshot_train.depth])
-
-
 SPEC = STAGES.register(
-    StageSpec(
+    training_spec(
         name="fewshot_train",
         tiny={
+            **TINY_STEPS,
             "depth": 18,
             "channels": 16,
-            "crop": 48,
-            "batch_size": 2,
-            "iterations": 2,
             "folds": 3,
             "min_pixels": 16,
-            "checkpoint_every": 1000,
         },
         section=FewshotTrainConfig,
         run=run,
-        inputs=lambda config: [],
-        output=Output.MODEL,
         version=VERSION,
-        per_image=False,
-        parallel=False,
-        preflight=preflight,
+        preflight=resnet_weights_on_disk("fewshot_train"),
         reads=("dataset", "seed"),
     )
 )

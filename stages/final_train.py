@@ -31,9 +31,19 @@ from models.backbones import weights_path
 from models.losses import dense_crf_loss
 from models.segmentation import ARCHS, DeepLab
 
-from .base import IGNORE, STAGES, DataError, Output, StageContext, StageResult, StageSpec
+from .base import IGNORE, STAGES, DataError, StageContext, StageResult
 from .sections import SgdConfig
-from .training import amp_setup, crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
+from .training import (
+    TINY_STEPS,
+    amp_setup,
+    crop_batch,
+    save_trained,
+    sgd,
+    train_loop,
+    trained_model,
+    trained_result,
+    training_spec,
+)
 
 # --------------------------------------------------------------------------- config section
 SegArch = Literal["deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large"]
@@ -141,22 +151,16 @@ def preflight(config) -> None:
 
 
 SPEC = STAGES.register(
-    StageSpec(
+    training_spec(
         name="final_train",
         tiny={
+            **TINY_STEPS,
             "arch": "deeplabv3_mobilenet_v3_large",
-            "crop": 48,
-            "batch_size": 2,
-            "iterations": 2,
-            "checkpoint_every": 1000,
         },
         section=FinalTrainConfig,
         run=run,
         inputs=inputs,
-        output=Output.MODEL,
         version=VERSION,
-        per_image=False,
-        parallel=False,
         preflight=preflight,
         reads=("dataset", "seed"),
     )

@@ -23,10 +23,10 @@ from models.backbones import freeze_batchnorm, load_state, weights_path
 from models.tvcompat import require_compiled_ops
 
 from .augment import step_rng
-from .base import STAGES, Output, StageContext, StageResult, StageSpec
+from .base import STAGES, StageContext, StageResult
 from .instances import objects_of
 from .sections import Section
-from .training import save_trained, train_loop, trained_result
+from .training import save_trained, train_loop, trained_result, training_spec
 
 
 # --------------------------------------------------------------------------- config section
@@ -119,16 +119,13 @@ def preflight(config) -> None:
 
 
 SPEC = STAGES.register(
-    StageSpec(
+    training_spec(
         name="instance_train",
         section=InstanceTrainConfig,
         run=run,
         inputs=lambda config: ["instances"],
         labels=("box",),
-        output=Output.MODEL,
         version=VERSION,
-        per_image=False,
-        parallel=False,
         enabled=lambda config: config.instance_train.enabled,
         preflight=preflight,
         reads=("dataset", "weak", "seed"),

@@ -38,10 +38,21 @@ from models.rrm import bcd_loss, dense_energy_loss, energy_window_mass, online_r
 from models.segmentation import RrmNet
 from models.types import IGNORE
 
-from .base import STAGES, Output, StageContext, StageResult, StageSpec
+from .base import STAGES, StageContext, StageResult
 from .cam_train import tag_targets
 from .sections import DenseCrfParams, SgdTrainConfig
-from .training import crop_batch, save_trained, sgd, total_steps, train_loop, trained_model, trained_result
+from .training import (
+    TINY_STEPS,
+    crop_batch,
+    resnet_weights_on_disk,
+    save_trained,
+    sgd,
+    total_steps,
+    train_loop,
+    trained_model,
+    trained_result,
+    training_spec,
+)
 
 
 # --------------------------------------------------------------------------- config section
@@ -242,36 +253,22 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-def preflight(config) -> None:
-    """Backbone weights must be on disk before anything runs (nothing is downloaded)."""
-    from models.backbones import DEPTHS, weights_path
-
-    weights_path(config.rrm_train.weights, DEPTHS[config.rrm_train.depth])
-
-
 SPEC = STAGES.register(
-    StageSpec(
+    training_spec(
         name="rrm_train",
         tiny={
+            **TINY_STEPS,
             "depth": 18,
             "local_channels": 16,
             "attention_channels": 8,
-            "crop": 48,
-            "batch_size": 2,
-            "iterations": 2,
             "cls_only_fraction": 0.0,
             "cam_scales": [1.0],
             "crf_workers": 1,
-            "checkpoint_every": 1000,
         },
         section=RrmTrainConfig,
         run=run,
-        inputs=lambda config: [],
-        output=Output.MODEL,
         version=VERSION,
-        per_image=False,
-        parallel=False,
-        preflight=preflight,
+        preflight=resnet_weights_on_disk("rrm_train"),
         reads=("dataset", "weak", "seed"),
     )
 )

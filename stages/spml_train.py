@@ -43,9 +43,19 @@ from models.spml import (
 from models.transductive import classes_of
 from models.types import IGNORE
 
-from .base import STAGES, Output, StageContext, StageResult, StageSpec
+from .base import STAGES, StageContext, StageResult
 from .sections import SgdTrainConfig, SlicConfig
-from .training import crop_batch, save_trained, sgd, train_loop, trained_model, trained_result
+from .training import (
+    TINY_STEPS,
+    crop_batch,
+    resnet_weights_on_disk,
+    save_trained,
+    sgd,
+    train_loop,
+    trained_model,
+    trained_result,
+    training_spec,
+)
 
 
 # --------------------------------------------------------------------------- config section
@@ -214,36 +224,23 @@ def run(ctx: StageContext) -> StageResult:
     )
 
 
-def preflight(config) -> None:
-    """Backbone weights must be on disk before anything runs (nothing is downloaded)."""
-    from models.backbones import DEPTHS, weights_path
-
-    weights_path(config.spml_train.weights, DEPTHS[config.spml_train.depth])
-
-
 SPEC = STAGES.register(
-    StageSpec(
+    training_spec(
         name="spml_train",
         tiny={
+            **TINY_STEPS,
             "depth": 18,
             "channels": 16,
             "dim": 8,
             "clusters": 2,
             "kmeans_iterations": 2,
-            "crop": 48,
-            "batch_size": 2,
-            "iterations": 2,
             "warmup_iterations": 0,
-            "checkpoint_every": 1000,
         },
         section=SpmlTrainConfig,
         run=run,
         inputs=lambda config: ["seeds"],
-        output=Output.MODEL,
         version=VERSION,
-        per_image=False,
-        parallel=False,
-        preflight=preflight,
+        preflight=resnet_weights_on_disk("spml_train"),
         reads=("dataset", "weak", "seed"),
     )
 )

@@ -19,7 +19,32 @@ import torch
 from rich.progress import TextColumn
 
 from .augment import epoch_order, photometric, scale_flip_crop, step_rng
-from .base import IGNORE, DataError, StageContext, StageResult, progress_bar, run_items
+from .base import IGNORE, DataError, Output, StageContext, StageResult, StageSpec, progress_bar, run_items
+
+
+TINY_STEPS = {"crop": 48, "batch_size": 2, "iterations": 2, "checkpoint_every": 1000}
+"""Two steps of batch 2 at crop 48: what most training stages' ``tiny`` settings start from."""
+
+
+def training_spec(**fields: Any) -> StageSpec:
+    """The :class:`StageSpec` of a training stage: one model (``Output.MODEL``) trained once
+    over all its images in this process (never sharded), no upstream stage unless ``inputs``
+    names one; ``fields`` as :class:`StageSpec`'s."""
+    fields.setdefault("inputs", lambda config: [])
+    return StageSpec(output=Output.MODEL, per_image=False, parallel=False, **fields)
+
+
+def resnet_weights_on_disk(stage: str) -> Callable[[Any], None]:
+    """A ``preflight``: the ResNet-``depth`` backbone weights ``config.<stage>.weights`` names
+    are on disk before anything runs (nothing is downloaded)."""
+
+    def preflight(config) -> None:
+        from models.backbones import DEPTHS, weights_path
+
+        cfg = getattr(config, stage)
+        weights_path(cfg.weights, DEPTHS[cfg.depth])
+
+    return preflight
 
 
 def poly_lr(base: float, step: int, total: int, power: float, warmup: int = 0, warmup_ratio: float = 1.0) -> float:

@@ -89,6 +89,40 @@ def demo_box_run(tmp_path_factory):
     return run
 
 
+def horse_subset(tmp_path: Path, horses: Path, n: int = 6) -> Path:
+    """The first ``n`` Weizmann horses (real photographs) copied to a masks folder."""
+    root = tmp_path / "h"
+    (root / "rgb").mkdir(parents=True)
+    (root / "figure_ground").mkdir()
+    for k in range(1, n + 1):
+        name = f"horse{k:03d}.jpg"
+        (root / "rgb" / name).write_bytes((horses / "rgb" / name).read_bytes())
+        (root / "figure_ground" / name).write_bytes((horses / "figure_ground" / name).read_bytes())
+    return root
+
+
+def horse_config(tmp_path: Path, root: Path, **extra) -> dict:
+    """A tiny local run config on a horse subset: no CAMs, CRF on the seeds, every image train."""
+    return {
+        "run": "h",
+        "output_root": str(tmp_path / "art"),
+        "engine": "local",
+        "workers": 1,
+        "cam": {"enabled": False},
+        "crf": {"input": "seeds"},
+        "dataset": {
+            "kind": "masks",
+            "root": str(root),
+            "images": "rgb",
+            "masks": "figure_ground",
+            "resize": "image_to_mask",
+            "val_fraction": 0.0,
+        },
+        "affinity_train": TINY_TRAINING["affinity_train"],
+        **extra,
+    }
+
+
 def kill_and_resume(tmp_path, monkeypatch, make_config, stage: str, module, fn_name: str, kill_at: int = 3):
     """Train ``stage`` straight through, and again with ``module.fn_name`` raising on its
     ``kill_at``-th call (a kill after the checkpoint at step 2), then rerun it. Checks the

@@ -21,32 +21,12 @@ def test_demo_box_slice_quality(tmp_path):
 
 
 def test_bad_image_is_recorded_and_the_run_goes_on(tmp_path, horses):
-    root = tmp_path / "h"
-    (root / "rgb").mkdir(parents=True)
-    (root / "figure_ground").mkdir()
-    for name in ("horse001", "horse002", "horse003"):
-        (root / "figure_ground" / f"{name}.jpg").write_bytes((horses / "figure_ground" / f"{name}.jpg").read_bytes())
-        (root / "rgb" / f"{name}.jpg").write_bytes((horses / "rgb" / f"{name}.jpg").read_bytes())
+    from .conftest import horse_config, horse_subset
+
+    root = horse_subset(tmp_path, horses, 3)
     data = (root / "rgb" / "horse002.jpg").read_bytes()
     (root / "rgb" / "horse002.jpg").write_bytes(data[: len(data) // 3])  # truncated
-    cfg = config_from_dict(
-        {
-            "run": "bad",
-            "output_root": str(tmp_path / "a"),
-            "engine": "local",
-            "workers": 1,
-            "cam": {"enabled": False},
-            "crf": {"input": "seeds"},
-            "dataset": {
-                "kind": "masks",
-                "root": str(root),
-                "images": "rgb",
-                "masks": "figure_ground",
-                "resize": "image_to_mask",
-                "val_fraction": 0.0,
-            },
-        }
-    )
+    cfg = config_from_dict(horse_config(tmp_path, root))
     out = run_local(make_run(cfg), ["box_seeds", "seeds", "crf"])
     m = out["box_seeds"]
     assert m["counts"] == {"total": 3, "done": 2, "failed": 1} and m["status"] == "complete"

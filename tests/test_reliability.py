@@ -26,45 +26,12 @@ from pipeline.runner import RESULT_NEUTRAL, PipelineError, StageFailed, Work, Wo
 from pipeline.store import StageStore, atomic_write
 from stages.base import STAGES, DataError
 
-from .conftest import TINY_TRAINING, demo_config
+from .conftest import demo_config, horse_config, horse_subset
 
 WSSS = str(Path(sys.executable).with_name("wsss"))
 
 
 # --------------------------------------------------------------------------- helpers
-def horse_subset(tmp_path: Path, horses: Path, n: int = 6) -> Path:
-    """The first ``n`` Weizmann horses (real photographs) copied to a masks folder."""
-    root = tmp_path / "h"
-    (root / "rgb").mkdir(parents=True)
-    (root / "figure_ground").mkdir()
-    for k in range(1, n + 1):
-        name = f"horse{k:03d}.jpg"
-        (root / "rgb" / name).write_bytes((horses / "rgb" / name).read_bytes())
-        (root / "figure_ground" / name).write_bytes((horses / "figure_ground" / name).read_bytes())
-    return root
-
-
-def horse_config(tmp_path: Path, root: Path, **extra) -> dict:
-    return {
-        "run": "h",
-        "output_root": str(tmp_path / "art"),
-        "engine": "local",
-        "workers": 1,
-        "cam": {"enabled": False},
-        "crf": {"input": "seeds"},
-        "dataset": {
-            "kind": "masks",
-            "root": str(root),
-            "images": "rgb",
-            "masks": "figure_ground",
-            "resize": "image_to_mask",
-            "val_fraction": 0.0,
-        },
-        "affinity_train": TINY_TRAINING["affinity_train"],
-        **extra,
-    }
-
-
 class Calls:
     """Counts the images a stage function computes."""
 
