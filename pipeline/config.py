@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, ValidationErr
 from pydantic import model_validator
 
 from stages.base import STAGES, safe_name
-from stages.methods import LABEL_KINDS, METHODS, OLD_SUPERVISION, check_pair
+from stages.methods import LABEL_KINDS, METHODS
 from stages.sections import Section
 
 
@@ -179,16 +179,14 @@ class RunConfig(Section):
         (:attr:`stages.base.StageSpec.resolve`), so the saved ``config.yaml`` is what ran."""
         if self.method not in METHODS:
             raise ValueError(f"method: unknown method {self.method!r} (known: {', '.join(METHODS.names())})")
-        if self.labels is None:
-            self.labels = METHODS.get(self.method).labels[0]
-        try:
-            check_pair(self.labels, self.method)
-        except ValueError as err:
-            raise ValueError(f"labels: {err}") from None
+        takes = METHODS.get(self.method).labels
+        if self.labels is None:  # assigning re-runs this validator (validate_assignment)
+            self.labels = takes[0]
+        if self.labels not in takes:
+            raise ValueError(f"labels: method {self.method!r} takes labels: {' | '.join(takes)} (got {self.labels!r})")
         for name in STAGES.names():
-            spec = STAGES.get(name)
-            if spec.resolve is not None and spec.section is not None:
-                spec.resolve(self)
+            if STAGES.get(name).resolve is not None:
+                STAGES.get(name).resolve(self)
         return self
 
     def run_dir(self) -> Path:
@@ -284,6 +282,19 @@ MOVED = {
 }
 
 
+# An older config's supervision: value -> what to write instead.
+OLD_SUPERVISION = {
+    "box": "labels: box",
+    "scribble": "labels: scribble",
+    "point": "labels: point",
+    "image": "labels: tags",
+    "dfr": "method: dfr (labels: scribble or point)",
+    "blpseg": "method: blpseg (labels: scribble or point)",
+    "rrm": "method: rrm (labels: tags)",
+    "fewshot": "method: scl",
+}
+
+
 def _check_moved_keys(data: dict[str, Any], source: str) -> None:
     """One line for a key of an older config: what replaced it."""
     if "supervision" in data:
@@ -301,11 +312,7 @@ def _check_moved_keys(data: dict[str, Any], source: str) -> None:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None) -> RunConfig:
-    data = (
-        expand_bases(copy.deepcopy(data or {}), Path.cwd(), source)
-        if BASE_KEY in (data or {})
-        else copy.deepcopy(data or {})
-    )
+    data = expand_bases(data or {}, Path.cwd(), source)  # a deep copy, bases (if any) merged
     pairs = parse_overrides(overrides)
     for key, value in pairs:
         _set_dotted(data, key, value, f"{source} (--set {key}={value})")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,6 @@ from .config import ConfigError, RunConfig, config_from_dict
 from .datasets import build_dataset
 from .fingerprints import fingerprint_payload, shared_reads
 from .store import StageStore, fingerprint
-
-log = logging.getLogger("wsss")
 
 
 stages.load_all()

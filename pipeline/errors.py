@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-log = logging.getLogger("wsss")
 
 
 class PipelineError(RuntimeError):

@@ -5,15 +5,12 @@ change a result.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from stages.base import StageSpec
 
 from .config import RunConfig
 from .store import fingerprint
-
-log = logging.getLogger("wsss")
 
 
 # Top-level config fields that never change a result: they say where and how a run executes.

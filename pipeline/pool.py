@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
-import logging
 import multiprocessing
 import os
 import signal
@@ -18,8 +17,6 @@ from stages.base import StageContext, progress_bar
 
 from .errors import PipelineError
 from .processes import forkserver
-
-log = logging.getLogger("wsss")
 
 
 def track(items: list, desc: str) -> Iterator:

@@ -90,26 +90,3 @@ def stage_runs(spec, config) -> bool:
     enabled."""
     takes = spec.labels is None or config.labels in spec.labels
     return spec.name in METHODS.get(config.method).all_stages() and takes and spec.enabled(config)
-
-
-def check_pair(labels: str, method: str) -> None:
-    """ValueError naming the allowed label kinds (or the known methods) when ``method``
-    cannot run on ``labels``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS.names())})")
-    spec = METHODS.get(method)
-    if labels not in spec.labels:
-        raise ValueError(f"method {method!r} takes labels: {' | '.join(spec.labels)} (got {labels!r})")
-
-
-# The keys that ``labels`` / ``method`` replaced, and what to write instead.
-OLD_SUPERVISION = {
-    "box": "labels: box",
-    "scribble": "labels: scribble",
-    "point": "labels: point",
-    "image": "labels: tags",
-    "dfr": "method: dfr (labels: scribble or point)",
-    "blpseg": "method: blpseg (labels: scribble or point)",
-    "rrm": "method: rrm (labels: tags)",
-    "fewshot": "method: scl",
-}
