@@ -22,6 +22,8 @@ from pycocotools import mask as mask_utils
 
 from stages.base import IGNORE, DataError, safe_name
 
+from .weak import box_problem
+
 log = logging.getLogger("wsss.data")
 
 
@@ -45,6 +47,7 @@ class CocoImage:
     coco_id: int = -1
     annotations: list[Annotation] = field(default_factory=list)
     unsegmented: bool = False  # an object without a mask: the GT is unknown around it
+    problem: str | None = None  # why the image cannot be used (read as a per-image failure)
 
 
 @dataclass
@@ -110,6 +113,16 @@ def parse(path: Path) -> CocoIndex:
             continue
         if stem in images:
             raise DataError(path, f"two images have the file stem '{stem}' (ids must be unique)")
+        if coco_id in by_coco_id:
+            raise DataError(
+                path,
+                f"images '{by_coco_id[coco_id].file_name}' and '{image.file_name}' share the id {coco_id} "
+                "(each image needs its own id, or its annotations go to the other)",
+            )
+        if leaves_folder(image.file_name):
+            image.problem = (
+                f"image {coco_id}: file_name '{image.file_name}' leaves the image folder (absolute or '..'); refused"
+            )
         images[stem] = by_coco_id[coco_id] = image
     for ann in data.get("annotations", []):
         ann_id = ann.get("id", "?") if isinstance(ann, dict) else "?"
@@ -126,10 +139,11 @@ def parse(path: Path) -> CocoIndex:
         if cls is None:
             log.warning("%s: annotation %s skipped: unknown category id %s", path, ann_id, ann.get("category_id"))
             continue
-        try:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-        except (KeyError, TypeError, ValueError):
-            x = y = w = h = 0.0
+        bbox = ann.get("bbox")
+        if bbox is not None and (problem := box_problem(bbox if isinstance(bbox, list) else [bbox], xywh=True)):
+            image.problem = image.problem or f"annotation {ann_id} ({image.file_name}): {problem}"
+            continue
+        x, y, w, h = (float(v) for v in bbox) if bbox is not None else (0.0, 0.0, 0.0, 0.0)
         seg = ann.get("segmentation")
         seg = None if _empty(seg) else seg
         crowd = bool(ann.get("iscrowd", 0))
@@ -166,6 +180,13 @@ def cached(path: str, mtime_ns: int) -> CocoIndex:
 
 def load(path: Path) -> CocoIndex:
     return cached(str(path), Path(path).stat().st_mtime_ns if Path(path).exists() else 0)
+
+
+def leaves_folder(file_name: str) -> bool:
+    """Whether a ``file_name`` points outside the image folder: absolute (POSIX or a Windows
+    drive) or with a ``..`` part."""
+    parts = file_name.replace("\\", "/").split("/")
+    return file_name.startswith(("/", "\\")) or (len(file_name) > 1 and file_name[1] == ":") or ".." in parts
 
 
 def rle_of(segmentation: Any, height: int, width: int) -> dict:

@@ -348,11 +348,15 @@ def _read_mapping(path: Path, mentioned_by: str | None) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{where}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{where}: not a text (UTF-8) file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot read it ({err.strerror})") from None
+    if data is None:  # an empty file is a mistake, not a request for the built-in demo
+        raise ConfigError(f"{where}: the file is empty (no settings; configs/ has examples)")
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of sections at the top level")
     return data

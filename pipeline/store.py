@@ -34,7 +34,7 @@ from typing import Any
 from collections.abc import Callable, Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from models.seeds import labels_from_soft
 from stages.base import DataError, safe_name
@@ -124,12 +124,39 @@ def encode_label_png(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+EXIF_ORIENTATION = 0x0112  # EXIF tag 274: how a viewer turns the stored pixels to show them
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an open image (1: stored upright). A PNG's ``eXIf`` chunk is
+    read where it precedes the pixels, as the PNG spec places it, without decoding them."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except (OSError, SyntaxError, ValueError, TypeError):
+        return 1  # unreadable EXIF: the pixels as stored
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as viewers show it (EXIF orientation applied; a copy where it turns)."""
+    return img if orientation(img) == 1 else ImageOps.exif_transpose(img)
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of :func:`upright` without decoding: orientations 5-8 swap the sides."""
+    w, h = img.size
+    return (h, w) if orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
 def read_label_png(path: Path) -> np.ndarray:
+    """A single-channel label map (palette indices or gray values), EXIF orientation applied
+    as for the image it labels."""
     try:
         with Image.open(path) as img:
             if img.mode not in ("P", "L"):
                 raise DataError(path, f"label PNG must be single-channel (P or L), got mode {img.mode}")
-            return np.array(img, dtype=np.uint8)
+            return np.array(upright(img), dtype=np.uint8)
     except (OSError, SyntaxError) as err:
         raise DataError(path, f"unreadable label PNG ({err})") from None
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections import deque
 
@@ -152,6 +153,27 @@ def synthesize(
         x, y = interior_point(background, rng)
         points.append(Point(x, y, 0))
     return WeakLabels(tags=tags, boxes=boxes, scribbles=scribbles, points=points)
+
+
+def box_problem(values: list[float] | tuple[float, ...], xywh: bool = False) -> str | None:
+    """What makes a box unusable, or None: a coordinate that is not a finite number, a
+    negative width or height (``xywh``: COCO ``[x, y, w, h]``), or corners ``(x0, y0, x1, y1)``
+    in the wrong order. Clipping cannot repair these; dropping the box would silently turn
+    its object into background."""
+    shown = "[" + ", ".join(str(v) for v in values) + "]"
+    try:
+        nums = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return f"box {shown} has a coordinate that is not a number"
+    if len(nums) != 4:
+        return f"box {shown} needs 4 numbers"
+    if not all(math.isfinite(v) for v in nums):
+        return f"box {shown} has a coordinate that is not finite"
+    if xywh and (nums[2] < 0 or nums[3] < 0):
+        return f"box {shown} has a negative width or height"
+    if not xywh and (nums[2] < nums[0] or nums[3] < nums[1]):
+        return f"box {shown} is inverted (its max corner lies before its min corner)"
+    return None
 
 
 def clip_boxes(boxes: list[Box], width: int, height: int, source: str, log) -> list[Box]:

@@ -17,7 +17,7 @@ from PIL import Image
 from stages.base import Box, DataError, Point, WeakLabels
 
 from ..config import WeakConfig
-from ..store import fingerprint
+from ..store import fingerprint, upright, upright_size
 from ..weak import image_rng, instances_from_semantic, synthesize
 
 log = logging.getLogger("wsss.data")
@@ -27,7 +27,8 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 array; unreadable or truncated files raise :class:`DataError`.
+    """RGB uint8 array as viewers show the file (EXIF orientation applied, as for its masks
+    and scribbles); unreadable or truncated files raise :class:`DataError`.
 
     8-bit modes (L, P, RGBA, CMYK, ...) go through PIL's ``convert("RGB")``; 16-bit
     grayscale (``I;16*``, or ``I`` within 0..65535) is scaled by 255/65535, since
@@ -36,6 +37,7 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decodes fully: a truncated file fails here, not later
+            img = upright(img)
             if img.mode.startswith("I"):
                 return np.repeat(_gray16_to_8(np.asarray(img), path)[..., None], 3, axis=2)
             if img.mode == "F":
@@ -114,9 +116,10 @@ def working_size(width: int, height: int, cfg) -> tuple[float, tuple[int, int]] 
 
 
 def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of :func:`read_image`'s array, from the header alone."""
     try:
         with Image.open(path) as img:
-            return img.size
+            return upright_size(img)
     except (OSError, SyntaxError) as err:
         raise DataError(path, f"unreadable image ({err})") from None
 

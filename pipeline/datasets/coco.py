@@ -40,6 +40,12 @@ class CocoData(_Base):
             except DataError as err:  # training can go on; the val stages get no images
                 log.warning("%s; the val split is empty", err)
         first = indexes["train"]
+        if not any(im.annotations for im in first.images.values()):
+            raise DataError(
+                self.json["train"],
+                "no usable annotation (the list is empty, or every entry was skipped): "
+                "the run would learn background alone",
+            )
         for split, index in indexes.items():
             if index.categories != first.categories:
                 raise DataError(self.json[split], f"its categories differ from {self.json['train']}'s")
@@ -77,7 +83,10 @@ class CocoData(_Base):
         split = self._split_of.get(image_id)
         if split is None:
             raise DataError(self.root, f"image '{image_id}' is in none of the COCO files")
-        return coco.load(self.json[split]).images[image_id], self.json[split]
+        entry = coco.load(self.json[split]).images[image_id]
+        if entry.problem is not None:
+            raise DataError(self.json[split], entry.problem)
+        return entry, self.json[split]
 
     def image_path(self, image_id: str) -> str:
         return str(self.image_dir / self._entry(image_id)[0].file_name)
@@ -90,9 +99,15 @@ class CocoData(_Base):
         entry, source = self._entry(image_id)
         image = read_image(Path(self.image_path(image_id)))
         if image.shape[:2] != (entry.height, entry.width):
+            turned = (
+                " (upright, after its EXIF orientation; the stored pixels are the other way round: annotate "
+                "the image as viewers show it)"
+                if image.shape[:2] == (entry.width, entry.height)
+                else ""
+            )
             raise DataError(
                 self.image_path(image_id),
-                f"image is {image.shape[1]}x{image.shape[0]} but {source} says {entry.width}x{entry.height}",
+                f"image is {image.shape[1]}x{image.shape[0]}{turned} but {source} says {entry.width}x{entry.height}",
             )
         return image
 

@@ -12,8 +12,8 @@ from PIL import Image
 from stages.base import IGNORE, Box, DataError, Point, WeakLabels, safe_name
 
 from ..config import MasksDataset, WeakConfig
-from ..store import read_label_png
-from ..weak import clip_boxes
+from ..store import read_label_png, upright
+from ..weak import box_problem, clip_boxes
 from .base import IMAGE_EXTS, _Base, _gray16_to_8, _image_size, _read_json, log, read_image, warn_once
 
 
@@ -155,6 +155,7 @@ class MasksData(_Base):
         try:
             with Image.open(path) as img:
                 img.load()
+                img = upright(img)
                 if img.mode.startswith("I"):
                     raw = np.asarray(img)
                     if self.cfg.class_map is None:
@@ -232,6 +233,10 @@ class MasksData(_Base):
         if "boxes" in self.needs and (entries := self._weak_file("boxes")) is not None:
             if image_id not in entries:
                 raise DataError(root / "boxes.json", f"no entry for image '{image_id}'")
+            for b in entries[image_id]:
+                problem = box_problem(b[:4]) if isinstance(b, list) and len(b) == 5 else "needs [x0, y0, x1, y1, cls]"
+                if problem:
+                    raise DataError(root / "boxes.json", f"image '{image_id}': {problem} ({b})")
             boxes = [Box(*map(int, b[:4]), self._check_cls(int(b[4]), root / "boxes.json")) for b in entries[image_id]]
             boxes = clip_boxes(boxes, *self._size(image_id), f"{root / 'boxes.json'} [{image_id}]", log)
         points: list[Point] = []

@@ -13,7 +13,7 @@ from stages.base import IGNORE, Box, DataError, Point, WeakLabels, safe_name
 
 from ..config import VocDataset, WeakConfig
 from ..store import read_label_png
-from ..weak import clip_boxes
+from ..weak import box_problem, clip_boxes
 from .base import _Base, _image_size, _read_json, log, read_image, warn_once
 
 
@@ -188,10 +188,10 @@ class VocData(_Base):
             name, bb = obj.findtext("name"), obj.find("bndbox")
             if name is None or bb is None:
                 raise DataError(path, "an <object> lacks <name> or <bndbox>")
-            try:
-                x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-            except (TypeError, ValueError):
-                raise DataError(path, f"object '{name}' has a bad <bndbox>") from None
+            corners = [bb.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")]
+            if problem := box_problem(corners):
+                raise DataError(path, f"object '{name}': <bndbox> {problem}")
+            x0, y0, x1, y1 = (float(v) for v in corners)
             # VOC boxes are 1-based and inclusive.
             boxes.append(
                 Box(int(round(x0)) - 1, int(round(y0)) - 1, int(round(x1)), int(round(y1)), self.class_id(name, path))
