@@ -14,11 +14,13 @@ wsss bench NAME               images/s and peak memory of one stage's work (NAME
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from stages.base import DataError, Scoring
+from stages.base import STORAGE_ERRNOS, DataError, Scoring
 
 from .config import ConfigError, load_config
 
@@ -64,9 +66,31 @@ def _setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _fail(message: str) -> None:
+# Exit codes (README, "Exit codes"): 1 a stage failed for every image, 2 a config or data error
+# (nothing ran, or the stage that met it stopped), 3 the disk refused a write, 130 / 143 stopped.
+EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_CANNOT_WRITE = 1, 2, 3
+WRITE_ERRNOS = STORAGE_ERRNOS | {errno.EACCES, errno.EPERM}
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _writes() -> Iterator[None]:
+    """A disk that refuses a write (full, over quota, read-only, no permission) as one line
+    and exit 3; every finished item is on disk (atomic writes) and the command resumes."""
+    from .errors import CannotWrite
+
+    try:
+        yield
+    except CannotWrite as err:
+        _fail(str(err), EXIT_CANNOT_WRITE)
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        _fail(str(CannotWrite(err)), EXIT_CANNOT_WRITE)
 
 
 def _make_run(config: Path | None, overrides: list[str] | None):
@@ -170,7 +194,13 @@ def run(
 
 def execute(the_run, only=None, start=None, until=None, force=None) -> None:
     """Run the selected stages; exit 1 (with the first reasons) when a stage failed for
-    every image, 2 for config and data errors that stop the run before the work."""
+    every image, 2 for config and data errors that stop the run, 3 when the disk refused a write."""
+    with _writes():
+        _execute(the_run, only, start, until, force)
+
+
+def _execute(the_run, only, start, until, force) -> None:
+    from .errors import CannotWrite
     from .runner import PipelineError, StageFailed, forced, pending, run_local, save_resolved_config, select
 
     try:
@@ -193,7 +223,9 @@ def execute(the_run, only=None, start=None, until=None, force=None) -> None:
         console.print(status_table(the_run))
         _print_failures(the_run)
         err_console.print(f"[bold red]error:[/] {err}", highlight=False)
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_STAGE_FAILED) from None
+    except CannotWrite:
+        raise
     except (ConfigError, DataError, PipelineError) as err:
         _fail(str(err))
     console.print(status_table(the_run))
@@ -216,7 +248,8 @@ def export(
     the_run = _make_run(config, overrides)
     try:
         the_run.spec(stage)
-        summary = export_stage(the_run, stage, out, fmt, soft)
+        with _writes():
+            summary = export_stage(the_run, stage, out, fmt, soft)
     except (ConfigError, DataError, ExportError) as err:
         _fail(str(err))
     console.print(
@@ -239,7 +272,8 @@ def predict(
     _setup_logging()
     the_run = _make_run(config, overrides)
     try:
-        summary = predict_images(the_run, images, out)
+        with _writes():
+            summary = predict_images(the_run, images, out)
     except (ConfigError, PredictError) as err:
         _fail(str(err))
     console.print(
@@ -341,7 +375,8 @@ def inspect(
             _fail(f"--pixel {pixel!r}: expected X,Y, e.g. 80,60")
         where = (x, y)
     try:
-        path = inspect_panel(the_run, image_id, out, where)
+        with _writes():
+            path = inspect_panel(the_run, image_id, out, where)
     except (DataError, KeyError) as err:
         _fail(str(err).strip('"'))
     console.print(str(path))
@@ -361,7 +396,8 @@ def prepare(
     the_run = _make_run(config, overrides)
     splits = ["train", "val"] if split == "all" else [split]
     try:
-        summary = write_weak_labels(the_run.config, splits, out)
+        with _writes():
+            summary = write_weak_labels(the_run.config, splits, out)
     except DataError as err:
         _fail(str(err))
     console.print_json(json.dumps(summary))
@@ -535,7 +571,15 @@ def _stop(signum: int, frame: Any) -> None:
 def main() -> None:
     for sig in STOP_CODES:
         signal.signal(sig, _stop)
-    app()
+    try:
+        app()
+    except OSError as err:  # a write outside the commands' own handling (logging, caches)
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        from .errors import CannotWrite
+
+        err_console.print(f"[bold red]error:[/] {CannotWrite(err)}", highlight=False)
+        sys.exit(EXIT_CANNOT_WRITE)
 
 
 if __name__ == "__main__":

@@ -20,3 +20,15 @@ class StageFailed(PipelineError):
 
     def __reduce__(self) -> tuple[Any, tuple[str, dict[str, str]]]:
         return type(self), (self.name, self.failures)
+
+
+class CannotWrite(PipelineError):
+    """The disk refused a write (full, over quota, read-only, no permission): the run stops,
+    every finished item stays (atomic writes), and the same command resumes once it can write."""
+
+    def __init__(self, err: OSError) -> None:
+        self.path = err.filename or "the artifacts folder"
+        super().__init__(
+            f"cannot write at {self.path}: {err.strerror or err}; nothing finished is lost: "
+            "free space or fix the permissions, then run the same command again"
+        )

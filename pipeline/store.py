@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -39,9 +40,76 @@ from PIL import Image, ImageOps
 from models.seeds import labels_from_soft
 from stages.base import DataError, safe_name
 
+log = logging.getLogger("wsss")
+
 
 class StageBusy(RuntimeError):
     """Another run holds the stage's lock (and ``lock: refuse``)."""
+
+
+class DamagedFile(DataError):
+    """A stored tensor file that is truncated, corrupt or unlike its record."""
+
+
+class UnsafeFile(DataError):
+    """A stored tensor file holding more than tensors and plain data: a pickled object that
+    could run code on loading. Refused, never loaded."""
+
+
+PLAIN = (str, int, float, bool, type(None))
+
+
+def plain_state(obj: Any, where: str = "state") -> Any:
+    """``obj`` as tensors and plain data (dict, list, tuple, str, int, float, bool, None):
+    what ``torch.load(weights_only=True)`` reads back. NumPy arrays become tensors and NumPy
+    scalars Python numbers; anything else is a programming error (TypeError)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor | torch.Size | torch.dtype | torch.device) or isinstance(obj, PLAIN):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: plain_state(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(plain_state(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise TypeError(f"{where}: {type(obj).__name__} is not a tensor or plain data; it cannot be stored")
+
+
+def save_tensors(path: Path, state: dict[str, Any]) -> bytes:
+    """``torch.save`` of :func:`plain_state` (atomic); returns the bytes written."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(plain_state(state), buf)
+    data = buf.getvalue()
+    atomic_write(path, lambda f: f.write(data))
+    return data
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    """A file :func:`save_tensors` wrote, loaded with ``weights_only=True``: one holding a
+    pickled object raises :class:`UnsafeFile`, a truncated or corrupt one :class:`DamagedFile`."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UnsafeFile(
+            path,
+            f"holds more than tensors and plain data, so loading it could run code; refused ({first}). "
+            "Delete it if you did not write it (wsss writes tensors only), or rerun with --force",
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise DamagedFile(path, f"damaged or truncated ({first})") from None
 
 
 LABEL_EXT = ".png"
@@ -72,8 +140,11 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> int:
     A killed writer leaves its ``.<name>.*.tmp`` behind; :meth:`StageStore.clean_temp`
     removes those when the stage starts again.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -83,11 +154,13 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> int:
             os.fchmod(f.fileno(), _file_mode())
         os.replace(tmp, path)
         return size
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
+            raise OSError(err.errno, err.strerror, str(path)) from None  # the file meant, not its temp name
         raise
 
 
@@ -251,28 +324,28 @@ class StageStore:
         return self.model_path.is_file()
 
     def write_model(self, state: dict[str, Any]) -> None:
-        """The final model of a training stage (atomic; its existence marks the stage done)."""
-        import torch
-
-        atomic_write(self.model_path, lambda f: torch.save(state, f))
+        """The final model of a training stage (atomic; its existence marks the stage done):
+        tensors and plain data only (:func:`plain_state`), so it loads without unpickling code."""
+        save_tensors(self.model_path, state)
 
     def read_model(self) -> dict[str, Any]:
-        import torch
-
         if not self.has_model():
             raise FileNotFoundError(f"{self.stage}: no trained model at {self.model_path}")
-        return torch.load(self.model_path, map_location="cpu", weights_only=False)
+        return load_tensors(self.model_path)
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-        """Atomically write ``ckpt-<step>.pt`` (model/optimizer/scheduler/RNG state, any
-        torch-serialisable dict) and keep only the newest ``keep`` checkpoints."""
-        import torch
-
+        """Atomically write ``ckpt-<step>.pt`` (model/optimizer/scheduler/RNG state: tensors and
+        plain data) with its size and SHA-256 beside it (``ckpt-<step>.json``), and keep only
+        the newest ``keep`` checkpoints."""
         path = self.checkpoint_path(step)
-        atomic_write(path, lambda f: torch.save(state, f))
+        data = save_tensors(path, state)
+        atomic_write_text(
+            path.with_suffix(".json"), json.dumps({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        )
         for old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
         return path
 
     def checkpoint_path(self, step: int) -> Path:
@@ -282,13 +355,35 @@ class StageStore:
         return sorted(self.dir.glob("ckpt-*.pt")) if self.dir.is_dir() else []
 
     def latest_checkpoint(self) -> tuple[int, dict[str, Any]] | None:
-        """(step, state) of the newest checkpoint, or None to start from scratch."""
-        import torch
-
+        """(step, state) of the newest intact checkpoint, or None to start from scratch. A
+        damaged one (size or hash unlike its record, or unreadable) is removed with a warning
+        and the one before it tried."""
         found = self.checkpoints()
-        if not found:
-            return None
-        return int(found[-1].stem.split("-")[1]), torch.load(found[-1], map_location="cpu", weights_only=False)
+        for k in range(len(found) - 1, -1, -1):
+            path = found[k]
+            try:
+                self._check_recorded(path)
+                state = load_tensors(path)
+            except DamagedFile as err:
+                after = f"resuming from {found[k - 1].name}" if k else "training from the start"
+                log.warning("%s: %s; %s", self.stage, err, after)
+                path.unlink(missing_ok=True)
+                path.with_suffix(".json").unlink(missing_ok=True)
+                continue
+            return int(path.stem.split("-")[1]), state
+        return None
+
+    @staticmethod
+    def _check_recorded(path: Path) -> None:
+        """Raise :class:`DamagedFile` when ``path`` differs from its ``.json`` record (a file
+        written before records were kept has none and is checked by loading it)."""
+        try:
+            record = json.loads(path.with_suffix(".json").read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        data = path.read_bytes()
+        if len(data) != record.get("bytes") or hashlib.sha256(data).hexdigest() != record.get("sha256"):
+            raise DamagedFile(path, f"damaged ({len(data)} bytes, written as {record.get('bytes')} with another hash)")
 
     # ----------------------------------------------------------------- failures
     def record_failure(self, image_id: str, message: str) -> None:

@@ -86,19 +86,21 @@ VERSION = "2"
 
 
 # --------------------------------------------------------------------------- IO
-@functools.lru_cache(maxsize=1)
-def _affinity(path: str, mtime_ns: int, device: str):
-    """The affinity net of a checkpoint, loaded once per process (workers included);
-    ``mtime_ns`` tells a retrained checkpoint at the same path apart."""
-    return load_affinity(torch.load(path, map_location="cpu", weights_only=False), device)[0]
+_LOADED: dict[tuple[str, int, str], Any] = {}
 
 
 def _affinity_of(ctx: StageContext):
-    """The affinity net that recomputes node features, or None when the graphs store them."""
+    """The affinity net that recomputes node features, or None when the graphs store them;
+    loaded once per process (workers included), keyed by the file's path and ``mtime_ns``
+    so a retrained model at the same path is read again."""
     if "affinity_train" not in ctx.upstream:
         return None
-    path = ctx.input("affinity_train").model_path
-    return _affinity(str(path), path.stat().st_mtime_ns, ctx.device)
+    reader = ctx.input("affinity_train")
+    key = (str(reader.model_path), reader.model_path.stat().st_mtime_ns, ctx.device)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = load_affinity(reader.read_model(), ctx.device)[0]
+    return _LOADED[key]
 
 
 def _problem(ctx: StageContext, image_id: str, class_ids: np.ndarray, boxes: list[Box], cfg) -> Problem:
@@ -180,7 +182,7 @@ def run(ctx: StageContext) -> StageResult:
     )
     if cfg.consistency and facts:
         result.info["check_removed_mean"] = round(float(np.mean([f["check_removed"] for f in facts])), 4)
-    _affinity.cache_clear()
+    _LOADED.clear()
     release(ctx.device)
     return result
 

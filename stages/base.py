@@ -9,6 +9,7 @@ what a stage may rely on, so the dependency direction stays pipeline -> stages -
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,15 @@ def progress_bar(*extra: ProgressColumn) -> Progress:
         TimeRemainingColumn(),
         transient=False,
     )
+
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def storage_error(err: BaseException | object) -> bool:
+    """Whether ``err`` is the disk refusing a write (full, over quota, read-only): not the
+    image's fault, so it stops the stage instead of failing the image."""
+    return isinstance(err, OSError) and err.errno in STORAGE_ERRNOS
 
 
 class DataError(ValueError):
@@ -169,6 +179,14 @@ class StageContext:
         """Apply ``fn(ctx, image_id)`` to every id (default: ``todo``), in parallel where the
         pipeline allows, yielding ``(image_id, result_or_exception)`` as items finish."""
         ids = list(self.todo if ids is None else ids)
+        for image_id, outcome in self._outcomes(fn, ids, desc):
+            if storage_error(outcome):
+                raise outcome  # the disk, not the image: every later item would fail the same way
+            yield image_id, outcome
+
+    def _outcomes(
+        self, fn: Callable[[StageContext, str], T], ids: list[str], desc: str | None
+    ) -> Iterator[tuple[str, T | BaseException]]:
         if self.mapper is not None:
             yield from self.mapper(fn, self, ids, desc or self.stage)
             return

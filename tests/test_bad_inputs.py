@@ -5,18 +5,26 @@ damaged checkpoints, edited inputs, pickled code)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from PIL import Image
+from typer.testing import CliRunner
 
-from pipeline.config import ConfigError, MasksDataset, WeakConfig, load_config
+from pipeline.cli import app
+from pipeline.config import ConfigError, MasksDataset, WeakConfig, dump_config, load_config
 from pipeline.datasets import MasksData, build_dataset, read_image
-from pipeline.store import read_label_png
+from pipeline.runner import make_run, run_stage_local
+from pipeline.store import StageStore, UnsafeFile, read_label_png
 from stages.base import DataError
 
+from .conftest import horse_config, horse_subset
 from .test_datasets import OBJ, XML, make_voc, voc  # noqa: F401 (the voc fixture)
 from .test_own_data import coco_config, coco_tree
 
@@ -164,3 +172,158 @@ def test_bad_config_files_are_one_line(tmp_path, content, message):
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=rf"c\.yaml: .*{message}"):
         load_config(path)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class _Payload:
+    """What a planted checkpoint carries: an object whose unpickling runs a command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _killed_cam_run(tmp_path, monkeypatch):
+    """cam_train (4 steps, a checkpoint after each) killed in step 4: ckpt-2 and ckpt-3 kept."""
+    import stages.cam_train as ct
+
+    from .test_cam import _tiny
+
+    run = make_run(_tiny(tmp_path, cam_train__checkpoint_every=1))
+    real, calls = ct.classification_loss, {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(ct, "classification_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage_local(run, "cam_train")
+    monkeypatch.setattr(ct, "classification_loss", real)
+    store = run.store("cam_train")
+    assert [p.name for p in store.checkpoints()] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    return run, store
+
+
+def test_a_truncated_checkpoint_resumes_from_the_one_before(tmp_path, monkeypatch, caplog):
+    run, store = _killed_cam_run(tmp_path, monkeypatch)
+    last = store.checkpoint_path(3)
+    last.write_bytes(last.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="wsss"):
+        m = run_stage_local(run, "cam_train")
+    assert m["status"] == "complete" and m["info"]["resumed_from"] == 2
+    assert any(
+        "ckpt-00000003.pt" in r.message and "resuming from ckpt-00000002.pt" in r.message for r in caplog.records
+    )
+
+
+def test_damaged_checkpoints_fall_back_to_the_start_and_an_unrecorded_one_is_checked_by_loading(tmp_path, caplog):
+    store = StageStore(tmp_path, "s", "f", "model")
+    store.save_checkpoint(1, {"w": torch.ones(3)})
+    store.save_checkpoint(2, {"w": torch.full((3,), 2.0)})
+    data = bytearray(store.checkpoint_path(2).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, another hash
+    store.checkpoint_path(2).write_bytes(bytes(data))
+    assert store.latest_checkpoint()[0] == 1 and [p.name for p in store.checkpoints()] == ["ckpt-00000001.pt"]
+    store.checkpoint_path(1).with_suffix(".json").unlink()  # a checkpoint without its record
+    store.checkpoint_path(1).write_bytes(b"PK\x03\x04 cut")
+    with caplog.at_level(logging.WARNING, logger="wsss"):
+        assert store.latest_checkpoint() is None
+    assert "damaged or truncated" in caplog.text and "training from the start" in caplog.text
+
+
+def test_a_planted_pickle_is_refused_and_never_run(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    store = StageStore(tmp_path, "s", "f", "model")
+    store.dir.mkdir(parents=True)
+    torch.save({"state_dict": {}, "x": _Payload(marker)}, store.model_path)
+    with pytest.raises(UnsafeFile, match=r"model\.pt: holds more than tensors and plain data.*refused"):
+        store.read_model()
+    torch.save({"model": _Payload(marker)}, store.checkpoint_path(5))
+    with pytest.raises(UnsafeFile, match=r"ckpt-00000005\.pt: holds more than tensors"):
+        store.latest_checkpoint()
+    assert not marker.exists()
+    with pytest.raises(TypeError, match=r"state\['x'\]: _Payload is not a tensor or plain data"):
+        store.write_model({"x": _Payload(marker)})
+
+
+def test_a_planted_checkpoint_in_a_stage_folder_stops_the_resume_in_one_line(tmp_path, monkeypatch):
+    run, store = _killed_cam_run(tmp_path, monkeypatch)
+    marker = tmp_path / "ran"
+    torch.save({"model": _Payload(marker)}, store.checkpoint_path(9))
+    (tmp_path / "c.yaml").write_text(dump_config(run.config))
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "c.yaml"), "--only", "cam_train"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "ckpt-00000009.pt: holds more than tensors" in said, said
+    assert "Traceback" not in said and not marker.exists()
+
+
+# ----------------------------------------------------------------------------- the disk
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """(folder, make_room): a folder on a 40 KiB tmpfs where the test may mount one, else one
+    whose store writes fail with ENOSPC after the first 12; ``make_room()`` ends the shortage."""
+    import errno
+    import subprocess
+
+    import pipeline.store as store_module
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(folder)]
+    if os.geteuid() == 0 and subprocess.run(mount, capture_output=True).returncode == 0:
+        yield folder, lambda: subprocess.run(["mount", "-o", "remount,size=16m", str(folder)], check=True)
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+        return
+    real, calls = store_module.atomic_write, {"n": 0}
+
+    def filling(path, write):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(store_module, "atomic_write", filling)
+    yield folder, lambda: monkeypatch.setattr(store_module, "atomic_write", real)
+
+
+def test_a_full_disk_stops_in_one_line_loses_nothing_and_the_rerun_completes(tmp_path, horses, small_disk):
+    folder, make_room = small_disk
+    root = horse_subset(tmp_path, horses)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**horse_config(tmp_path, root), "output_root": str(folder)}))
+    res = CliRunner().invoke(app, ["run", str(config), "--only", "box_seeds"])
+    said = " ".join(res.output.split())  # rich wraps long paths
+    assert res.exit_code == 3, said
+    assert "No space left on device; nothing finished is lost" in said and "Traceback" not in said
+    run = make_run(load_config(config))
+    store = run.store("box_seeds")
+    assert store.failures() == {}  # the disk's fault is no image's failure
+    done = store.done_ids()
+    assert 0 < len(done) < 6
+    stamps = {i: store.item_path(i).stat().st_mtime_ns for i in done}
+    make_room()
+    res = CliRunner().invoke(app, ["run", str(config), "--only", "box_seeds"])
+    assert res.exit_code == 0, res.output
+    assert len(store.done_ids()) == 6 and {i: store.item_path(i).stat().st_mtime_ns for i in done} == stamps
+
+
+def test_a_read_only_output_root_is_one_line_with_exit_3(tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.runner as runner
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(runner, "atomic_write_text", read_only)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run": "t", "output_root": str(tmp_path / "ro"), "engine": "local"}))
+    res = CliRunner().invoke(app, ["run", str(config), "--only", "box_seeds"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 3 and "Read-only file system" in said and "config.yaml" in said, said
+    assert "Traceback" not in said
