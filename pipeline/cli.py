@@ -569,8 +569,11 @@ def _stop(signum: int, frame: Any) -> None:
 
 
 def main() -> None:
+    from .reaper import start
+
     for sig in STOP_CODES:
         signal.signal(sig, _stop)
+    start()  # no child outlives the command, even one killed with SIGKILL
     try:
         app()
     except OSError as err:  # a write outside the commands' own handling (logging, caches)

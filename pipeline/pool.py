@@ -5,6 +5,7 @@ preloaded server (:mod:`pipeline.processes`), its threads shared out, stopped on
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -35,9 +36,24 @@ def set_threads(threads: int) -> None:
             sys.modules["torch"].set_num_threads(threads)
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process the moment its parent ends (Linux
+    ``PR_SET_PDEATHSIG``; elsewhere :mod:`pipeline.reaper` alone ends it): a worker of a killed
+    run must not write on for seconds."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def _worker_init(threads: int) -> None:
     # Ctrl-C reaches the whole process group; the main process ends the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
     set_threads(threads)
 
 

@@ -484,3 +484,37 @@ def test_sigterm_and_ctrl_c_stop_promptly_and_lose_nothing(tmp_path, horses, eng
     assert res.returncode == 0, res.stderr
     assert len(store.done_ids()) == n and not list(store.dir.rglob("*.tmp"))
     assert all(store.item_path(k[:-4]).stat().st_mtime_ns == v for k, v in stamps.items())  # kept, not recomputed
+
+
+def test_kill_9_of_the_command_leaves_no_child_and_no_later_write(tmp_path, horses):
+    import psutil
+
+    n = 12
+    root = horse_subset(tmp_path, horses, n)
+    cfg = horse_config(tmp_path, root, engine="prefect", workers=2, shard_size=n)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    store = make_run(config_from_dict(cfg)).store("box_seeds")
+    proc = subprocess.Popen(
+        [WSSS, "run", str(path), "--until", "box_seeds"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_cli_env(tmp_path),
+    )
+    _wait_for(lambda: len(store.done_ids()) >= 2, 180, "two items")
+    children = psutil.Process(proc.pid).children(recursive=True)
+    names = " ".join(" ".join(c.cmdline()) for c in children)
+    assert len(children) >= 4 and "uvicorn" in names and "forkserver" in names, names  # pool, server, watchdog
+    proc.kill()
+    killed = time.time()
+    proc.wait()
+
+    def alive() -> list:
+        return [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+    _wait_for(lambda: not alive(), 5, "every child of the killed command to end")
+    assert time.time() - killed < 5
+    done = store.done_ids()
+    time.sleep(1.0)
+    assert store.done_ids() == done and len(done) < n  # nothing written after the parent died
+    assert all(p.stat().st_mtime < killed + 0.5 for p in store.items_dir.rglob("*.png"))
