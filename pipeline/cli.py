@@ -317,7 +317,7 @@ def eval_cmd(
     overrides: list[str] | None = SetOpt,
 ) -> None:
     """Per-class IoU, mIoU, coverage and precision of one stage's labels against GT."""
-    from .runner import evaluate_store
+    from .runner import edited_ids, evaluate_store
 
     the_run = _make_run(config, overrides)
     try:
@@ -340,6 +340,13 @@ def eval_cmd(
             f"[yellow]warning:[/] {stage} is {state}"
             f"{f' ({len(damaged)} file(s) missing or changed)' if damaged else ''}: these scores cover "
             f"the {metrics['images']} images it has; run it again to complete it",
+            highlight=False,
+        )
+    edited = edited_ids(the_run, stage)
+    if edited:
+        err_console.print(
+            f"[yellow]warning:[/] {len(edited)} image(s) changed since {stage} ran (e.g. {edited[0]}): its labels "
+            "of the old files are scored against the current GT; `wsss run` recomputes them",
             highlight=False,
         )
     table = Table(title=f"{stage}{'' if map_name is None else '/' + map_name}: {metrics['images']} images")

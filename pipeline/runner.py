@@ -132,6 +132,7 @@ class WorkKind(StrEnum):
     DAMAGED = "damaged"  # stored files missing or changed size
     RETRY = "retry"  # per-image: the failed images are retried
     RETRAIN = "retrain"  # training: skipped images became usable; everything downstream follows
+    EDITED = "edited"  # input files of images changed: their items again (training: all, and downstream)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,23 @@ class Work:
 
     kind: WorkKind
     why: str
+
+
+def input_stamps(run: Run, name: str) -> dict[str, str]:
+    """``image id -> Dataset.input_stamp`` for the stage's images; empty for synthetic data."""
+    ids = run.ids(name)
+    if not ids or not run.dataset.input_files(ids[0]):
+        return {}
+    return {i: run.dataset.input_stamp(i) for i in ids}
+
+
+def edited_ids(run: Run, name: str, stamps: dict[str, str] | None = None) -> list[str]:
+    """The stage's images whose input files changed since it recorded them."""
+    recorded = run.store(name).read_stamps()
+    if not recorded:
+        return []
+    stamps = input_stamps(run, name) if stamps is None else stamps
+    return [i for i, stamp in stamps.items() if i in recorded and recorded[i] != stamp]
 
 
 def needs_work(run: Run, name: str, force: bool = False) -> Work | None:
@@ -162,6 +180,9 @@ def needs_work(run: Run, name: str, force: bool = False) -> Work | None:
         return Work(
             WorkKind.DAMAGED, f"{len(bad)} damaged file(s), e.g. {next(iter(bad))} ({next(iter(bad.values()))})"
         )
+    edited = edited_ids(run, name)
+    if edited:
+        return Work(WorkKind.EDITED, f"{len(edited)} image(s) whose files changed since it ran, e.g. {edited[0]}")
     failed = store.failures()
     if not failed:
         return None
@@ -187,6 +208,19 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
     for rel in store.repair():
         log.warning("%s: %s was missing or damaged; computing it again", name, rel)
     ids = run.ids(name)
+    stamps = input_stamps(run, name)
+    edited = edited_ids(run, name, stamps)
+    if edited and spec.per_image:
+        for image_id in edited:
+            store.remove_item(image_id)
+            store.clear_failure(image_id)
+    elif edited:  # the model learnt from the old files (run_stages forces everything downstream)
+        store.model_path.unlink(missing_ok=True)
+        for ckpt in store.checkpoints():
+            ckpt.unlink(missing_ok=True)
+            ckpt.with_suffix(".json").unlink(missing_ok=True)
+    if stamps:
+        store.write_stamps({**store.read_stamps(), **stamps})
     if spec.per_image:
         done = store.done_ids()
         todo = [i for i in ids if i not in done]
@@ -342,7 +376,7 @@ def run_stages(
                 if work is None:
                     out[name] = store.read_manifest() or {}
                     continue
-                if work.kind is WorkKind.RETRAIN:
+                if work.kind is WorkKind.RETRAIN or (work.kind is WorkKind.EDITED and not run.spec(name).per_image):
                     log.warning(
                         "%s: %s; training again (and recomputing %s)",
                         name,

@@ -112,6 +112,7 @@ def load_tensors(path: Path) -> dict[str, Any]:
         raise DamagedFile(path, f"damaged or truncated ({first})") from None
 
 
+STAMPS = "inputs.json"  # the input stamps of the images a stage computed (not in the manifest's file list)
 LABEL_EXT = ".png"
 SOFT_EXT = ".npz"  # soft maps and named arrays (graphs)
 
@@ -407,6 +408,31 @@ class StageStore:
                     continue
         return out
 
+    # ----------------------------------------------------------------- input stamps
+    @property
+    def stamps_path(self) -> Path:
+        return self.dir / STAMPS
+
+    def read_stamps(self) -> dict[str, str]:
+        """``image id -> stamp`` of the input files each image was computed from (see
+        ``Dataset.input_stamp``); empty where none were recorded."""
+        try:
+            data = json.loads(self.stamps_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_stamps(self, stamps: dict[str, str]) -> None:
+        atomic_write_text(self.stamps_path, json.dumps(stamps, separators=(",", ":"), sort_keys=True))
+
+    def remove_item(self, image_id: str) -> None:
+        """An image's main item and its extra maps (it is computed again)."""
+        self.item_path(image_id).unlink(missing_ok=True)
+        if self.items_dir.is_dir():
+            for sub in os.scandir(self.items_dir):
+                if sub.is_dir():
+                    (Path(sub.path) / self.item_path(image_id).name).unlink(missing_ok=True)
+
     # ----------------------------------------------------------------- manifest
     @property
     def manifest_path(self) -> Path:
@@ -439,7 +465,9 @@ class StageStore:
             if rel == ".":
                 dirs[:] = [d for d in dirs if d != "failed"]
             for name in files:
-                if name.startswith(".") or (rel == "." and (name == "manifest.json" or name.startswith("ckpt-"))):
+                if name.startswith(".") or (
+                    rel == "." and (name in ("manifest.json", STAMPS) or name.startswith("ckpt-"))
+                ):
                     continue
                 try:
                     out[name if rel == "." else f"{rel}/{name}"] = os.path.getsize(os.path.join(root, name))

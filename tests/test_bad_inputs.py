@@ -18,9 +18,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import ConfigError, MasksDataset, WeakConfig, dump_config, load_config
+from pipeline.config import ConfigError, MasksDataset, WeakConfig, config_from_dict, dump_config, load_config
 from pipeline.datasets import MasksData, build_dataset, read_image
-from pipeline.runner import make_run, run_stage_local
+from pipeline.runner import WorkKind, make_run, needs_work, run_local, run_stage_local
 from pipeline.store import StageStore, UnsafeFile, read_label_png
 from stages.base import DataError
 
@@ -327,3 +327,45 @@ def test_a_read_only_output_root_is_one_line_with_exit_3(tmp_path, monkeypatch):
     said = " ".join(res.output.split())
     assert res.exit_code == 3 and "Read-only file system" in said and "config.yaml" in said, said
     assert "Traceback" not in said
+
+
+# ----------------------------------------------------------------------------- edited inputs
+def test_an_edited_image_or_mask_recomputes_exactly_the_items_that_read_it(tmp_path, horses):
+    root = horse_subset(tmp_path, horses)
+    cfg = config_from_dict(horse_config(tmp_path, root))
+    names = ["box_seeds", "seeds", "affinity_train", "graph"]
+    run_local(make_run(cfg), names)
+
+    def mtimes(run, name):
+        store = run.store(name)
+        return {p.relative_to(store.dir).as_posix(): p.stat().st_mtime_ns for p in store.items_dir.rglob("*.*")}
+
+    run = make_run(cfg)
+    before = {n: mtimes(run, n) for n in ("box_seeds", "seeds", "graph")}
+    model = run.store("affinity_train").model_path.stat().st_mtime_ns
+    image = root / "rgb" / "horse003.jpg"
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image, quality=95)
+    work = needs_work(run, "box_seeds")
+    assert work.kind is WorkKind.EDITED and "horse003" in work.why
+    run_local(make_run(cfg), names)
+    for name in ("box_seeds", "seeds"):
+        after = mtimes(run, name)
+        changed = {k for k in after if after[k] != before[name][k]}
+        assert changed and {Path(k).stem for k in changed} == {"horse003"}, (name, changed)
+    # the affinity net learnt from the old image: it is trained again, and the graphs follow
+    assert run.store("affinity_train").model_path.stat().st_mtime_ns != model
+    assert all(v != before["graph"][k] for k, v in mtimes(run, "graph").items())
+    assert all(needs_work(run, n) is None for n in names)
+
+    # an edited mask: `eval` says its scores are stale, `run` recomputes that image and rescores
+    mask = root / "figure_ground" / "horse005.jpg"
+    old = run.store("box_seeds").read_manifest()["metrics"]["miou"]
+    Image.open(mask).convert("L").point(lambda v: 255 - v).save(mask, quality=95)
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "c.yaml"), "--stage", "box_seeds"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "1 image(s) changed since box_seeds ran (e.g. horse005)" in said, said
+    run_local(make_run(cfg), ["box_seeds"])
+    after = mtimes(run, "box_seeds")
+    assert {Path(k).stem for k in after if after[k] != before["box_seeds"].get(k)} == {"horse003", "horse005"}
+    assert run.store("box_seeds").read_manifest()["metrics"]["miou"] != pytest.approx(old, abs=1e-3)

@@ -7,6 +7,7 @@ import abc
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,28 @@ class _Base(abc.ABC):
         stages that read weak labels (and what follows them)."""
         files = self.weak_sources()
         return _file_hash(files, Path(getattr(self, "root", "."))) if files else "synthesized"
+
+    def input_files(self, image_id: str) -> list[Path]:
+        """The files read for this one image (image, GT, per-image weak labels); none for
+        synthetic data. Whole-dataset files are in :meth:`weak_fingerprint` instead."""
+        return []
+
+    def input_stamp(self, image_id: str) -> str:
+        """Size and modification time (ns) of each :meth:`input_files` entry, hashed: a file
+        edited, replaced or removed gives another stamp. One ``stat`` per file, no reading:
+        a content hash would read every image on every run."""
+        try:
+            files = self.input_files(image_id)
+        except DataError:
+            return "unreadable"
+        h = hashlib.blake2b(digest_size=8)
+        for path in files:
+            try:
+                st = os.stat(path)
+                h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+            except OSError:
+                h.update(f"{path.name}:absent;".encode())
+        return h.hexdigest()
 
     # Readers at the image's own size; the public loaders below apply the size guard.
     @abc.abstractmethod

@@ -91,6 +91,12 @@ class CocoData(_Base):
     def image_path(self, image_id: str) -> str:
         return str(self.image_dir / self._entry(image_id)[0].file_name)
 
+    def input_files(self, image_id: str) -> list[Path]:
+        files = [Path(self.image_path(image_id))]  # the JSONs are whole-dataset sources
+        if self.scribble_dir is not None:
+            files.append(self.scribble_dir / f"{image_id}.png")
+        return files
+
     def _size(self, image_id: str) -> tuple[int, int]:
         entry = self._entry(image_id)[0]
         return entry.width, entry.height

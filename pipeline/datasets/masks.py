@@ -133,6 +133,12 @@ class MasksData(_Base):
             sorted(scribbles.glob("*.png")) if scribbles.is_dir() and "scribbles" in self.needs else []
         )
 
+    def input_files(self, image_id: str) -> list[Path]:
+        files = [self._images[image_id]] + ([self._masks[image_id]] if image_id in self._masks else [])
+        if self.cfg.weak_dir and "scribbles" in self.needs:
+            files.append(Path(self.cfg.weak_dir) / "scribbles" / f"{image_id}.png")
+        return files
+
     def _size(self, image_id: str) -> tuple[int, int]:
         # images are read at (or resized to) their mask's size
         return _image_size(self._masks.get(image_id, self._images[image_id]))

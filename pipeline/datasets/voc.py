@@ -105,6 +105,14 @@ class VocData(_Base):
             files += sorted(p for p in self.scribble_dir.iterdir() if p.suffix in (".png", ".xml"))
         return files + ([self.points_path] if self.points_path else [])
 
+    def input_files(self, image_id: str) -> list[Path]:
+        files = [Path(self.image_path(image_id)), self.root / "Annotations" / f"{image_id}.xml"]
+        if self.gt_dir is not None:
+            files += [self.gt_dir / f"{image_id}.png", self.root / "SegmentationObject" / f"{image_id}.png"]
+        if self.scribble_dir is not None:
+            files += [self.scribble_dir / f"{image_id}.png", self.scribble_dir / f"{image_id}.xml"]
+        return files
+
     def ids(self, split: str) -> list[str]:
         name = {"train": self.cfg.train_split, "val": self.cfg.val_split}.get(split, split)
         lists = self.root / "ImageSets" / "Segmentation"
