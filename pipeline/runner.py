@@ -152,12 +152,18 @@ def input_stamps(run: Run, name: str) -> dict[str, str]:
 
 
 def edited_ids(run: Run, name: str, stamps: dict[str, str] | None = None) -> list[str]:
-    """The stage's images whose input files changed since it recorded them."""
-    recorded = run.store(name).read_stamps()
+    """The stage's images whose input files changed since it computed them (a failed image
+    has nothing computed from its old files: it is retried as a failure)."""
+    store = run.store(name)
+    recorded = store.read_stamps()
     if not recorded:
         return []
     stamps = input_stamps(run, name) if stamps is None else stamps
-    return [i for i, stamp in stamps.items() if i in recorded and recorded[i] != stamp]
+    edited = [i for i, stamp in stamps.items() if i in recorded and recorded[i] != stamp]
+    if edited:
+        failed = store.failures()
+        edited = [i for i in edited if i not in failed]
+    return edited
 
 
 def needs_work(run: Run, name: str, force: bool = False) -> Work | None:

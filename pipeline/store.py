@@ -7,7 +7,8 @@ Layout (README, "The artifact store")::
     <run>/<stage>/<fingerprint>/items/<image_id>.png|.npz   labels | soft maps, arrays (graphs)
     <run>/<stage>/<fingerprint>/items/<map>/<image_id>.png   named extra maps (seeds: M_I, M_F, ...)
     <run>/<stage>/<fingerprint>/failed/<image_id>.json
-    <run>/<stage>/<fingerprint>/model.pt, ckpt-*.pt
+    <run>/<stage>/<fingerprint>/inputs.json   per image: the stamp of its input files
+    <run>/<stage>/<fingerprint>/model.pt, ckpt-*.pt (+ ckpt-*.json: size, SHA-256)
     <run>/<stage>/current -> <fingerprint>
 
 Every file is written atomically (temp name in the same folder, fsync, rename), so an item

@@ -24,7 +24,7 @@ from pipeline.runner import WorkKind, make_run, needs_work, run_local, run_stage
 from pipeline.store import StageStore, UnsafeFile, read_label_png
 from stages.base import DataError
 
-from .conftest import horse_config, horse_subset
+from .conftest import bench_rows, horse_config, horse_subset
 from .test_datasets import OBJ, XML, make_voc, voc  # noqa: F401 (the voc fixture)
 from .test_own_data import coco_config, coco_tree
 
@@ -154,6 +154,33 @@ def test_voc_bad_boxes_name_the_file_and_the_object(voc, corners, problem):  # n
     )
     with pytest.raises(DataError, match=rf"b\.xml: object 'horse': <bndbox> box .*{problem}"):
         make_voc(voc).load_weak("b")
+
+
+def test_a_coco_image_turned_by_its_exif_against_the_json_says_so(horses, tmp_path):
+    root, _ = coco_tree(tmp_path, horses)
+    path = root / "images" / "horse001.jpg"
+    pixels = Image.open(path).convert("RGB")
+    path.unlink()  # a symlink to the shared data: replaced, not written through
+    # the pixels the JSON's width and height describe, tagged to be shown turned
+    pixels.save(path, quality=95, exif=_exif6(pixels))
+    data = build_dataset(coco_config(root, tmp_path))
+    with pytest.raises(DataError, match=r"horse001\.jpg: image is .* \(upright, after its EXIF orientation"):
+        data.load_image("horse001")
+
+
+@pytest.mark.parametrize(
+    "box,problem",
+    [([1, 2, float("nan"), 9, 1], "not finite"), ([30, 2, 5, 9, 1], "inverted"), ([1, 2, 3], "needs \\[x0")],
+)
+def test_own_boxes_json_with_bad_boxes_names_the_image(tmp_path, box, problem):
+    root = tmp_path / "m"
+    (root / "images").mkdir(parents=True)
+    (root / "weak").mkdir()
+    Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(root / "images" / "a.png")
+    (root / "weak" / "boxes.json").write_text(json.dumps({"a": [box]}))  # NaN as JSON writes it
+    cfg = MasksDataset(root=str(root), weak_dir=str(root / "weak"), class_names=["background", "x"])
+    with pytest.raises(DataError, match=rf"boxes\.json: image 'a': .*{problem}"):
+        MasksData(cfg, WeakConfig(), "box").load_weak("a")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -369,3 +396,9 @@ def test_an_edited_image_or_mask_recomputes_exactly_the_items_that_read_it(tmp_p
     after = mtimes(run, "box_seeds")
     assert {Path(k).stem for k in after if after[k] != before["box_seeds"].get(k)} == {"horse003", "horse005"}
     assert run.store("box_seeds").read_manifest()["metrics"]["miou"] != pytest.approx(old, abs=1e-3)
+
+
+def test_bench_stamps_rows(tmp_path):
+    rows = bench_rows(tmp_path, "stamps", "--images", "30", "--opt", "image_kb=4")
+    assert [r["images"] for r in rows] == [30, 30, 30] and rows[0]["case"].startswith("stamp: size + mtime")
+    assert rows[1]["json_bytes"] == len(json.dumps({f"{k:06d}": "0" * 16 for k in range(30)}, separators=(",", ":")))

@@ -26,7 +26,7 @@ from pipeline.runner import RESULT_NEUTRAL, PipelineError, StageFailed, Work, Wo
 from pipeline.store import StageStore, atomic_write
 from stages.base import STAGES, DataError
 
-from .conftest import demo_config, horse_config, horse_subset
+from .conftest import ROOT, demo_config, horse_config, horse_subset
 
 WSSS = str(Path(sys.executable).with_name("wsss"))
 
@@ -486,12 +486,18 @@ def test_sigterm_and_ctrl_c_stop_promptly_and_lose_nothing(tmp_path, horses, eng
     assert all(store.item_path(k[:-4]).stat().st_mtime_ns == v for k, v in stamps.items())  # kept, not recomputed
 
 
+def _alive(procs: list) -> list:
+    import psutil
+
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
 def test_kill_9_of_the_command_leaves_no_child_and_no_later_write(tmp_path, horses):
     import psutil
 
     n = 12
     root = horse_subset(tmp_path, horses, n)
-    cfg = horse_config(tmp_path, root, engine="prefect", workers=2, shard_size=n)
+    cfg = horse_config(tmp_path, root, workers=2, shard_size=n)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     store = make_run(config_from_dict(cfg)).store("box_seeds")
@@ -501,20 +507,42 @@ def test_kill_9_of_the_command_leaves_no_child_and_no_later_write(tmp_path, hors
         stderr=subprocess.DEVNULL,
         env=_cli_env(tmp_path),
     )
-    _wait_for(lambda: len(store.done_ids()) >= 2, 180, "two items")
+    _wait_for(lambda: len(store.done_ids()) >= 1, 120, "an item")
     children = psutil.Process(proc.pid).children(recursive=True)
     names = " ".join(" ".join(c.cmdline()) for c in children)
-    assert len(children) >= 4 and "uvicorn" in names and "forkserver" in names, names  # pool, server, watchdog
+    assert len(children) >= 4 and "forkserver" in names and "reaper" in names, names  # pool, tracker, watchdog
     proc.kill()
     killed = time.time()
     proc.wait()
-
-    def alive() -> list:
-        return [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-
-    _wait_for(lambda: not alive(), 5, "every child of the killed command to end")
+    _wait_for(lambda: not _alive(children), 5, "every child of the killed command to end")
     assert time.time() - killed < 5
     done = store.done_ids()
     time.sleep(1.0)
     assert store.done_ids() == done and len(done) < n  # nothing written after the parent died
     assert all(p.stat().st_mtime < killed + 0.5 for p in store.items_dir.rglob("*.png"))
+
+
+WATCHED = """
+import subprocess, sys, time
+from pipeline.reaper import start
+start()
+nap = "import time; time.sleep(60)"
+sleeper = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {nap!r}]); time.sleep(60)"
+subprocess.Popen([sys.executable, "-c", sleeper], start_new_session=True)  # a server with a child of its own
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_watchdog_ends_every_process_a_killed_command_started_in_any_session(tmp_path):
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", WATCHED], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "ready"
+    _wait_for(lambda: len(psutil.Process(proc.pid).children(recursive=True)) >= 3, 10, "the server's child")
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    killed = time.time()
+    proc.wait()
+    _wait_for(lambda: not _alive(children), 5, "the watchdog to end the server and its child")
+    assert time.time() - killed < 5
