@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -442,23 +443,25 @@ def test_a_second_concurrent_run_waits_and_does_not_recompute(tmp_path, horses):
     assert "GrabCut seeds" not in err2 + out2  # the second run computed nothing
 
 
+def _start_box_seeds(tmp_path: Path, horses: Path, n: int, engine: str, **popen: Any):
+    """``wsss run --until box_seeds`` on ``n`` horses (2 workers, one shard) in a subprocess:
+    (the process, the box_seeds store, the config's path)."""
+    cfg = horse_config(tmp_path, horse_subset(tmp_path, horses, n), engine=engine, workers=2, shard_size=n)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    store = make_run(config_from_dict(cfg)).store("box_seeds")
+    proc = subprocess.Popen(
+        [WSSS, "run", str(path), "--until", "box_seeds"], text=True, env=_cli_env(tmp_path), **popen
+    )
+    return proc, store, path
+
+
 @pytest.mark.parametrize("engine,sig,code", [("local", signal.SIGTERM, 143), ("prefect", signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_stop_promptly_and_lose_nothing(tmp_path, horses, engine, sig, code):
     import psutil
 
     n = 12  # GrabCut on real photographs: seconds of work left when the signal comes
-    root = horse_subset(tmp_path, horses, n)
-    cfg = horse_config(tmp_path, root, engine=engine, workers=2, shard_size=n)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    store = make_run(config_from_dict(cfg)).store("box_seeds")
-    proc = subprocess.Popen(
-        [WSSS, "run", str(path), "--until", "box_seeds"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_cli_env(tmp_path),
-    )
+    proc, store, path = _start_box_seeds(tmp_path, horses, n, engine, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for(lambda: len(store.done_ids()) >= 2, 180, "two items")
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children  # the process pool (and Prefect's server)
@@ -495,18 +498,8 @@ def _alive(procs: list) -> list:
 def test_kill_9_of_the_command_leaves_no_child_and_no_later_write(tmp_path, horses):
     import psutil
 
-    n = 12
-    root = horse_subset(tmp_path, horses, n)
-    cfg = horse_config(tmp_path, root, workers=2, shard_size=n)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    store = make_run(config_from_dict(cfg)).store("box_seeds")
-    proc = subprocess.Popen(
-        [WSSS, "run", str(path), "--until", "box_seeds"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=_cli_env(tmp_path),
-    )
+    n, quiet = 12, subprocess.DEVNULL
+    proc, store, _ = _start_box_seeds(tmp_path, horses, n, "local", stdout=quiet, stderr=quiet)
     _wait_for(lambda: len(store.done_ids()) >= 1, 120, "an item")
     children = psutil.Process(proc.pid).children(recursive=True)
     names = " ".join(" ".join(c.cmdline()) for c in children)

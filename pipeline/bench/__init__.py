@@ -15,3 +15,6 @@ from __future__ import annotations
 
 from . import a2gnn, inputs, rrm, scale_out, segmentation, spml  # noqa: F401 (they register their benchmarks)
 from .core import BENCHES, Case, in_child, measured, tiny_training  # noqa: F401 (the public names)
+
+ORCHESTRATION = ("scale_out", "stamps")
+"""The benchmarks of the pipeline's own work; every other one is named after the stage it measures."""
