@@ -195,7 +195,9 @@ def run(
 def execute(the_run, only=None, start=None, until=None, force=None) -> None:
     """Run the selected stages; exit 1 (with the first reasons) when a stage failed for
     every image, 2 for config and data errors that stop the run, 3 when the disk refused a write."""
-    with _writes():
+    from .runner import stamps_once
+
+    with _writes(), stamps_once(the_run):
         _execute(the_run, only, start, until, force)
 
 

@@ -77,6 +77,7 @@ class Run:
     dag: list[StageSpec]
     fingerprints: dict[str, str] = field(default_factory=dict)
     upstream: dict[str, list[str]] = field(default_factory=dict)
+    stamp_cache: dict[str, dict[str, str]] | None = None  # split -> input stamps, while a command runs
 
     @property
     def run_dir(self) -> Path:

@@ -11,13 +11,14 @@ The pieces live beside it: :mod:`pipeline.dag` (the run, its DAG and selections)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -144,11 +145,29 @@ class Work:
 
 
 def input_stamps(run: Run, name: str) -> dict[str, str]:
-    """``image id -> Dataset.input_stamp`` for the stage's images; empty for synthetic data."""
+    """``image id -> Dataset.input_stamp`` for the stage's images; empty for synthetic data.
+    Within :func:`stamps_once` each split is stamped once."""
+    split, cache = run.spec(name).split, run.stamp_cache
+    if cache is not None and split in cache:
+        return cache[split]
     ids = run.ids(name)
-    if not ids or not run.dataset.input_files(ids[0]):
-        return {}
-    return {i: run.dataset.input_stamp(i) for i in ids}
+    stamps = {i: run.dataset.input_stamp(i) for i in ids} if ids and run.dataset.input_files(ids[0]) else {}
+    if cache is not None:
+        cache[split] = stamps
+    return stamps
+
+
+@contextlib.contextmanager
+def stamps_once(run: Run) -> Iterator[None]:
+    """Stamp each split's input files once for the commands inside (a run's skip decisions
+    and stage starts): a file edited meanwhile is stamped as it was, so the next run
+    computes its image again, never less."""
+    outer = run.stamp_cache
+    run.stamp_cache = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        run.stamp_cache = outer
 
 
 def edited_ids(run: Run, name: str, stamps: dict[str, str] | None = None) -> list[str]:
@@ -225,8 +244,9 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
         for ckpt in store.checkpoints():
             ckpt.unlink(missing_ok=True)
             ckpt.with_suffix(".json").unlink(missing_ok=True)
-    if stamps:
-        store.write_stamps({**store.read_stamps(), **stamps})
+    recorded = store.read_stamps() if stamps else {}
+    if stamps and any(recorded.get(i) != stamp for i, stamp in stamps.items()):
+        store.write_stamps({**recorded, **stamps})
     if spec.per_image:
         done = store.done_ids()
         todo = [i for i in ids if i not in done]
@@ -239,10 +259,11 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
                 f"{name}: only {len(todo)} of {len(ids)} {spec.split} images are usable, below "
                 f"min_usable {run.config.min_usable} (e.g. {first})"
             )
-    for image_id in ids:
-        if image_id in blocked:
-            store.record_failure(image_id, blocked[image_id])
-        elif image_id in todo:
+    for image_id, reason in blocked.items():
+        store.record_failure(image_id, reason)
+    pending = set(todo)
+    for image_id in store.failures():
+        if image_id in pending and image_id not in blocked:
             store.clear_failure(image_id)
     if spec.per_image:
         todo = [i for i in todo if i not in blocked]
@@ -370,8 +391,13 @@ def run_stages(
     (default: in this process). A training stage retrained because skipped images became
     usable takes everything downstream with it. A stage in which every image failed stops
     the run (:class:`StageFailed`)."""
-    execute = execute or _execute_local
-    forced_now = set(force or ())
+    with stamps_once(run):
+        return _run_stages(run, names, set(force or ()), execute or _execute_local)
+
+
+def _run_stages(
+    run: Run, names: list[str], forced_now: set[str], execute: Callable[[Run, str, bool], dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
     save_resolved_config(run)
     out: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -429,4 +455,5 @@ def run_local(run: Run, names: list[str], force: set[str] | None = None) -> dict
 
 def pending(run: Run, names: list[str], force: set[str]) -> list[str]:
     """Stages that would do work now (see :func:`needs_work`)."""
-    return [n for n in names if needs_work(run, n, n in force) is not None]
+    with stamps_once(run):
+        return [n for n in names if needs_work(run, n, n in force) is not None]

@@ -121,13 +121,13 @@ def _problem(ctx: StageContext, image_id: str, class_ids: np.ndarray, boxes: lis
     )
 
 
-def _run_group(
-    ctx: StageContext, key: str, groups: dict[str, list[str]], meta: dict[str, tuple], cfg, radius: int
-) -> dict[str, Any]:
+def _run_group(ctx: StageContext, group: tuple[str, dict[str, tuple]], cfg, radius: int) -> dict[str, Any]:
     """Train one group of images together and write their outputs; returns the per-image
-    failures and facts. ``meta``: each image's (class ids, boxes)."""
+    failures and facts. ``group``: its key and each of its images' (class ids, boxes), the
+    task's whole payload (the other groups' stay behind)."""
+    _, meta = group
     failures, problems, ids = {}, [], []
-    for image_id in groups[key]:
+    for image_id in meta:
         try:
             problems.append(_problem(ctx, image_id, *meta[image_id], cfg))
         except Exception as err:  # noqa: BLE001 - one bad image does not stop its group
@@ -161,13 +161,13 @@ def run(ctx: StageContext) -> StageResult:
         meta[image_id] = (classes_of(seeds, weak), weak.boxes)
         keys.append((seeds.shape, len(meta[image_id][0])))
     ids, batch = list(meta), cfg.batch if cfg.path == "grid" else 1
-    groups = {str(k): [ids[i] for i in chunk] for k, chunk in enumerate(batches(keys, batch))}
+    groups = [(str(k), {ids[i]: meta[ids[i]] for i in chunk}) for k, chunk in enumerate(batches(keys, batch))]
     if "affinity_train" in ctx.upstream and not ctx.input("affinity_train").has_model():
         ctx.input("affinity_train").read_model()  # the error that names the missing file
-    fn = functools.partial(_run_group, groups=groups, meta=meta, cfg=cfg, radius=ctx.config.affinity_train.radius)
-    for key, outcome in ctx.map_items(fn, ids=list(groups), desc=f"a2gnn ({len(ctx.todo)} images)"):
+    fn = functools.partial(_run_group, cfg=cfg, radius=ctx.config.affinity_train.radius)
+    for group, outcome in ctx.map_items(fn, ids=groups, desc=f"a2gnn ({len(ctx.todo)} images)"):
         if isinstance(outcome, BaseException):
-            result.failures.update({image_id: describe_error(outcome) for image_id in groups[key]})
+            result.failures.update({image_id: describe_error(outcome) for image_id in group[1]})
         else:
             result.failures.update(outcome["failures"])
             facts += outcome["facts"]

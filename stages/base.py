@@ -174,10 +174,11 @@ class StageContext:
         return self.upstream[name]
 
     def map_items(
-        self, fn: Callable[[StageContext, str], T], ids: Iterable[str] | None = None, desc: str | None = None
-    ) -> Iterator[tuple[str, T | BaseException]]:
-        """Apply ``fn(ctx, image_id)`` to every id (default: ``todo``), in parallel where the
-        pipeline allows, yielding ``(image_id, result_or_exception)`` as items finish."""
+        self, fn: Callable[[StageContext, Any], T], ids: Iterable[Any] | None = None, desc: str | None = None
+    ) -> Iterator[tuple[Any, T | BaseException]]:
+        """Apply ``fn(ctx, item)`` to every item (default: the image ids of ``todo``; or any
+        picklable items, e.g. a group of images with what they need), in parallel where the
+        pipeline allows, yielding ``(item, result_or_exception)`` as items finish."""
         ids = list(self.todo if ids is None else ids)
         for image_id, outcome in self._outcomes(fn, ids, desc):
             if storage_error(outcome):
@@ -204,8 +205,13 @@ class StageContext:
         return self.pool_map(fn, items, workers)
 
     def __getstate__(self) -> dict[str, Any]:
+        """What a per-image task carries to its worker: no mapper (workers run their items
+        sequentially) and no id lists, so a task costs the same at any dataset size (the
+        dataset pickles as its config, see ``pipeline.datasets``); ``ids`` and ``todo`` are
+        None there, for the stage's own loop only."""
         state = dict(self.__dict__)
-        state["mapper"] = state["pool_map"] = None  # workers run their items sequentially
+        state["mapper"] = state["pool_map"] = None
+        state["ids"] = state["todo"] = None
         return state
 
 

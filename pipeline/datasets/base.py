@@ -144,13 +144,60 @@ WEAK_NEEDS: dict[str, frozenset[str]] = {
 ALL_WEAK = frozenset({"boxes"}) | STROKES
 
 
+_REBUILT: dict[tuple, _Base] = {}
+_REBUILT_MAX = 4
+
+
+def rebuilt(kind: type[_Base], cfg: Any, weak: WeakConfig, labels: str | None) -> _Base:
+    """The reader ``kind(cfg, weak, labels)`` in this process, built once and reused while the
+    folders and lists that define its images (:meth:`_Base.index_paths`) are unchanged: what a
+    pickled reader turns into in a worker (see :meth:`_Base.__reduce__`)."""
+    key = (kind, cfg.model_dump_json(), weak.model_dump_json(), labels, _stamp_of(kind.index_paths(cfg)))
+    reader = _REBUILT.get(key)
+    if reader is None:
+        quiet = logging.getLogger("wsss.data")
+        level, quiet.level = quiet.level, logging.ERROR  # the main process said it already
+        try:
+            reader = kind(cfg, weak, labels)
+        finally:
+            quiet.level = level
+        while len(_REBUILT) >= _REBUILT_MAX:
+            _REBUILT.pop(next(iter(_REBUILT)))
+        _REBUILT[key] = reader
+    return reader
+
+
+def _stamp_of(paths: list[Path]) -> tuple:
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 class _Base(abc.ABC):
     name: str
     class_names: list[str]
 
     def __init__(self, weak: WeakConfig, labels: str | None = None) -> None:
         self.weak_cfg = weak
+        self.labels = labels
         self.needs = WEAK_NEEDS.get(labels, ALL_WEAK) if labels else ALL_WEAK
+
+    def __reduce__(self) -> tuple[Any, tuple]:
+        """Pickled as its config, not its index: every per-image task carries the dataset,
+        and a reader's path lists grow with the images (megabytes at VOC size). The worker
+        rebuilds the reader once (:func:`rebuilt`) and every later task finds it."""
+        return rebuilt, (type(self), self.cfg, self.weak_cfg, self.labels)
+
+    @classmethod
+    def index_paths(cls, cfg: Any) -> list[Path]:
+        """The folders and files whose change changes the reader's index (which images, which
+        splits): a rebuilt reader is reused while their modification times stand."""
+        return []
 
     cfg: Any  # the dataset's config section (max_side, oversize, ...)
 

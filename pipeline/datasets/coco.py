@@ -63,6 +63,11 @@ class CocoData(_Base):
         if self.points_path is not None and not self.points_path.is_file():
             raise DataError(self.points_path, "points file not found")
 
+    @classmethod
+    def index_paths(cls, cfg: CocoDataset) -> list[Path]:
+        root = Path(cfg.root)
+        return [root / name for name in (cfg.train_json, cfg.val_json, cfg.scribbles, cfg.points) if name]
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "coco", **self.cfg.model_dump(), "root": str(self.root.resolve())}
 

@@ -87,6 +87,13 @@ class MasksData(_Base):
             self._splits = {"train": [i for i in all_ids if i not in val], "val": [i for i in all_ids if i in val]}
         self._weak_cache: dict[str, Any] | None = None
 
+    @classmethod
+    def index_paths(cls, cfg: MasksDataset) -> list[Path]:
+        root = Path(cfg.root)
+        lists = [root / name for name in (cfg.train_list, cfg.val_list) if name]
+        weak = [Path(cfg.weak_dir)] if cfg.weak_dir else []
+        return [root / cfg.images, root / cfg.masks, *lists, *weak]
+
     def _read_list(self, name: str, known: set[str]) -> list[str]:
         """A split list (one id per line, relative to the root or absolute): ids must be safe
         names with an image and a mask."""

@@ -96,6 +96,11 @@ class VocData(_Base):
             raise DataError(self.points_path, "points file not found")
         self._points: dict[str, Any] | None = None
 
+    @classmethod
+    def index_paths(cls, cfg: VocDataset) -> list[Path]:
+        root = Path(cfg.root)
+        return [root / "JPEGImages", root / "Annotations", root / "ImageSets" / "Segmentation"]
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "voc", **self.cfg.model_dump(), "root": str(self.root.resolve())}
 
