@@ -152,7 +152,8 @@ class RunConfig(Section):
     seed: int = 0
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     workers: Annotated[int, Field(ge=0)] = 0
-    shard_size: PositiveInt = 16
+    # images per Prefect task; auto: a few shards per process that runs them (see runner.shards)
+    shard_size: PositiveInt | Literal["auto"] = "auto"
     engine: Literal["prefect", "local"] = "prefect"
     task_runner: Literal["thread", "process", "dask"] = "thread"
     # torch threads in every process that runs stage code; 0: all cores in a single process,

@@ -53,13 +53,34 @@ def done_ids(run: Run, name: str) -> set[str]:
     return store.done_ids()
 
 
+SHARDS_PER_SLOT = 4  # shards per process that runs them: a slow shard is a quarter of a slot's work
+MIN_SHARD = 16  # images: below this a shard's task-run overhead (tens of ms) shows
+
+
+def shard_size(run: Run, n: int) -> int:
+    """Images per shard of a stage with ``n`` to do: ``shard_size``, or with ``auto``
+    ``SHARDS_PER_SLOT`` shards per slot (the thread runner's one process pool; ``workers``
+    processes; the Dask cluster's workers), at least ``MIN_SHARD`` images each: a stage pays
+    its task-run overhead a handful of times at any dataset size, not once per 16 images."""
+    cfg = run.config
+    if cfg.shard_size != "auto":
+        return cfg.shard_size
+    if cfg.task_runner == "dask":
+        slots = cfg.dask.n_workers * cfg.dask.threads_per_worker
+    elif cfg.task_runner == "process":
+        slots = (os.cpu_count() or 1) if cfg.workers == 0 else cfg.workers
+    else:
+        slots = 1
+    return max(MIN_SHARD, -(-n // (SHARDS_PER_SLOT * slots)))
+
+
 def shards(run: Run, name: str, todo: list[str]) -> list[list[str]]:
-    """Per-image stages split into shards of ``shard_size``; a training stage is one shard."""
+    """Per-image stages split into shards (:func:`shard_size`); a training stage is one shard."""
     if not todo:
         return []
     if not run.spec(name).per_image:
         return [todo]
-    size = run.config.shard_size
+    size = shard_size(run, len(todo))
     return [todo[i : i + size] for i in range(0, len(todo), size)]
 
 

@@ -45,3 +45,15 @@ def task_bytes(tmp_path: Path, n: int) -> int:
 def test_the_bytes_pickled_per_task_do_not_grow_with_the_dataset(tmp_path):
     small, large = task_bytes(tmp_path, 20), task_bytes(tmp_path, 2000)
     assert abs(large - small) < 64, (small, large)
+
+
+def test_auto_shards_are_a_few_per_slot_at_any_size(tmp_path):
+    from pipeline.runner import shards
+
+    ids = [f"{k:05d}" for k in range(10582)]  # VOC's train_aug
+    for extra, count in (({}, 4), ({"task_runner": "dask"}, 8), ({"shard_size": 16}, 662)):
+        run = make_run(config_from_dict({"output_root": str(tmp_path), **extra}))
+        parts = shards(run, "crf", ids)
+        assert len(parts) == count and sum(parts, []) == ids
+    run = make_run(config_from_dict({"output_root": str(tmp_path)}))
+    assert [len(p) for p in shards(run, "crf", ids[:40])] == [16, 16, 8]
