@@ -75,6 +75,15 @@ def stop_workers() -> None:
 _POOLS: list[cf.ProcessPoolExecutor] = []
 
 
+def close_pools() -> None:
+    """Shut the shared pools down and forget them (a process that started them and is about
+    to exit as a ``multiprocessing`` child, which would otherwise wait on their workers)."""
+    for pool in list(_POOLS):
+        pool.shutdown(wait=True, cancel_futures=True)
+    _POOLS.clear()
+    _pool.cache_clear()
+
+
 def _in_process(workers: int, n_items: int) -> bool:
     """Whether work runs one item at a time in this process: one worker, one item, or inside
     a daemonic process (a Dask worker), which may not start processes of its own."""
