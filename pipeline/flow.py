@@ -10,6 +10,8 @@ workers of a Dask cluster (``pipeline/cluster.py``), one image at a time each.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import time
@@ -20,7 +22,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
+from stages.base import STORAGE_ERRNOS, DataError
+
 from .cluster import dask_task_runner, placement
+from .config import ConfigError
+from .errors import PipelineError
 from .runner import begin_stage, execute_stage, finish_stage, process_name, run_from_json, run_stages, shards
 
 
@@ -99,7 +105,35 @@ def wsss_flow(config_json: str, names: list[str], force: list[str]) -> dict[str,
     return run_stages(run, names, set(force), execute)
 
 
+class ReportedInOneLine(logging.Filter):
+    """Drops Prefect's log of a failed task or flow run (with its traceback) when the error
+    is one the CLI reports in one line: bad data or config, a run that cannot go on, a disk
+    that refused a write."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, DataError | ConfigError | PipelineError):
+            return False
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS | {errno.EACCES, errno.EPERM}:
+            return False
+        # the failed state's one-line summary names the exception's type, not the exception
+        message = record.getMessage()
+        return not (message.startswith("Finished in state Failed") and ONE_LINE_ERRORS.search(message))
+
+
+ONE_LINE_ERRORS = re.compile(
+    r"exception (DataError|DamagedFile|UnsafeFile|ConfigError|PipelineError|StageFailed|CannotWrite|"
+    rf"OSError: \[Errno ({'|'.join(str(e) for e in sorted(STORAGE_ERRNOS | {errno.EACCES, errno.EPERM}))})\])"
+)
+
+
+ONE_LINE = ReportedInOneLine()
+
+
 def run_prefect(run, names: list[str], force: set[str]) -> dict[str, Any]:
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.flow_engine", "prefect.task_engine"):
+        if ONE_LINE not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(ONE_LINE)
     cfg = run.config
     if cfg.task_runner == "dask":
         with dask_task_runner(cfg) as runner:

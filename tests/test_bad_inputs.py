@@ -402,3 +402,20 @@ def test_bench_stamps_rows(tmp_path):
     rows = bench_rows(tmp_path, "stamps", "--images", "30", "--opt", "image_kb=4")
     assert [r["images"] for r in rows] == [30, 30, 30] and rows[0]["case"].startswith("stamp: size + mtime")
     assert rows[1]["json_bytes"] == len(json.dumps({f"{k:06d}": "0" * 16 for k in range(30)}, separators=(",", ":")))
+
+
+def test_prefect_logs_no_traceback_of_an_error_the_cli_reports_in_one_line():
+    import errno
+
+    from pipeline.flow import ONE_LINE
+
+    def record(err: BaseException | None, message: str = "Task run failed with exception") -> logging.LogRecord:
+        exc_info = (type(err), err, None) if err is not None else None
+        return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, message, None, exc_info)
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/items/a.png")
+    assert not ONE_LINE.filter(record(full)) and not ONE_LINE.filter(record(DataError("a.jpg", "truncated")))
+    failed = "Finished in state Failed('Task run encountered an exception OSError: [Errno 28] No space left')"
+    assert not ONE_LINE.filter(record(None, failed))
+    # anything else is a bug: its traceback is kept
+    assert ONE_LINE.filter(record(ValueError("bug"))) and ONE_LINE.filter(record(None, "exception ValueError: x"))
