@@ -14,7 +14,6 @@ wsss bench NAME               images/s and peak memory of one stage's work (NAME
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from stages.base import STORAGE_ERRNOS, DataError, Scoring
+from stages.base import DataError, Scoring
 
 from .config import ConfigError, load_config
 
@@ -69,7 +68,6 @@ def _setup_logging(verbose: bool = False) -> None:
 # Exit codes (README, "Exit codes"): 1 a stage failed for every image, 2 a config or data error
 # (nothing ran, or the stage that met it stopped), 3 the disk refused a write, 130 / 143 stopped.
 EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_CANNOT_WRITE = 1, 2, 3
-WRITE_ERRNOS = STORAGE_ERRNOS | {errno.EACCES, errno.EPERM}
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -81,16 +79,15 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 def _writes() -> Iterator[None]:
     """A disk that refuses a write (full, over quota, read-only, no permission) as one line
     and exit 3; every finished item is on disk (atomic writes) and the command resumes."""
-    from .errors import CannotWrite
+    from .errors import CannotWrite, cannot_write
 
     try:
         yield
-    except CannotWrite as err:
-        _fail(str(err), EXIT_CANNOT_WRITE)
-    except OSError as err:
-        if err.errno not in WRITE_ERRNOS:
+    except (OSError, CannotWrite) as err:
+        line = cannot_write(err)
+        if line is None:
             raise
-        _fail(str(CannotWrite(err)), EXIT_CANNOT_WRITE)
+        _fail(str(line), EXIT_CANNOT_WRITE)
 
 
 def _make_run(config: Path | None, overrides: list[str] | None):
@@ -586,11 +583,12 @@ def main() -> None:
     try:
         app()
     except OSError as err:  # a write outside the commands' own handling (logging, caches)
-        if err.errno not in WRITE_ERRNOS:
-            raise
-        from .errors import CannotWrite
+        from .errors import cannot_write
 
-        err_console.print(f"[bold red]error:[/] {CannotWrite(err)}", highlight=False)
+        line = cannot_write(err)
+        if line is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {line}", highlight=False)
         sys.exit(EXIT_CANNOT_WRITE)
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
+
+from stages.base import STORAGE_ERRNOS
+
+WRITE_ERRNOS = STORAGE_ERRNOS | {errno.EACCES, errno.EPERM}
+"""The errors of a disk refusing a write: full, over quota, read-only, no permission."""
 
 
 class PipelineError(RuntimeError):
@@ -32,3 +38,10 @@ class CannotWrite(PipelineError):
             f"cannot write at {self.path}: {err.strerror or err}; nothing finished is lost: "
             "free space or fix the permissions, then run the same command again"
         )
+
+
+def cannot_write(err: BaseException) -> CannotWrite | None:
+    """``err`` as the one-line :class:`CannotWrite` where it is the disk refusing a write."""
+    if isinstance(err, CannotWrite):
+        return err
+    return CannotWrite(err) if isinstance(err, OSError) and err.errno in WRITE_ERRNOS else None

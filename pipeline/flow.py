@@ -10,7 +10,6 @@ workers of a Dask cluster (``pipeline/cluster.py``), one image at a time each.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -22,11 +21,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from stages.base import STORAGE_ERRNOS, DataError
+from stages.base import DataError
 
 from .cluster import dask_task_runner, placement
 from .config import ConfigError
-from .errors import PipelineError
+from .errors import WRITE_ERRNOS, PipelineError, cannot_write
 from .runner import begin_stage, execute_stage, finish_stage, process_name, run_from_json, run_stages, shards
 
 
@@ -114,7 +113,7 @@ class ReportedInOneLine(logging.Filter):
         err = record.exc_info[1] if record.exc_info else None
         if isinstance(err, DataError | ConfigError | PipelineError):
             return False
-        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS | {errno.EACCES, errno.EPERM}:
+        if cannot_write(err) is not None:
             return False
         # the failed state's one-line summary names the exception's type, not the exception
         message = record.getMessage()
@@ -123,7 +122,7 @@ class ReportedInOneLine(logging.Filter):
 
 ONE_LINE_ERRORS = re.compile(
     r"exception (DataError|DamagedFile|UnsafeFile|ConfigError|PipelineError|StageFailed|CannotWrite|"
-    rf"OSError: \[Errno ({'|'.join(str(e) for e in sorted(STORAGE_ERRNOS | {errno.EACCES, errno.EPERM}))})\])"
+    rf"OSError: \[Errno ({'|'.join(str(e) for e in sorted(WRITE_ERRNOS))})\])"
 )
 
 

@@ -191,11 +191,14 @@ def stamps_once(run: Run) -> Iterator[None]:
         run.stamp_cache = outer
 
 
-def edited_ids(run: Run, name: str, stamps: dict[str, str] | None = None) -> list[str]:
+def edited_ids(
+    run: Run, name: str, stamps: dict[str, str] | None = None, recorded: dict[str, str] | None = None
+) -> list[str]:
     """The stage's images whose input files changed since it computed them (a failed image
-    has nothing computed from its old files: it is retried as a failure)."""
+    has nothing computed from its old files: it is retried as a failure). ``stamps`` /
+    ``recorded``: the current and the stored stamps, where the caller has them."""
     store = run.store(name)
-    recorded = store.read_stamps()
+    recorded = store.read_stamps() if recorded is None else recorded
     if not recorded:
         return []
     stamps = input_stamps(run, name) if stamps is None else stamps
@@ -255,17 +258,14 @@ def begin_stage(run: Run, name: str, force: bool = False) -> list[str]:
         log.warning("%s: %s was missing or damaged; computing it again", name, rel)
     ids = run.ids(name)
     stamps = input_stamps(run, name)
-    edited = edited_ids(run, name, stamps)
+    recorded = store.read_stamps() if stamps else {}
+    edited = edited_ids(run, name, stamps, recorded)
     if edited and spec.per_image:
         for image_id in edited:
             store.remove_item(image_id)
             store.clear_failure(image_id)
     elif edited:  # the model learnt from the old files (run_stages forces everything downstream)
-        store.model_path.unlink(missing_ok=True)
-        for ckpt in store.checkpoints():
-            ckpt.unlink(missing_ok=True)
-            ckpt.with_suffix(".json").unlink(missing_ok=True)
-    recorded = store.read_stamps() if stamps else {}
+        store.drop_model()
     if stamps and any(recorded.get(i) != stamp for i, stamp in stamps.items()):
         store.write_stamps({**recorded, **stamps})
     if spec.per_image:

@@ -90,27 +90,31 @@ def save_tensors(path: Path, state: dict[str, Any]) -> bytes:
     return data
 
 
-def load_tensors(path: Path) -> dict[str, Any]:
-    """A file :func:`save_tensors` wrote, loaded with ``weights_only=True``: one holding a
-    pickled object raises :class:`UnsafeFile`, a truncated or corrupt one :class:`DamagedFile`."""
+def load_tensors(path: Path, data: bytes | None = None) -> dict[str, Any]:
+    """A file :func:`save_tensors` wrote (or its ``data``, already read), loaded with
+    ``weights_only=True``: one holding a pickled object raises :class:`UnsafeFile`, a
+    truncated or corrupt one :class:`DamagedFile`."""
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise UnsafeFile(
             path,
-            f"holds more than tensors and plain data, so loading it could run code; refused ({first}). "
+            f"holds more than tensors and plain data, so loading it could run code; refused ({_first_line(err)}). "
             "Delete it if you did not write it (wsss writes tensors only), or rerun with --force",
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as err:
         if isinstance(err, FileNotFoundError):
             raise
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise DamagedFile(path, f"damaged or truncated ({first})") from None
+        raise DamagedFile(path, f"damaged or truncated ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 STAMPS = "inputs.json"  # the input stamps of the images a stage computed (not in the manifest's file list)
@@ -346,9 +350,20 @@ class StageStore:
             path.with_suffix(".json"), json.dumps({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         )
         for old in self.checkpoints()[:-keep]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".json").unlink(missing_ok=True)
+            self.remove_checkpoint(old)
         return path
+
+    @staticmethod
+    def remove_checkpoint(path: Path) -> None:
+        """A checkpoint and its record."""
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+
+    def drop_model(self) -> None:
+        """The trained model and every checkpoint: the stage trains again from the start."""
+        self.model_path.unlink(missing_ok=True)
+        for ckpt in self.checkpoints():
+            self.remove_checkpoint(ckpt)
 
     def checkpoint_path(self, step: int) -> Path:
         return self.dir / f"ckpt-{step:08d}.pt"
@@ -364,28 +379,28 @@ class StageStore:
         for k in range(len(found) - 1, -1, -1):
             path = found[k]
             try:
-                self._check_recorded(path)
-                state = load_tensors(path)
+                state = load_tensors(path, self._checked_bytes(path))
             except DamagedFile as err:
                 after = f"resuming from {found[k - 1].name}" if k else "training from the start"
                 log.warning("%s: %s; %s", self.stage, err, after)
-                path.unlink(missing_ok=True)
-                path.with_suffix(".json").unlink(missing_ok=True)
+                self.remove_checkpoint(path)
                 continue
             return int(path.stem.split("-")[1]), state
         return None
 
     @staticmethod
-    def _check_recorded(path: Path) -> None:
-        """Raise :class:`DamagedFile` when ``path`` differs from its ``.json`` record (a file
-        written before records were kept has none and is checked by loading it)."""
+    def _checked_bytes(path: Path) -> bytes | None:
+        """The file's bytes once they match its ``.json`` record (read once, for the check and
+        the load); :class:`DamagedFile` when they do not; None for a file written before
+        records were kept, which is checked by loading it."""
         try:
             record = json.loads(path.with_suffix(".json").read_text())
         except (FileNotFoundError, ValueError):
-            return
+            return None
         data = path.read_bytes()
         if len(data) != record.get("bytes") or hashlib.sha256(data).hexdigest() != record.get("sha256"):
             raise DamagedFile(path, f"damaged ({len(data)} bytes, written as {record.get('bytes')} with another hash)")
+        return data
 
     # ----------------------------------------------------------------- failures
     def record_failure(self, image_id: str, message: str) -> None:

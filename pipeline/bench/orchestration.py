@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from .core import Case, bench, in_child
 
@@ -117,7 +118,7 @@ def one_size(case: Case, n: int, stage: str, engines: tuple[str, ...]) -> list[d
             )
         work = _work_seconds(run, stage, min(n, 100))
         config = tmp / "c.yaml"
-        config.write_text(__import__("yaml").safe_dump(_config(tmp, root, "pool", 2)))
+        config.write_text(yaml.safe_dump(_config(tmp, root, "pool", 2)))
         env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect")}
         status_s = _cli_seconds(["status", str(config)], env)
         cached_s = _cli_seconds(["run", str(config), "--until", stage, "--engine", "local"], env)

@@ -168,6 +168,7 @@ def rebuilt(kind: type[_Base], cfg: Any, weak: WeakConfig, labels: str | None) -
 
 
 def _stamp_of(paths: list[Path]) -> tuple:
+    """(mtime_ns, size) of each path, None where it is absent: one ``stat`` each."""
     out = []
     for path in paths:
         try:
@@ -236,14 +237,8 @@ class _Base(abc.ABC):
             files = self.input_files(image_id)
         except DataError:
             return "unreadable"
-        h = hashlib.blake2b(digest_size=8)
-        for path in files:
-            try:
-                st = os.stat(path)
-                h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-            except OSError:
-                h.update(f"{path.name}:absent;".encode())
-        return h.hexdigest()
+        names = [path.name for path in files]
+        return hashlib.blake2b(repr((names, _stamp_of(files))).encode(), digest_size=8).hexdigest()
 
     # Readers at the image's own size; the public loaders below apply the size guard.
     @abc.abstractmethod
