@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import tvcompat  # noqa: F401  (before torchvision: CPU-only torch)
-import torchvision  # noqa: E402
 from torch import nn
+
+from .tvcompat import load_torchvision
 
 DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
 MEAN = (0.485, 0.456, 0.406)
@@ -37,7 +37,7 @@ class WeightsError(FileNotFoundError):
 
 
 def _imagenet_file(arch: str) -> tuple[Path, str]:
-    enum = torchvision.models.get_model_weights(arch)
+    enum = load_torchvision().models.get_model_weights(arch)
     url = enum.IMAGENET1K_V1.url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
 
@@ -102,7 +102,7 @@ class ResNetBackbone(nn.Module):
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         arch = DEPTHS[depth]
-        net = getattr(torchvision.models, arch)(weights=None)
+        net = getattr(load_torchvision().models, arch)(weights=None)
         state = load_state(weights, arch)
         if state is not None:
             missing, unexpected = net.load_state_dict(state, strict=False)
@@ -206,14 +206,14 @@ class SwinBackbone(nn.Module):
         super().__init__()
         swin_weights_path(arch, weights)
         if SWINS[arch] is None:
-            from torchvision.models.swin_transformer import SwinTransformer
+            SwinTransformer = load_torchvision().models.swin_transformer.SwinTransformer
 
             net, state = (
                 SwinTransformer([4, 4], 32, [2, 2, 2, 2], [1, 2, 4, 8], [7, 7], stochastic_depth_prob=0.1),
                 None,
             )
         else:
-            net = getattr(torchvision.models, arch)(weights=None)
+            net = getattr(load_torchvision().models, arch)(weights=None)
             state = load_state(weights, arch)
             if state is not None:
                 missing, _ = net.load_state_dict(state, strict=False)

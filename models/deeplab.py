@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import tvcompat  # noqa: F401  (before torchvision: CPU-only torch)
-import torchvision  # noqa: E402, I001
 from .backbones import (
     WeightsError,
     freeze_batchnorm,
@@ -17,6 +15,7 @@ from .backbones import (
     normalize,
 )
 from .dilated import prune_dead_taps
+from .tvcompat import load_torchvision
 
 # arch -> (torchvision builder, ImageNet classifier whose weights seed the backbone, key prefix
 # of the classifier's backbone in its own state dict)
@@ -35,7 +34,7 @@ class DeepLab(nn.Module):
         if arch not in ARCHS:
             raise ValueError(f"unknown segmentation arch '{arch}' (known: {', '.join(ARCHS)})")
         builder, classifier, prefix = ARCHS[arch]
-        net = getattr(torchvision.models.segmentation, builder)(
+        net = getattr(load_torchvision().models.segmentation, builder)(
             weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False
         )
         state = load_state(weights, classifier)

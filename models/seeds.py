@@ -157,3 +157,11 @@ def superpixels(image: np.ndarray, n_segments: int, compactness: float, sigma: f
     from skimage.segmentation import slic
 
     return slic(image, n_segments=n_segments, compactness=compactness, sigma=sigma, start_label=0, channel_axis=-1)
+
+
+def classes_of(seeds: np.ndarray, weak) -> np.ndarray:
+    """``[0]`` + every class the seeds or the weak labels of the image mention, sorted."""
+    named = {b.cls for b in weak.boxes} | set(weak.tags) | {p.cls for p in weak.points}
+    if weak.scribbles is not None:
+        named |= set(np.unique(weak.scribbles[weak.scribbles != IGNORE]).tolist())
+    return np.array(sorted({0, *named, *np.unique(seeds[seeds != IGNORE]).tolist()}), np.int64)

@@ -57,6 +57,7 @@ from .affinity import STRIDE, image_kernel, window_offsets
 from .boxes import restrict_to_boxes
 from .graph import from_grid
 from .losses import Window, a2gnn_objective
+from .seeds import classes_of  # noqa: F401 (re-exported)
 from .types import IGNORE, Box
 
 
@@ -181,14 +182,6 @@ def fuse(
     out[np.searchsorted(ids, class_ids)] += probs
     out[np.searchsorted(ids, rw_ids)] += rw_weight * rw.astype(np.float32)
     return out / (1.0 + rw_weight), ids
-
-
-def classes_of(seeds: np.ndarray, weak) -> np.ndarray:
-    """``[0]`` + every class the seeds or the weak labels of the image mention, sorted."""
-    named = {b.cls for b in weak.boxes} | set(weak.tags) | {p.cls for p in weak.points}
-    if weak.scribbles is not None:
-        named |= set(np.unique(weak.scribbles[weak.scribbles != IGNORE]).tolist())
-    return np.array(sorted({0, *named, *np.unique(seeds[seeds != IGNORE]).tolist()}), np.int64)
 
 
 def class_index(class_ids: np.ndarray) -> np.ndarray:

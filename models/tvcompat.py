@@ -15,7 +15,9 @@ RoIAlign, Mask R-CNN, deformable convolution) report that they need a complete
 torchvision (a CUDA build of torch with its matching torchvision, or a CPU torchvision
 that matches the installed torch).
 
-Import this module before torchvision (``models/__init__.py`` does).
+Import this module before torchvision, or take torchvision from :func:`load_torchvision`
+(imported on first use: commands that build no network, such as ``wsss status``, never pay
+its import).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+from types import ModuleType
 
 import torch
 
@@ -91,6 +94,13 @@ def require_compiled_ops(feature: str) -> None:
     """Raise a clear error naming ``feature`` when torchvision's compiled ops are missing."""
     if not ensure():
         raise RuntimeError(f"{feature}: {NEEDS_COMPILED_OPS}")
+
+
+def load_torchvision() -> ModuleType:
+    """``torchvision``, importable here because :func:`ensure` ran when this module loaded."""
+    import torchvision
+
+    return torchvision
 
 
 ensure()

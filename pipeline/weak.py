@@ -19,7 +19,6 @@ from collections import deque
 
 import cv2
 import numpy as np
-from skimage.morphology import medial_axis
 
 from stages.base import IGNORE, Box, DataError, Point, WeakLabels
 
@@ -63,6 +62,8 @@ def box_of(mask: np.ndarray, cls: int) -> Box:
 def _skeleton_path(region: np.ndarray, length: float, max_pixels: float, rng: np.random.Generator) -> np.ndarray:
     """Boolean mask of a contiguous piece (``length`` share, at most ``max_pixels``) of the
     region's skeleton."""
+    from skimage.morphology import medial_axis  # scikit-image loads with the first scribble, not with the CLI
+
     skel = medial_axis(
         region, rng=0
     )  # (fixed tie-breaking) thinning collapses convex shapes (a square -> 3 pixels); the medial axis does not

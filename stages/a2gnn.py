@@ -13,13 +13,13 @@ together (``batch``; :class:`models.a2gnn.GridGraph` path only).
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from models.transductive import Problem, batches, classes_of, fit, fuse, image_seed, make_problem
+from models.seeds import classes_of
 from models.types import Box
 
 from .affinity_train import load_affinity
@@ -28,6 +28,9 @@ from .graph import node_features_of
 from .routing import fuses_random_walk
 from .sections import Section
 from .training import release
+
+if TYPE_CHECKING:  # models.transductive (torch_geometric) loads when the stage runs, not with the registry
+    from models.transductive import Problem
 
 # --------------------------------------------------------------------------- config section
 A2GNN_RELEASED = {
@@ -104,6 +107,8 @@ def _affinity_of(ctx: StageContext):
 
 
 def _problem(ctx: StageContext, image_id: str, class_ids: np.ndarray, boxes: list[Box], cfg) -> Problem:
+    from models.transductive import image_seed, make_problem
+
     affinity = _affinity_of(ctx)
     graph = ctx.input("graph").read_arrays(image_id)
     image = ctx.dataset.load_image(image_id)
@@ -125,6 +130,8 @@ def _run_group(ctx: StageContext, group: tuple[str, dict[str, tuple]], cfg, radi
     """Train one group of images together and write their outputs; returns the per-image
     failures and facts. ``group``: its key and each of its images' (class ids, boxes), the
     task's whole payload (the other groups' stay behind)."""
+    from models.transductive import fit, fuse
+
     _, meta = group
     failures, problems, ids = {}, [], []
     for image_id in meta:
@@ -146,6 +153,8 @@ def _run_group(ctx: StageContext, group: tuple[str, dict[str, tuple]], cfg, radi
 
 
 def run(ctx: StageContext) -> StageResult:
+    from models.transductive import batches
+
     cfg = ctx.section
     result, facts = StageResult(), []
     # One pass over the seeds and weak labels: each image's classes and boxes, and the

@@ -16,7 +16,7 @@ from pydantic import Field, PositiveFloat
 
 from models.graph import keep_known
 from models.spml import embedding_walk
-from models.transductive import classes_of
+from models.seeds import classes_of
 
 from .base import STAGES, Output, StageContext, StageResult, StageSpec
 from .sections import Section

@@ -15,7 +15,7 @@ SLIC regions through the same geometry):
    the bank is checkpointed, so a killed run resumes exactly.
 
 Tags for the O term: the classes the image's weak labels or seeds name
-(:func:`models.transductive.classes_of`), background left out. SGD (new layers at
+(:func:`models.seeds.classes_of`), background left out. SGD (new layers at
 ``head_lr_mult`` x), warm-up then poly.
 """
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from models.seeds import superpixels
+from models.seeds import classes_of, superpixels
 from models.segmentation import SpmlNet
 from models.spml import (
     Memory,
@@ -40,7 +40,6 @@ from models.spml import (
     segment_prototypes,
     semantic_annotation_loss,
 )
-from models.transductive import classes_of
 from models.types import IGNORE
 
 from .base import STAGES, StageContext, StageResult
