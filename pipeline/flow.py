@@ -38,7 +38,13 @@ def begin_task(config_json: str, name: str, force: bool) -> list[str]:
 @task(name="shard", task_run_name="{name}/shard-{index}", cache_policy=NO_CACHE)
 def shard_task(config_json: str, name: str, index: int, ids: list[str], workers: int | None) -> dict[str, Any]:
     result = execute_stage(run_from_json(config_json), name, ids, workers=workers)
-    return {"failures": result.failures, "info": result.info, "metrics": result.metrics, "ran_on": process_name()}
+    return {
+        "failures": result.failures,
+        "info": result.info,
+        "metrics": result.metrics,
+        "work_s": result.work_s,
+        "ran_on": process_name(),
+    }
 
 
 @task(name="finish", task_run_name="{name}/finish", cache_policy=NO_CACHE)
@@ -48,7 +54,7 @@ def finish_task(
     from stages.base import StageResult
 
     run = run_from_json(config_json)
-    results = [StageResult(r["failures"], r["info"], r["metrics"]) for r in shard_results]
+    results = [StageResult(r["failures"], r["info"], r["metrics"], r["work_s"]) for r in shard_results]
     manifest = finish_stage(run, name, results, seconds, computed, [r["ran_on"] for r in shard_results])
     publish(run.config.run, name, manifest)
     return manifest

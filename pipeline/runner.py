@@ -328,7 +328,9 @@ def execute_stage(run: Run, name: str, ids: list[str], workers: int | None = Non
     """Run the stage over ``ids`` (one shard); per-item failures are recorded in the store."""
     spec, store = run.spec(name), run.store(name)
     set_threads(run.config.threads)
-    result = spec.run(stage_context(run, name, ids, workers))
+    ctx = stage_context(run, name, ids, workers)
+    result = spec.run(ctx)
+    result.work_s = result.work_s or ctx.work_s
     for image_id, message in result.failures.items():
         store.record_failure(image_id, message)
     return result
@@ -356,6 +358,11 @@ def finish_stage(
     timings["total_s"] = round(timings.get("total_s", 0.0) + seconds, 3)
     if computed:
         timings.update(last_run_s=round(seconds, 3), last_run_images=computed, per_image_s=round(seconds / computed, 4))
+        work = sum(r.work_s for r in results)
+        if work:  # a per-item stage: what its items took, the rest of last_run_s is orchestration
+            timings["last_run_work_s"] = round(work, 3)
+        else:
+            timings.pop("last_run_work_s", None)
         manifest["ran_on"] = sorted(set(ran_on or []))
     if missing:
         status = "partial"

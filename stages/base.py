@@ -10,8 +10,10 @@ what a stage may rely on, so the dependency direction stays pipeline -> stages -
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -160,6 +162,7 @@ class StageContext:
     workers: int = 1
     mapper: Any = None  # pipeline-provided callable(fn, ctx, ids, desc) -> iterator
     pool_map: Any = None  # pipeline-provided callable(fn, items, workers) -> list, in worker processes
+    work_s: float = 0.0  # seconds inside ``map_items``' item functions, summed over the processes that ran them
 
     @property
     def log(self) -> logging.Logger:
@@ -180,7 +183,9 @@ class StageContext:
         picklable items, e.g. a group of images with what they need), in parallel where the
         pipeline allows, yielding ``(item, result_or_exception)`` as items finish."""
         ids = list(self.todo if ids is None else ids)
-        for image_id, outcome in self._outcomes(fn, ids, desc):
+        for image_id, timed in self._outcomes(functools.partial(_timed, fn), ids, desc):
+            outcome, seconds = timed if isinstance(timed, tuple) else (timed, 0.0)
+            self.work_s += seconds
             if storage_error(outcome):
                 raise outcome  # the disk, not the image: every later item would fail the same way
             yield image_id, outcome
@@ -215,13 +220,25 @@ class StageContext:
         return state
 
 
+def _timed(fn: Callable[[StageContext, Any], T], ctx: StageContext, item: Any) -> tuple[T | Exception, float]:
+    """``(fn(ctx, item) or the exception it raised, the seconds it took)``, in the process that runs it."""
+    t0 = time.perf_counter()
+    try:
+        out: T | Exception = fn(ctx, item)
+    except Exception as err:  # noqa: BLE001 - the caller's per-item failure, as without the timing
+        out = err
+    return out, time.perf_counter() - t0
+
+
 @dataclass
 class StageResult:
-    """What a stage reports back: per-item failures, extra info, metrics it computed."""
+    """What a stage reports back: per-item failures, extra info, metrics it computed, and the
+    seconds its per-item functions took (``work_s``; the rest of a stage's time is orchestration)."""
 
     failures: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    work_s: float = 0.0
 
 
 def run_items(ctx: StageContext, fn: Callable[[StageContext, str], Any], desc: str | None = None) -> StageResult:

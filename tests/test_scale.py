@@ -57,3 +57,45 @@ def test_auto_shards_are_a_few_per_slot_at_any_size(tmp_path):
         assert len(parts) == count and sum(parts, []) == ids
     run = make_run(config_from_dict({"output_root": str(tmp_path)}))
     assert [len(p) for p in shards(run, "crf", ids[:40])] == [16, 16, 8]
+
+
+def test_the_manifest_splits_a_per_image_stage_into_its_items_work_and_the_rest(tmp_path):
+    """``timings.last_run_work_s``: the seconds inside the item functions (on the pool's two
+    workers too), never more than the stage's time on its processes; a training stage has none."""
+    import time
+
+    from pipeline.runner import run_local
+
+    from .conftest import demo_config
+
+    one = run_local(make_run(demo_config(tmp_path / "w1")), ["box_seeds", "cam_train"])
+    two = run_local(make_run(demo_config(tmp_path / "w2", workers=2)), ["box_seeds"])
+    for workers, m in ((1, one), (2, two)):
+        t = m["box_seeds"]["timings"]
+        assert 0 < t["last_run_work_s"] <= t["last_run_s"] * workers, t
+    assert "last_run_work_s" not in one["cam_train"]["timings"]
+
+    def slow(ctx, image_id):  # in this process: a known cost per item
+        time.sleep(0.05)
+        return image_id
+
+    run = make_run(demo_config(tmp_path / "slow"))
+    ctx = stage_context(run, "box_seeds", run.ids("box_seeds"))
+    ctx.mapper = None
+    assert [i for i, _ in ctx.map_items(slow)] == ctx.todo and ctx.work_s >= 0.05 * len(ctx.todo)
+
+
+def test_bench_orchestration_rows(tmp_path):
+    from .conftest import bench_rows
+
+    rows = bench_rows(
+        tmp_path, "orchestration", "--size", "32x24", "--opt", "sizes=[12, 24]", "--opt", 'engines=[pool, "workers: 1"]'
+    )
+    sized = [r for r in rows if "growth" not in r["case"]]
+    assert [r["case"] for r in sized] == ["pool N=12", "workers: 1 N=12", "pool N=24", "workers: 1 N=24"]
+    for r in sized:
+        assert r["seconds"] > 0 and 0 < r["work_s_per_image"] and r["overhead_s_per_image"] >= 0, r
+        assert r["status_s"] > 0 and r["cached_run_s"] > 0 and r["manifest_kb"] > 0 and r["peak_rss_mb"] > 0, r
+    growth = {r["case"]: r for r in rows if "growth" in r["case"]}
+    assert set(growth) == {"pool: growth N=12 -> 24", "workers: 1: growth N=12 -> 24"}
+    assert all(g["overhead_growth"] > 0 and g["s_per_image_growth"] > 0 for g in growth.values())

@@ -67,20 +67,6 @@ def _cli_seconds(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def _work_seconds(run, stage: str, sample: int) -> float:
-    """Seconds per image of the stage's own work, called in this process on ``sample`` images."""
-    from stages.base import STAGES
-
-    from ..runner import stage_context
-
-    ids = run.ids(stage)[:sample]
-    ctx = stage_context(run, stage, ids, workers=1)
-    ctx.mapper = None
-    t0 = time.perf_counter()
-    STAGES.get(stage).run(ctx)
-    return (time.perf_counter() - t0) / len(ids)
-
-
 def one_size(case: Case, n: int, stage: str, engines: tuple[str, ...]) -> list[dict[str, Any]]:
     """Every engine case at one dataset size, in one process (its peak RSS is this size's)."""
     from ..config import config_from_dict
@@ -105,7 +91,7 @@ def one_size(case: Case, n: int, stage: str, engines: tuple[str, ...]) -> list[d
                 run_local(run, [stage], {stage})
             wall = time.perf_counter() - t0
             m = run.store(stage).read_manifest()
-            seconds = m["timings"]["last_run_s"]
+            seconds, work = m["timings"]["last_run_s"], m["timings"]["last_run_work_s"]
             rows.append(
                 {
                     "case": f"{engine} N={n}",
@@ -113,10 +99,13 @@ def one_size(case: Case, n: int, stage: str, engines: tuple[str, ...]) -> list[d
                     "seconds": seconds,
                     "images_per_s": round(n / seconds, 1),
                     "s_per_image": round(seconds / n, 5),
+                    "work_s_per_image": round(work / n, 5),
+                    # the processes' time not spent inside an item: dispatch, reads of the
+                    # manifest and stamps, waiting at the end for the last item
+                    "overhead_s_per_image": round((seconds * PARALLEL[engine] - work) / n, 5),
                     "wall_s": round(wall, 1),
                 }
             )
-        work = _work_seconds(run, stage, min(n, 100))
         config = tmp / "c.yaml"
         config.write_text(yaml.safe_dump(_config(tmp, root, "pool", 2)))
         env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect")}
@@ -124,9 +113,6 @@ def one_size(case: Case, n: int, stage: str, engines: tuple[str, ...]) -> list[d
         cached_s = _cli_seconds(["run", str(config), "--until", stage, "--engine", "local"], env)
         manifest = run.store(stage).manifest_path.stat().st_size
         for row in rows:
-            engine = row["case"].rsplit(" N=", 1)[0]
-            row["work_s_per_image"] = round(work, 5)
-            row["overhead_s_per_image"] = round(row["s_per_image"] - work / PARALLEL[engine], 5)
             row["status_s"], row["cached_run_s"] = round(status_s, 2), round(cached_s, 2)
             row["manifest_kb"] = round(manifest / 1024, 1)
             row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -146,8 +132,9 @@ def bench_orchestration(
     synthetic image sets at the case size (use ``--size 64x48``): for each engine (the local
     pool of 2, ``workers: 1``, Prefect's thread runner on the pool, Prefect on a 2-worker Dask
     cluster) the stage's seconds per image (begin to finish, without Prefect's or the
-    cluster's start), the stage's own work per image (called in the process, no pool) and the
-    difference, the orchestration overhead (pool cases: per image of 2 workers); a fresh
+    cluster's start), the work per image (the seconds inside the item functions, the
+    manifest's ``last_run_work_s``) and the orchestration overhead per image: the computing
+    processes' seconds (stage seconds x processes) not spent inside an item, over N; a fresh
     ``wsss status`` and a fully cached ``wsss run`` (imports included); the manifest's size;
     the peak RSS of the process that ran the size. ``large``: one more size on the pool alone
     (e.g. 100000). A row per engine and size, then the growth of the overhead from the
