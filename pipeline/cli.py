@@ -2,6 +2,7 @@
 
 wsss run CONFIG [--from S] [--until S] [--only S] [--force S] [--set key=value]
 wsss status CONFIG            a table: stage, fingerprint, done/total, failed, time, metrics
+wsss dag CONFIG               the stages the config runs and their inputs, as a Mermaid flowchart
 wsss inspect CONFIG IMAGE_ID  one PNG panel: image, GT, weak labels, every stage's labels, graph edges
 wsss eval CONFIG --stage S    per-class IoU, mIoU, coverage, precision of one stage
 wsss prepare CONFIG --out DIR synthesize weak labels (boxes, scribbles, points, tags) from GT
@@ -65,7 +66,7 @@ def _setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-# Exit codes (README, "Exit codes"): 1 a stage failed for every image, 2 a config or data error
+# Exit codes (docs/reliability.md, "Exit codes"): 1 a stage failed for every image, 2 a config or data error
 # (nothing ran, or the stage that met it stopped), 3 the disk refused a write, 130 / 143 stopped.
 EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_CANNOT_WRITE = 1, 2, 3
 
@@ -294,6 +295,15 @@ def status(config: Path = ConfigArg, overrides: list[str] | None = SetOpt) -> No
     console.print(status_table(the_run))
     _print_failures(the_run)
     _print_loss_curves(the_run)
+
+
+@app.command()
+def dag(config: Path = ConfigArg, overrides: list[str] | None = SetOpt) -> None:
+    """The stages this config runs and what each reads, as a Mermaid flowchart (paste it into
+    any Markdown that renders Mermaid, or read it as text)."""
+    from .dag import mermaid
+
+    print(mermaid(_make_run(config, overrides)))
 
 
 def _print_loss_curves(run) -> None:

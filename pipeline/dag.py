@@ -140,6 +140,18 @@ def build_dag(config: RunConfig) -> tuple[list[StageSpec], dict[str, list[str]]]
     return [specs[n] for n in order], upstream
 
 
+def mermaid(run: Run) -> str:
+    """The run's DAG as a Mermaid flowchart: one ``upstream --> stage`` line per declared
+    input, in DAG order; a stage with no edge stands on its own line."""
+    lines = ["flowchart LR"]
+    linked = {u for s in run.names for u in run.upstream[s]} | {s for s in run.names if run.upstream[s]}
+    for name in run.names:
+        lines += [f"  {u} --> {name}" for u in run.upstream[name]]
+        if name not in linked:
+            lines.append(f"  {name}")
+    return "\n".join(lines)
+
+
 def make_run(config: RunConfig) -> Run:
     """Bind a config to its dataset (errors here stop before any work) and fingerprints."""
     unknown = sorted(set(config.notes) - set(STAGES.names()))

@@ -9,6 +9,7 @@ children start as clean as spawned ones.
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from multiprocessing.context import BaseContext
 
 # tvcompat before torchvision: on CPU-only torch it stubs torchvision's compiled ops.
@@ -20,3 +21,12 @@ def forkserver() -> BaseContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
+
+
+def stop_temporary_server() -> None:
+    """Stop the temporary Prefect server this process started, if any. Prefect stops it at
+    exit, but a multiprocessing child (a bench case) leaves through ``os._exit``, past the
+    exit handlers, and its server would run on until the command ends."""
+    server = sys.modules.get("prefect.server.api.server")  # loaded only where a server was started
+    for instance in list(getattr(getattr(server, "SubprocessASGIServer", None), "_instances", {}).values()):
+        instance.stop()

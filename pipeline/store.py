@@ -1,6 +1,6 @@
 """The artifact store: the single source of truth for caching and resume.
 
-Layout (README, "The artifact store")::
+Layout (docs/store.md)::
 
     <run>/config.yaml
     <run>/<stage>/<fingerprint>/manifest.json

@@ -29,7 +29,7 @@ class BoxSeedsConfig(Section):
     """GrabCut seeds from boxes (thesis Eq. 3.2-3.3). ``inside_background``: what GrabCut's
     background inside a box becomes: ``unknown`` (Eq. 3.2, 255; the thesis, where ImageNet
     features tell background inside a box from the object) or ``background`` (the
-    "GrabCut filled" map; for from-scratch features, see the README's box ladder)."""
+    "GrabCut filled" map; for from-scratch features, see the box ladder in docs/results.md)."""
 
     iterations: PositiveInt = 5
     inside_background: Literal["unknown", "background"] = "unknown"

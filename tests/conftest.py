@@ -202,7 +202,7 @@ def demo_branch_vs_baseline(
 
     path = ROOT / "configs" / f"demo_{method}.yaml"
     data = read_config_file(path)
-    # threads: 2, what `make demo` uses on 2 cores, where the README's figures were measured, on any
+    # threads: 2, what `make demo` uses on 2 cores, where the results page's figures were measured, on any
     # machine: torch sums in another order on another thread count, and from scratch that alone moves
     # these runs by points (DFR's demo gap: +0.062 on 2 threads, +0.005 on 1).
     data.update(output_root=str(tmp_path / "artifacts"), engine="local", threads=2)

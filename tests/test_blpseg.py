@@ -209,7 +209,7 @@ def test_objective_switches_to_its_own_confident_labels_and_plain_ce_without_blp
 def test_demo_blpseg_beats_pce_only(tmp_path):
     """configs/demo_blpseg.yaml (what `make demo` runs: LAM + BL) against the same network and
     schedule trained with partial CE alone. Training seeds 0 / 1 / 2 gave 0.538 / 0.533 / 0.538
-    against 0.445 / 0.493 / 0.432 (gaps 0.093 / 0.040 / 0.106, README): the margin is half the
+    against 0.445 / 0.493 / 0.432 (gaps 0.093 / 0.040 / 0.106, docs/results.md): the margin is half the
     smallest gap; this runs seed 0."""
     from .conftest import demo_branch_vs_baseline
 

@@ -64,7 +64,7 @@ CASES = [
     ("camvid", "a2gnn", "box_seeds"),
     ("camvid", "a2gnn", "grabcut_filled"),
     # CamVid's CRF is held against GrabCut, not against A2GNN: on the box-constrained maps of
-    # the full schedule it adds 0.015 on these 8 frames (README), on this shortened one's
+    # the full schedule it adds 0.015 on these 8 frames (docs/results.md), on this shortened one's
     # softer maps it takes a few points off the small pedestrians.
     ("camvid", "crf", "grabcut_filled"),
 ]

@@ -271,7 +271,7 @@ def test_instances_need_boxes_and_final_train_rejects_unknown_weights(tmp_path):
 @pytest.mark.claims
 def test_demo_final_model_is_within_10_points_of_its_gt_upper_bound(demo_box_run):
     """Table 3.1 at demo scale: DeepLab on the CRF'd A²GNN labels vs the same settings on GT.
-    Training seeds 0 / 1 / 2 (README): 0.354 / 0.354 / 0.360 against 0.425 / 0.407 / 0.364 on GT,
+    Training seeds 0 / 1 / 2 (docs/results.md): 0.354 / 0.354 / 0.360 against 0.425 / 0.407 / 0.364 on GT,
     all-background 0.215: both floors (+0.10) are under the smallest gain over all-background
     (0.139); this runs seed 0."""
     run = demo_box_run

@@ -1,4 +1,4 @@
-"""Runs you can trust (issue 15): bad input never stops a run, the cache never serves the
+"""Runs you can trust: bad input never stops a run, the cache never serves the
 wrong thing. One test (or more) per numbered case of the issue; the subprocess tests drive
 the real ``wsss`` command (signals, two runs at once)."""
 
@@ -238,6 +238,17 @@ def test_editing_a_weak_label_file_changes_the_stages_that_read_it(tmp_path, hor
     scribble = tmp_path / "weak" / "scribbles" / "horse002.png"
     scribble.write_bytes(scribble.read_bytes() + b"")  # same bytes: same fingerprint
     assert make_run(config_from_dict(cfg)).fingerprints == after
+    # a scribble run: one edited scribble PNG is that image's edit (its stamp), not the whole
+    # dataset's, so no command reads every scribble file
+    cfg["labels"] = "scribble"
+    run = make_run(config_from_dict(cfg))
+    run_local(run, ["seeds"])
+    drawn = np.asarray(Image.open(scribble))
+    Image.fromarray(np.where(drawn == 1, 255, drawn).astype(np.uint8)).save(scribble)  # a stroke erased
+    again = make_run(config_from_dict(cfg))
+    assert again.fingerprints == run.fingerprints
+    work = needs_work(again, "seeds")
+    assert work.kind is WorkKind.EDITED and "horse002" in work.why and "horse001" not in work.why
 
 
 # --------------------------------------------------------------------------- 5: the manifest knows its items
@@ -480,7 +491,7 @@ def test_sigterm_and_ctrl_c_stop_promptly_and_lose_nothing(tmp_path, horses, eng
     finished = len(store.done_ids())
     assert finished < n
     # the rerun in this process: the same store and config as `wsss run` (its startup is the
-    # kill -9 test's), on this session's preloaded worker pool
+    # kill -9 test's), on the test process's preloaded worker pool
     rerun = run_local(make_run(load_config(path, ["engine=local"])), ["box_seeds"])
     assert rerun["box_seeds"]["status"] == "complete"
     assert rerun["box_seeds"]["timings"]["last_run_images"] == n - finished

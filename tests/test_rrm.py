@@ -276,7 +276,7 @@ def test_demo_rrm_learns_but_stays_under_the_plain_cam_crf_labels(tmp_path):
     """configs/demo_rrm.yaml (what `make demo-all` runs) against the plain CAM + CRF labels
     (Eq. 2.5) of a classification-only network of the same budget (``cls_only_fraction: 1``),
     on the val split (``rrm_eval``: the segmentation branch given the tags against the
-    baseline's ``cam_crf``). What three training seeds show (README, the RRM demo row): the
+    baseline's ``cam_crf``). What three training seeds show (docs/results.md, the RRM demo row): the
     branch learns from the labels it mines (above all-background), and from scratch at this
     budget it stays under the plain CAM + CRF; each margin is half the smallest of the three
     seeds' gaps. On the train split the order changes with the seed, so nothing is asserted

@@ -154,7 +154,7 @@ def test_spml_labels_above_the_seeds_it_learns_from(demo_box_run):
     """The demo ladder's SPML row (configs/demo.yaml: 150 steps from scratch, the seeds kept, a
     4-step walk): its pseudo-labels beat the seeds they are trained on. Training seeds 0 / 1 / 2
     on two torch threads (as `make demo` and this fixture) gave +0.040 / +0.015 / +0.019
-    (README); the margin is under half the smallest."""
+    (docs/results.md); the margin is under half the smallest."""
     spml = run_local(demo_box_run, ["spml_train", "spml"])["spml"]["metrics"]
     seeds = demo_box_run.store("seeds").read_manifest()["metrics"]["miou"]
     assert spml["coverage"] == 1.0

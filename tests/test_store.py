@@ -1,4 +1,4 @@
-"""Resume, invalidation and atomicity of the artifact store (the README's store contract)."""
+"""Resume, invalidation and atomicity of the artifact store (docs/store.md)."""
 
 import shutil
 from pathlib import Path

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..processes import forkserver
+from ..processes import forkserver, stop_temporary_server
 
 
 BENCHES: dict[str, Callable[..., list[dict[str, Any]]]] = {}
@@ -76,6 +76,8 @@ def _child(fn, case, options, queue) -> None:
         queue.put(("ok", fn(case, **options)))
     except BaseException as err:  # noqa: BLE001 - reported to the parent
         queue.put(("error", f"{type(err).__name__}: {err}"))
+    finally:
+        stop_temporary_server()
 
 
 def in_child(fn: Callable, case: Case, **options: Any) -> dict[str, Any]:

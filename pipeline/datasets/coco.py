@@ -76,8 +76,8 @@ class CocoData(_Base):
         return [cid for cid, _ in coco.load(self.json["train"]).categories]
 
     def weak_sources(self) -> list[Path]:
-        files = list(self.json.values()) + ([self.points_path] if self.points_path else [])
-        return files + (sorted(self.scribble_dir.glob("*.png")) if self.scribble_dir else [])
+        # per-image scribble PNGs are in input_files' stamps: no command reads all of them
+        return list(self.json.values()) + ([self.points_path] if self.points_path else [])
 
     def ids(self, split: str) -> list[str]:
         if split not in ("train", "val"):

@@ -132,13 +132,11 @@ class MasksData(_Base):
         return {"kind": "masks", **self.cfg.model_dump(), "root": str(self.root.resolve())}
 
     def weak_sources(self) -> list[Path]:
+        # per-image scribble PNGs are in input_files' stamps: no command reads all of them
         if not self.cfg.weak_dir:
             return []
         root = Path(self.cfg.weak_dir)
-        scribbles = root / "scribbles"
-        return [root / f"{n}.json" for n in ("boxes", "points", "tags") if n == "tags" or n in self.needs] + (
-            sorted(scribbles.glob("*.png")) if scribbles.is_dir() and "scribbles" in self.needs else []
-        )
+        return [root / f"{n}.json" for n in ("boxes", "points", "tags") if n == "tags" or n in self.needs]
 
     def input_files(self, image_id: str) -> list[Path]:
         files = [self._images[image_id]] + ([self._masks[image_id]] if image_id in self._masks else [])
