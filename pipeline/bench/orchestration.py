@@ -67,7 +67,7 @@ def _cli_seconds(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
-def one_size(case: Case, n: int, stage: str, engines: tuple[str, ...]) -> list[dict[str, Any]]:
+def one_size(case: Case, n: int, stage: str, engines: tuple[str, ...], cli: bool = True) -> list[dict[str, Any]]:
     """Every engine case at one dataset size, in one process (its peak RSS is this size's)."""
     from ..config import config_from_dict
     from ..runner import make_run, run_local
@@ -106,14 +106,16 @@ def one_size(case: Case, n: int, stage: str, engines: tuple[str, ...]) -> list[d
                     "wall_s": round(wall, 1),
                 }
             )
-        config = tmp / "c.yaml"
-        config.write_text(yaml.safe_dump(_config(tmp, root, "pool", 2)))
-        env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect")}
-        status_s = _cli_seconds(["status", str(config)], env)
-        cached_s = _cli_seconds(["run", str(config), "--until", stage, "--engine", "local"], env)
+        if cli:
+            config = tmp / "c.yaml"
+            config.write_text(yaml.safe_dump(_config(tmp, root, "pool", 2)))
+            env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect")}
+            status_s = _cli_seconds(["status", str(config)], env)
+            cached_s = _cli_seconds(["run", str(config), "--until", stage, "--engine", "local"], env)
+            for row in rows:
+                row["status_s"], row["cached_run_s"] = round(status_s, 2), round(cached_s, 2)
         manifest = run.store(stage).manifest_path.stat().st_size
         for row in rows:
-            row["status_s"], row["cached_run_s"] = round(status_s, 2), round(cached_s, 2)
             row["manifest_kb"] = round(manifest / 1024, 1)
             row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return rows
@@ -126,6 +128,7 @@ def bench_orchestration(
     stage: str = "box_seeds",
     engines: tuple[str, ...] = tuple(PARALLEL),
     large: int = 0,
+    cli: bool = True,
     **_: Any,
 ) -> list[dict[str, Any]]:
     """``stage`` (default ``box_seeds``, the cheapest real per-image stage) over ``sizes``
@@ -136,14 +139,15 @@ def bench_orchestration(
     manifest's ``last_run_work_s``) and the orchestration overhead per image: the computing
     processes' seconds (stage seconds x processes) not spent inside an item, over N; a fresh
     ``wsss status`` and a fully cached ``wsss run`` (imports included); the manifest's size;
-    the peak RSS of the process that ran the size. ``large``: one more size on the pool alone
+    the peak RSS of the process that ran the size (``cli: false`` leaves out the two fresh
+    ``wsss`` processes). ``large``: one more size on the pool alone
     (e.g. 100000). A row per engine and size, then the growth of the overhead from the
     smallest to the largest size per engine."""
     rows: list[dict[str, Any]] = []
     for n in sizes:
-        rows += in_child(_rows_of, case, n=n, stage=stage, engines=tuple(engines))["rows"]
+        rows += in_child(_rows_of, case, n=n, stage=stage, engines=tuple(engines), cli=cli)["rows"]
     if large:
-        rows += in_child(_rows_of, case, n=large, stage=stage, engines=("pool",))["rows"]
+        rows += in_child(_rows_of, case, n=large, stage=stage, engines=("pool",), cli=cli)["rows"]
     for engine in engines:
         mine = [r for r in rows if r["case"].rsplit(" N=", 1)[0] == engine]
         if len(mine) > 1:
@@ -158,7 +162,7 @@ def bench_orchestration(
     return rows
 
 
-def _rows_of(case: Case, n: int, stage: str, engines: tuple[str, ...]) -> dict[str, Any]:
+def _rows_of(case: Case, n: int, stage: str, engines: tuple[str, ...], cli: bool) -> dict[str, Any]:
     import logging
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # read when Prefect is first imported
@@ -167,6 +171,6 @@ def _rows_of(case: Case, n: int, stage: str, engines: tuple[str, ...]) -> dict[s
     from ..pool import close_pools
 
     try:
-        return {"rows": one_size(case, n, stage, engines)}
+        return {"rows": one_size(case, n, stage, engines, cli)}
     finally:
         close_pools()
