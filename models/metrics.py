@@ -39,19 +39,35 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore:
     )
 
 
-def scores(conf: np.ndarray, class_names: list[str] | None = None) -> dict[str, Any]:
-    """Per-class IoU, mIoU, coverage and precision from a (C, C+1) confusion matrix."""
+def class_iou(conf: np.ndarray) -> np.ndarray:
+    """IoU_k = TP_k / (GT_k + Pred_k - TP_k) per class from a (C, C+1) confusion matrix (rows GT,
+    the last column unlabelled predictions, which count as misses); NaN for a class neither holds."""
     conf = np.asarray(conf, dtype=np.float64)
     c = conf.shape[0]
     tp = np.diag(conf[:, :c])
     union = conf.sum(1) + conf[:, :c].sum(0) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def mean_iou(conf: np.ndarray) -> float:
+    """mIoU: the mean of :func:`class_iou` over the classes the GT or the labels hold (for one
+    image's confusion matrix, the classes of that image)."""
+    iou = class_iou(conf)
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
+def scores(conf: np.ndarray, class_names: list[str] | None = None) -> dict[str, Any]:
+    """Per-class IoU, mIoU, coverage and precision from a (C, C+1) confusion matrix."""
+    conf = np.asarray(conf, dtype=np.float64)
+    c = conf.shape[0]
+    tp = np.diag(conf[:, :c])
+    iou = class_iou(conf)
     total = conf.sum()
     labeled = conf[:, :c].sum()
     names = class_names or [str(k) for k in range(c)]
     return {
-        "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+        "miou": mean_iou(conf),
         "iou": {names[k]: (None if np.isnan(iou[k]) else float(iou[k])) for k in range(c)},
         "coverage": float(labeled / total) if total else float("nan"),
         "precision": float(tp.sum() / labeled) if labeled else float("nan"),

@@ -446,9 +446,12 @@ def _print_ladder(the_run) -> None:
         f"[bold]quality ladder[/] of '{the_run.config.run}' ({the_run.config.labels} -> {the_run.config.method}; mIoU: "
         "pseudo-labels on the train split, trained models on val; seeds count unlabeled pixels as misses)"
     )
+    from .scoring import CHANGED, changed_images
+
+    manifests = {name: the_run.store(name).read_manifest() or {} for name in the_run.names}
     for name in the_run.names:
         spec = the_run.spec(name)
-        m = (the_run.store(name).read_manifest() or {}).get("metrics", {})
+        m = manifests[name].get("metrics", {})
         label = name if spec.split == "train" else f"{name} ({spec.split})"
         if spec.scores is Scoring.MASK_AP and "gt_objects" in m:
             aps = "   ".join(f"{k} {_fmt(v)}" for k, v in m.items() if k.startswith("mAP@"))
@@ -467,6 +470,13 @@ def _print_ladder(the_run) -> None:
                 console.print(
                     f"  {row_label:<34} mIoU {_fmt(sub.get('miou'))}   coverage {_fmt(sub.get('coverage'))}   "
                     f"precision {_fmt(sub.get('precision'))}{lost}",
+                    highlight=False,
+                )
+            for change in changed_images(the_run, name, manifests):
+                worst = f" (worst: {', '.join(change['worst'])})" if change["worse"] else ""
+                console.print(
+                    f"    per image against {change['against']}: {change['worse']} worse and {change['better']} "
+                    f"better by more than {CHANGED:g} mIoU, of {change['images']}{worst}",
                     highlight=False,
                 )
         for figure, value, baseline, base_value in baseline_pairs(the_run, name, m):

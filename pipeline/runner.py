@@ -382,7 +382,12 @@ def finish_stage(
     info = {k: v for r in results for k, v in r.info.items()}
     if info:
         manifest["info"] = info
-    scored = evaluate_maps(run, name, [None, *spec.variants(run.config)])
+    per_image: dict[str, dict[str, float]] = {}
+    scored = evaluate_maps(run, name, [None, *spec.variants(run.config)], per_image)
+    if per_image:  # what the ladder holds against the map a stage starts from
+        manifest["image_miou"] = per_image
+    else:
+        manifest.pop("image_miou", None)
     metrics = scored.pop(None, {})
     if scored:
         metrics["maps"] = scored

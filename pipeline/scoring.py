@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from models.metrics import confusion_matrix, scores
+from models.metrics import confusion_matrix, mean_iou, scores
 from stages.base import DataError
 
 from .dag import Run
@@ -17,9 +17,13 @@ from .dag import Run
 log = logging.getLogger("wsss")
 
 
-def evaluate_maps(run: Run, name: str, maps: list[str | None]) -> dict[str | None, dict[str, Any]]:
+def evaluate_maps(
+    run: Run, name: str, maps: list[str | None], per_image: dict[str, dict[str, float]] | None = None
+) -> dict[str | None, dict[str, Any]]:
     """mIoU / coverage / precision against GT of a label stage's main map (``None``) and
-    named extra maps, over the images it labeled; each GT is read once for all maps."""
+    named extra maps, over the images it labeled; each GT is read once for all maps.
+    ``per_image``, when given, receives each map's per-image mIoU (key ``""`` for the main
+    map): the mean IoU over the classes that image's GT or labels hold."""
     spec, store = run.spec(name), run.store(name)
     if spec.output not in ("label", "soft"):
         return {}
@@ -43,8 +47,11 @@ def evaluate_maps(run: Run, name: str, maps: list[str | None]) -> dict[str | Non
                     store.item_path(image_id, m),
                     f"labels are {pred.shape[::-1]} but the GT of '{image_id}' is {gt.shape[::-1]}",
                 )
-            conf[m] += confusion_matrix(pred, gt, c)
+            one = confusion_matrix(pred, gt, c)
+            conf[m] += one
             seen[m] += 1
+            if per_image is not None:
+                per_image.setdefault(m or "", {})[image_id] = round(mean_iou(one), 4)
     return {m: {**scores(conf[m], run.dataset.class_names), "images": seen[m]} for m in maps if seen[m]}
 
 
@@ -62,4 +69,46 @@ def degenerate(name: str, metrics: dict[str, Any]) -> list[str]:
                 f"{label}: no pixel is labelled {', '.join(m['lost'])}, although the ground truth has "
                 f"{'it' if len(m['lost']) == 1 else 'them'}: these labels are degenerate"
             )
+    return out
+
+
+CHANGED = 0.1
+"""Per-image mIoU difference above which the ladder counts an image as made worse / better."""
+
+
+def references(run: Run, name: str) -> list[tuple[str, str, str]]:
+    """What a label stage's per-image scores are held against: ``(label, stage, map)``. The
+    map it starts from (its first input scored as label maps on the same split) and, for the
+    final box labels (``crf``), one plain GrabCut call per box (``box_seeds``' ``grabcut_filled``)."""
+    from stages.base import Scoring
+
+    spec = run.spec(name)
+    out = []
+    for up in run.upstream[name]:
+        u = run.spec(up)
+        if u.scores is Scoring.MAPS and u.split == spec.split:
+            out.append((up, up, ""))
+            break
+    if name == "crf" and "box_seeds" in run.names:
+        out.append(("GrabCut filled", "box_seeds", "grabcut_filled"))
+    return out
+
+
+def changed_images(run: Run, name: str, manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per reference of :func:`references`: how many images the stage made worse / better
+    than it by more than :data:`CHANGED` in per-image mIoU (where both have GT scores), and
+    the worst of them."""
+    mine = (manifests.get(name) or {}).get("image_miou", {}).get("")
+    out = []
+    for label, stage, m in references(run, name):
+        theirs = (manifests.get(stage) or {}).get("image_miou", {}).get(m)
+        if not mine or not theirs:
+            continue
+        both = sorted(set(mine) & set(theirs))
+        delta = {i: mine[i] - theirs[i] for i in both}
+        worse = sorted((i for i in both if delta[i] < -CHANGED), key=lambda i: delta[i])
+        better = [i for i in both if delta[i] > CHANGED]
+        out.append(
+            {"against": label, "images": len(both), "worse": len(worse), "better": len(better), "worst": worse[:3]}
+        )
     return out

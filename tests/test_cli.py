@@ -242,3 +242,39 @@ def test_demo_runs_the_main_flow_and_all_every_branch(monkeypatch, flag, runs, s
     assert [r.config.run for r in ran] == runs
     assert ("spml_train" in ran[0].names) == spml and (ran[0].config.method == "spml") == spml
     assert "final_train" in ran[0].names and "instances" in ran[0].names
+
+
+def test_the_ladder_counts_the_images_each_stage_made_worse_or_better(tmp_path, capsys):
+    import pipeline.cli as cli
+    from models.metrics import confusion_matrix, mean_iou
+    from pipeline.config import load_config
+    from pipeline.runner import make_run
+    from pipeline.scoring import changed_images, references
+
+    path = write_config(tmp_path)
+    assert runner.invoke(app, ["run", str(path), "--until", "crf"]).exit_code == 0
+    the_run = make_run(load_config(path))
+    crf = the_run.store("crf").read_manifest()
+    for image_id, value in crf["image_miou"][""].items():  # per image, against a loop over its classes
+        pred, gt = the_run.store("crf").read_label(image_id), the_run.dataset.load_gt(image_id)
+        held = [k for k in range(the_run.dataset.num_classes) if ((pred == k) | (gt == k)).any()]
+        ious = [((pred == k) & (gt == k)).sum() / ((pred == k) | (gt == k)).sum() for k in held]
+        assert value == pytest.approx(float(np.mean(ious)), abs=1e-4)
+        assert value == round(mean_iou(confusion_matrix(pred, gt, the_run.dataset.num_classes)), 4)
+    assert [r[0] for r in references(the_run, "crf")] == [the_run.upstream["crf"][0], "GrabCut filled"]
+
+    # hand-set per-image scores: one image 0.3 worse, one 0.2 better, one within 0.1
+    ids = sorted(crf["image_miou"][""])[:3]
+    up = the_run.upstream["crf"][0]
+    manifests = {
+        "crf": {"image_miou": {"": dict(zip(ids, [0.5, 0.9, 0.75]))}},
+        up: {"image_miou": {"": dict(zip(ids, [0.8, 0.7, 0.7]))}},
+        "box_seeds": {"image_miou": {"grabcut_filled": dict(zip(ids, [0.5, 0.9, 0.75]))}},
+    }
+    against_up, against_grabcut = changed_images(the_run, "crf", manifests)
+    assert against_up == {"against": up, "images": 3, "worse": 1, "better": 1, "worst": [ids[0]]}
+    assert against_grabcut == {"against": "GrabCut filled", "images": 3, "worse": 0, "better": 0, "worst": []}
+    cli._print_ladder(the_run)
+    out = " ".join(capsys.readouterr().out.split())
+    real = changed_images(the_run, "crf", {n: the_run.store(n).read_manifest() for n in the_run.names})
+    assert f"per image against GrabCut filled: {real[1]['worse']} worse and {real[1]['better']} better" in out
