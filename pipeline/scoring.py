@@ -97,8 +97,12 @@ def references(run: Run, name: str) -> list[tuple[str, str, str]]:
 def changed_images(run: Run, name: str, manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Per reference of :func:`references`: how many images the stage made worse / better
     than it by more than :data:`CHANGED` in per-image mIoU (where both have GT scores), and
-    the worst of them."""
-    mine = (manifests.get(name) or {}).get("image_miou", {}).get("")
+    the worst of them. Only for a stage that labels every pixel: a seed map leaves pixels
+    unknown on purpose, and its mIoU counts them as misses."""
+    manifest = manifests.get(name) or {}
+    mine = manifest.get("image_miou", {}).get("")
+    if manifest.get("metrics", {}).get("coverage", 0.0) < 0.999:
+        return []
     out = []
     for label, stage, m in references(run, name):
         theirs = (manifests.get(stage) or {}).get("image_miou", {}).get(m)

@@ -267,13 +267,15 @@ def test_the_ladder_counts_the_images_each_stage_made_worse_or_better(tmp_path, 
     ids = sorted(crf["image_miou"][""])[:3]
     up = the_run.upstream["crf"][0]
     manifests = {
-        "crf": {"image_miou": {"": dict(zip(ids, [0.5, 0.9, 0.75]))}},
+        "crf": {"image_miou": {"": dict(zip(ids, [0.5, 0.9, 0.75]))}, "metrics": {"coverage": 1.0}},
         up: {"image_miou": {"": dict(zip(ids, [0.8, 0.7, 0.7]))}},
         "box_seeds": {"image_miou": {"grabcut_filled": dict(zip(ids, [0.5, 0.9, 0.75]))}},
     }
     against_up, against_grabcut = changed_images(the_run, "crf", manifests)
     assert against_up == {"against": up, "images": 3, "worse": 1, "better": 1, "worst": [ids[0]]}
     assert against_grabcut == {"against": "GrabCut filled", "images": 3, "worse": 0, "better": 0, "worst": []}
+    manifests["crf"]["metrics"]["coverage"] = 0.8  # a seed map: pixels left unknown on purpose
+    assert changed_images(the_run, "crf", manifests) == []
     cli._print_ladder(the_run)
     out = " ".join(capsys.readouterr().out.split())
     real = changed_images(the_run, "crf", {n: the_run.store(n).read_manifest() for n in the_run.names})
