@@ -53,7 +53,10 @@ def class_iou(conf: np.ndarray) -> np.ndarray:
 def mean_iou(conf: np.ndarray) -> float:
     """mIoU: the mean of :func:`class_iou` over the classes the GT or the labels hold (for one
     image's confusion matrix, the classes of that image)."""
-    iou = class_iou(conf)
+    return _held_mean(class_iou(conf))
+
+
+def _held_mean(iou: np.ndarray) -> float:
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
 
 
@@ -67,7 +70,7 @@ def scores(conf: np.ndarray, class_names: list[str] | None = None) -> dict[str, 
     labeled = conf[:, :c].sum()
     names = class_names or [str(k) for k in range(c)]
     return {
-        "miou": mean_iou(conf),
+        "miou": _held_mean(iou),
         "iou": {names[k]: (None if np.isnan(iou[k]) else float(iou[k])) for k in range(c)},
         "coverage": float(labeled / total) if total else float("nan"),
         "precision": float(tp.sum() / labeled) if labeled else float("nan"),

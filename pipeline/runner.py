@@ -330,7 +330,7 @@ def execute_stage(run: Run, name: str, ids: list[str], workers: int | None = Non
     set_threads(run.config.threads)
     ctx = stage_context(run, name, ids, workers)
     result = spec.run(ctx)
-    result.work_s = result.work_s or ctx.work_s
+    result.work_s = ctx.work_s
     for image_id, message in result.failures.items():
         store.record_failure(image_id, message)
     return result

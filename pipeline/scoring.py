@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from models.metrics import confusion_matrix, mean_iou, scores
-from stages.base import DataError
+from stages.base import DataError, Scoring
 
 from .dag import Run
 
@@ -80,8 +80,6 @@ def references(run: Run, name: str) -> list[tuple[str, str, str]]:
     """What a label stage's per-image scores are held against: ``(label, stage, map)``. The
     map it starts from (its first input scored as label maps on the same split) and, for the
     final box labels (``crf``), one plain GrabCut call per box (``box_seeds``' ``grabcut_filled``)."""
-    from stages.base import Scoring
-
     spec = run.spec(name)
     out = []
     for up in run.upstream[name]:

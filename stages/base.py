@@ -184,6 +184,7 @@ class StageContext:
         pipeline allows, yielding ``(item, result_or_exception)`` as items finish."""
         ids = list(self.todo if ids is None else ids)
         for image_id, timed in self._outcomes(functools.partial(_timed, fn), ids, desc):
+            # not a pair: an error the mapper raised outside the item (a lost worker)
             outcome, seconds = timed if isinstance(timed, tuple) else (timed, 0.0)
             self.work_s += seconds
             if storage_error(outcome):
