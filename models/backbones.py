@@ -89,7 +89,7 @@ def _dilate(layer: nn.Sequential, dilation: int) -> None:
 
 
 class ResNetBackbone(nn.Module):
-    """ResNet stem + 4 stages; ``forward`` returns the outputs of all four stages.
+    """ResNet stem + 4 stages; ``forward`` returns the outputs of the stages.
 
     ``channels[k]`` is the width of stage k+1's output (64/128/256/512 for depth 18/34,
     x4 for 50/101); ``output_stride`` is the stride of the last one.
@@ -128,13 +128,15 @@ class ResNetBackbone(nn.Module):
             freeze_batchnorm(self)
         return self
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, stages: int = 4) -> list[torch.Tensor]:
+        """The outputs of the first ``stages`` stages (a network that reads no later one skips
+        its cost)."""
+        out = []
         x = self.stem(x)
-        f1 = self.layer1(x)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        f4 = self.layer4(f3)
-        return [f1, f2, f3, f4]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[:stages]:
+            x = layer(x)
+            out.append(x)
+        return out
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

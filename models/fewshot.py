@@ -127,18 +127,24 @@ class FPM(nn.Module):
 
 class SclNet(nn.Module):
     """SCL on a CANet-style base: a ResNet encoder at output stride 8 whose stage-2 and stage-3
-    maps are concatenated and reduced by a 1x1 conv (+ ReLU, dropout 0.5) to ``channels``
-    (CANet's encoder), the support FPM_s and query FPM_q, and one shared decoder D.
+    maps are concatenated and reduced by a 1x1 conv (+ ReLU, channel dropout ``dropout``, CANet's
+    0.5) to ``channels`` (CANet's encoder), the support FPM_s and query FPM_q, and one shared decoder D.
     ``sgm=False`` is the base alone (the query guided by [V_s, V_s]); ``prior=True`` feeds the
     query FPM PFENet's prior mask (:func:`prior_mask`) of the last-stage features."""
 
     def __init__(
-        self, depth: int = 50, channels: int = 256, weights: str = "none", sgm: bool = True, prior: bool = False
+        self,
+        depth: int = 50,
+        channels: int = 256,
+        weights: str = "none",
+        sgm: bool = True,
+        prior: bool = False,
+        dropout: float = 0.5,
     ) -> None:
         super().__init__()
         self.backbone = ResNetBackbone(depth, 8, weights)
         c2, c3 = self.backbone.channels[1], self.backbone.channels[2]
-        self.reduce = nn.Sequential(nn.Conv2d(c2 + c3, channels, 1), nn.ReLU(inplace=True), nn.Dropout2d(0.5))
+        self.reduce = nn.Sequential(nn.Conv2d(c2 + c3, channels, 1), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
         self.fpm_s, self.fpm_q = FPM(channels), FPM(channels, int(prior))
         self.decoder = Decoder(channels)
         self.sgm, self.prior = sgm, prior
@@ -162,7 +168,7 @@ class SclNet(nn.Module):
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, 3, H, W) 0..255 -> (F (N, C, H/8, W/8), the detached last-stage features for the
         prior mask, None without it)."""
-        feats = self.backbone(normalize(images))
+        feats = self.backbone(normalize(images), 4 if self.prior else 3)  # CANet drops stage 4
         f2, f3 = feats[1], feats[2]
         if f2.shape[-2:] != f3.shape[-2:]:
             f2 = F.interpolate(f2, size=f3.shape[-2:], mode="bilinear", align_corners=False)
@@ -213,21 +219,29 @@ class SclNet(nn.Module):
         return out
 
 
-def up_ce(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def up_ce(logits: torch.Tensor, mask: torch.Tensor, balanced: bool = False) -> torch.Tensor:
     """Eq. 5.7 / 5.10 / 5.13: the CE of grid ``logits`` (N, 2, h, w), upsampled to the mask
-    (N, H, W) (255 = ignored), averaged over its pixels."""
+    (N, H, W) (255 = ignored), averaged over its pixels. ``balanced``: the mean of the two
+    classes' mean CEs over the batch, 1/2 (sum_{bg} l / n_bg + sum_{fg} l / n_fg) (a class with
+    no pixel drops out), so a small foreground weighs as much as the background."""
     up = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(up, mask.long(), ignore_index=255)
+    target = mask.long()
+    weight = None
+    if balanced:
+        counts = torch.stack([(target == k).sum() for k in (0, 1)]).to(up.dtype)
+        weight = 1.0 / counts.clamp_min(1.0)
+    return F.cross_entropy(up, target, weight=weight, ignore_index=255)
 
 
 def scl_loss(
-    out: dict[str, torch.Tensor], support_mask: torch.Tensor, query_mask: torch.Tensor
+    out: dict[str, torch.Tensor], support_mask: torch.Tensor, query_mask: torch.Tensor, balanced: bool = False
 ) -> dict[str, torch.Tensor]:
     """Eq. 5.14: L_ce^s1 + L_ce^s2 + L_ce^q (the base alone: L_ce^s1 + L_ce^q, CANet has no
-    support loss; here it keeps the decoder's support path trained for the comparison)."""
-    terms = {"s1": up_ce(out["s1"], support_mask), "q": up_ce(out["q"], query_mask)}
+    support loss; here it keeps the decoder's support path trained for the comparison), each
+    term class-balanced with ``balanced`` (:func:`up_ce`)."""
+    terms = {"s1": up_ce(out["s1"], support_mask, balanced), "q": up_ce(out["q"], query_mask, balanced)}
     if "s2" in out:
-        terms["s2"] = up_ce(out["s2"], support_mask)
+        terms["s2"] = up_ce(out["s2"], support_mask, balanced)
     terms["loss"] = sum(terms.values())
     return terms
 

@@ -49,6 +49,21 @@ class DemoDataset(DatasetSection):
     seed: int = 0
 
 
+class ShapesDataset(DatasetSection):
+    """The many-class synthetic dataset (see ``pipeline/shapes.py``): ``num_classes``
+    foreground classes, each a shape family, a texture family and a colour distribution; 2-3
+    objects of distinct classes an image. Made for few-shot episodes (``method: scl``)."""
+
+    kind: Literal["shapes"] = "shapes"
+    num_classes: Annotated[int, Field(ge=2, le=48)] = 48
+    part_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3  # of each object, in its part colour
+    num_train: PositiveInt = 480
+    num_val: PositiveInt = 240
+    height: Annotated[int, Field(ge=48)] = 96
+    width: Annotated[int, Field(ge=48)] = 96
+    seed: int = 0
+
+
 class MasksDataset(DatasetSection):
     """A folder of images and a folder of GT masks with the same file stems."""
 
@@ -104,7 +119,11 @@ class CocoDataset(DatasetSection):
     limit: PositiveInt | None = None
 
 
-DatasetConfig = Annotated[DemoDataset | MasksDataset | VocDataset | CocoDataset, Field(discriminator="kind")]
+DATASET_SECTIONS = (DemoDataset, ShapesDataset, MasksDataset, VocDataset, CocoDataset)
+DATASET_KINDS = tuple(d.model_fields["kind"].default for d in DATASET_SECTIONS)
+DatasetConfig = Annotated[
+    DemoDataset | ShapesDataset | MasksDataset | VocDataset | CocoDataset, Field(discriminator="kind")
+]
 
 
 class WeakConfig(Section):
@@ -264,7 +283,7 @@ def _format_errors(err: ValidationError, source: str, overridden: dict[str, str]
     lines = []
     for e in err.errors():
         parts = [str(p) for p in e["loc"]]
-        if len(parts) > 1 and parts[0] == "dataset" and parts[1] in ("demo", "masks", "voc"):
+        if len(parts) > 1 and parts[0] == "dataset" and parts[1] in DATASET_KINDS:
             parts.pop(1)  # the discriminator tag pydantic inserts; the key is dataset.<field>
         loc = ".".join(parts)
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")

@@ -46,13 +46,18 @@ class FewshotTrainConfig(SgdTrainConfig):
     ``fewshot_eval`` episodes (val split), the rest train, with ``train_classes`` (never held
     out: e.g. the stuff classes when the folds are the thing classes). An image serves a class
     when it holds at least ``min_pixels`` of it. SclNet (:mod:`models.fewshot`): ResNet-``depth`` at stride 8
-    (CANet: ResNet-50 from ImageNet), stage-2 + stage-3 features reduced to ``channels``; ``sgm``:
+    (CANet: ResNet-50 from ImageNet), stage-2 + stage-3 features reduced to ``channels`` (channel dropout
+    ``dropout``: CANet's 0.5 on ImageNet features; it drops support and query channels
+    independently, which from scratch hides what the two share); ``sgm``:
     the self-guided module (off: the CANet-style base). ``prior``: PFENet's prior mask in the query
     FPM (the thesis' SCL (PFENet) base; off: CANet's). ``held_out_pixels``: what the training
     masks make of the held-out classes' pixels, ``background`` (OSLSM / CANet: they are not the
     episode's class) or ``ignore`` (255: the network is never taught that a novel class is
-    background). SGD lr 2.5e-3, momentum 0.9, weight decay 5e-4, poly 0.9, batch 4 episodes,
-    rescale, flip and crop 321 of support and query each."""
+    background). ``loss``: each CE term as the thesis (``ce``: a mean over pixels) or
+    ``balanced`` (the mean of the background's and the foreground's mean CE: from scratch the
+    plain mean can settle on all-background when objects are small). SGD lr 2.5e-3, momentum
+    0.9, weight decay 5e-4, poly 0.9, batch 4 episodes, rescale, flip and crop 321 of support
+    and query each."""
 
     classes: list[int] | None = None
     train_classes: list[int] = []
@@ -61,9 +66,11 @@ class FewshotTrainConfig(SgdTrainConfig):
     fold_seed: int = 0
     min_pixels: Annotated[int, Field(ge=1)] = 2 * 32 * 32
     channels: PositiveInt = 256
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
     sgm: bool = True
     prior: bool = False
     held_out_pixels: Literal["background", "ignore"] = "background"
+    loss: Literal["ce", "balanced"] = "ce"
     batch_size: PositiveInt = 4
     iterations: PositiveInt | None = 20000
     lr: PositiveFloat = 2.5e-3
@@ -85,8 +92,13 @@ VERSION = "2"  # 2: He-initialised head, prior mask, held-out pixels option
 
 def build_model(arch: dict[str, Any]) -> SclNet:
     return SclNet(
-        arch["depth"], arch["channels"], arch.get("weights", "none"), arch["sgm"], arch.get("prior", False)
-    )  # models stored before the prior have no "prior" key
+        arch["depth"],
+        arch["channels"],
+        arch.get("weights", "none"),
+        arch["sgm"],
+        arch.get("prior", False),  # models stored before the prior have no "prior" key
+        arch.get("dropout", 0.5),
+    )
 
 
 def load_trained(state: dict[str, Any], device: str) -> SclNet:
@@ -146,7 +158,14 @@ def run(ctx: StageContext) -> StageResult:
             f"fewshot_train: no training class of {train} has two train images with {cfg.min_pixels}+ pixels of it"
         )
     classes = sorted(pool)
-    arch = {"depth": cfg.depth, "channels": cfg.channels, "weights": cfg.weights, "sgm": cfg.sgm, "prior": cfg.prior}
+    arch = {
+        "depth": cfg.depth,
+        "channels": cfg.channels,
+        "weights": cfg.weights,
+        "sgm": cfg.sgm,
+        "prior": cfg.prior,
+        "dropout": cfg.dropout,
+    }
     ignored = held if cfg.held_out_pixels == "ignore" else ()
     torch.manual_seed(ctx.config.seed)
     model = build_model(arch).to(ctx.device)
@@ -173,7 +192,7 @@ def run(ctx: StageContext) -> StageResult:
         s, ms, q, mq = (np.stack(v) for v in zip(*rows))
         images = [torch.from_numpy(a).permute(0, 3, 1, 2).float().to(ctx.device) for a in (s, q)]
         masks = [torch.from_numpy(a).long().to(ctx.device) for a in (ms, mq)]
-        terms = scl_loss(model(images[0], masks[0], images[1]), masks[0], masks[1])
+        terms = scl_loss(model(images[0], masks[0], images[1]), masks[0], masks[1], cfg.loss == "balanced")
         for t in curves:
             if t in terms:
                 curves[t].append(float(terms[t].detach()))

@@ -13,7 +13,7 @@ package registers them all in ``BENCHES``.
 
 from __future__ import annotations
 
-from . import a2gnn, inputs, orchestration, rrm, scale_out, segmentation, spml  # noqa: F401 (they register their benchmarks)
+from . import a2gnn, fewshot, inputs, orchestration, rrm, scale_out, segmentation, spml  # noqa: F401 (they register their benchmarks)
 from .core import BENCHES, Case, in_child, measured, tiny_training  # noqa: F401 (the public names)
 
 ORCHESTRATION = ("orchestration", "scale_out", "stamps")

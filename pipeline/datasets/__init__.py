@@ -1,5 +1,5 @@
-"""Dataset readers: ``demo`` (synthetic), ``masks`` (images + GT masks), ``voc`` (VOCdevkit),
-``coco`` (image folder + COCO instances JSON).
+"""Dataset readers: ``demo`` (synthetic), ``shapes`` (synthetic, many classes), ``masks``
+(images + GT masks), ``voc`` (VOCdevkit), ``coco`` (image folder + COCO instances JSON).
 
 Each reader is a small picklable object (paths and options, no open files) with the
 interface of :class:`stages.base.Dataset`. Bad files raise :class:`DataError` naming the
@@ -9,11 +9,12 @@ or folder raises at construction, before any work starts.
 
 from __future__ import annotations
 
-from ..config import CocoDataset, DemoDataset, MasksDataset, RunConfig, VocDataset
+from ..config import CocoDataset, DemoDataset, MasksDataset, RunConfig, ShapesDataset, VocDataset
 from .base import ALL_WEAK, IMAGE_EXTS, STROKES, WEAK_NEEDS, read_image, scale_weak, warn_once, working_size
 from .coco import CocoData
 from .demo import DemoData
 from .masks import MasksData
+from .shapes import ShapesData
 from .voc import VOC_ALIASES, VOC_CLASSES, VocData
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "CocoData",
     "DemoData",
     "MasksData",
+    "ShapesData",
     "VocData",
     "build_dataset",
     "read_image",
@@ -34,7 +36,13 @@ __all__ = [
     "working_size",
 ]
 
-READERS = {DemoDataset: DemoData, MasksDataset: MasksData, CocoDataset: CocoData, VocDataset: VocData}
+READERS = {
+    DemoDataset: DemoData,
+    ShapesDataset: ShapesData,
+    MasksDataset: MasksData,
+    CocoDataset: CocoData,
+    VocDataset: VocData,
+}
 """The reader of each ``dataset.kind`` section."""
 
 

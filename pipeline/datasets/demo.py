@@ -31,17 +31,20 @@ class DemoData(_Base):
     def ids(self, split: str) -> list[str]:
         n = {"train": self.cfg.num_train, "val": self.cfg.num_val}.get(split)
         if n is None:
-            raise DataError("demo", f"unknown split '{split}' (train, val)")
+            raise DataError(self.name, f"unknown split '{split}' (train, val)")
         return [f"{split}_{i:04d}" for i in range(n)]
 
     def _gen(self, image_id: str):
         split, _, idx = image_id.partition("_")
         if split not in ("train", "val") or not idx.isdigit():
-            raise DataError(f"demo:{image_id}", "not a demo image id")
-        return demo_gen.generate(self.cfg.seed, split, int(idx), self.cfg.height, self.cfg.width)
+            raise DataError(f"{self.name}:{image_id}", f"not a {self.name} image id")
+        return self._generate(split, int(idx))
+
+    def _generate(self, split: str, index: int):
+        return demo_gen.generate(self.cfg.seed, split, index, self.cfg.height, self.cfg.width)
 
     def image_path(self, image_id: str) -> str:
-        return f"demo:{image_id}"
+        return f"{self.name}:{image_id}"
 
     def _read_image(self, image_id: str) -> np.ndarray:
         return self._gen(image_id)[0]
@@ -54,4 +57,4 @@ class DemoData(_Base):
 
     def _read_weak(self, image_id: str) -> WeakLabels:
         _, semantic, instance = self._gen(image_id)
-        return self._synthesize(image_id, semantic, instance, f"demo:{image_id}")
+        return self._synthesize(image_id, semantic, instance, self.image_path(image_id))
