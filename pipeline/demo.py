@@ -111,8 +111,16 @@ def generate(seed: int, split: str, index: int, height: int, width: int) -> tupl
         instance[mask] = k
     img = img + rng.normal(0, 16, img.shape)
     img = cv2.GaussianBlur(img.astype(np.float32), (3, 3), 0.6)
-    # Re-number instances after occlusion; drop objects hidden almost entirely (the last one
-    # drawn is always whole, so every image keeps at least one object).
+    return finish(img, semantic, instance, n_objects)
+
+
+def finish(
+    img: np.ndarray, semantic: np.ndarray, instance: np.ndarray, n_objects: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(uint8 image, semantic, instance ids) of a drawn image: instances 1..n re-numbered after
+    occlusion, an object hidden almost entirely (under 1% of the image) made background (the
+    last one drawn is whole, so every image keeps at least one object); read-only arrays."""
+    h, w = semantic.shape
     out_inst = np.zeros_like(instance)
     next_id = 1
     for k in range(1, n_objects + 1):
@@ -120,8 +128,6 @@ def generate(seed: int, split: str, index: int, height: int, width: int) -> tupl
         if m.sum() >= 0.01 * h * w:
             out_inst[m] = next_id
             next_id += 1
-        else:
-            semantic[m] = 0
     semantic[out_inst == 0] = 0
     image = np.clip(img, 0, 255).astype(np.uint8)
     for arr in (image, semantic, out_inst):

@@ -28,6 +28,8 @@ import functools
 import cv2
 import numpy as np
 
+from .demo import finish
+
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "cross", "ring", "hexagon", "crescent")
 TEXTURES = ("flat", "stripes", "checker", "dots", "rings", "speckle")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
@@ -203,17 +205,4 @@ def generate(
         instance[mask] = k
     img = img + rng.normal(0, 12, img.shape)
     img = cv2.GaussianBlur(img.astype(np.float32), (3, 3), 0.5)
-    # Re-number instances after occlusion; an object hidden almost entirely becomes background
-    # (the last one drawn is whole, so every image keeps at least one object).
-    out_inst = np.zeros_like(instance)
-    next_id = 1
-    for k in range(1, len(picked) + 1):
-        m = instance == k
-        if m.sum() >= 0.01 * h * w:
-            out_inst[m] = next_id
-            next_id += 1
-    semantic[out_inst == 0] = 0
-    image = np.clip(img, 0, 255).astype(np.uint8)
-    for arr in (image, semantic, out_inst):
-        arr.setflags(write=False)
-    return image, semantic, out_inst
+    return finish(img, semantic, instance, len(picked))
