@@ -154,6 +154,26 @@ def extra_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+def _print_review(run, most: int = 5) -> None:
+    """The ``most`` images whose label stages moved the labels they started from the most (no
+    GT needed): where a person should look first; ``export`` writes every image's row."""
+    from .scoring import review
+
+    rows = review(run, {name: run.store(name).read_manifest() or {} for name in run.names})
+    if not rows:
+        return
+    console.print(
+        f"images to look at first (a stage departed most from the labels it started from; all {len(rows)} in "
+        "`wsss export`'s review.csv):",
+        highlight=False,
+    )
+    for r in rows[:most]:
+        console.print(
+            f"  {r['image']:<24} disagreement {r['disagreement']:.3f}   {r['stage']} against {r['against']}",
+            highlight=False,
+        )
+
+
 def _print_failures(run, most: int = 5) -> None:
     """The first ``most`` failures of each stage (all of them are in its manifest), and the
     stages whose labels lost a class the GT has."""
@@ -294,6 +314,7 @@ def status(config: Path = ConfigArg, overrides: list[str] | None = SetOpt) -> No
         )
     console.print(status_table(the_run))
     _print_failures(the_run)
+    _print_review(the_run)
     _print_loss_curves(the_run)
 
 

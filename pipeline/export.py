@@ -9,6 +9,11 @@
     OUT/soft/<split>/<id>.npz       with --soft, for soft stages: ``probs`` float16 (n, H, W)
                                     and the ``class_ids`` they cover
 
+Either way, where the run's label stages were compared with the labels they started from,
+``OUT/review.csv``: every image, most disagreed first (:func:`pipeline.scoring.review`), with
+the columns ``rank, image, image_id, disagreement, stage, against`` and one agreement column per
+(stage, reference) pair; ``image`` is the image's path, the column a labelling tool imports.
+
 ``coco``: ``OUT/<stage>_<split>.json``, COCO instances format with compressed RLE masks
 (pycocotools): one annotation per (image, class) for semantic stages, one per instance for
 ``instances`` (with its ``score``); category ids are the dataset's own where it came from a
@@ -17,6 +22,7 @@ COCO file, else the class ids. ``--soft`` adds the npz files as above.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -28,6 +34,7 @@ import numpy as np
 from stages.base import IGNORE
 from stages.instances import objects_of, rle_encode
 
+from .scoring import review
 from .store import encode_label_png, voc_palette
 
 
@@ -102,7 +109,24 @@ def export(run, stage: str, out: Path, fmt: str = "png", soft: bool = False) -> 
         written.update(_png(run, stage, store, ids, out, split))
     else:
         written.update(_coco(run, stage, store, ids, out, split))
+    rows = review(run, {name: run.store(name).read_manifest() or {} for name in run.names})
+    if rows:
+        written["review"] = str(write_review(rows, run.dataset, out / "review.csv"))
     return written
+
+
+def write_review(rows: list[dict[str, Any]], dataset, path: Path) -> Path:
+    """``rows`` of :func:`pipeline.scoring.review` as a CSV (see the module docstring)."""
+    pairs = sorted({p for r in rows for p in r["agreements"]})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "image", "image_id", "disagreement", "stage", "against", *pairs])
+        for rank, r in enumerate(rows, 1):
+            cells = [r["agreements"].get(p, "") for p in pairs]
+            w.writerow(
+                [rank, dataset.image_path(r["image"]), r["image"], r["disagreement"], r["stage"], r["against"], *cells]
+            )
+    return path
 
 
 def _png(run, stage: str, store, ids: list[str], out: Path, split: str) -> dict[str, Any]:

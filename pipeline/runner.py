@@ -31,7 +31,7 @@ from .dag import Run, build_dag, cpu_model, environment, forced, make_run, resol
 from .errors import PipelineError, StageFailed  # noqa: F401 (re-exported)
 from .fingerprints import RESULT_NEUTRAL, fingerprint_payload, shared_reads  # noqa: F401 (re-exported)
 from .pool import pool_map, process_mapper, set_threads, stop_workers, track  # noqa: F401 (re-exported)
-from .scoring import degenerate, evaluate_maps, evaluate_store  # noqa: F401 (re-exported)
+from .scoring import agreement, degenerate, evaluate_maps, evaluate_store  # noqa: F401 (re-exported)
 from .store import StageBusy, atomic_write_text
 
 log = logging.getLogger("wsss")
@@ -388,6 +388,11 @@ def finish_stage(
         manifest["image_miou"] = per_image
     else:
         manifest.pop("image_miou", None)
+    agreed = agreement(run, name) if not missing else {}
+    if agreed:  # the same without GT: what `status` and `export` list for a person to check
+        manifest["image_agreement"] = agreed
+    else:
+        manifest.pop("image_agreement", None)
     metrics = scored.pop(None, {})
     if scored:
         metrics["maps"] = scored

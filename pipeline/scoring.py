@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from models.metrics import confusion_matrix, mean_iou, scores
+from models.types import IGNORE
 from stages.base import DataError, Scoring
 
 from .dag import Run
@@ -114,3 +115,45 @@ def changed_images(run: Run, name: str, manifests: dict[str, dict[str, Any]]) ->
             {"against": label, "images": len(both), "worse": len(worse), "better": len(better), "worst": worse[:3]}
         )
     return out
+
+
+def agreement(run: Run, name: str) -> dict[str, dict[str, float]]:
+    """Per reference of :func:`references`: each image's mIoU of the stage's main map against
+    the reference map taken as the truth (the classes either holds; the reference's unknown
+    pixels left out). Needs no GT: how far the stage moved the labels it was given. Images
+    whose own map leaves pixels unknown (a seed map) are not judged."""
+    spec = run.spec(name)
+    if spec.output not in ("label", "soft"):
+        return {}
+    store, c = run.store(name), run.dataset.num_classes
+    out: dict[str, dict[str, float]] = {}
+    for label, stage, m in references(run, name):
+        theirs, variant = run.store(stage), m or None
+        values = {}
+        for image_id in sorted(store.done_ids() & theirs.done_ids()):
+            if variant is not None and not theirs.has(image_id, variant):
+                continue
+            mine, ref = store.labels_of(image_id), theirs.labels_of(image_id, variant)
+            if mine.shape != ref.shape or (mine == IGNORE).any():
+                continue
+            value = mean_iou(confusion_matrix(mine, ref, c))
+            if np.isfinite(value):
+                values[image_id] = round(value, 4)
+        if values:
+            out[label] = values
+    return out
+
+
+def review(run: Run, manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The images to look at first, without GT: per image, its lowest agreement (see
+    :func:`agreement`) over every label stage and reference of the run; rows ``{image,
+    disagreement (1 - that agreement), stage, against, agreements}``, most disagreed first."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name in run.names:
+        for against, values in (manifests.get(name) or {}).get("image_agreement", {}).items():
+            for image_id, value in values.items():
+                row = rows.setdefault(image_id, {"image": image_id, "disagreement": -1.0, "agreements": {}})
+                row["agreements"][f"{name} vs {against}"] = value
+                if 1.0 - value > row["disagreement"]:
+                    row.update(disagreement=round(1.0 - value, 4), stage=name, against=against)
+    return sorted(rows.values(), key=lambda r: (-r["disagreement"], r["image"]))

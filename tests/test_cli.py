@@ -280,3 +280,36 @@ def test_the_ladder_counts_the_images_each_stage_made_worse_or_better(tmp_path, 
     out = " ".join(capsys.readouterr().out.split())
     real = changed_images(the_run, "crf", {n: the_run.store(n).read_manifest() for n in the_run.names})
     assert f"per image against GrabCut filled: {real[1]['worse']} worse and {real[1]['better']} better" in out
+
+    # without GT: each image's agreement with the map a stage started from, the review list
+    agreed = crf["image_agreement"]
+    assert set(agreed) == {up, "GrabCut filled"} and set(agreed[up]) == set(crf["image_miou"][""])
+    c = the_run.dataset.num_classes
+    for image_id, value in agreed["GrabCut filled"].items():
+        mine = the_run.store("crf").read_label(image_id)
+        ref = the_run.store("box_seeds").read_label(image_id, "grabcut_filled")
+        held = [k for k in range(c) if ((mine == k) | (ref == k)).any()]
+        ious = [((mine == k) & (ref == k)).sum() / ((mine == k) | (ref == k)).sum() for k in held]
+        assert value == pytest.approx(float(np.mean(ious)), abs=1e-4)
+    assert "image_agreement" not in the_run.store("seeds").read_manifest()  # seed maps leave pixels unknown
+    from pipeline.scoring import review
+
+    rows = review(the_run, {n: the_run.store(n).read_manifest() for n in the_run.names})
+    assert len(rows) == len(agreed[up]) and [r["disagreement"] for r in rows] == sorted(
+        (r["disagreement"] for r in rows), reverse=True
+    )
+    top = rows[0]
+    lowest = min((v, k) for k, v in top["agreements"].items())
+    assert top["disagreement"] == pytest.approx(1 - lowest[0]) and f"{top['stage']} vs {top['against']}" == lowest[1]
+    res = runner.invoke(app, ["status", str(path)])
+    assert res.exit_code == 0 and "images to look at first" in res.output
+    assert f"{top['image']} disagreement {top['disagreement']:.3f}" in " ".join(res.output.split())
+    res = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "ex")])
+    assert res.exit_code == 0, res.output
+    import csv
+
+    with open(tmp_path / "ex" / "review.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["image_id"] for r in table] == [r["image"] for r in rows] and table[0]["rank"] == "1"
+    assert table[0]["image"] == the_run.dataset.image_path(top["image"])
+    assert float(table[0][f"crf vs {up}"]) == top["agreements"][f"crf vs {up}"]
