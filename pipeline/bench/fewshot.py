@@ -33,7 +33,7 @@ def _train_step(case: Case, depth: int, channels: int, batch: int, crop: int, sg
 
 
 def _eval_episode(case: Case, depth: int, channels: int, shots: int, size: int, prior: bool):
-    """``case.images`` K-shot test episodes: K supports encoded, the cross-guided fusion of the
+    """``case.images`` K-shot test episodes: K supports and the query encoded, the cross-guided fusion of the
     K 1-shot predictions at the image's size (Eq. 5.15-5.17) and the prototype baseline."""
     import torch
     import torch.nn.functional as F
@@ -45,21 +45,25 @@ def _eval_episode(case: Case, depth: int, channels: int, shots: int, size: int, 
 
     def one() -> None:
         with torch.no_grad():
-            enc = [model.encode(s[k : k + 1]) for k in range(shots)]
-            fq, hq = model.encode(q[:1])
-            vec = [model.support_vectors(enc[k][0], ms[k : k + 1]) for k in range(shots)]
+            images = [*s, q[0]]
+            enc = {id(x): model.encode(x[None]) for x in images}  # each image encoded once, as the stage caches them
+            vec = [model.support_vectors(enc[id(images[k])][0], ms[k : k + 1]) for k in range(shots)]
 
             def logits_of(j: int, image: torch.Tensor) -> torch.Tensor:
-                f, h = model.encode(image[None])
-                prior_mask = model.prior_of(h, enc[j][1], ms[j : j + 1])
+                f, h = enc[id(image)]
+                prior_mask = model.prior_of(h, enc[id(images[j])][1], ms[j : j + 1])
                 logits = model.query_logits(f, vec[j]["a"], vec[j]["b"], prior_mask)
                 return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
 
             if shots > 1:
-                cross_guided(logits_of, list(s), [m for m in ms], q[0])
+                cross_guided(logits_of, images[:shots], list(ms), images[shots])
             else:
-                logits_of(0, q[0])
-            prototype_logits([e[0] for e in enc], [ms[k : k + 1] for k in range(shots)], fq)
+                logits_of(0, images[shots])
+            prototype_logits(
+                [enc[id(x)][0] for x in images[:shots]],
+                [ms[k : k + 1] for k in range(shots)],
+                enc[id(images[shots])][0],
+            )
 
     def work() -> int:
         for _ in range(case.images):
