@@ -157,9 +157,9 @@ def extra_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def _print_review(run, most: int = 5) -> None:
     """The ``most`` images whose label stages moved the labels they started from the most (no
     GT needed): where a person should look first; ``export`` writes every image's row."""
-    from .scoring import review
+    from .scoring import manifests, review
 
-    rows = review(run, {name: run.store(name).read_manifest() or {} for name in run.names})
+    rows = review(run, manifests(run))
     if not rows:
         return
     console.print(
@@ -467,9 +467,9 @@ def _print_ladder(the_run) -> None:
         f"[bold]quality ladder[/] of '{the_run.config.run}' ({the_run.config.labels} -> {the_run.config.method}; mIoU: "
         "pseudo-labels on the train split, trained models on val; seeds count unlabeled pixels as misses)"
     )
-    from .scoring import CHANGED, changed_images
+    from .scoring import CHANGED, changed_images, manifests as read_manifests
 
-    manifests = {name: the_run.store(name).read_manifest() or {} for name in the_run.names}
+    manifests = read_manifests(the_run)
     for name in the_run.names:
         spec = the_run.spec(name)
         m = manifests[name].get("metrics", {})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, ValidationError, create_model, field_validator
@@ -121,9 +121,7 @@ class CocoDataset(DatasetSection):
 
 DATASET_SECTIONS = (DemoDataset, ShapesDataset, MasksDataset, VocDataset, CocoDataset)
 DATASET_KINDS = tuple(d.model_fields["kind"].default for d in DATASET_SECTIONS)
-DatasetConfig = Annotated[
-    DemoDataset | ShapesDataset | MasksDataset | VocDataset | CocoDataset, Field(discriminator="kind")
-]
+DatasetConfig = Annotated[Union[DATASET_SECTIONS], Field(discriminator="kind")]  # noqa: UP007 (Union of a tuple)
 
 
 class WeakConfig(Section):

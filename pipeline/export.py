@@ -34,7 +34,7 @@ import numpy as np
 from stages.base import IGNORE
 from stages.instances import objects_of, rle_encode
 
-from .scoring import review
+from .scoring import manifests, review
 from .store import encode_label_png, voc_palette
 
 
@@ -109,7 +109,7 @@ def export(run, stage: str, out: Path, fmt: str = "png", soft: bool = False) -> 
         written.update(_png(run, stage, store, ids, out, split))
     else:
         written.update(_coco(run, stage, store, ids, out, split))
-    rows = review(run, {name: run.store(name).read_manifest() or {} for name in run.names})
+    rows = review(run, manifests(run))
     if rows:
         written["review"] = str(write_review(rows, run.dataset, out / "review.csv"))
     return written

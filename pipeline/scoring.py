@@ -126,22 +126,29 @@ def agreement(run: Run, name: str) -> dict[str, dict[str, float]]:
     if spec.output not in ("label", "soft"):
         return {}
     store, c = run.store(name), run.dataset.num_classes
-    out: dict[str, dict[str, float]] = {}
-    for label, stage, m in references(run, name):
-        theirs, variant = run.store(stage), m or None
-        values = {}
-        for image_id in sorted(store.done_ids() & theirs.done_ids()):
-            if variant is not None and not theirs.has(image_id, variant):
+    refs = [(label, run.store(stage), m or None) for label, stage, m in references(run, name)]
+    out: dict[str, dict[str, float]] = {label: {} for label, _, _ in refs}
+    for image_id in sorted(store.done_ids()) if refs else []:
+        mine = None
+        for label, theirs, variant in refs:
+            if not theirs.has(image_id, variant):
                 continue
-            mine, ref = store.labels_of(image_id), theirs.labels_of(image_id, variant)
-            if mine.shape != ref.shape or (mine == IGNORE).any():
+            if mine is None:  # each of the stage's maps read once for all its references
+                mine = store.labels_of(image_id)
+                if (mine == IGNORE).any():
+                    break
+            ref = theirs.labels_of(image_id, variant)
+            if mine.shape != ref.shape:
                 continue
             value = mean_iou(confusion_matrix(mine, ref, c))
             if np.isfinite(value):
-                values[image_id] = round(value, 4)
-        if values:
-            out[label] = values
-    return out
+                out[label][image_id] = round(value, 4)
+    return {label: values for label, values in out.items() if values}
+
+
+def manifests(run: Run) -> dict[str, dict[str, Any]]:
+    """Every stage's manifest (``{}`` for a stage that has none yet)."""
+    return {name: run.store(name).read_manifest() or {} for name in run.names}
 
 
 def review(run: Run, manifests: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
