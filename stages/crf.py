@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 
 from models.crf import crf_from_labels, crf_from_probs
 from models.grabcut import grabcut_refine
+from models.scale import object_side
 from models.seeds import labels_from_soft
 
 from .base import STAGES, Output, StageContext, StageResult, StageSpec, run_items
@@ -34,12 +35,18 @@ class CrfConfig(InferenceCrfParams):
     ``grabcut_refine`` (box supervision, not the thesis): GrabCut per box started from the
     CRF's labels (:func:`models.grabcut.grabcut_refine`, ``box_seeds``' iterations, crop and
     minimum side); a box whose result overlaps its CRF pixels with IoU below
-    ``grabcut_min_iou`` keeps the CRF's. Off by default (it is not the thesis)."""
+    ``grabcut_min_iou`` keeps the CRF's. Off by default (it is not the thesis).
+
+    ``bilateral_scale`` (set: the rule; null: the absolute ``bilateral_sxy``): the bilateral
+    kernel width follows the objects, ``sxy = bilateral_scale * s`` with ``s`` the image's
+    object side (:func:`models.scale.object_side`: the median side of its boxes, else of the
+    input map's objects)."""
 
     input: Literal["auto", "a2gnn", "random_walk", "seeds", "box_seeds"] = "auto"
     gt_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
     grabcut_refine: bool = False
     grabcut_min_iou: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    bilateral_scale: PositiveFloat | None = None
 
 
 VERSION = "1"
@@ -58,22 +65,32 @@ def _candidate(name: str, config) -> bool:
     return name != "random_walk" or config.random_walk.source == "cam"
 
 
+def kernel_params(cfg: CrfConfig, image: np.ndarray, boxes, labels: np.ndarray) -> CrfConfig:
+    """``cfg`` with the bilateral width of its rule for this image (``cfg`` itself without one)."""
+    if cfg.bilateral_scale is None:
+        return cfg
+    side = object_side(image.shape[:2], boxes, labels)
+    return cfg.model_copy(update={"bilateral_sxy": cfg.bilateral_scale * side})
+
+
 def _crf_image(ctx: StageContext, image_id: str) -> dict:
     source = ctx.input()
     image = ctx.dataset.load_image(image_id)
+    boxes = ctx.dataset.load_weak(image_id).boxes if ctx.config.labels == "box" else ()
     if source.kind == "soft":
         probs, class_ids = source.read_soft(image_id)
-        q = crf_from_probs(image, probs.astype(np.float32), ctx.section)
-        labels = labels_from_soft(q, class_ids)
+        params = kernel_params(ctx.section, image, boxes, labels_from_soft(probs, class_ids))
+        labels = labels_from_soft(crf_from_probs(image, probs.astype(np.float32), params), class_ids)
     else:
-        labels = crf_from_labels(image, source.read_label(image_id), ctx.section, ctx.section.gt_prob)
+        given = source.read_label(image_id)
+        labels = crf_from_labels(image, given, kernel_params(ctx.section, image, boxes, given), ctx.section.gt_prob)
     if _refines(ctx.config):
         ctx.out.write_label(image_id, labels, DENSE)
         gc = ctx.config.box_seeds  # in the fingerprint through box_seeds upstream
         labels = grabcut_refine(
             image,
             labels,
-            ctx.dataset.load_weak(image_id).boxes,
+            boxes,
             gc.iterations,
             gc.crop_margin,
             gc.min_box_side,

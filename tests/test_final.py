@@ -46,9 +46,10 @@ def test_crf_stage_defaults_are_the_released_a2gnn_inference_parameters():
         "iterations": 10,
     }
     assert cfg.final_eval.crf.model_dump() == cfg.crf.model_dump(
-        exclude={"input", "gt_prob", "grabcut_refine", "grabcut_min_iou"}
+        exclude={"input", "gt_prob", "grabcut_refine", "grabcut_min_iou", "bilateral_scale"}
     )
     assert (cfg.seeds.crf.bilateral_sxy, cfg.seeds.crf.bilateral_srgb) == (80, 13)  # PSA's, for the seeds
+    assert cfg.crf.bilateral_scale is None  # the rule is opt-in: the released absolute width by default
 
 
 def _naive_crf_loss(logits, images, valid, radius, sxy, srgb):

@@ -6,6 +6,7 @@ from pydensecrf.utils import unary_from_labels as reference_unary
 from models.crf import CrfParams, crf_from_labels, crf_from_probs, unary_from_labels
 from stages.base import IGNORE, Box
 from models.grabcut import grabcut_refine, grabcut_seeds
+from models.scale import object_side
 
 
 def scene():
@@ -118,3 +119,32 @@ def test_crf_on_probabilities_sharpens_to_edges():
     q = crf_from_probs(img, np.stack([1 - ramp, ramp]), CrfParams())
     assert np.allclose(q.sum(0), 1, atol=1e-4)
     assert (q.argmax(0)[:, :18] == 0).all() and (q.argmax(0)[:, 22:] == 1).all()
+
+
+def test_object_side_is_the_median_box_side_else_the_label_regions_else_a_quarter_frame():
+    boxes = [Box(0, 0, 10, 40, 1), Box(0, 0, 30, 30, 1), Box(0, 0, 100, 100, 2)]  # areas 400, 900, 10000
+    assert object_side((200, 300), boxes) == 30.0
+    lab = np.zeros((60, 80), np.uint8)
+    lab[0:10, 0:10] = 1  # 100 px
+    lab[30:50, 30:50] = 1  # 400 px, a second region of the same class
+    lab[55:58, 70:73] = 2  # 9 px: a speck, not an object
+    lab[0:5, 60:80] = IGNORE
+    assert object_side(lab.shape, (), lab) == np.sqrt(250.0)
+    assert object_side((64, 100), (), np.zeros((64, 100), np.uint8)) == 40.0  # sqrt(6400) / 2
+
+
+def test_crf_kernel_rule_is_the_absolute_kernel_at_scale_times_object_side():
+    from stages.crf import CrfConfig, kernel_params
+
+    img, boxes = scene()  # both boxes 36 x 36
+    lab = np.zeros(img.shape[:2], np.uint8)
+    fixed = CrfConfig(bilateral_sxy=50)
+    assert kernel_params(fixed, img, boxes, lab) is fixed
+    ruled = kernel_params(CrfConfig(bilateral_scale=0.5), img, boxes, lab)
+    assert ruled.bilateral_sxy == 18.0 and ruled.gaussian_sxy == fixed.gaussian_sxy
+    lab[20:50, 15:45] = 1
+    lab[35:65, 40:70] = 2
+    lab[lab == 0] = IGNORE
+    lab[5:10, 5:95] = 0
+    reference = crf_from_labels(img, lab, CrfConfig(bilateral_sxy=18.0))
+    assert (crf_from_labels(img, lab, ruled) == reference).all()
