@@ -65,7 +65,7 @@ def _candidate(name: str, config) -> bool:
     return name != "random_walk" or config.random_walk.source == "cam"
 
 
-def kernel_params(cfg: CrfConfig, image: np.ndarray, boxes, labels: np.ndarray) -> CrfConfig:
+def kernel_params(cfg: CrfConfig, image: np.ndarray, boxes, labels: np.ndarray | None) -> CrfConfig:
     """``cfg`` with the bilateral width of its rule for this image (``cfg`` itself without one)."""
     if cfg.bilateral_scale is None:
         return cfg
@@ -74,16 +74,20 @@ def kernel_params(cfg: CrfConfig, image: np.ndarray, boxes, labels: np.ndarray) 
 
 
 def _crf_image(ctx: StageContext, image_id: str) -> dict:
-    source = ctx.input()
+    source, cfg = ctx.input(), ctx.section
     image = ctx.dataset.load_image(image_id)
-    boxes = ctx.dataset.load_weak(image_id).boxes if ctx.config.labels == "box" else ()
+    rule = cfg.bilateral_scale is not None
+    # The boxes only where the kernel rule or the refinement reads them; the input's objects
+    # only where the rule has no boxes to size the kernel by.
+    reads_boxes = ctx.config.labels == "box" and (rule or _refines(ctx.config))
+    boxes = ctx.dataset.load_weak(image_id).boxes if reads_boxes else ()
     if source.kind == "soft":
         probs, class_ids = source.read_soft(image_id)
-        params = kernel_params(ctx.section, image, boxes, labels_from_soft(probs, class_ids))
+        params = kernel_params(cfg, image, boxes, labels_from_soft(probs, class_ids) if rule and not boxes else None)
         labels = labels_from_soft(crf_from_probs(image, probs.astype(np.float32), params), class_ids)
     else:
         given = source.read_label(image_id)
-        labels = crf_from_labels(image, given, kernel_params(ctx.section, image, boxes, given), ctx.section.gt_prob)
+        labels = crf_from_labels(image, given, kernel_params(cfg, image, boxes, given), cfg.gt_prob)
     if _refines(ctx.config):
         ctx.out.write_label(image_id, labels, DENSE)
         gc = ctx.config.box_seeds  # in the fingerprint through box_seeds upstream
@@ -95,7 +99,7 @@ def _crf_image(ctx: StageContext, image_id: str) -> dict:
             gc.crop_margin,
             gc.min_box_side,
             seed=ctx.config.seed,
-            min_iou=ctx.section.grabcut_min_iou,
+            min_iou=cfg.grabcut_min_iou,
         )
     ctx.out.write_label(image_id, labels)
     return {}
